@@ -1,0 +1,155 @@
+//! Command line and environment configuration, validated once into a [`Config`].
+//!
+//! Every flag can also be set by an environment variable (shown in `--help`), so a container is configured
+//! without changing its command. Azure ML's own variables are honoured where they mean the same thing:
+//! `AZUREML_MODEL_DIR` for the model and `SCORING_TIMEOUT_MS` for the request timeout.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::engine::EngineConfig;
+use crate::model::files::{self, ModelNotFound};
+use crate::model::WeightFormat;
+
+/// Where `make models` puts the default model.
+pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// amlserve: an LLM inference server with the Azure ML scoring contract and OpenAI-compatible routes.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// Model to serve: a .gguf file, or a folder searched (4 levels deep) for one. When unset, the folder in
+    /// AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2 file that `make models` downloads.
+    #[arg(long, env = "AMLSERVE_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Address to listen on. 0.0.0.0 accepts connections from outside the container.
+    #[arg(long, env = "AMLSERVE_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on; 5001 is the Azure ML inference server's port. 0 picks a free port (printed in the log).
+    #[arg(long, env = "AMLSERVE_PORT", default_value_t = 5001)]
+    pub port: u16,
+
+    /// How matrix weights are held in memory. q8_0 requantizes 4/5-bit blocks to Q8_0 (fastest decode on CPU);
+    /// stored keeps the file's format (least memory); f32 / f16 dequantize for gemm (fast prefill, 4x / 2x memory).
+    #[arg(long, env = "AMLSERVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
+    pub weights: WeightFormat,
+
+    /// Compute threads for matrix kernels. Defaults to the CPUs available to the process.
+    #[arg(long, env = "AMLSERVE_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "AMLSERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most sequences generated together in one batched step. More raises throughput and per-token latency.
+    #[arg(long, env = "AMLSERVE_MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+
+    /// Most tokens processed in one step (decode tokens plus prompt chunks). Long prompts are split into chunks of
+    /// at most this size so they do not stall running streams.
+    #[arg(long, env = "AMLSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+
+    /// Memory for the KV cache, in MiB. A request reserves room for its prompt plus max_tokens; requests wait
+    /// for admission until their reservation fits.
+    #[arg(long, env = "AMLSERVE_KV_CACHE_MB", default_value_t = 2048)]
+    pub kv_cache_mb: usize,
+
+    /// Most requests waiting for a place in the batch; more are refused at once with 429 and Retry-After.
+    #[arg(long, env = "AMLSERVE_MAX_WAITING", default_value_t = 128)]
+    pub max_waiting: usize,
+
+    /// Longest a request may take, queue time included, in milliseconds; then it is cancelled and answered
+    /// with a timeout error. Also read from SCORING_TIMEOUT_MS (the Azure ML inference server's variable).
+    /// [default: 3600000]
+    #[arg(long, env = "AMLSERVE_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+
+    /// max_tokens used when a request sets none (capped by the room left in the context window).
+    #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    pub default_max_tokens: usize,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model_path: PathBuf,
+    pub host: IpAddr,
+    pub port: u16,
+    pub weights: WeightFormat,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+    pub engine: EngineConfig,
+    pub request_timeout: Duration,
+    pub default_max_tokens: usize,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    ModelNotFound(#[from] ModelNotFound),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Args {
+    /// Checks the settings and resolves the model path.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let positive = [
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--kv-cache-mb", self.kv_cache_mb),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--default-max-tokens", self.default_max_tokens),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+        }
+        if self.max_batch_tokens < self.max_batch_size {
+            return Err(ConfigError::Invalid(format!(
+                "--max-batch-tokens ({}) must be at least --max-batch-size ({}): each running sequence needs a token per step",
+                self.max_batch_tokens, self.max_batch_size
+            )));
+        }
+        let scoring_timeout = match std::env::var("SCORING_TIMEOUT_MS") {
+            Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                ConfigError::Invalid(format!("SCORING_TIMEOUT_MS must be a number of milliseconds, not '{v}'"))
+            })?),
+            Err(_) => None,
+        };
+        let timeout_ms = self.request_timeout_ms.or(scoring_timeout).unwrap_or(3_600_000);
+        let env_dir = std::env::var_os("AZUREML_MODEL_DIR").map(PathBuf::from);
+        let model_path = files::resolve(&[
+            ("--model / AMLSERVE_MODEL", self.model.clone()),
+            ("AZUREML_MODEL_DIR", if self.model.is_none() { env_dir } else { None }),
+            ("the default", self.model.is_none().then(|| PathBuf::from(DEFAULT_MODEL))),
+        ])?;
+        let threads = self
+            .threads
+            .filter(|&t| t > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(Config {
+            model_path,
+            host: self.host,
+            port: self.port,
+            weights: self.weights,
+            threads,
+            max_body_bytes: self.max_body_bytes,
+            engine: EngineConfig {
+                max_batch_size: self.max_batch_size,
+                max_batch_tokens: self.max_batch_tokens,
+                kv_cache_bytes: self.kv_cache_mb << 20,
+                max_waiting: self.max_waiting,
+            },
+            request_timeout: Duration::from_millis(timeout_ms.max(1)),
+            default_max_tokens: self.default_max_tokens,
+        })
+    }
+}

@@ -1,0 +1,195 @@
+//! Turning one sequence's logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded RNG.
+//!
+//! Written here rather than using candle's `LogitsProcessor` because that has no presence or frequency
+//! penalty and no min-p. Each sequence owns its sampler, so results never depend on what else is batched.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::params::GenerationParams;
+
+/// Per-sequence sampling state.
+#[derive(Debug)]
+pub struct Sampler {
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    min_p: f32,
+    repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    rng: StdRng,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt_seen: Vec<u32>,
+    /// How often each token was generated.
+    generated: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    /// A sampler for `params`, seeded from `params.seed` or from the OS when none is given.
+    pub fn new(params: &GenerationParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let mut prompt_seen = if params.repetition_penalty != 1.0 { prompt.to_vec() } else { Vec::new() };
+        prompt_seen.sort_unstable();
+        prompt_seen.dedup();
+        Self {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            rng: StdRng::seed_from_u64(seed),
+            prompt_seen,
+            generated: HashMap::new(),
+        }
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        if self.repetition_penalty != 1.0 {
+            let p = self.repetition_penalty;
+            let seen = self.prompt_seen.iter().chain(self.generated.keys());
+            for &t in seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                }
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.presence_penalty + self.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    /// Picks the next token from `logits` (modified in place) and records it for the penalties.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
+        let token = if self.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        *self.generated.entry(token).or_insert(0) += 1;
+        token
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let inv_t = 1.0 / self.temperature;
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if self.top_k > 0 && self.top_k < cand.len() {
+            cand.select_nth_unstable_by(self.top_k - 1, desc);
+            cand.truncate(self.top_k);
+        }
+        let filter_mass = self.top_p < 1.0 || self.min_p > 0.0;
+        if filter_mass {
+            cand.sort_unstable_by(desc);
+        }
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        let mut keep = probs.len();
+        if self.min_p > 0.0 {
+            let floor = self.min_p * probs[0];
+            keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+        }
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut n = 0;
+            for &p in &probs[..keep] {
+                acc += p;
+                n += 1;
+                if acc >= self.top_p {
+                    break;
+                }
+            }
+            keep = n.max(1);
+        }
+        let mass: f32 = probs[..keep].iter().sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for (i, &p) in probs[..keep].iter().enumerate() {
+            if r < p {
+                return cand[i].0;
+            }
+            r -= p;
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> GenerationParams {
+        GenerationParams::default()
+    }
+
+    #[test]
+    fn greedy_picks_the_max() {
+        let mut s = Sampler::new(&GenerationParams { temperature: 0.0, ..params() }, &[]);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_choices() {
+        let p = GenerationParams { seed: Some(7), ..params() };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = || {
+            let mut s = Sampler::new(&p, &[]);
+            (0..20).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let p = GenerationParams { top_k: 1, seed: Some(1), ..params() };
+        let mut s = Sampler::new(&p, &[]);
+        for _ in 0..10 {
+            assert_eq!(s.sample(&mut [1.0, 1.5, 0.2]), 1);
+        }
+    }
+
+    #[test]
+    fn tiny_top_p_keeps_only_the_best() {
+        let p = GenerationParams { top_p: 0.01, seed: Some(3), ..params() };
+        let mut s = Sampler::new(&p, &[]);
+        for _ in 0..10 {
+            assert_eq!(s.sample(&mut [0.0, 0.5, 4.0]), 2);
+        }
+    }
+
+    #[test]
+    fn penalties_push_repeats_down() {
+        let p = GenerationParams { temperature: 0.0, frequency_penalty: 2.0, ..params() };
+        let mut s = Sampler::new(&p, &[]);
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 0);
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "token 0 was penalised by 2.0");
+        let p = GenerationParams { temperature: 0.0, repetition_penalty: 4.0, ..params() };
+        let mut s = Sampler::new(&p, &[0]);
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "prompt token 0 divided by 4");
+    }
+}

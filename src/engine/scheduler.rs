@@ -1,0 +1,219 @@
+//! The engine thread's loop: intake, FCFS admission under batch and KV limits, one packed forward per step.
+//!
+//! Each step carries one decode token for every running sequence that has finished its prompt, then prefill
+//! chunks of the others (oldest first) up to `max_batch_tokens`, so a long new prompt is read over several
+//! steps instead of freezing running streams. A sequence leaves the batch the step it finishes, is cancelled,
+//! or times out, and its KV reservation returns to the budget at once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::sequence::Sequence;
+use super::{EngineConfig, EngineStats, Event, FinishReason, Job};
+use crate::model::{Model, SeqChunk, SeqKv};
+
+/// First KV allocation beyond the prompt; the cache doubles from there as tokens come.
+const INITIAL_KV_HEADROOM: usize = 64;
+
+pub(super) struct Scheduler {
+    model: Arc<Model>,
+    config: EngineConfig,
+    rx: Receiver<Job>,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Job>,
+    running: Vec<Sequence>,
+    kv_reserved: usize,
+    kv_bytes_per_token: usize,
+    open: bool,
+}
+
+impl Scheduler {
+    pub fn new(model: Arc<Model>, config: EngineConfig, rx: Receiver<Job>, stats: Arc<EngineStats>) -> Self {
+        let kv_bytes_per_token = model.llama.config.kv_shape().bytes_per_token();
+        Self {
+            model,
+            config,
+            rx,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_reserved: 0,
+            kv_bytes_per_token,
+            open: true,
+        }
+    }
+
+    pub fn run(mut self) {
+        while self.intake() {
+            self.drop_gone_waiting();
+            self.admit();
+            self.reap_running();
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "forward step failed; failing the running requests");
+                for seq in self.running.drain(..) {
+                    let _ = seq.events.send(Event::Error("inference failed; see the server log".into()));
+                }
+                self.kv_reserved = 0;
+            }
+            self.publish();
+        }
+    }
+
+    /// Moves new jobs into the waiting queue; blocks when there is nothing to do. False once all handles are
+    /// gone and no work is left.
+    fn intake(&mut self) -> bool {
+        if self.running.is_empty() && self.waiting.is_empty() {
+            if !self.open {
+                return false;
+            }
+            match self.rx.recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+        true
+    }
+
+    fn drop_gone_waiting(&mut self) {
+        let now = Instant::now();
+        let before = self.waiting.len();
+        self.waiting.retain(|job| {
+            if job.events.is_closed() {
+                tracing::info!(request_id = %job.req.id, "request cancelled while queued");
+                return false;
+            }
+            if job.req.deadline.is_some_and(|d| d <= now) {
+                let _ = job.events.send(Event::Error("request timed out while queued".into()));
+                return false;
+            }
+            true
+        });
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
+            self.stats.cancelled.fetch_add(gone, Ordering::SeqCst);
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch_size {
+            let Some(job) = self.waiting.front() else { break };
+            let max_len = job.req.prompt.len() + job.req.params.max_tokens;
+            let bytes = max_len * self.kv_bytes_per_token;
+            if self.kv_reserved + bytes > self.config.kv_cache_bytes {
+                break; // FCFS: wait for room rather than letting later requests overtake
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let initial = job.req.prompt.len() + job.req.params.max_tokens.min(INITIAL_KV_HEADROOM);
+            match SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len) {
+                Ok(kv) => {
+                    self.kv_reserved += bytes;
+                    tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), "admitted");
+                    self.running.push(Sequence::new(job, kv, bytes));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot allocate a KV cache");
+                    let _ = job.events.send(Event::Error("cannot allocate memory for the request".into()));
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Removes finished sequences, and cancels those whose client left or whose deadline passed.
+    fn reap_running(&mut self) {
+        let now = Instant::now();
+        let tok = &self.model.tokenizer;
+        for seq in &mut self.running {
+            if seq.finished {
+                continue;
+            }
+            if seq.events.is_closed() {
+                tracing::info!(request_id = %seq.id, generated = seq.generated(), "request cancelled: client went away");
+                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                seq.finished = true;
+            } else if seq.deadline.is_some_and(|d| d <= now) {
+                tracing::warn!(request_id = %seq.id, "request timed out");
+                let _ = seq.finish(tok, FinishReason::Timeout, true);
+            }
+        }
+        let mut freed = 0;
+        self.running.retain(|s| {
+            if s.finished {
+                freed += s.kv_reserved;
+            }
+            !s.finished
+        });
+        self.kv_reserved -= freed;
+    }
+
+    fn publish(&self) {
+        self.stats.running.store(self.running.len(), Ordering::SeqCst);
+        self.stats.kv_reserved_bytes.store(self.kv_reserved, Ordering::SeqCst);
+    }
+
+    /// Plans and runs one forward step, then samples for every sequence that reached the end of its input.
+    fn step(&mut self) -> Result<(), crate::model::ModelError> {
+        let mut budget = self.config.max_batch_tokens;
+        // Decode tokens first (one each), then prefill chunks in admission order.
+        let mut take = vec![0usize; self.running.len()];
+        for (i, seq) in self.running.iter().enumerate() {
+            if !seq.in_prefill() && budget > 0 {
+                take[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.in_prefill() && budget > 0 {
+                take[i] = seq.pending().len().min(budget);
+                budget -= take[i];
+            }
+        }
+        let mut sampled = Vec::new();
+        let mut chunks = Vec::new();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if take[i] == 0 {
+                continue;
+            }
+            let start = seq.kv.len();
+            let want_logits = start + take[i] == seq.tokens.len();
+            if want_logits {
+                sampled.push(i);
+            }
+            chunks.push(SeqChunk {
+                kv: &mut seq.kv,
+                tokens: &seq.tokens[start..start + take[i]],
+                want_logits,
+            });
+        }
+        let logits = self.model.llama.forward(&mut chunks)?;
+        drop(chunks);
+        if sampled.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let tok = &self.model.tokenizer;
+        for (i, mut row) in sampled.into_iter().zip(rows) {
+            self.running[i].accept_logits(tok, &mut row)?;
+        }
+        self.reap_running();
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! One request inside the engine: its tokens, KV cache, sampler and text state.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::sampler::Sampler;
+use super::text::{IncrementalDecoder, StopMatcher, StopScan};
+use super::{Completion, Event, FinishReason, Job};
+use crate::model::{ModelError, SeqKv, TextTokenizer};
+
+/// A running sequence.
+pub(super) struct Sequence {
+    pub id: String,
+    /// Prompt followed by generated tokens; `kv.len()` of them have been through the model.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub kv: SeqKv,
+    pub kv_reserved: usize,
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    pub deadline: Option<Instant>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub queue_time: std::time::Duration,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    pub finished: bool,
+}
+
+impl Sequence {
+    pub fn new(job: Job, kv: SeqKv, kv_reserved: usize) -> Self {
+        let now = Instant::now();
+        let p = &job.req.params;
+        Self {
+            sampler: Sampler::new(p, &job.req.prompt),
+            stop: StopMatcher::new(&p.stop),
+            decoder: IncrementalDecoder::default(),
+            max_tokens: p.max_tokens,
+            ignore_eos: p.ignore_eos,
+            prompt_len: job.req.prompt.len(),
+            tokens: job.req.prompt,
+            id: job.req.id,
+            kv,
+            kv_reserved,
+            deadline: job.req.deadline,
+            events: job.events,
+            queue_time: now.duration_since(job.enqueued),
+            finished: false,
+        }
+    }
+
+    /// Tokens still to feed before the next sample: the rest of the prompt, or the last sampled token.
+    pub fn pending(&self) -> &[u32] {
+        &self.tokens[self.kv.len()..]
+    }
+
+    /// Whether the sequence is still reading its prompt.
+    pub fn in_prefill(&self) -> bool {
+        self.kv.len() < self.prompt_len
+    }
+
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn send(&mut self, text: String) {
+        if !text.is_empty() && self.events.send(Event::Text(text)).is_err() {
+            self.finished = true; // the client went away
+        }
+    }
+
+    /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it.
+    pub fn finish(&mut self, tok: &TextTokenizer, reason: FinishReason, flush: bool) -> Result<(), ModelError> {
+        if flush {
+            let tail = self.decoder.flush(tok, &self.tokens[self.prompt_len..])?;
+            let mut text = match self.stop.push(&tail) {
+                StopScan::Emit(t) | StopScan::Stopped(t) => t,
+            };
+            text.push_str(&self.stop.flush());
+            self.send(text);
+        }
+        let done = Completion {
+            reason,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+            queue_time: self.queue_time,
+        };
+        let _ = self.events.send(Event::Done(done));
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Samples the next token from `logits` and emits its text; finishes the sequence when a stop condition hits.
+    pub fn accept_logits(&mut self, tok: &TextTokenizer, logits: &mut [f32]) -> Result<(), ModelError> {
+        let id = self.sampler.sample(logits);
+        self.tokens.push(id);
+        if !self.ignore_eos && tok.is_stop(id) {
+            return self.finish(tok, FinishReason::Stop, true);
+        }
+        let text = self.decoder.next(tok, &self.tokens[self.prompt_len..])?;
+        match self.stop.push(&text) {
+            StopScan::Emit(t) => self.send(t),
+            StopScan::Stopped(t) => {
+                self.send(t);
+                return self.finish(tok, FinishReason::Stop, false);
+            }
+        }
+        if self.generated() >= self.max_tokens {
+            return self.finish(tok, FinishReason::Length, true);
+        }
+        Ok(())
+    }
+}

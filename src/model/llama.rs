@@ -1,0 +1,312 @@
+//! Batched llama-family forward pass over packed sequences.
+//!
+//! One call runs every scheduled token of every sequence together: the tokens are packed into one
+//! `[tokens, hidden]` matrix so each weight matrix is multiplied once per step, rotary embeddings use each
+//! token's own position, and attention runs per sequence against that sequence's own [`SeqKv`], so no
+//! sequence can see another's keys. Only the rows whose logits are wanted reach the (large) output projection.
+//! Knows nothing of scheduling, sampling or async code.
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::gguf_meta::Metadata;
+use super::kv_cache::{KvShape, SeqKv};
+use super::weights::{self, WeightFormat};
+use super::ModelError;
+
+/// Hyper-parameters read from the GGUF.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub context_length: usize,
+    pub rope_base: f32,
+    pub rms_eps: f64,
+    pub vocab_size: usize,
+}
+
+impl LlamaConfig {
+    /// Reads the `llama.*` keys (or `<arch>.*` for llama-compatible architectures).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
+        let md = Metadata(content);
+        let arch = md.string("general.architecture")?;
+        if !matches!(arch.as_str(), "llama" | "mistral" | "granite") {
+            return Err(ModelError::Metadata(format!(
+                "unsupported architecture '{arch}': amlserve serves llama-family GGUF models"
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_head = md.u32(&key("attention.head_count"))? as usize;
+        let hidden = md.u32(&key("embedding_length"))? as usize;
+        let head_dim = hidden / n_head.max(1);
+        let rope_dim = md.opt_u32(&key("rope.dimension_count")).map(|d| d as usize);
+        if rope_dim.is_some_and(|d| d != head_dim) {
+            return Err(ModelError::Metadata("partial rotary embeddings are not supported".into()));
+        }
+        Ok(Self {
+            n_layer: md.u32(&key("block_count"))? as usize,
+            n_head,
+            n_kv_head: md.opt_u32(&key("attention.head_count_kv")).map_or(n_head, |v| v as usize),
+            head_dim,
+            hidden,
+            context_length: md.u32(&key("context_length"))? as usize,
+            rope_base: md.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rms_eps: f64::from(md.f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5)),
+            vocab_size: md.string_array("tokenizer.ggml.tokens")?.len(),
+        })
+    }
+
+    /// Shape of the per-token KV entries.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            n_layer: self.n_layer,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// The tokens one sequence contributes to a step.
+pub struct SeqChunk<'a> {
+    /// The sequence's cache; the chunk's tokens are appended to it.
+    pub kv: &'a mut SeqKv,
+    /// Token ids, at positions `kv.len()..kv.len() + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Whether to return logits for the chunk's last token.
+    pub want_logits: bool,
+}
+
+/// A loaded llama model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    /// Bytes held by weights.
+    pub weight_bytes: usize,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn rope_tables(cfg: &LlamaConfig) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let n = cfg.context_length;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+    ))
+}
+
+impl Llama {
+    /// Loads the weights from an open GGUF.
+    pub fn load<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(content)?;
+        let hd = config.head_dim;
+        let mut weight_bytes = 0;
+        let mut mm = |reader: &mut R, name: &str, rope: bool| -> Result<QMatMul, ModelError> {
+            let m = weights::load_matmul(content, reader, name, format, rope.then_some(hd))?;
+            weight_bytes += weights::matmul_bytes(&m);
+            Ok(m)
+        };
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                wq: mm(reader, &format!("{p}.attn_q.weight"), true)?,
+                wk: mm(reader, &format!("{p}.attn_k.weight"), true)?,
+                wv: mm(reader, &format!("{p}.attn_v.weight"), false)?,
+                wo: mm(reader, &format!("{p}.attn_output.weight"), false)?,
+                w_gate: mm(reader, &format!("{p}.ffn_gate.weight"), false)?,
+                w_up: mm(reader, &format!("{p}.ffn_up.weight"), false)?,
+                w_down: mm(reader, &format!("{p}.ffn_down.weight"), false)?,
+                attn_norm: weights::load_f32(content, reader, &format!("{p}.attn_norm.weight"))?,
+                ffn_norm: weights::load_f32(content, reader, &format!("{p}.ffn_norm.weight"))?,
+            });
+        }
+        let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
+        let embed = embed_q.dequantize(&Device::Cpu)?;
+        let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
+            Ok(t) => weights::to_matmul(t, format)?,
+            Err(_) => weights::to_matmul(embed_q, format)?, // tied embeddings
+        };
+        weight_bytes += weights::matmul_bytes(&lm_head) + embed.elem_count() * 4;
+        let norm = weights::load_f32(content, reader, "output_norm.weight")?;
+        let (cos, sin) = rope_tables(&config)?;
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            weight_bytes,
+        })
+    }
+
+    /// Runs one step over `chunks` and returns logits `[n, vocab]`, one row per chunk with `want_logits`, in
+    /// chunk order. Positions and token ids must have been validated by the caller (in range of the context
+    /// and vocabulary), since a panic inside candle's thread pool poisons it.
+    pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(chunks.len());
+        let mut logit_rows = Vec::new();
+        for c in chunks.iter_mut() {
+            let start = c.kv.len();
+            if c.tokens.is_empty() || start + c.tokens.len() > cfg.context_length {
+                candle_core::bail!("chunk of {} tokens at position {start} is empty or past the context", c.tokens.len())
+            }
+            if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                candle_core::bail!("token id {bad} is outside the vocabulary")
+            }
+            c.kv.reserve(c.tokens.len())?;
+            spans.push((ids.len(), c.tokens.len(), start));
+            ids.extend_from_slice(c.tokens);
+            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
+            if c.want_logits {
+                logit_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let n_tok = ids.len();
+        let dev = Device::Cpu;
+        let ids = Tensor::from_vec(ids, n_tok, &dev)?;
+        let pos = Tensor::from_vec(positions, n_tok, &dev)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let masks = spans
+            .iter()
+            .map(|&(_, t, start)| causal_mask(t, start))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let group = cfg.n_head / cfg.n_kv_head;
+
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
+            let q = layer.wq.forward(&h)?.reshape((1, n_tok, cfg.n_head, cfg.head_dim))?;
+            let k = layer.wk.forward(&h)?.reshape((1, n_tok, cfg.n_kv_head, cfg.head_dim))?;
+            let v = layer.wv.forward(&h)?.reshape((n_tok, cfg.n_kv_head, cfg.head_dim))?;
+            let q = (candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)? * scale)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            let mut outs = Vec::with_capacity(chunks.len());
+            for (ci, c) in chunks.iter().enumerate() {
+                let (off, t, _) = spans[ci];
+                let (k_all, v_all) = c.kv.append(li, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?.contiguous()?)?;
+                let y = attention(&q.narrow(0, off, t)?, &k_all, &v_all, masks[ci].as_ref(), group)?;
+                outs.push(y);
+            }
+            let y = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+            x = (x + layer.wo.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        for c in chunks.iter_mut() {
+            c.kv.advance(c.tokens.len());
+        }
+        let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &dev)?;
+        let last = x.index_select(&rows, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_eps as f32)?;
+        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive causal mask `[t, start + t]` for a chunk of `t` queries after `start` cached tokens; `None` for a
+/// single query (it may see everything cached).
+fn causal_mask(t: usize, start: usize) -> candle_core::Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let len = start + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, len), &Device::Cpu)?))
+}
+
+/// Grouped-query attention of one sequence's queries `q` (`[t, n_head, d]`, pre-scaled) over its keys and
+/// values (`[len, n_kv, d]`); returns `[t, n_head * d]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, group: usize) -> candle_core::Result<Tensor> {
+    let (t, n_head, d) = q.dims3()?;
+    let n_kv = n_head / group;
+    // [t, n_kv, group, d] -> [n_kv, group * t, d]: the queries sharing one kv head form one matrix.
+    let q = q
+        .reshape((t, n_kv, group, d))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((n_kv, group * t, d))?;
+    let k = k.transpose(0, 1)?; // [n_kv, len, d]
+    let v = v.transpose(0, 1)?;
+    let att = q.matmul(&k.t()?)?; // [n_kv, group * t, len]
+    let att = match mask {
+        Some(m) => {
+            let len = m.dim(1)?;
+            att.reshape((n_kv, group, t, len))?
+                .broadcast_add(m)?
+                .reshape((n_kv, group * t, len))?
+        }
+        None => att,
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let y = att.matmul(&v)?; // [n_kv, group * t, d]
+    y.reshape((n_kv, group, t, d))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((t, n_head * d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_lets_each_query_see_its_prefix_only() {
+        let m = causal_mask(2, 3).expect("mask").expect("some");
+        let rows: Vec<Vec<f32>> = m.to_vec2().expect("vec");
+        assert_eq!(rows[0][..4], [0.0; 4]);
+        assert!(rows[0][4].is_infinite());
+        assert_eq!(rows[1], vec![0.0; 5]);
+        assert!(causal_mask(1, 7).expect("mask").is_none());
+    }
+}

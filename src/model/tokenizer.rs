@@ -1,0 +1,192 @@
+//! Text tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Only the byte-level BPE family (`tokenizer.ggml.model = gpt2`) is supported. The pre-tokenizer is chosen by
+//! `tokenizer.ggml.pre` to match llama.cpp (which produced the golden ids in `shared/testdata`): for `smollm`
+//! every digit is split off on its own before the GPT-2 regex runs, and no prefix space is added.
+//! Special tokens (every token whose type is neither normal nor byte) are parsed out of input text, as
+//! llama.cpp does with `parse_special`, and skipped when decoding.
+
+use candle_core::quantized::gguf_file;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use super::gguf_meta::Metadata;
+use super::ModelError;
+
+/// llama.cpp token types (`llama_token_type`): 1 = normal, 6 = byte; everything else is special.
+const TOKEN_TYPE_NORMAL: u32 = 1;
+const TOKEN_TYPE_BYTE: u32 = 6;
+
+/// A tokenizer plus the ids the engine needs to know about.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    tokens: Vec<String>,
+    /// Beginning-of-sequence token, if the GGUF names one.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence token from the GGUF.
+    pub eos_id: u32,
+    /// Whether raw (non-chat) prompts start with the BOS token (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    /// Every id that ends generation: the GGUF's eos/eot ids plus `<|im_end|>` and `<|eot_id|>` if present.
+    pub stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab", &self.tokens.len())
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
+    let byte_level = ByteLevel::new(false, true, true);
+    let split_regex = match pre {
+        // llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM (and STARCODER/REFACT, same regexes): `\p{N}` then GPT-2.
+        "smollm" | "starcoder" | "refact" => Some(r"\p{N}"),
+        "gpt2" | "default" => None,
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => Some(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+        other => {
+            return Err(ModelError::Tokenizer(format!(
+                "unsupported tokenizer.ggml.pre '{other}' (supported: smollm, starcoder, refact, gpt2, llama-bpe)"
+            )))
+        }
+    };
+    Ok(match split_regex {
+        None => byte_level.into(),
+        Some(re) if pre.starts_with("llama") || pre == "smaug-bpe" => {
+            // The llama-3 regex replaces GPT-2's; byte-level mapping only.
+            let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
+        Some(re) => {
+            let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            Sequence::new(vec![split.into(), byte_level.into()]).into()
+        }
+    })
+}
+
+impl TextTokenizer {
+    /// Builds the tokenizer from GGUF metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
+        let md = Metadata(content);
+        let kind = md.string("tokenizer.ggml.model")?;
+        if kind != "gpt2" {
+            return Err(ModelError::Tokenizer(format!(
+                "unsupported tokenizer.ggml.model '{kind}': only byte-level BPE ('gpt2') models are supported"
+            )));
+        }
+        let tokens = md.string_array("tokenizer.ggml.tokens")?;
+        let merges = md
+            .string_array("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge '{m}'")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = md
+            .opt_string("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "gpt2".to_string());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+
+        let types = md.u32_array("tokenizer.ggml.token_type").unwrap_or_default();
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t != TOKEN_TYPE_NORMAL && t != TOKEN_TYPE_BYTE)
+            .filter_map(|(i, _)| tokens.get(i))
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+
+        let bos_id = md.opt_u32("tokenizer.ggml.bos_token_id");
+        let eos_id = md.u32("tokenizer.ggml.eos_token_id")?;
+        let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        let mut stop_ids = vec![eos_id];
+        if let Some(eot) = md.opt_u32("tokenizer.ggml.eot_token_id") {
+            stop_ids.push(eot);
+        }
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == name) {
+                stop_ids.push(i as u32);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            inner,
+            tokens,
+            bos_id,
+            eos_id,
+            add_bos,
+            stop_ids,
+        })
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The text of one token as stored in the vocabulary (byte-level encoded for BPE models).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes a raw completion prompt: like [`Self::encode`], with BOS first when the model asks for it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, leaving special tokens out. Invalid UTF-8 (a partial character) becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// Whether this id ends generation.
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+}

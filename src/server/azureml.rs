@@ -1,0 +1,210 @@
+//! Azure ML scoring routes: liveness `GET /` and `POST /score` with the model-catalog and Hugging Face payloads.
+//!
+//! Accepted `/score` bodies:
+//! - chat: `{"input_data": {"input_string": [{"role", "content"}, ...], "parameters": {...}}}` -> `{"output": text}`
+//! - text: `{"input_data": {"input_string": ["prompt", ...], "parameters": {...}}}` -> `[{"0": text}, ...]`
+//! - Hugging Face: `{"inputs": "prompt" | ["prompt", ...], "parameters": {...}}` -> `[{"generated_text": text}, ...]`
+//!
+//! `parameters` maps `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`, `repetition_penalty`,
+//! `seed` (plus `stop`, `ignore_eos`, `return_full_text` for inputs); `do_sample: false` means greedy.
+
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, Dialect};
+use super::generate::{self, PromptInput, SamplingInput, StopInput};
+use super::json::ApiJson;
+use super::openai::{convert_messages, MessageIn};
+use super::request_id::RequestId;
+use super::{AppState, Ready};
+
+/// `GET /`: liveness, true as soon as the process listens.
+pub async fn liveness() -> &'static str {
+    "Healthy"
+}
+
+const EXPECTED: &str = "expected one of: {\"input_data\": {\"input_string\": [{\"role\": \"user\", \"content\": \"...\"}], \"parameters\": {...}}} (chat), \
+{\"input_data\": {\"input_string\": [\"prompt\", ...], \"parameters\": {...}}} (text generation), \
+or {\"inputs\": \"prompt\", \"parameters\": {...}} (Hugging Face)";
+
+/// Generation parameters in the Hugging Face / model-catalog vocabulary.
+#[derive(Debug, Default, Deserialize)]
+struct ScoreParameters {
+    max_new_tokens: Option<i64>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    do_sample: Option<bool>,
+    repetition_penalty: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<StopInput>,
+    ignore_eos: Option<bool>,
+    return_full_text: Option<bool>,
+}
+
+impl ScoreParameters {
+    fn sampling(&self) -> SamplingInput {
+        // Hugging Face semantics: do_sample=false is greedy whatever the temperature; unset sampling flags with
+        // no temperature are greedy too (transformers' generate default).
+        let temperature = match self.do_sample {
+            Some(false) => Some(0.0),
+            Some(true) => Some(self.temperature.unwrap_or(1.0)),
+            None => Some(self.temperature.unwrap_or(0.0)),
+        };
+        SamplingInput {
+            max_tokens: self.max_new_tokens.or(self.max_tokens),
+            temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            stop: self.stop.clone().map(StopInput::into_vec).unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            max_tokens_name: "max_new_tokens",
+            ..Default::default()
+        }
+    }
+}
+
+/// A recognised `/score` payload.
+enum Payload {
+    Chat(Vec<MessageIn>, ScoreParameters),
+    Text(Vec<String>, ScoreParameters),
+    HuggingFace(Vec<String>, ScoreParameters),
+}
+
+fn bad(msg: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("{msg}; {EXPECTED}"))
+}
+
+fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(ScoreParameters::default()),
+        Some(p) => serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}"))),
+    }
+}
+
+fn strings(v: Value, what: &str) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s),
+                _ => Err(bad(format!("{what} must hold only strings"))),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad(format!("{what} must be a string or a list"))),
+    };
+    if list.is_empty() || list.iter().any(String::is_empty) {
+        return Err(bad(format!("{what} must not be empty")));
+    }
+    Ok(list)
+}
+
+fn parse_payload(body: Value) -> Result<Payload, ApiError> {
+    let Value::Object(mut obj) = body else {
+        return Err(bad("the body must be a JSON object"));
+    };
+    if let Some(input_data) = obj.remove("input_data") {
+        let Value::Object(mut input) = input_data else {
+            return Err(bad("input_data must be an object"));
+        };
+        let params = parameters(input.remove("parameters"))?;
+        let items = match input.remove("input_string") {
+            Some(Value::Array(items)) if !items.is_empty() => items,
+            Some(Value::Array(_)) => return Err(bad("input_data.input_string must not be empty")),
+            Some(_) => return Err(bad("input_data.input_string must be a list")),
+            None => return Err(bad("input_data.input_string is missing")),
+        };
+        if items.iter().all(Value::is_object) {
+            let messages = serde_json::from_value(Value::Array(items)).map_err(|e| bad(format!("invalid chat message: {e}")))?;
+            return Ok(Payload::Chat(messages, params));
+        }
+        return Ok(Payload::Text(strings(Value::Array(items), "input_data.input_string")?, params));
+    }
+    if let Some(inputs) = obj.remove("inputs") {
+        let params = parameters(obj.remove("parameters"))?;
+        return Ok(Payload::HuggingFace(strings(inputs, "inputs")?, params));
+    }
+    Err(bad("unrecognised payload"))
+}
+
+/// Generates one whole answer per prompt, all queued together.
+async fn generate_all(ready: &Ready, rid: &str, prompts: Vec<PromptInput>, params: &ScoreParameters) -> Result<Vec<String>, ApiError> {
+    let sampling = params.sampling();
+    let mut receivers = Vec::with_capacity(prompts.len());
+    let mut prepared = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        prepared.push(generate::prepare(ready, p, sampling.clone()).await?);
+    }
+    for p in prepared {
+        receivers.push(generate::submit(ready, rid, p)?);
+    }
+    let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
+    outs.into_iter().map(|o| o.map(|c| c.text)).collect()
+}
+
+async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    match parse_payload(body)? {
+        Payload::Chat(messages, params) => {
+            let messages = convert_messages(messages).map_err(|e| bad(e.message))?;
+            let mut out = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
+            Ok(Json(json!({"output": out.pop().unwrap_or_default()})).into_response())
+        }
+        Payload::Text(prompts, params) => {
+            let outs = generate_all(ready, rid, prompts.into_iter().map(PromptInput::Text).collect(), &params).await?;
+            Ok(Json(outs.into_iter().map(|t| json!({"0": t})).collect::<Vec<_>>()).into_response())
+        }
+        Payload::HuggingFace(prompts, params) => {
+            let full = params.return_full_text.unwrap_or(false);
+            let outs = generate_all(ready, rid, prompts.iter().cloned().map(PromptInput::Text).collect(), &params).await?;
+            let items: Vec<Value> = prompts
+                .iter()
+                .zip(outs)
+                .map(|(p, t)| json!({"generated_text": if full { format!("{p}{t}") } else { t }}))
+                .collect();
+            Ok(Json(items).into_response())
+        }
+    }
+}
+
+/// `POST /score`.
+pub async fn score(State(state): State<AppState>, Extension(rid): Extension<RequestId>, ApiJson(body): ApiJson<Value>) -> Response {
+    match score_inner(&state, &rid.0, body).await {
+        Ok(r) => r,
+        Err(e) => e.in_dialect(Dialect::AzureMl).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_kinds_are_told_apart() {
+        let chat = json!({"input_data": {"input_string": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": 5}}});
+        assert!(matches!(parse_payload(chat), Ok(Payload::Chat(m, p)) if m.len() == 1 && p.max_new_tokens == Some(5)));
+        let text = json!({"input_data": {"input_string": ["a", "b"]}});
+        assert!(matches!(parse_payload(text), Ok(Payload::Text(t, _)) if t.len() == 2));
+        let hf = json!({"inputs": "x", "parameters": {"do_sample": false}});
+        assert!(matches!(parse_payload(hf), Ok(Payload::HuggingFace(t, _)) if t == ["x"]));
+        for b in [json!({}), json!([1]), json!({"input_data": {"input_string": []}}), json!({"inputs": 3})] {
+            let e = parse_payload(b).err().expect("rejected");
+            assert!(e.message.contains("expected one of"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn do_sample_false_is_greedy() {
+        let p = ScoreParameters { do_sample: Some(false), temperature: Some(0.9), ..Default::default() };
+        assert_eq!(p.sampling().temperature, Some(0.0));
+        let p = ScoreParameters { do_sample: Some(true), ..Default::default() };
+        assert_eq!(p.sampling().temperature, Some(1.0));
+    }
+}

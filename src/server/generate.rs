@@ -1,0 +1,225 @@
+//! What the OpenAI and Azure ML routes share between parsing a request and answering it: sampling fields and
+//! their validation, prompt preparation off the async runtime, submission to the engine, and collecting a
+//! whole answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::Ready;
+use crate::engine::{Completion, Event, FinishReason, GenerateRequest, GenerationParams};
+use crate::model::{ChatMessage, Model};
+
+/// Stop strings: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopInput {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Most stop strings accepted.
+const MAX_STOPS: usize = 16;
+
+/// Sampling fields as sent, before validation. Both dialects fill this.
+#[derive(Debug, Default, Clone)]
+pub struct SamplingInput {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Name of the max-tokens field in this dialect, for error messages.
+    pub max_tokens_name: &'static str,
+}
+
+fn check_range(name: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !x.is_finite() || !ok(x) => Err(ApiError::invalid_param(name, format!("{name} must be {rule}; got {x}"))),
+        _ => Ok(()),
+    }
+}
+
+impl SamplingInput {
+    /// Validates the fields against the prompt length and the model's context window.
+    pub fn validate(self, prompt_tokens: usize, context: usize, default_max: usize) -> Result<GenerationParams, ApiError> {
+        let mt = self.max_tokens_name;
+        check_range("temperature", self.temperature, |x| (0.0..=2.0).contains(&x), "between 0 and 2")?;
+        check_range("top_p", self.top_p, |x| x > 0.0 && x <= 1.0, "greater than 0 and at most 1")?;
+        check_range("min_p", self.min_p, |x| (0.0..=1.0).contains(&x), "between 0 and 1")?;
+        check_range("presence_penalty", self.presence_penalty, |x| (-2.0..=2.0).contains(&x), "between -2 and 2")?;
+        check_range("frequency_penalty", self.frequency_penalty, |x| (-2.0..=2.0).contains(&x), "between -2 and 2")?;
+        check_range("repetition_penalty", self.repetition_penalty, |x| x > 0.0 && x <= 10.0, "greater than 0 and at most 10")?;
+        if let Some(k) = self.top_k.filter(|&k| k < 0) {
+            return Err(ApiError::invalid_param("top_k", format!("top_k must be 0 (off) or positive; got {k}")));
+        }
+        if self.stop.len() > MAX_STOPS {
+            return Err(ApiError::invalid_param("stop", format!("at most {MAX_STOPS} stop strings are accepted; got {}", self.stop.len())));
+        }
+        if prompt_tokens >= context {
+            return Err(ApiError::bad_request(format!(
+                "the prompt has {prompt_tokens} tokens but the model's context window is {context} tokens; shorten the prompt"
+            )));
+        }
+        let room = context - prompt_tokens;
+        let max_tokens = match self.max_tokens {
+            Some(m) if m < 1 => return Err(ApiError::invalid_param(mt, format!("{mt} must be at least 1; got {m}"))),
+            Some(m) => {
+                let m = usize::try_from(m).unwrap_or(usize::MAX);
+                if m > room {
+                    return Err(ApiError::invalid_param(
+                        mt,
+                        format!(
+                            "the prompt has {prompt_tokens} tokens and {mt} is {m}: together more than the model's context window of {context} tokens"
+                        ),
+                    ));
+                }
+                m
+            }
+            None => default_max.min(room),
+        };
+        Ok(GenerationParams {
+            max_tokens,
+            temperature: self.temperature.unwrap_or(1.0) as f32,
+            top_p: self.top_p.unwrap_or(1.0) as f32,
+            top_k: self.top_k.unwrap_or(0) as usize,
+            min_p: self.min_p.unwrap_or(0.0) as f32,
+            seed: self.seed.map(|s| s as u64),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0) as f32,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+            stop: self.stop,
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+/// The prompt of a request, before tokenization.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// Renders and tokenizes a prompt on the blocking pool (templates and long prompts take real CPU time).
+pub async fn tokenize(model: &Arc<Model>, prompt: PromptInput) -> Result<Vec<u32>, ApiError> {
+    let model = model.clone();
+    let ids = tokio::task::spawn_blocking(move || match prompt {
+        PromptInput::Chat(messages) => model.chat_prompt(&messages).map(|(_, ids)| ids),
+        PromptInput::Text(text) => model.tokenizer.encode_prompt(&text),
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let ids = ids.map_err(|e| ApiError::bad_request(format!("cannot prepare the prompt: {e}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    Ok(ids)
+}
+
+/// One prepared generation: tokenized prompt and validated parameters.
+pub struct Prepared {
+    pub prompt: Vec<u32>,
+    pub params: GenerationParams,
+}
+
+/// Tokenizes and validates one prompt.
+pub async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
+    let ids = tokenize(&ready.model, prompt).await?;
+    let params = sampling.validate(ids.len(), ready.model.llama.config.context_length, ready.default_max_tokens)?;
+    Ok(Prepared { prompt: ids, params })
+}
+
+/// Submits a prepared request to the engine, with the server's request timeout as its deadline.
+pub fn submit(ready: &Ready, request_id: &str, p: Prepared) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let req = GenerateRequest {
+        id: request_id.to_string(),
+        prompt: p.prompt,
+        params: p.params,
+        deadline: Some(Instant::now() + ready.request_timeout),
+    };
+    Ok(ready.engine.submit(req)?)
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Collected {
+    pub text: String,
+    pub done: Completion,
+}
+
+/// Waits for a request to finish and returns its full text. A timeout becomes 504.
+pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready)),
+            Event::Done(done) => return Ok(Collected { text, done }),
+            Event::Error(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
+        }
+    }
+    Err(ApiError::not_ready("the inference engine stopped before the request finished"))
+}
+
+/// The error for a request that ran past `--request-timeout-ms`.
+pub fn timeout_error(ready: &Ready) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!("request timed out after {} ms (--request-timeout-ms / SCORING_TIMEOUT_MS)", ready.request_timeout.as_millis()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> SamplingInput {
+        SamplingInput { max_tokens_name: "max_tokens", ..Default::default() }
+    }
+
+    #[test]
+    fn context_overflow_names_both_numbers() {
+        let err = SamplingInput { max_tokens: Some(100), ..input() }.validate(50, 120, 16).expect_err("too long");
+        assert!(err.message.contains("50") && err.message.contains("100") && err.message.contains("120"), "{}", err.message);
+        let err = input().validate(120, 120, 16).expect_err("prompt fills context");
+        assert!(err.message.contains("120 tokens"), "{}", err.message);
+    }
+
+    #[test]
+    fn default_max_tokens_fits_the_room_left() {
+        assert_eq!(input().validate(100, 120, 512).expect("valid").max_tokens, 20);
+    }
+
+    #[test]
+    fn out_of_range_fields_are_rejected() {
+        for bad in [
+            SamplingInput { temperature: Some(2.5), ..input() },
+            SamplingInput { temperature: Some(-0.1), ..input() },
+            SamplingInput { top_p: Some(0.0), ..input() },
+            SamplingInput { top_k: Some(-1), ..input() },
+            SamplingInput { max_tokens: Some(0), ..input() },
+        ] {
+            assert_eq!(bad.validate(1, 100, 10).expect_err("invalid").status, StatusCode::BAD_REQUEST);
+        }
+    }
+}

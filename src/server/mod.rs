@@ -1,0 +1,228 @@
+//! The HTTP side: the Azure ML scoring contract and OpenAI-compatible routes in front of the engine.
+//!
+//! [`router`] builds the axum app from an [`AppState`]; [`serve`] runs it on a listener until a shutdown
+//! future resolves; [`run`] is the whole server (bind first, load the model in the background, then serve).
+//! The server listens while the model loads: liveness (`/`) answers at once, readiness (`/health`) only once
+//! the model is loaded and the engine thread is alive.
+
+mod azureml;
+pub mod error;
+mod generate;
+mod json;
+mod openai;
+mod sse;
+pub mod request_id;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::model::Model;
+use error::{ApiError, Dialect};
+
+/// What exists once the model is loaded.
+pub struct Ready {
+    pub model: Arc<Model>,
+    pub engine: Engine,
+    pub request_timeout: Duration,
+    pub default_max_tokens: usize,
+    /// Unix time the model finished loading (the OpenAI `created` of the model).
+    pub created: u64,
+}
+
+/// Shared server state.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ready: OnceLock<Ready>,
+    load_error: OnceLock<String>,
+    shutting_down: AtomicBool,
+}
+
+impl Default for AppState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AppState {
+    /// State with no model yet: readiness fails until [`AppState::set_ready`].
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                ready: OnceLock::new(),
+                load_error: OnceLock::new(),
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Makes the server ready with a loaded model and running engine.
+    pub fn set_ready(&self, ready: Ready) {
+        let _ = self.inner.ready.set(ready);
+    }
+
+    /// Records why the model could not be loaded (readiness reports it).
+    pub fn set_load_error(&self, msg: String) {
+        let _ = self.inner.load_error.set(msg);
+    }
+
+    /// Starts shutting down: readiness fails and new work is refused.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The loaded model and engine, or a 503 saying why there is none.
+    pub fn ready(&self) -> Result<&Ready, ApiError> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::not_ready("the server is shutting down"));
+        }
+        match self.inner.ready.get() {
+            Some(r) if r.engine.is_alive() => Ok(r),
+            Some(_) => Err(ApiError::not_ready("the inference engine has stopped")),
+            None => match self.inner.load_error.get() {
+                Some(e) => Err(ApiError::not_ready(format!("the model failed to load: {e}"))),
+                None => Err(ApiError::not_ready("the model is still loading")),
+            },
+        }
+    }
+}
+
+/// `GET /health`: 200 once the model serves, 503 before, after failures and while shutting down.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.ready() {
+        Ok(r) => Json(json!({"status": "ready", "model": r.model.name})).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "message": e.message})))
+            .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    let path = req.uri().path().to_string();
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {path}", req.method())).in_dialect(Dialect::for_path(&path))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    let path = req.uri().path().to_string();
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not allowed on {path}", req.method()))
+        .in_dialect(Dialect::for_path(&path))
+}
+
+/// The application with every route.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/", get(azureml::liveness))
+        .route("/health", get(health))
+        .route("/score", post(azureml::score))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(request_id::layer))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Runs the server: binds, loads the model in the background, serves until SIGTERM / Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    let state = AppState::new();
+    let loader_state = state.clone();
+    let loader_config = config.clone();
+    tokio::task::spawn_blocking(move || load(loader_state, &loader_config));
+    let app = router(state.clone(), config.max_body_bytes);
+    let shutdown_state = state.clone();
+    serve(listener, app, async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: refusing new work, finishing in-flight requests");
+        shutdown_state.begin_shutdown();
+    })
+    .await?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Loads the model and starts the engine, marking the state ready (or recording the failure).
+fn load(state: AppState, config: &Config) {
+    let started = std::time::Instant::now();
+    tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
+    let model = match Model::load(&config.model_path, config.weights) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::error!(error = %e, "model failed to load");
+            state.set_load_error(e.to_string());
+            return;
+        }
+    };
+    let c = &model.llama.config;
+    tracing::info!(
+        model = %model.name,
+        layers = c.n_layer,
+        hidden = c.hidden,
+        context = c.context_length,
+        weight_mb = model.llama.weight_bytes >> 20,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    match Engine::start(model.clone(), config.engine.clone()) {
+        Ok((engine, _thread)) => {
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            state.set_ready(Ready {
+                model,
+                engine,
+                request_timeout: config.request_timeout,
+                default_max_tokens: config.default_max_tokens,
+                created,
+            });
+            tracing::info!("ready");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the engine thread");
+            state.set_load_error(e.to_string());
+        }
+    }
+}

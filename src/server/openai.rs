@@ -1,0 +1,368 @@
+//! OpenAI-compatible routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::generate::{self, PromptInput, SamplingInput, StopInput};
+use super::json::ApiJson;
+use super::request_id::RequestId;
+use super::sse::{self, usage_json, ChunkShape};
+use super::{AppState, Ready};
+use crate::engine::FinishReason;
+use crate::model::ChatMessage;
+
+/// Fields shared by chat and text completions.
+#[derive(Debug, Deserialize)]
+pub struct CommonFields {
+    #[allow(dead_code)]
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    seed: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    repetition_penalty: Option<f64>,
+    stop: Option<StopInput>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    ignore_eos: Option<bool>,
+    n: Option<i64>,
+    logprobs: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+impl CommonFields {
+    /// Rejects what amlserve does not implement, rather than silently ignoring it.
+    fn check_supported(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false))) {
+            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
+        }
+        Ok(())
+    }
+
+    fn sampling(&self) -> SamplingInput {
+        let (max_tokens, name) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => (Some(m), "max_completion_tokens"),
+            (None, m) => (m, "max_tokens"),
+        };
+        SamplingInput {
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            stop: self.stop.clone().map(StopInput::into_vec).unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            max_tokens_name: name,
+        }
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+    }
+}
+
+/// Message content: a string or a list of content parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ContentIn {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessageIn {
+    role: String,
+    content: Option<ContentIn>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    common: CommonFields,
+}
+
+/// Turns request messages into template messages, rejecting unknown roles and non-text content.
+pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        format!("messages[{i}].role '{other}' is not supported; use system, developer, user or assistant"),
+                    ))
+                }
+            };
+            let content = match m.content {
+                None if role == "assistant" => String::new(),
+                None => return Err(ApiError::invalid_param("messages", format!("messages[{i}].content is missing"))),
+                Some(ContentIn::Text(t)) => t,
+                Some(ContentIn::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid_param(
+                                    "messages",
+                                    format!("messages[{i}] has a '{kind}' content part; only text parts are supported"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage { role: role.to_string(), content })
+        })
+        .collect()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Timeout => "length",
+    }
+}
+
+struct ChatShape {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl ChatShape {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "system_fingerprint": null, "choices": choices})
+    }
+}
+
+impl ChunkShape for ChatShape {
+    fn opening(&self, index: usize) -> Option<Value> {
+        Some(self.chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])))
+    }
+    fn text(&self, index: usize, text: String) -> Value {
+        self.chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]))
+    }
+    fn finish(&self, index: usize, reason: FinishReason) -> Value {
+        self.chunk(json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_str(reason)}]))
+    }
+    fn usage(&self, usage: Value) -> Value {
+        let mut c = self.chunk(json!([]));
+        c["usage"] = usage;
+        c
+    }
+}
+
+/// `POST /v1/chat/completions` (JSON or SSE).
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    req.common.check_supported()?;
+    let messages = convert_messages(req.messages)?;
+    let prepared = generate::prepare(ready, PromptInput::Chat(messages), req.common.sampling()).await?;
+    let rx = generate::submit(ready, &rid.0, prepared)?;
+    let shape = ChatShape {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        model: ready.model.name.clone(),
+        created: now(),
+    };
+    if req.common.stream.unwrap_or(false) {
+        return Ok(sse::stream(vec![rx], shape, req.common.include_usage(), generate::timeout_error(ready)));
+    }
+    let out = generate::collect(rx, ready).await?;
+    Ok(Json(json!({
+        "id": shape.id, "object": "chat.completion", "created": shape.created, "model": shape.model,
+        "system_fingerprint": null,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null,
+                     "finish_reason": finish_str(out.done.reason)}],
+        "usage": usage_json(out.done.prompt_tokens, out.done.completion_tokens),
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    prompt: Option<Value>,
+    #[serde(flatten)]
+    common: CommonFields,
+}
+
+struct CompletionShape {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl CompletionShape {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": choices})
+    }
+}
+
+impl ChunkShape for CompletionShape {
+    fn opening(&self, _index: usize) -> Option<Value> {
+        None
+    }
+    fn text(&self, index: usize, text: String) -> Value {
+        self.chunk(json!([{"index": index, "text": text, "logprobs": null, "finish_reason": null}]))
+    }
+    fn finish(&self, index: usize, reason: FinishReason) -> Value {
+        self.chunk(json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_str(reason)}]))
+    }
+    fn usage(&self, usage: Value) -> Value {
+        let mut c = self.chunk(json!([]));
+        c["usage"] = usage;
+        c
+    }
+}
+
+/// The prompts of a completion request: a string or a non-empty list of strings.
+fn prompts(v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::invalid_param("prompt", "prompt must be a non-empty string or a non-empty list of strings");
+    let list = match v.ok_or_else(bad)? {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad()),
+    };
+    if list.is_empty() || list.iter().any(String::is_empty) {
+        return Err(bad());
+    }
+    Ok(list)
+}
+
+/// Prepares and submits one request per prompt; all are validated before any is queued.
+async fn submit_all(
+    ready: &Ready,
+    rid: &str,
+    prompts: Vec<PromptInput>,
+    sampling: &SamplingInput,
+) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<crate::engine::Event>>, ApiError> {
+    let mut prepared = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        prepared.push(generate::prepare(ready, p, sampling.clone()).await?);
+    }
+    prepared.into_iter().map(|p| generate::submit(ready, rid, p)).collect()
+}
+
+/// `POST /v1/completions` (JSON or SSE); a list of prompts gives one choice each.
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    req.common.check_supported()?;
+    let texts = prompts(req.prompt)?;
+    let inputs = texts.into_iter().map(PromptInput::Text).collect();
+    let receivers = submit_all(ready, &rid.0, inputs, &req.common.sampling()).await?;
+    let shape = CompletionShape {
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        model: ready.model.name.clone(),
+        created: now(),
+    };
+    if req.common.stream.unwrap_or(false) {
+        return Ok(sse::stream(receivers, shape, req.common.include_usage(), generate::timeout_error(ready)));
+    }
+    let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
+    let mut choices = Vec::new();
+    let (mut p, mut c) = (0, 0);
+    for (i, out) in outs.into_iter().enumerate() {
+        let out = out?;
+        p += out.done.prompt_tokens;
+        c += out.done.completion_tokens;
+        choices.push(json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}));
+    }
+    Ok(Json(json!({
+        "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
+        "choices": choices, "usage": usage_json(p, c),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/models`: the one served model.
+pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let ready = state.ready()?;
+    Ok(Json(json!({"object": "list", "data": [{
+        "id": ready.model.name, "object": "model", "created": ready.created, "owned_by": "amlserve",
+        "max_model_len": ready.model.llama.config.context_length,
+    }]})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_accept_string_or_list_only() {
+        assert_eq!(prompts(Some(json!("a"))).expect("ok"), vec!["a"]);
+        assert_eq!(prompts(Some(json!(["a", "b"]))).expect("ok").len(), 2);
+        for bad in [json!(""), json!([]), json!([1]), json!(3), json!(null)] {
+            assert!(prompts(Some(bad)).is_err());
+        }
+        assert!(prompts(None).is_err());
+    }
+
+    #[test]
+    fn unknown_roles_and_images_are_rejected() {
+        let m = |role: &str| MessageIn { role: role.into(), content: Some(ContentIn::Text("x".into())) };
+        assert!(convert_messages(vec![m("wizard")]).is_err());
+        assert!(convert_messages(vec![]).is_err());
+        assert_eq!(convert_messages(vec![m("developer")]).expect("ok")[0].role, "system");
+        let img = MessageIn {
+            role: "user".into(),
+            content: Some(ContentIn::Parts(vec![ContentPart { kind: "image_url".into(), text: None }])),
+        };
+        assert!(convert_messages(vec![img]).is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! Server-sent-event streaming of engine events, shared by chat and text completions.
+//!
+//! The route supplies how a chunk looks ([`ChunkShape`]); this module turns the per-prompt event receivers
+//! into `data:` events: the shape's opening chunk per choice, a chunk per piece of text, a chunk with the
+//! finish reason, then (with `include_usage`) a usage chunk with no choices, then `data: [DONE]`. An error
+//! mid-stream is sent as an `{"error": {...}}` event followed by `[DONE]`, never as raw text. Dropping the
+//! stream (the client went away) drops the receivers, which cancels the requests in the engine.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::error::{ApiError, Dialect};
+use crate::engine::{Event, FinishReason};
+
+/// How one dialect's stream chunks look.
+pub trait ChunkShape: Send + 'static {
+    /// The chunk opening choice `index` (chat sends the role), if any.
+    fn opening(&self, index: usize) -> Option<Value>;
+    /// A chunk carrying `text` for choice `index`.
+    fn text(&self, index: usize, text: String) -> Value;
+    /// The chunk closing choice `index`.
+    fn finish(&self, index: usize, reason: FinishReason) -> Value;
+    /// The final usage chunk.
+    fn usage(&self, usage: Value) -> Value;
+}
+
+/// Token counts in the OpenAI `usage` shape.
+pub fn usage_json(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn data(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+fn error_event(e: ApiError) -> SseEvent {
+    let mut body = json!({"error": {"message": e.message, "type": "server_error", "code": e.status.as_u16()}});
+    if e.dialect == Dialect::AzureMl {
+        body = json!({"error": {"message": body["error"]["message"].clone()}});
+    }
+    data(&body)
+}
+
+struct State<S: ChunkShape> {
+    events: BoxStream<'static, (usize, Option<Event>)>,
+    pending: VecDeque<SseEvent>,
+    open_choices: usize,
+    finished: Vec<bool>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    include_usage: bool,
+    shape: S,
+    timeout: ApiError,
+    done: bool,
+}
+
+impl<S: ChunkShape> State<S> {
+    fn end_with_error(&mut self, e: ApiError) {
+        self.pending.push_back(error_event(e));
+        self.pending.push_back(SseEvent::default().data("[DONE]"));
+        self.done = true;
+    }
+
+    fn on_event(&mut self, index: usize, ev: Option<Event>) {
+        if self.finished[index] {
+            return; // the end marker after a choice's Done
+        }
+        match ev {
+            Some(Event::Text(t)) => self.pending.push_back(data(&self.shape.text(index, t))),
+            Some(Event::Done(c)) if c.reason == FinishReason::Timeout => self.end_with_error(self.timeout.clone()),
+            Some(Event::Done(c)) => {
+                self.pending.push_back(data(&self.shape.finish(index, c.reason)));
+                self.finished[index] = true;
+                self.prompt_tokens += c.prompt_tokens;
+                self.completion_tokens += c.completion_tokens;
+                self.open_choices -= 1;
+                if self.open_choices == 0 {
+                    if self.include_usage {
+                        let u = self.shape.usage(usage_json(self.prompt_tokens, self.completion_tokens));
+                        self.pending.push_back(data(&u));
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                    self.done = true;
+                }
+            }
+            Some(Event::Error(m)) => self.end_with_error(ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, m)),
+            None => self.end_with_error(ApiError::not_ready("the inference engine stopped before the request finished")),
+        }
+    }
+}
+
+/// Streams the events of `receivers` (one per choice, in index order) as SSE.
+pub fn stream<S: ChunkShape>(receivers: Vec<UnboundedReceiver<Event>>, shape: S, include_usage: bool, timeout: ApiError) -> Response {
+    let n = receivers.len();
+    // Each receiver ends with a `None` marker so a vanished engine is noticed per choice.
+    let merged = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
+        UnboundedReceiverStream::new(rx)
+            .map(move |e| (i, Some(e)))
+            .chain(stream::once(async move { (i, None) }))
+            .boxed()
+    }));
+    let mut pending = VecDeque::new();
+    for i in 0..n {
+        if let Some(v) = shape.opening(i) {
+            pending.push_back(data(&v));
+        }
+    }
+    let state = State {
+        events: merged.boxed(),
+        pending,
+        open_choices: n,
+        finished: vec![false; n],
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        include_usage,
+        shape,
+        timeout,
+        done: false,
+    };
+    Sse::new(events(state)).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn events<S: ChunkShape>(state: State<S>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.events.next().await {
+                Some((i, ev)) => st.on_event(i, ev),
+                None => st.done = true,
+            }
+        }
+    })
+}
