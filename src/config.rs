@@ -71,9 +71,21 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
 
+    /// Log line format: text for people, json (one object per line) for log pipelines such as Azure Monitor.
+    /// The level comes from RUST_LOG, else AZUREML_LOG_LEVEL, else info.
+    #[arg(long, env = "AMLSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// max_tokens used when a request sets none (capped by the room left in the context window).
     #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: usize,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Validated settings.
@@ -108,6 +120,7 @@ impl Args {
             ("--kv-cache-mb", self.kv_cache_mb),
             ("--max-body-bytes", self.max_body_bytes),
             ("--default-max-tokens", self.default_max_tokens),
+            ("--max-waiting", self.max_waiting),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
