@@ -145,7 +145,7 @@ impl Scheduler {
             if seq.finished {
                 continue;
             }
-            if seq.events.is_closed() {
+            if seq.client_gone || seq.events.is_closed() {
                 tracing::info!(request_id = %seq.id, generated = seq.generated(), "request cancelled: client went away");
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 seq.finished = true;

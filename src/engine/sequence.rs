@@ -26,6 +26,8 @@ pub(super) struct Sequence {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     pub finished: bool,
+    /// The client dropped its receiver (noticed when sending).
+    pub client_gone: bool,
 }
 
 impl Sequence {
@@ -47,6 +49,7 @@ impl Sequence {
             events: job.events,
             queue_time: now.duration_since(job.enqueued),
             finished: false,
+            client_gone: false,
         }
     }
 
@@ -66,7 +69,7 @@ impl Sequence {
 
     fn send(&mut self, text: String) {
         if !text.is_empty() && self.events.send(Event::Text(text)).is_err() {
-            self.finished = true; // the client went away
+            self.client_gone = true;
         }
     }
 

@@ -1,0 +1,109 @@
+//! The engine under concurrency: batch invariance, chunked prefill, cancellation freeing a slot, and a full
+//! queue answering 429 at once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn completion(prompt: &str, max_tokens: u32) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+async fn text_of(s: &Server, body: Value) -> String {
+    let (st, v) = s.post("/v1/completions", body).await;
+    assert_eq!(st, 200, "{v}");
+    v["choices"][0]["text"].as_str().expect("text").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
+    // Small token budget so prompts are prefilled in chunks while others decode.
+    let s = Server::start(&["--max-batch-tokens", "24"]).await;
+    let probe = completion("The history of the Roman Empire begins with", 32);
+    let alone = text_of(&s, probe.clone()).await;
+    let others: Vec<Value> = (0..8)
+        .map(|i| completion(&"Tell me about the weather and the sea. ".repeat(i + 1), 10 + 7 * i as u32))
+        .collect();
+    let mut tasks = Vec::new();
+    for body in others {
+        let s_url = s.url("/v1/completions");
+        let client = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(s_url).json(&body).send().await.expect("req");
+            assert_eq!(r.status(), 200);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy = text_of(&s, probe).await;
+    for t in tasks {
+        t.await.expect("other request");
+    }
+    assert_eq!(alone, busy);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_stream_frees_its_slot() {
+    let s = Server::start(&["--max-batch-size", "1"]).await;
+    let body = json!({"prompt": "Count forever:", "max_tokens": 8000, "ignore_eos": true, "stream": true});
+    let r = s.client.post(s.url("/v1/completions")).json(&body).send().await.expect("stream");
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("first chunk").expect("bytes");
+    drop(stream); // the client goes away mid-generation
+    // The only slot must be free again long before the 8000 tokens would have finished.
+    let started = Instant::now();
+    let (st, v) = tokio::time::timeout(Duration::from_secs(30), s.post("/v1/completions", completion("Hi", 4)))
+        .await
+        .expect("next request admitted after cancellation");
+    assert_eq!(st, 200, "{v}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let log = s.drain_log().join("\n");
+    assert!(log.contains("request cancelled"), "cancellation is logged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_non_streaming_request_frees_its_slot() {
+    let s = Server::start(&["--max-batch-size", "1"]).await;
+    let url = s.url("/v1/completions");
+    let client = s.client.clone();
+    let long = tokio::spawn(async move { client.post(url).json(&completion("Count forever:", 8000)).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    long.abort(); // drops the connection
+    let (st, _) = tokio::time::timeout(Duration::from_secs(30), s.post("/v1/completions", completion("Hi", 4)))
+        .await
+        .expect("next request admitted after cancellation");
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_answers_429_at_once() {
+    let s = Server::start(&["--max-batch-size", "1", "--max-waiting", "1"]).await;
+    // A runs, B waits, C finds the queue full.
+    let a = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Count:", "max_tokens": 8000, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .expect("a");
+    let mut a = a.bytes_stream();
+    a.next().await.expect("a runs").expect("bytes");
+    let (url, client) = (s.url("/v1/completions"), s.client.clone());
+    let b = tokio::spawn(async move { client.post(url).json(&completion("B", 8000)).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for path in ["/v1/completions", "/score"] {
+        let body = if path == "/score" { json!({"inputs": "C"}) } else { completion("C", 4) };
+        let started = Instant::now();
+        let r = s.client.post(s.url(path)).json(&body).send().await.expect("c");
+        assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let v: Value = r.json().await.unwrap();
+        let msg = if path == "/score" { &v["message"] } else { &v["error"]["message"] };
+        assert!(msg.as_str().unwrap().contains("retry later"), "{v}");
+    }
+    b.abort();
+}
