@@ -133,7 +133,9 @@ impl Args {
         }
         let scoring_timeout = match std::env::var("SCORING_TIMEOUT_MS") {
             Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                ConfigError::Invalid(format!("SCORING_TIMEOUT_MS must be a number of milliseconds, not '{v}'"))
+                ConfigError::Invalid(format!(
+                    "SCORING_TIMEOUT_MS must be a number of milliseconds, not '{v}'"
+                ))
             })?),
             Err(_) => None,
         };
@@ -142,7 +144,10 @@ impl Args {
         let model_path = files::resolve(&[
             ("--model / AMLSERVE_MODEL", self.model.clone()),
             ("AZUREML_MODEL_DIR", if self.model.is_none() { env_dir } else { None }),
-            ("the default", self.model.is_none().then(|| PathBuf::from(DEFAULT_MODEL))),
+            (
+                "the default",
+                self.model.is_none().then(|| PathBuf::from(DEFAULT_MODEL)),
+            ),
         ])?;
         let threads = self
             .threads

@@ -30,7 +30,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     amlserve::set_compute_threads(config.threads);
-    tracing::info!(threads = config.threads, "compute threads set (CANDLE_NUM_THREADS, RAYON_NUM_THREADS)");
+    tracing::info!(
+        threads = config.threads,
+        "compute threads set (CANDLE_NUM_THREADS, RAYON_NUM_THREADS)"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(amlserve::server::run(config))
 }

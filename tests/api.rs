@@ -9,16 +9,26 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_answers_with_usage_and_is_greedy_deterministic() {
     let s = Server::start(&[]).await;
-    let (st, a) = s.post("/v1/chat/completions", chat("What is the capital of France?", 24)).await;
+    let (st, a) = s
+        .post("/v1/chat/completions", chat("What is the capital of France?", 24))
+        .await;
     assert_eq!(st, 200, "{a}");
     assert_eq!(a["object"], "chat.completion");
     assert_eq!(a["choices"][0]["message"]["role"], "assistant");
     let text = a["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(text.contains("Paris"), "{text}");
-    assert_eq!(a["usage"]["prompt_tokens"], 37, "same prompt ids as llama.cpp's template");
+    assert_eq!(
+        a["usage"]["prompt_tokens"], 37,
+        "same prompt ids as llama.cpp's template"
+    );
     let u = &a["usage"];
-    assert_eq!(u["total_tokens"], u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
-    let (_, b) = s.post("/v1/chat/completions", chat("What is the capital of France?", 24)).await;
+    assert_eq!(
+        u["total_tokens"],
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    let (_, b) = s
+        .post("/v1/chat/completions", chat("What is the capital of France?", 24))
+        .await;
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
 }
 
@@ -29,7 +39,10 @@ async fn same_seed_same_sampled_output() {
                       "temperature": 1.0, "top_p": 0.95, "seed": 1234});
     let (_, a) = s.post("/v1/chat/completions", body.clone()).await;
     let (_, b) = s.post("/v1/chat/completions", body).await;
-    assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,21 +52,41 @@ async fn streaming_chat_has_the_openai_shape_and_matches_non_streaming() {
     let (_, whole) = s.post("/v1/chat/completions", body.clone()).await;
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = s.client.post(s.url("/v1/chat/completions")).json(&body).send().await.expect("stream");
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("stream");
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let events = sse_data(&r.text().await.expect("body"));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json chunk")).collect();
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "role comes first");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("json chunk"))
+        .collect();
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"]["role"], "assistant",
+        "role comes first"
+    );
     let usage = chunks.last().expect("usage chunk");
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"], whole["usage"]);
     let finish = &chunks[chunks.len() - 2]["choices"][0];
     assert_eq!(finish["finish_reason"], whole["choices"][0]["finish_reason"]);
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,15 +104,28 @@ async fn stop_strings_end_generation_and_are_never_emitted() {
         let mut b = body.clone();
         b["stop"] = json!([stop, "never-appears"]);
         b["stream"] = json!(stream);
-        let r = s.client.post(s.url("/v1/completions")).json(&b).send().await.expect("req");
+        let r = s
+            .client
+            .post(s.url("/v1/completions"))
+            .json(&b)
+            .send()
+            .await
+            .expect("req");
         let raw = r.text().await.expect("body");
         let (text, reason) = if stream {
-            let chunks: Vec<Value> = sse_data(&raw).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+            let chunks: Vec<Value> = sse_data(&raw)
+                .iter()
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str(d).unwrap())
+                .collect();
             let t: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
             (t, chunks.last().unwrap()["choices"][0]["finish_reason"].clone())
         } else {
             let v: Value = serde_json::from_str(&raw).unwrap();
-            (v["choices"][0]["text"].as_str().unwrap().to_string(), v["choices"][0]["finish_reason"].clone())
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                v["choices"][0]["finish_reason"].clone(),
+            )
         };
         assert_eq!(text, full[..at], "stream={stream}");
         assert_eq!(reason, "stop");
@@ -89,22 +135,52 @@ async fn stop_strings_end_generation_and_are_never_emitted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn completions_accept_a_list_and_respect_max_tokens() {
     let s = Server::start(&[]).await;
-    let (st, v) = s.post("/v1/completions", json!({"prompt": ["Hello", "One, two,"], "max_tokens": 5, "temperature": 0, "ignore_eos": true})).await;
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": ["Hello", "One, two,"], "max_tokens": 5, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     assert_eq!(v["choices"][1]["index"], 1);
     assert_eq!(v["usage"]["completion_tokens"], 10);
-    assert!(v["choices"].as_array().unwrap().iter().all(|c| c["finish_reason"] == "length"));
-    let (_, one) = s.post("/v1/completions", json!({"prompt": "One, two,", "max_tokens": 5, "temperature": 0})).await;
-    assert_eq!(one["choices"][0]["text"], v["choices"][1]["text"], "batched and alone agree");
-    let (st, m) = s.post("/v1/completions", json!({"prompt": "Hi", "max_completion_tokens": 1, "temperature": 0, "ignore_eos": true})).await;
+    assert!(v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["finish_reason"] == "length"));
+    let (_, one) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "One, two,", "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(
+        one["choices"][0]["text"], v["choices"][1]["text"],
+        "batched and alone agree"
+    );
+    let (st, m) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_completion_tokens": 1, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
     assert_eq!((st, m["usage"]["completion_tokens"].clone()), (200, json!(1)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn models_lists_the_served_model() {
     let s = Server::start(&[]).await;
-    let v: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let v: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(v["data"][0]["max_model_len"], 8192);
@@ -114,8 +190,11 @@ async fn models_lists_the_served_model() {
 async fn score_accepts_the_three_payloads() {
     let s = Server::start(&[]).await;
     let (st, v) = s
-        .post("/score", json!({"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
-                                               "parameters": {"max_new_tokens": 24, "do_sample": false}}}))
+        .post(
+            "/score",
+            json!({"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
+                                               "parameters": {"max_new_tokens": 24, "do_sample": false}}}),
+        )
         .await;
     assert_eq!(st, 200, "{v}");
     assert!(v["output"].as_str().unwrap().contains("Paris"), "{v}");
@@ -127,13 +206,21 @@ async fn score_accepts_the_three_payloads() {
     let items = v.as_array().expect("list");
     assert_eq!(items.len(), 2);
     assert!(items.iter().all(|i| !i["0"].as_str().unwrap().is_empty()));
-    let (st, v) = s.post("/score", json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5, "do_sample": false}})).await;
+    let (st, v) = s
+        .post(
+            "/score",
+            json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5, "do_sample": false}}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     assert!(v[0]["generated_text"].as_str().unwrap().contains("Paris"), "{v}");
     let (_, full) = s
         .post("/score", json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5, "do_sample": false, "return_full_text": true}}))
         .await;
-    assert_eq!(full[0]["generated_text"].as_str().unwrap(), format!("The capital of France is{}", v[0]["generated_text"].as_str().unwrap()));
+    assert_eq!(
+        full[0]["generated_text"].as_str().unwrap(),
+        format!("The capital of France is{}", v[0]["generated_text"].as_str().unwrap())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -144,15 +231,35 @@ async fn request_id_headers_follow_azmlinfsrv() {
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(rid.len(), 36, "a generated uuid");
     assert_eq!(r.headers()["x-ms-request-id"].to_str().unwrap(), rid);
-    assert!(r.headers()["x-ms-server-version"].to_str().unwrap().starts_with("amlserve/"));
+    assert!(r.headers()["x-ms-server-version"]
+        .to_str()
+        .unwrap()
+        .starts_with("amlserve/"));
     assert_eq!(r.text().await.unwrap(), "Healthy");
-    let r = s.client.get(s.url("/")).header("x-request-id", "abc").header("x-ms-client-request-id", "client-1").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url("/"))
+        .header("x-request-id", "abc")
+        .header("x-ms-client-request-id", "client-1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc");
     assert_eq!(r.headers()["x-ms-client-request-id"], "client-1");
     assert_eq!(r.headers()["x-ms-request-id"], "client-1");
-    let r = s.client.post(s.url("/score")).header("x-request-id", "x".repeat(101)).json(&json!({})).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/score"))
+        .header("x-request-id", "x".repeat(101))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 431);
-    assert!(r.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("100"));
+    assert!(r.json::<Value>().await.unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("100"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,7 +281,11 @@ async fn a_model_that_fails_to_load_keeps_liveness_and_fails_readiness() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(last.0, 503, "{}", last.1);
-    assert!(last.1["message"].as_str().unwrap().contains("failed to load"), "{}", last.1);
+    assert!(
+        last.1["message"].as_str().unwrap().contains("failed to load"),
+        "{}",
+        last.1
+    );
     let (st, v) = s.post("/v1/chat/completions", chat("hi", 2)).await;
     assert_eq!(st, 503, "{v}");
     std::fs::remove_dir_all(&dir).ok();
@@ -189,5 +300,8 @@ fn missing_model_exits_non_zero_listing_what_was_searched() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/model-dir") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model-dir") && err.contains("does not exist"),
+        "{err}"
+    );
 }

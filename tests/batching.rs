@@ -26,7 +26,12 @@ async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
     let probe = completion("The history of the Roman Empire begins with", 32);
     let alone = text_of(&s, probe.clone()).await;
     let others: Vec<Value> = (0..8)
-        .map(|i| completion(&"Tell me about the weather and the sea. ".repeat(i + 1), 10 + 7 * i as u32))
+        .map(|i| {
+            completion(
+                &"Tell me about the weather and the sea. ".repeat(i + 1),
+                10 + 7 * i as u32,
+            )
+        })
         .collect();
     let mut tasks = Vec::new();
     for body in others {
@@ -49,11 +54,17 @@ async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
 async fn a_cancelled_stream_frees_its_slot() {
     let s = Server::start(&["--max-batch-size", "1"]).await;
     let body = json!({"prompt": "Count forever:", "max_tokens": 8000, "ignore_eos": true, "stream": true});
-    let r = s.client.post(s.url("/v1/completions")).json(&body).send().await.expect("stream");
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("stream");
     let mut stream = r.bytes_stream();
     stream.next().await.expect("first chunk").expect("bytes");
     drop(stream); // the client goes away mid-generation
-    // The only slot must be free again long before the 8000 tokens would have finished.
+                  // The only slot must be free again long before the 8000 tokens would have finished.
     let started = Instant::now();
     let (st, v) = tokio::time::timeout(Duration::from_secs(30), s.post("/v1/completions", completion("Hi", 4)))
         .await
@@ -95,14 +106,22 @@ async fn a_full_queue_answers_429_at_once() {
     let b = tokio::spawn(async move { client.post(url).json(&completion("B", 8000)).send().await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     for path in ["/v1/completions", "/score"] {
-        let body = if path == "/score" { json!({"inputs": "C"}) } else { completion("C", 4) };
+        let body = if path == "/score" {
+            json!({"inputs": "C"})
+        } else {
+            completion("C", 4)
+        };
         let started = Instant::now();
         let r = s.client.post(s.url(path)).json(&body).send().await.expect("c");
         assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "1");
         let v: Value = r.json().await.unwrap();
-        let msg = if path == "/score" { &v["message"] } else { &v["error"]["message"] };
+        let msg = if path == "/score" {
+            &v["message"]
+        } else {
+            &v["error"]["message"]
+        };
         assert!(msg.as_str().unwrap().contains("retry later"), "{v}");
     }
     b.abort();

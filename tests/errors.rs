@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 /// Asserts an OpenAI-shaped error with `status` whose message contains every one of `needles`.
 fn assert_openai_error(got: &(u16, Value), status: u16, needles: &[&str]) {
     assert_eq!(got.0, status, "{}", got.1);
-    let msg = got.1["error"]["message"].as_str().unwrap_or_else(|| panic!("OpenAI error shape: {}", got.1));
+    let msg = got.1["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("OpenAI error shape: {}", got.1));
     assert!(got.1["error"]["type"].is_string(), "{}", got.1);
     for n in needles {
         assert!(msg.contains(n), "message {msg:?} lacks {n:?}");
@@ -21,12 +23,33 @@ async fn openai_routes_reject_bad_input_clearly() {
     let chat_url = "/v1/chat/completions";
     assert_openai_error(&s.post_raw(chat_url, "{not json").await, 400, &["not valid JSON"]);
     assert_openai_error(&s.post_raw(chat_url, "").await, 400, &["empty"]);
-    assert_openai_error(&s.post(chat_url, json!({"messages": "hi"})).await, 400, &["invalid request"]);
-    assert_openai_error(&s.post(chat_url, json!({"messages": [], "max_tokens": 3})).await, 400, &["messages must not be empty"]);
-    assert_openai_error(&s.post(chat_url, json!({"messages": [{"role": "wizard", "content": "x"}]})).await, 400, &["wizard"]);
-    assert_openai_error(&s.post(chat_url, json!({"messages": [{"role": "user"}]})).await, 400, &["content is missing"]);
+    assert_openai_error(
+        &s.post(chat_url, json!({"messages": "hi"})).await,
+        400,
+        &["invalid request"],
+    );
+    assert_openai_error(
+        &s.post(chat_url, json!({"messages": [], "max_tokens": 3})).await,
+        400,
+        &["messages must not be empty"],
+    );
+    assert_openai_error(
+        &s.post(chat_url, json!({"messages": [{"role": "wizard", "content": "x"}]}))
+            .await,
+        400,
+        &["wizard"],
+    );
+    assert_openai_error(
+        &s.post(chat_url, json!({"messages": [{"role": "user"}]})).await,
+        400,
+        &["content is missing"],
+    );
     let mut c = chat("hi", 0);
-    assert_openai_error(&s.post(chat_url, c.clone()).await, 400, &["max_tokens must be at least 1"]);
+    assert_openai_error(
+        &s.post(chat_url, c.clone()).await,
+        400,
+        &["max_tokens must be at least 1"],
+    );
     c["max_tokens"] = json!(4);
     for (field, value, needle) in [
         ("temperature", json!(-0.5), "temperature"),
@@ -49,11 +72,24 @@ async fn openai_routes_reject_bad_input_clearly() {
     // The server refuses an oversized body without reading it and closes that connection, so send it on a
     // connection of its own rather than one a later request would reuse.
     let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let r = fresh.post(s.url(chat_url)).json(&long).send().await.expect("oversized request answered");
+    let r = fresh
+        .post(s.url(chat_url))
+        .json(&long)
+        .send()
+        .await
+        .expect("oversized request answered");
     let big = (r.status().as_u16(), r.json::<Value>().await.unwrap());
     assert_openai_error(&big, 413, &["larger than"]);
-    assert_openai_error(&s.post("/v1/completions", json!({"prompt": "", "max_tokens": 3})).await, 400, &["prompt"]);
-    assert_openai_error(&s.post("/v1/completions", json!({"max_tokens": 3})).await, 400, &["prompt"]);
+    assert_openai_error(
+        &s.post("/v1/completions", json!({"prompt": "", "max_tokens": 3})).await,
+        400,
+        &["prompt"],
+    );
+    assert_openai_error(
+        &s.post("/v1/completions", json!({"max_tokens": 3})).await,
+        400,
+        &["prompt"],
+    );
     assert_openai_error(&s.post("/v1/nope", json!({})).await, 404, &["/v1/nope"]);
     let r = s.client.get(s.url("/v1/chat/completions")).send().await.unwrap();
     assert_openai_error(&(r.status().as_u16(), r.json().await.unwrap()), 405, &["GET"]);
@@ -76,7 +112,12 @@ async fn context_overflow_from_a_long_prompt_names_both_numbers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn score_errors_use_the_azureml_shape_and_show_the_expected_format() {
     let s = Server::start(&[]).await;
-    for body in [json!({}), json!({"input_data": {"input_string": []}}), json!({"inputs": 5}), json!([1, 2])] {
+    for body in [
+        json!({}),
+        json!({"input_data": {"input_string": []}}),
+        json!({"inputs": 5}),
+        json!([1, 2]),
+    ] {
         let (st, v) = s.post("/score", body).await;
         assert_eq!(st, 400, "{v}");
         assert!(v["message"].as_str().unwrap().contains("expected one of"), "{v}");
@@ -86,18 +127,34 @@ async fn score_errors_use_the_azureml_shape_and_show_the_expected_format() {
     assert_eq!(st, 400);
     assert!(v["message"].as_str().unwrap().contains("not valid JSON"), "{v}");
     let (st, v) = s
-        .post("/score", json!({"input_data": {"input_string": ["x"], "parameters": {"temperature": 9}}}))
+        .post(
+            "/score",
+            json!({"input_data": {"input_string": ["x"], "parameters": {"temperature": 9}}}),
+        )
         .await;
     assert_eq!(st, 400);
     assert!(v["message"].as_str().unwrap().contains("temperature"), "{v}");
-    let (st, v) = s.post("/score", json!({"inputs": "x", "parameters": {"max_new_tokens": "many"}})).await;
+    let (st, v) = s
+        .post(
+            "/score",
+            json!({"inputs": "x", "parameters": {"max_new_tokens": "many"}}),
+        )
+        .await;
     assert_eq!(st, 400, "{v}");
     let r = s.client.put(s.url("/score")).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert!(r.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("PUT"));
+    assert!(r.json::<Value>().await.unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("PUT"));
     let r = s.client.get(s.url("/nothing/here")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["message"].is_string());
-    let (st, _) = s.post("/score", json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}})).await;
+    let (st, _) = s
+        .post(
+            "/score",
+            json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
+        )
+        .await;
     assert_eq!(st, 200);
 }

@@ -115,7 +115,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,10 +143,12 @@ impl Engine {
         let config = Arc::new(config);
         let thread_stats = stats.clone();
         let thread_config = config.clone();
-        let handle = std::thread::Builder::new().name("amlserve-engine".into()).spawn(move || {
-            let _guard = AliveGuard(thread_stats.clone());
-            scheduler::Scheduler::new(model, (*thread_config).clone(), rx, thread_stats).run();
-        })?;
+        let handle = std::thread::Builder::new()
+            .name("amlserve-engine".into())
+            .spawn(move || {
+                let _guard = AliveGuard(thread_stats.clone());
+                scheduler::Scheduler::new(model, (*thread_config).clone(), rx, thread_stats).run();
+            })?;
         Ok((
             Self {
                 tx,

@@ -31,7 +31,11 @@ impl Sampler {
     /// A sampler for `params`, seeded from `params.seed` or from the OS when none is given.
     pub fn new(params: &GenerationParams, prompt: &[u32]) -> Self {
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        let mut prompt_seen = if params.repetition_penalty != 1.0 { prompt.to_vec() } else { Vec::new() };
+        let mut prompt_seen = if params.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
         prompt_seen.sort_unstable();
         prompt_seen.dedup();
         Self {
@@ -70,7 +74,11 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place) and records it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let token = if self.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        let token = if self.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
         *self.generated.entry(token).or_insert(0) += 1;
         token
     }
@@ -149,13 +157,22 @@ mod tests {
 
     #[test]
     fn greedy_picks_the_max() {
-        let mut s = Sampler::new(&GenerationParams { temperature: 0.0, ..params() }, &[]);
+        let mut s = Sampler::new(
+            &GenerationParams {
+                temperature: 0.0,
+                ..params()
+            },
+            &[],
+        );
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0]), 1);
     }
 
     #[test]
     fn same_seed_same_choices() {
-        let p = GenerationParams { seed: Some(7), ..params() };
+        let p = GenerationParams {
+            seed: Some(7),
+            ..params()
+        };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = || {
             let mut s = Sampler::new(&p, &[]);
@@ -166,7 +183,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let p = GenerationParams { top_k: 1, seed: Some(1), ..params() };
+        let p = GenerationParams {
+            top_k: 1,
+            seed: Some(1),
+            ..params()
+        };
         let mut s = Sampler::new(&p, &[]);
         for _ in 0..10 {
             assert_eq!(s.sample(&mut [1.0, 1.5, 0.2]), 1);
@@ -175,7 +196,11 @@ mod tests {
 
     #[test]
     fn tiny_top_p_keeps_only_the_best() {
-        let p = GenerationParams { top_p: 0.01, seed: Some(3), ..params() };
+        let p = GenerationParams {
+            top_p: 0.01,
+            seed: Some(3),
+            ..params()
+        };
         let mut s = Sampler::new(&p, &[]);
         for _ in 0..10 {
             assert_eq!(s.sample(&mut [0.0, 0.5, 4.0]), 2);
@@ -184,11 +209,19 @@ mod tests {
 
     #[test]
     fn penalties_push_repeats_down() {
-        let p = GenerationParams { temperature: 0.0, frequency_penalty: 2.0, ..params() };
+        let p = GenerationParams {
+            temperature: 0.0,
+            frequency_penalty: 2.0,
+            ..params()
+        };
         let mut s = Sampler::new(&p, &[]);
         assert_eq!(s.sample(&mut [1.0, 0.5]), 0);
         assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "token 0 was penalised by 2.0");
-        let p = GenerationParams { temperature: 0.0, repetition_penalty: 4.0, ..params() };
+        let p = GenerationParams {
+            temperature: 0.0,
+            repetition_penalty: 4.0,
+            ..params()
+        };
         let mut s = Sampler::new(&p, &[0]);
         assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "prompt token 0 divided by 4");
     }

@@ -57,7 +57,9 @@ impl Scheduler {
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "forward step failed; failing the running requests");
                 for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Error("inference failed; see the server log".into()));
+                    let _ = seq
+                        .events
+                        .send(Event::Error("inference failed; see the server log".into()));
                 }
                 self.kv_reserved = 0;
             }
@@ -130,7 +132,9 @@ impl Scheduler {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot allocate a KV cache");
-                    let _ = job.events.send(Event::Error("cannot allocate memory for the request".into()));
+                    let _ = job
+                        .events
+                        .send(Event::Error("cannot allocate memory for the request".into()));
                 }
             }
         }

@@ -14,7 +14,10 @@ pub struct ModelNotFound {
 }
 
 fn find_gguf(dir: &Path, depth: usize) -> Option<PathBuf> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     entries.sort();
     let is_gguf = |p: &PathBuf| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if let Some(f) = entries.iter().find(|p| is_gguf(p)) {
@@ -23,7 +26,10 @@ fn find_gguf(dir: &Path, depth: usize) -> Option<PathBuf> {
     if depth == 0 {
         return None;
     }
-    entries.iter().filter(|p| p.is_dir()).find_map(|d| find_gguf(d, depth - 1))
+    entries
+        .iter()
+        .filter(|p| p.is_dir())
+        .find_map(|d| find_gguf(d, depth - 1))
 }
 
 /// Resolves the first candidate that is a file, or a folder holding a `.gguf`. Candidates are tried in order;
@@ -60,7 +66,10 @@ mod tests {
         let found = resolve(&[("a", Some(dir.join("missing"))), ("b", Some(dir.clone()))]).expect("found");
         assert_eq!(found, nested.join("x.gguf"));
         let err = resolve(&[("--model", Some(dir.join("missing")))]).expect_err("none");
-        assert!(err.to_string().contains("missing (from --model: does not exist)"), "{err}");
+        assert!(
+            err.to_string().contains("missing (from --model: does not exist)"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -44,12 +44,16 @@ impl LlamaConfig {
         let head_dim = hidden / n_head.max(1);
         let rope_dim = md.opt_u32(&key("rope.dimension_count")).map(|d| d as usize);
         if rope_dim.is_some_and(|d| d != head_dim) {
-            return Err(ModelError::Metadata("partial rotary embeddings are not supported".into()));
+            return Err(ModelError::Metadata(
+                "partial rotary embeddings are not supported".into(),
+            ));
         }
         Ok(Self {
             n_layer: md.u32(&key("block_count"))? as usize,
             n_head,
-            n_kv_head: md.opt_u32(&key("attention.head_count_kv")).map_or(n_head, |v| v as usize),
+            n_kv_head: md
+                .opt_u32(&key("attention.head_count_kv"))
+                .map_or(n_head, |v| v as usize),
             head_dim,
             hidden,
             context_length: md.u32(&key("context_length"))? as usize,
@@ -106,7 +110,9 @@ pub struct Llama {
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -194,7 +200,10 @@ impl Llama {
         for c in chunks.iter_mut() {
             let start = c.kv.len();
             if c.tokens.is_empty() || start + c.tokens.len() > cfg.context_length {
-                candle_core::bail!("chunk of {} tokens at position {start} is empty or past the context", c.tokens.len())
+                candle_core::bail!(
+                    "chunk of {} tokens at position {start} is empty or past the context",
+                    c.tokens.len()
+                )
             }
             if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 candle_core::bail!("token id {bad} is outside the vocabulary")
@@ -231,11 +240,16 @@ impl Llama {
             let mut outs = Vec::with_capacity(chunks.len());
             for (ci, c) in chunks.iter().enumerate() {
                 let (off, t, _) = spans[ci];
-                let (k_all, v_all) = c.kv.append(li, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?.contiguous()?)?;
+                let (k_all, v_all) =
+                    c.kv.append(li, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?.contiguous()?)?;
                 let y = attention(&q.narrow(0, off, t)?, &k_all, &v_all, masks[ci].as_ref(), group)?;
                 outs.push(y);
             }
-            let y = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+            let y = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;

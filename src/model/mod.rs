@@ -24,10 +24,7 @@ pub use weights::WeightFormat;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read model file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("invalid GGUF: {0}")]
     Metadata(String),
     #[error("tokenizer: {0}")]
@@ -62,7 +59,9 @@ impl Model {
         let tokenizer = TextTokenizer::from_gguf(&content)?;
         let llama = Llama::load(&content, &mut file, format)?;
         if tokenizer.vocab_size() != llama.config.vocab_size {
-            return Err(ModelError::Metadata("vocabulary size disagrees with the tokenizer".into()));
+            return Err(ModelError::Metadata(
+                "vocabulary size disagrees with the tokenizer".into(),
+            ));
         }
         let md = gguf_meta::Metadata(&content);
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();

@@ -97,11 +97,8 @@ impl TextTokenizer {
                     .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge '{m}'")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()

@@ -122,10 +122,14 @@ fn parse_payload(body: Value) -> Result<Payload, ApiError> {
             None => return Err(bad("input_data.input_string is missing")),
         };
         if items.iter().all(Value::is_object) {
-            let messages = serde_json::from_value(Value::Array(items)).map_err(|e| bad(format!("invalid chat message: {e}")))?;
+            let messages =
+                serde_json::from_value(Value::Array(items)).map_err(|e| bad(format!("invalid chat message: {e}")))?;
             return Ok(Payload::Chat(messages, params));
         }
-        return Ok(Payload::Text(strings(Value::Array(items), "input_data.input_string")?, params));
+        return Ok(Payload::Text(
+            strings(Value::Array(items), "input_data.input_string")?,
+            params,
+        ));
     }
     if let Some(inputs) = obj.remove("inputs") {
         let params = parameters(obj.remove("parameters"))?;
@@ -135,7 +139,12 @@ fn parse_payload(body: Value) -> Result<Payload, ApiError> {
 }
 
 /// Generates one whole answer per prompt, all queued together.
-async fn generate_all(ready: &Ready, rid: &str, prompts: Vec<PromptInput>, params: &ScoreParameters) -> Result<Vec<String>, ApiError> {
+async fn generate_all(
+    ready: &Ready,
+    rid: &str,
+    prompts: Vec<PromptInput>,
+    params: &ScoreParameters,
+) -> Result<Vec<String>, ApiError> {
     let sampling = params.sampling();
     let mut receivers = Vec::with_capacity(prompts.len());
     let mut prepared = Vec::with_capacity(prompts.len());
@@ -158,12 +167,24 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
             Ok(Json(json!({"output": out.pop().unwrap_or_default()})).into_response())
         }
         Payload::Text(prompts, params) => {
-            let outs = generate_all(ready, rid, prompts.into_iter().map(PromptInput::Text).collect(), &params).await?;
+            let outs = generate_all(
+                ready,
+                rid,
+                prompts.into_iter().map(PromptInput::Text).collect(),
+                &params,
+            )
+            .await?;
             Ok(Json(outs.into_iter().map(|t| json!({"0": t})).collect::<Vec<_>>()).into_response())
         }
         Payload::HuggingFace(prompts, params) => {
             let full = params.return_full_text.unwrap_or(false);
-            let outs = generate_all(ready, rid, prompts.iter().cloned().map(PromptInput::Text).collect(), &params).await?;
+            let outs = generate_all(
+                ready,
+                rid,
+                prompts.iter().cloned().map(PromptInput::Text).collect(),
+                &params,
+            )
+            .await?;
             let items: Vec<Value> = prompts
                 .iter()
                 .zip(outs)
@@ -175,7 +196,11 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
 }
 
 /// `POST /score`.
-pub async fn score(State(state): State<AppState>, Extension(rid): Extension<RequestId>, ApiJson(body): ApiJson<Value>) -> Response {
+pub async fn score(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    ApiJson(body): ApiJson<Value>,
+) -> Response {
     match score_inner(&state, &rid.0, body).await {
         Ok(r) => r,
         Err(e) => e.in_dialect(Dialect::AzureMl).into_response(),
@@ -194,7 +219,12 @@ mod tests {
         assert!(matches!(parse_payload(text), Ok(Payload::Text(t, _)) if t.len() == 2));
         let hf = json!({"inputs": "x", "parameters": {"do_sample": false}});
         assert!(matches!(parse_payload(hf), Ok(Payload::HuggingFace(t, _)) if t == ["x"]));
-        for b in [json!({}), json!([1]), json!({"input_data": {"input_string": []}}), json!({"inputs": 3})] {
+        for b in [
+            json!({}),
+            json!([1]),
+            json!({"input_data": {"input_string": []}}),
+            json!({"inputs": 3}),
+        ] {
             let e = parse_payload(b).err().expect("rejected");
             assert!(e.message.contains("expected one of"), "{}", e.message);
         }
@@ -202,9 +232,16 @@ mod tests {
 
     #[test]
     fn do_sample_false_is_greedy() {
-        let p = ScoreParameters { do_sample: Some(false), temperature: Some(0.9), ..Default::default() };
+        let p = ScoreParameters {
+            do_sample: Some(false),
+            temperature: Some(0.9),
+            ..Default::default()
+        };
         assert_eq!(p.sampling().temperature, Some(0.0));
-        let p = ScoreParameters { do_sample: Some(true), ..Default::default() };
+        let p = ScoreParameters {
+            do_sample: Some(true),
+            ..Default::default()
+        };
         assert_eq!(p.sampling().temperature, Some(1.0));
     }
 }

@@ -23,8 +23,7 @@ pub enum Dialect {
 impl Dialect {
     /// The shape for a request path.
     pub fn for_path(path: &str) -> Self {
-        if path.starts_with("/v1") || path.starts_with("/chat") || path.starts_with("/embeddings") || path == "/info"
-        {
+        if path.starts_with("/v1") || path.starts_with("/chat") || path.starts_with("/embeddings") || path == "/info" {
             Self::OpenAi
         } else {
             Self::AzureMl
@@ -79,7 +78,10 @@ impl ApiError {
     /// 500 for a failure of ours; the detail goes to the log only.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error; see the server log",
+        )
     }
 
     /// Answers in `dialect`'s shape.

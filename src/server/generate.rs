@@ -54,26 +54,64 @@ pub struct SamplingInput {
 
 fn check_range(name: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
     match v {
-        Some(x) if !x.is_finite() || !ok(x) => Err(ApiError::invalid_param(name, format!("{name} must be {rule}; got {x}"))),
+        Some(x) if !x.is_finite() || !ok(x) => {
+            Err(ApiError::invalid_param(name, format!("{name} must be {rule}; got {x}")))
+        }
         _ => Ok(()),
     }
 }
 
 impl SamplingInput {
     /// Validates the fields against the prompt length and the model's context window.
-    pub fn validate(self, prompt_tokens: usize, context: usize, default_max: usize) -> Result<GenerationParams, ApiError> {
+    pub fn validate(
+        self,
+        prompt_tokens: usize,
+        context: usize,
+        default_max: usize,
+    ) -> Result<GenerationParams, ApiError> {
         let mt = self.max_tokens_name;
-        check_range("temperature", self.temperature, |x| (0.0..=2.0).contains(&x), "between 0 and 2")?;
-        check_range("top_p", self.top_p, |x| x > 0.0 && x <= 1.0, "greater than 0 and at most 1")?;
+        check_range(
+            "temperature",
+            self.temperature,
+            |x| (0.0..=2.0).contains(&x),
+            "between 0 and 2",
+        )?;
+        check_range(
+            "top_p",
+            self.top_p,
+            |x| x > 0.0 && x <= 1.0,
+            "greater than 0 and at most 1",
+        )?;
         check_range("min_p", self.min_p, |x| (0.0..=1.0).contains(&x), "between 0 and 1")?;
-        check_range("presence_penalty", self.presence_penalty, |x| (-2.0..=2.0).contains(&x), "between -2 and 2")?;
-        check_range("frequency_penalty", self.frequency_penalty, |x| (-2.0..=2.0).contains(&x), "between -2 and 2")?;
-        check_range("repetition_penalty", self.repetition_penalty, |x| x > 0.0 && x <= 10.0, "greater than 0 and at most 10")?;
+        check_range(
+            "presence_penalty",
+            self.presence_penalty,
+            |x| (-2.0..=2.0).contains(&x),
+            "between -2 and 2",
+        )?;
+        check_range(
+            "frequency_penalty",
+            self.frequency_penalty,
+            |x| (-2.0..=2.0).contains(&x),
+            "between -2 and 2",
+        )?;
+        check_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            |x| x > 0.0 && x <= 10.0,
+            "greater than 0 and at most 10",
+        )?;
         if let Some(k) = self.top_k.filter(|&k| k < 0) {
-            return Err(ApiError::invalid_param("top_k", format!("top_k must be 0 (off) or positive; got {k}")));
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be 0 (off) or positive; got {k}"),
+            ));
         }
         if self.stop.len() > MAX_STOPS {
-            return Err(ApiError::invalid_param("stop", format!("at most {MAX_STOPS} stop strings are accepted; got {}", self.stop.len())));
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("at most {MAX_STOPS} stop strings are accepted; got {}", self.stop.len()),
+            ));
         }
         if prompt_tokens >= context {
             return Err(ApiError::bad_request(format!(
@@ -145,7 +183,11 @@ pub struct Prepared {
 /// Tokenizes and validates one prompt.
 pub async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
     let ids = tokenize(&ready.model, prompt).await?;
-    let params = sampling.validate(ids.len(), ready.model.llama.config.context_length, ready.default_max_tokens)?;
+    let params = sampling.validate(
+        ids.len(),
+        ready.model.llama.config.context_length,
+        ready.default_max_tokens,
+    )?;
     Ok(Prepared { prompt: ids, params })
 }
 
@@ -178,14 +220,19 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
             Event::Error(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
         }
     }
-    Err(ApiError::not_ready("the inference engine stopped before the request finished"))
+    Err(ApiError::not_ready(
+        "the inference engine stopped before the request finished",
+    ))
 }
 
 /// The error for a request that ran past `--request-timeout-ms`.
 pub fn timeout_error(ready: &Ready) -> ApiError {
     ApiError::new(
         StatusCode::GATEWAY_TIMEOUT,
-        format!("request timed out after {} ms (--request-timeout-ms / SCORING_TIMEOUT_MS)", ready.request_timeout.as_millis()),
+        format!(
+            "request timed out after {} ms (--request-timeout-ms / SCORING_TIMEOUT_MS)",
+            ready.request_timeout.as_millis()
+        ),
     )
 }
 
@@ -194,13 +241,25 @@ mod tests {
     use super::*;
 
     fn input() -> SamplingInput {
-        SamplingInput { max_tokens_name: "max_tokens", ..Default::default() }
+        SamplingInput {
+            max_tokens_name: "max_tokens",
+            ..Default::default()
+        }
     }
 
     #[test]
     fn context_overflow_names_both_numbers() {
-        let err = SamplingInput { max_tokens: Some(100), ..input() }.validate(50, 120, 16).expect_err("too long");
-        assert!(err.message.contains("50") && err.message.contains("100") && err.message.contains("120"), "{}", err.message);
+        let err = SamplingInput {
+            max_tokens: Some(100),
+            ..input()
+        }
+        .validate(50, 120, 16)
+        .expect_err("too long");
+        assert!(
+            err.message.contains("50") && err.message.contains("100") && err.message.contains("120"),
+            "{}",
+            err.message
+        );
         let err = input().validate(120, 120, 16).expect_err("prompt fills context");
         assert!(err.message.contains("120 tokens"), "{}", err.message);
     }
@@ -213,13 +272,31 @@ mod tests {
     #[test]
     fn out_of_range_fields_are_rejected() {
         for bad in [
-            SamplingInput { temperature: Some(2.5), ..input() },
-            SamplingInput { temperature: Some(-0.1), ..input() },
-            SamplingInput { top_p: Some(0.0), ..input() },
-            SamplingInput { top_k: Some(-1), ..input() },
-            SamplingInput { max_tokens: Some(0), ..input() },
+            SamplingInput {
+                temperature: Some(2.5),
+                ..input()
+            },
+            SamplingInput {
+                temperature: Some(-0.1),
+                ..input()
+            },
+            SamplingInput {
+                top_p: Some(0.0),
+                ..input()
+            },
+            SamplingInput {
+                top_k: Some(-1),
+                ..input()
+            },
+            SamplingInput {
+                max_tokens: Some(0),
+                ..input()
+            },
         ] {
-            assert_eq!(bad.validate(1, 100, 10).expect_err("invalid").status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                bad.validate(1, 100, 10).expect_err("invalid").status,
+                StatusCode::BAD_REQUEST
+            );
         }
     }
 }

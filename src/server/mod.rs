@@ -10,8 +10,8 @@ pub mod error;
 mod generate;
 mod json;
 mod openai;
-mod sse;
 pub mod request_id;
+mod sse;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -107,20 +107,27 @@ impl AppState {
 async fn health(State(state): State<AppState>) -> Response {
     match state.ready() {
         Ok(r) => Json(json!({"status": "ready", "model": r.model.name})).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "message": e.message})))
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "message": e.message})),
+        )
             .into_response(),
     }
 }
 
 async fn not_found(req: Request) -> ApiError {
     let path = req.uri().path().to_string();
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {path}", req.method())).in_dialect(Dialect::for_path(&path))
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {path}", req.method()))
+        .in_dialect(Dialect::for_path(&path))
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
     let path = req.uri().path().to_string();
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not allowed on {path}", req.method()))
-        .in_dialect(Dialect::for_path(&path))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} is not allowed on {path}", req.method()),
+    )
+    .in_dialect(Dialect::for_path(&path))
 }
 
 /// The application with every route.
@@ -140,7 +147,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -166,7 +177,9 @@ pub async fn shutdown_signal() {
 /// Runs the server: binds, loads the model in the background, serves until SIGTERM / Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
     let state = AppState::new();
     let loader_state = state.clone();

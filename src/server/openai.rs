@@ -49,7 +49,11 @@ impl CommonFields {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false))) {
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
+        {
             return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
         }
         Ok(())
@@ -77,7 +81,10 @@ impl CommonFields {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
     }
 }
 
@@ -118,20 +125,26 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid_param(
+            let role =
+                match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => return Err(ApiError::invalid_param(
                         "messages",
-                        format!("messages[{i}].role '{other}' is not supported; use system, developer, user or assistant"),
-                    ))
-                }
-            };
+                        format!(
+                            "messages[{i}].role '{other}' is not supported; use system, developer, user or assistant"
+                        ),
+                    )),
+                };
             let content = match m.content {
                 None if role == "assistant" => String::new(),
-                None => return Err(ApiError::invalid_param("messages", format!("messages[{i}].content is missing"))),
+                None => {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        format!("messages[{i}].content is missing"),
+                    ))
+                }
                 Some(ContentIn::Text(t)) => t,
                 Some(ContentIn::Parts(parts)) => {
                     let mut text = String::new();
@@ -149,13 +162,18 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
                     text
                 }
             };
-            Ok(ChatMessage { role: role.to_string(), content })
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
         })
         .collect()
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn finish_str(r: FinishReason) -> &'static str {
@@ -212,7 +230,12 @@ pub async fn chat_completions(
         created: now(),
     };
     if req.common.stream.unwrap_or(false) {
-        return Ok(sse::stream(vec![rx], shape, req.common.include_usage(), generate::timeout_error(ready)));
+        return Ok(sse::stream(
+            vec![rx],
+            shape,
+            req.common.include_usage(),
+            generate::timeout_error(ready),
+        ));
     }
     let out = generate::collect(rx, ready).await?;
     Ok(Json(json!({
@@ -263,7 +286,12 @@ impl ChunkShape for CompletionShape {
 
 /// The prompts of a completion request: a string or a non-empty list of strings.
 fn prompts(v: Option<Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || ApiError::invalid_param("prompt", "prompt must be a non-empty string or a non-empty list of strings");
+    let bad = || {
+        ApiError::invalid_param(
+            "prompt",
+            "prompt must be a non-empty string or a non-empty list of strings",
+        )
+    };
     let list = match v.ok_or_else(bad)? {
         Value::String(s) => vec![s],
         Value::Array(items) => items
@@ -312,7 +340,12 @@ pub async fn completions(
         created: now(),
     };
     if req.common.stream.unwrap_or(false) {
-        return Ok(sse::stream(receivers, shape, req.common.include_usage(), generate::timeout_error(ready)));
+        return Ok(sse::stream(
+            receivers,
+            shape,
+            req.common.include_usage(),
+            generate::timeout_error(ready),
+        ));
     }
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
     let mut choices = Vec::new();
@@ -321,7 +354,9 @@ pub async fn completions(
         let out = out?;
         p += out.done.prompt_tokens;
         c += out.done.completion_tokens;
-        choices.push(json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}));
+        choices.push(
+            json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}),
+        );
     }
     Ok(Json(json!({
         "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
@@ -355,13 +390,19 @@ mod tests {
 
     #[test]
     fn unknown_roles_and_images_are_rejected() {
-        let m = |role: &str| MessageIn { role: role.into(), content: Some(ContentIn::Text("x".into())) };
+        let m = |role: &str| MessageIn {
+            role: role.into(),
+            content: Some(ContentIn::Text("x".into())),
+        };
         assert!(convert_messages(vec![m("wizard")]).is_err());
         assert!(convert_messages(vec![]).is_err());
         assert_eq!(convert_messages(vec![m("developer")]).expect("ok")[0].role, "system");
         let img = MessageIn {
             role: "user".into(),
-            content: Some(ContentIn::Parts(vec![ContentPart { kind: "image_url".into(), text: None }])),
+            content: Some(ContentIn::Parts(vec![ContentPart {
+                kind: "image_url".into(),
+                text: None,
+            }])),
         };
         assert!(convert_messages(vec![img]).is_err());
     }

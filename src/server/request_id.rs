@@ -27,7 +27,11 @@ const MAX_ID_LEN: usize = 100;
 pub struct RequestId(pub String);
 
 fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string).filter(|s| !s.is_empty())
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
 }
 
 /// Middleware: request ids, server version header, access log.
@@ -61,7 +65,10 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         h.insert(X_MS_CLIENT_REQUEST_ID, value(c));
     }
     h.insert(X_MS_REQUEST_ID, value(client_id.as_deref().unwrap_or(&request_id)));
-    h.insert(X_MS_SERVER_VERSION, HeaderValue::from_static(concat!("amlserve/", env!("CARGO_PKG_VERSION"))));
+    h.insert(
+        X_MS_SERVER_VERSION,
+        HeaderValue::from_static(concat!("amlserve/", env!("CARGO_PKG_VERSION"))),
+    );
     tracing::info!(
         request_id = %request_id,
         client_request_id = client_id.as_deref().unwrap_or(""),

@@ -90,14 +90,23 @@ impl<S: ChunkShape> State<S> {
                     self.done = true;
                 }
             }
-            Some(Event::Error(m)) => self.end_with_error(ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, m)),
-            None => self.end_with_error(ApiError::not_ready("the inference engine stopped before the request finished")),
+            Some(Event::Error(m)) => {
+                self.end_with_error(ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, m))
+            }
+            None => self.end_with_error(ApiError::not_ready(
+                "the inference engine stopped before the request finished",
+            )),
         }
     }
 }
 
 /// Streams the events of `receivers` (one per choice, in index order) as SSE.
-pub fn stream<S: ChunkShape>(receivers: Vec<UnboundedReceiver<Event>>, shape: S, include_usage: bool, timeout: ApiError) -> Response {
+pub fn stream<S: ChunkShape>(
+    receivers: Vec<UnboundedReceiver<Event>>,
+    shape: S,
+    include_usage: bool,
+    timeout: ApiError,
+) -> Response {
     let n = receivers.len();
     // Each receiver ends with a `None` marker so a vanished engine is noticed per choice.
     let merged = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {

