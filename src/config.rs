@@ -76,6 +76,26 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Serve /metrics on this port too (e.g. one not exposed outside the cluster). When set, /metrics is
+    /// served only there.
+    #[arg(long, env = "AMLSERVE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// On SIGTERM or Ctrl-C: readiness fails at once and new work is refused, in-flight requests (streams too)
+    /// get this many seconds to finish, then the process exits 0. Match the platform's termination grace period.
+    #[arg(long, env = "AMLSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Require this key on every route except /, /health and /metrics, as `Authorization: Bearer <key>` or
+    /// `api-key: <key>`. For use outside Azure ML, whose gateway checks keys itself.
+    #[arg(long, env = "AMLSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Origins allowed by CORS: a comma-separated list, or * for any (azmlinfsrv's AML_CORS_ORIGINS).
+    /// Unset: no CORS headers.
+    #[arg(long, env = "AML_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+
     /// max_tokens used when a request sets none (capped by the room left in the context window).
     #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: usize,
@@ -100,6 +120,10 @@ pub struct Config {
     pub engine: EngineConfig,
     pub request_timeout: Duration,
     pub default_max_tokens: usize,
+    pub metrics_port: Option<u16>,
+    pub shutdown_grace: Duration,
+    pub api_key: Option<String>,
+    pub cors_origins: Vec<String>,
 }
 
 /// A setting that cannot work.
@@ -168,6 +192,18 @@ impl Args {
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             default_max_tokens: self.default_max_tokens,
+            metrics_port: self.metrics_port,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            cors_origins: self
+                .cors_origins
+                .map(|o| {
+                    o.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }

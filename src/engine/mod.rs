@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::model::Model;
 pub use params::GenerationParams;
 
@@ -43,6 +44,17 @@ pub enum FinishReason {
     Length,
     /// The request's deadline passed.
     Timeout,
+}
+
+impl FinishReason {
+    /// The metric label / wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Timeout => "timeout",
+        }
+    }
 }
 
 /// The end of a request, with its counts and timings.
@@ -94,7 +106,6 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_reserved_bytes: AtomicUsize,
-    pub cancelled: AtomicUsize,
     alive: AtomicBool,
 }
 
@@ -111,6 +122,7 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     config: Arc<EngineConfig>,
     kv_bytes_per_token: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,7 +147,11 @@ impl Drop for AliveGuard {
 
 impl Engine {
     /// Starts the engine thread for `model`.
-    pub fn start(model: Arc<Model>, config: EngineConfig) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        model: Arc<Model>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         stats.alive.store(true, Ordering::SeqCst);
@@ -143,11 +159,12 @@ impl Engine {
         let config = Arc::new(config);
         let thread_stats = stats.clone();
         let thread_config = config.clone();
+        let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
             .name("amlserve-engine".into())
             .spawn(move || {
                 let _guard = AliveGuard(thread_stats.clone());
-                scheduler::Scheduler::new(model, (*thread_config).clone(), rx, thread_stats).run();
+                scheduler::Scheduler::new(model, (*thread_config).clone(), rx, thread_stats, thread_metrics).run();
             })?;
         Ok((
             Self {
@@ -155,6 +172,7 @@ impl Engine {
                 stats,
                 config,
                 kv_bytes_per_token,
+                metrics,
             },
             handle,
         ))
@@ -162,6 +180,14 @@ impl Engine {
 
     /// Queues a request; events arrive on the returned receiver. Refuses at once when the queue is full.
     pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let result = self.try_submit(req);
+        if result.is_err() {
+            self.metrics.finish("rejected");
+        }
+        result
+    }
+
+    fn try_submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
         if !self.is_alive() {
             return Err(SubmitError::Stopped);
         }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use super::sequence::Sequence;
 use super::{EngineConfig, EngineStats, Event, FinishReason, Job};
+use crate::metrics::Metrics;
 use crate::model::{Model, SeqChunk, SeqKv};
 
 /// First KV allocation beyond the prompt; the cache doubles from there as tokens come.
@@ -23,6 +24,7 @@ pub(super) struct Scheduler {
     config: EngineConfig,
     rx: Receiver<Job>,
     stats: Arc<EngineStats>,
+    metrics: Arc<Metrics>,
     waiting: VecDeque<Job>,
     running: Vec<Sequence>,
     kv_reserved: usize,
@@ -31,13 +33,20 @@ pub(super) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(model: Arc<Model>, config: EngineConfig, rx: Receiver<Job>, stats: Arc<EngineStats>) -> Self {
+    pub fn new(
+        model: Arc<Model>,
+        config: EngineConfig,
+        rx: Receiver<Job>,
+        stats: Arc<EngineStats>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let kv_bytes_per_token = model.llama.config.kv_shape().bytes_per_token();
         Self {
             model,
             config,
             rx,
             stats,
+            metrics,
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_reserved: 0,
@@ -95,13 +104,23 @@ impl Scheduler {
     fn drop_gone_waiting(&mut self) {
         let now = Instant::now();
         let before = self.waiting.len();
+        let metrics = &self.metrics;
         self.waiting.retain(|job| {
             if job.events.is_closed() {
                 tracing::info!(request_id = %job.req.id, "request cancelled while queued");
+                metrics.finish("cancelled");
                 return false;
             }
             if job.req.deadline.is_some_and(|d| d <= now) {
-                let _ = job.events.send(Event::Error("request timed out while queued".into()));
+                tracing::warn!(request_id = %job.req.id, "request timed out while queued");
+                let done = super::Completion {
+                    reason: FinishReason::Timeout,
+                    prompt_tokens: job.req.prompt.len(),
+                    completion_tokens: 0,
+                    queue_time: job.enqueued.elapsed(),
+                };
+                let _ = job.events.send(Event::Done(done));
+                metrics.finish("timeout");
                 return false;
             }
             true
@@ -109,7 +128,6 @@ impl Scheduler {
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
-            self.stats.cancelled.fetch_add(gone, Ordering::SeqCst);
         }
     }
 
@@ -127,6 +145,8 @@ impl Scheduler {
             match SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len) {
                 Ok(kv) => {
                     self.kv_reserved += bytes;
+                    self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
+                    self.metrics.prompt_tokens.inc_by(job.req.prompt.len() as u64);
                     tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), "admitted");
                     self.running.push(Sequence::new(job, kv, bytes));
                 }
@@ -151,11 +171,11 @@ impl Scheduler {
             }
             if seq.client_gone || seq.events.is_closed() {
                 tracing::info!(request_id = %seq.id, generated = seq.generated(), "request cancelled: client went away");
-                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                self.metrics.finish("cancelled");
                 seq.finished = true;
             } else if seq.deadline.is_some_and(|d| d <= now) {
                 tracing::warn!(request_id = %seq.id, "request timed out");
-                let _ = seq.finish(tok, FinishReason::Timeout, true);
+                let _ = seq.finish(tok, &self.metrics, FinishReason::Timeout, true);
             }
         }
         let mut freed = 0;
@@ -171,6 +191,13 @@ impl Scheduler {
     fn publish(&self) {
         self.stats.running.store(self.running.len(), Ordering::SeqCst);
         self.stats.kv_reserved_bytes.store(self.kv_reserved, Ordering::SeqCst);
+        self.metrics.running.set(self.running.len() as i64);
+        self.metrics
+            .waiting
+            .set(self.stats.waiting.load(Ordering::SeqCst) as i64);
+        self.metrics
+            .kv_cache_usage
+            .set(self.kv_reserved as f64 / self.config.kv_cache_bytes as f64);
     }
 
     /// Plans and runs one forward step, then samples for every sequence that reached the end of its input.
@@ -207,6 +234,7 @@ impl Scheduler {
                 want_logits,
             });
         }
+        self.metrics.batch_size.observe(chunks.len() as f64);
         let logits = self.model.llama.forward(&mut chunks)?;
         drop(chunks);
         if sampled.is_empty() {
@@ -215,7 +243,7 @@ impl Scheduler {
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let tok = &self.model.tokenizer;
         for (i, mut row) in sampled.into_iter().zip(rows) {
-            self.running[i].accept_logits(tok, &mut row)?;
+            self.running[i].accept_logits(tok, &self.metrics, &mut row)?;
         }
         self.reap_running();
         Ok(())

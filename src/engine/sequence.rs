@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use super::sampler::Sampler;
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Completion, Event, FinishReason, Job};
+use crate::metrics::Metrics;
 use crate::model::{ModelError, SeqKv, TextTokenizer};
 
 /// A running sequence.
@@ -22,6 +23,9 @@ pub(super) struct Sequence {
     pub deadline: Option<Instant>,
     pub events: mpsc::UnboundedSender<Event>,
     pub queue_time: std::time::Duration,
+    /// When the request was queued (TTFT and end-to-end latency count from here).
+    enqueued: Instant,
+    last_token_at: Option<Instant>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
@@ -48,6 +52,8 @@ impl Sequence {
             deadline: job.req.deadline,
             events: job.events,
             queue_time: now.duration_since(job.enqueued),
+            enqueued: job.enqueued,
+            last_token_at: None,
             finished: false,
             client_gone: false,
         }
@@ -74,7 +80,13 @@ impl Sequence {
     }
 
     /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it.
-    pub fn finish(&mut self, tok: &TextTokenizer, reason: FinishReason, flush: bool) -> Result<(), ModelError> {
+    pub fn finish(
+        &mut self,
+        tok: &TextTokenizer,
+        metrics: &Metrics,
+        reason: FinishReason,
+        flush: bool,
+    ) -> Result<(), ModelError> {
         if flush {
             let tail = self.decoder.flush(tok, &self.tokens[self.prompt_len..])?;
             let mut text = match self.stop.push(&tail) {
@@ -91,26 +103,42 @@ impl Sequence {
         };
         let _ = self.events.send(Event::Done(done));
         self.finished = true;
+        metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
+        metrics.finish(reason.as_str());
         Ok(())
     }
 
     /// Samples the next token from `logits` and emits its text; finishes the sequence when a stop condition hits.
-    pub fn accept_logits(&mut self, tok: &TextTokenizer, logits: &mut [f32]) -> Result<(), ModelError> {
+    pub fn accept_logits(
+        &mut self,
+        tok: &TextTokenizer,
+        metrics: &Metrics,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
         let id = self.sampler.sample(logits);
         self.tokens.push(id);
+        let now = Instant::now();
+        match self.last_token_at {
+            None => metrics
+                .time_to_first_token
+                .observe(now.duration_since(self.enqueued).as_secs_f64()),
+            Some(t) => metrics.inter_token_latency.observe(now.duration_since(t).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        metrics.generation_tokens.inc();
         if !self.ignore_eos && tok.is_stop(id) {
-            return self.finish(tok, FinishReason::Stop, true);
+            return self.finish(tok, metrics, FinishReason::Stop, true);
         }
         let text = self.decoder.next(tok, &self.tokens[self.prompt_len..])?;
         match self.stop.push(&text) {
             StopScan::Emit(t) => self.send(t),
             StopScan::Stopped(t) => {
                 self.send(t);
-                return self.finish(tok, FinishReason::Stop, false);
+                return self.finish(tok, metrics, FinishReason::Stop, false);
             }
         }
         if self.generated() >= self.max_tokens {
-            return self.finish(tok, FinishReason::Length, true);
+            return self.finish(tok, metrics, FinishReason::Length, true);
         }
         Ok(())
     }

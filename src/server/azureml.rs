@@ -8,17 +8,18 @@
 //! `parameters` maps `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`, `repetition_penalty`,
 //! `seed` (plus `stop`, `ignore_eos`, `return_full_text` for inputs); `do_sample: false` means greedy.
 
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::access::RequestId;
 use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::ApiJson;
 use super::openai::{convert_messages, MessageIn};
-use super::request_id::RequestId;
 use super::{AppState, Ready};
 
 /// `GET /`: liveness, true as soon as the process listens.
@@ -195,16 +196,49 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
     }
 }
 
+/// Runs a scoring call and adds azmlinfsrv's `x-ms-run-function-failed` and `x-ms-run-fn-exec-ms` headers.
+async fn run_scoring(state: &AppState, rid: &str, body: Result<Value, ApiError>) -> Response {
+    let started = std::time::Instant::now();
+    let result = match body {
+        Ok(body) => score_inner(state, rid, body).await,
+        Err(e) => Err(e),
+    };
+    let mut resp = result.unwrap_or_else(|e| e.in_dialect(Dialect::AzureMl).into_response());
+    let failed = if resp.status().is_server_error() {
+        "True"
+    } else {
+        "False"
+    };
+    let h = resp.headers_mut();
+    h.insert("x-ms-run-function-failed", HeaderValue::from_static(failed));
+    h.insert(
+        "x-ms-run-fn-exec-ms",
+        HeaderValue::from(started.elapsed().as_millis() as u64),
+    );
+    resp
+}
+
 /// `POST /score`.
 pub async fn score(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
-    ApiJson(body): ApiJson<Value>,
+    body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
-    match score_inner(&state, &rid.0, body).await {
-        Ok(r) => r,
-        Err(e) => e.in_dialect(Dialect::AzureMl).into_response(),
-    }
+    run_scoring(&state, &rid.0, body.map(|ApiJson(v)| v)).await
+}
+
+/// `GET /score?k=v...`: the query parameters become the JSON input, as in azmlinfsrv.
+pub async fn score_get(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    Query(params): Query<serde_json::Map<String, Value>>,
+) -> Response {
+    run_scoring(&state, &rid.0, Ok(Value::Object(params))).await
+}
+
+/// `OPTIONS /score`: 200 (CORS headers come from the CORS layer when `AML_CORS_ORIGINS` is set).
+pub async fn score_options() -> StatusCode {
+    StatusCode::OK
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@
 //! The server listens while the model loads: liveness (`/`) answers at once, readiness (`/health`) only once
 //! the model is loaded and the engine thread is alive.
 
+pub mod access;
+mod auth;
+mod azure_ai;
 mod azureml;
 pub mod error;
 mod generate;
 mod json;
 mod openai;
-pub mod request_id;
+mod openapi;
 mod sse;
 
 use std::future::Future;
@@ -29,6 +32,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::model::Model;
 use error::{ApiError, Dialect};
 
@@ -52,24 +56,32 @@ struct Inner {
     ready: OnceLock<Ready>,
     load_error: OnceLock<String>,
     shutting_down: AtomicBool,
-}
-
-impl Default for AppState {
-    fn default() -> Self {
-        Self::new()
-    }
+    metrics: Arc<Metrics>,
+    api_key: Option<String>,
 }
 
 impl AppState {
     /// State with no model yet: readiness fails until [`AppState::set_ready`].
-    pub fn new() -> Self {
+    pub fn new(metrics: Arc<Metrics>, api_key: Option<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ready: OnceLock::new(),
                 load_error: OnceLock::new(),
                 shutting_down: AtomicBool::new(false),
+                metrics,
+                api_key,
             }),
         }
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The key every protected route requires, if one is configured.
+    pub fn api_key(&self) -> Option<&str> {
+        self.inner.api_key.as_deref()
     }
 
     /// Makes the server ready with a loaded model and running engine.
@@ -130,20 +142,81 @@ async fn method_not_allowed(req: Request) -> ApiError {
     .in_dialect(Dialect::for_path(&path))
 }
 
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Ok(r) = state.ready() {
+        let stats = r.engine.stats();
+        let m = state.metrics();
+        m.waiting.set(stats.waiting.load(Ordering::SeqCst) as i64);
+        m.running.set(stats.running.load(Ordering::SeqCst) as i64);
+    }
+    let body = state.metrics().render();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Router options beyond the state.
+#[derive(Debug, Clone, Default)]
+pub struct RouterOptions {
+    pub max_body_bytes: usize,
+    /// Serve `/metrics` on this router (false when a separate metrics port serves it).
+    pub metrics_route: bool,
+    /// CORS origins (`*` for any); empty for no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any),
+    )
+}
+
 /// The application with every route.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+pub fn router(state: AppState, options: &RouterOptions) -> Router {
+    let mut app = Router::new()
         .route("/", get(azureml::liveness))
         .route("/health", get(health))
-        .route("/score", post(azureml::score))
+        .route(
+            "/score",
+            post(azureml::score)
+                .get(azureml::score_get)
+                .options(azureml::score_options),
+        )
+        .route("/swagger.json", get(openapi::swagger))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/info", get(azure_ai::info))
+        .route("/chat/completions", post(azure_ai::chat_completions));
+    if options.metrics_route {
+        app = app.route("/metrics", get(metrics));
+    }
+    let mut app = app
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(request_id::layer))
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer));
+    if let Some(cors) = cors_layer(&options.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.layer(axum::middleware::from_fn_with_state(state.clone(), access::layer))
         .with_state(state)
+}
+
+/// A router serving only `/metrics` (for `--metrics-port`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
@@ -174,31 +247,56 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// Runs the server: binds, loads the model in the background, serves until SIGTERM / Ctrl-C.
+/// Runs the server: binds, loads the model in the background, serves until SIGTERM / Ctrl-C, then gives
+/// in-flight requests `shutdown_grace` to finish.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
-    let state = AppState::new();
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(metrics.clone(), config.api_key.clone());
+    if let Some(port) = config.metrics_port {
+        let maddr = SocketAddr::new(config.host, port);
+        let ml = TcpListener::bind(maddr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {maddr}: {e}"))?;
+        tracing::info!(address = %ml.local_addr()?, "metrics listening");
+        let app = metrics_router(state.clone());
+        tokio::spawn(async move { axum::serve(ml, app).await });
+    }
     let loader_state = state.clone();
     let loader_config = config.clone();
-    tokio::task::spawn_blocking(move || load(loader_state, &loader_config));
-    let app = router(state.clone(), config.max_body_bytes);
-    let shutdown_state = state.clone();
-    serve(listener, app, async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested: refusing new work, finishing in-flight requests");
-        shutdown_state.begin_shutdown();
-    })
-    .await?;
-    tracing::info!("server stopped");
+    tokio::task::spawn_blocking(move || load(loader_state, &loader_config, metrics));
+    let options = RouterOptions {
+        max_body_bytes: config.max_body_bytes,
+        metrics_route: config.metrics_port.is_none(),
+        cors_origins: config.cors_origins.clone(),
+    };
+    let app = router(state.clone(), &options);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, app, async move {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = config.shutdown_grace.as_secs(),
+        "shutdown requested: readiness fails, new work is refused, in-flight requests finish"
+    );
+    state.begin_shutdown();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("all requests finished; exiting"),
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
+        Err(_) => tracing::warn!("shutdown grace period over; exiting with requests still open"),
+    }
     Ok(())
 }
 
 /// Loads the model and starts the engine, marking the state ready (or recording the failure).
-fn load(state: AppState, config: &Config) {
+fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
     let started = std::time::Instant::now();
     tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
     let model = match Model::load(&config.model_path, config.weights) {
@@ -219,7 +317,7 @@ fn load(state: AppState, config: &Config) {
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    match Engine::start(model.clone(), config.engine.clone()) {
+    match Engine::start(model.clone(), config.engine.clone(), metrics) {
         Ok((engine, _thread)) => {
             let created = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -6,10 +6,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::access::RequestId;
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::ApiJson;
-use super::request_id::RequestId;
 use super::sse::{self, usage_json, ChunkShape};
 use super::{AppState, Ready};
 use crate::engine::FinishReason;
@@ -125,18 +125,19 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role =
-                match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    other => return Err(ApiError::invalid_param(
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid_param(
                         "messages",
                         format!(
                             "messages[{i}].role '{other}' is not supported; use system, developer, user or assistant"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let content = match m.content {
                 None if role == "assistant" => String::new(),
                 None => {
@@ -219,11 +220,16 @@ pub async fn chat_completions(
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    chat(&state, &rid.0, req).await
+}
+
+/// Serves a parsed chat request (shared with the Azure AI inference route).
+pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
     let messages = convert_messages(req.messages)?;
     let prepared = generate::prepare(ready, PromptInput::Chat(messages), req.common.sampling()).await?;
-    let rx = generate::submit(ready, &rid.0, prepared)?;
+    let rx = generate::submit(ready, rid, prepared)?;
     let shape = ChatShape {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         model: ready.model.name.clone(),

@@ -1,4 +1,4 @@
-//! The azmlinfsrv request-id headers, and one access log line per request.
+//! Per-request bookkeeping: the azmlinfsrv request-id headers, HTTP metrics and one access log line.
 //!
 //! `x-request-id` is read (or a uuid4 generated) and echoed; `x-ms-client-request-id` is echoed;
 //! `x-ms-request-id` carries the client request id if sent, else the request id. An id over 100 characters
@@ -7,12 +7,13 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, Dialect};
+use super::AppState;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
@@ -34,8 +35,8 @@ fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Middleware: request ids, server version header, access log.
-pub async fn layer(mut req: Request, next: Next) -> Response {
+/// Middleware: request ids, server version header, HTTP metrics, access log.
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let route = req
@@ -57,7 +58,19 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let client_id = header_str(headers, &X_MS_CLIENT_REQUEST_ID);
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
+    let metrics = state.metrics();
+    metrics.http_in_flight.inc();
     let mut resp = next.run(req).await;
+    metrics.http_in_flight.dec();
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics
+        .http_duration
+        .with_label_values(&[route.as_str(), method.as_str()])
+        .observe(elapsed);
+    metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .inc();
     let h = resp.headers_mut();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     h.insert(X_REQUEST_ID, value(&request_id));
@@ -75,7 +88,7 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         %method,
         route = %route,
         status = resp.status().as_u16(),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = elapsed * 1000.0,
         "request"
     );
     resp

@@ -1,0 +1,155 @@
+//! Prometheus metrics for HTTP traffic and generation, named after vLLM's with an `amlserve_` prefix.
+//!
+//! One [`Metrics`] is made at start and shared by the server (HTTP metrics, scrape) and the engine thread
+//! (token timings, queue, batch sizes, outcomes). Histograms have explicit buckets. Routes are labelled by the
+//! matched route template, never the raw URI, so label cardinality stays bounded.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric amlserve exports.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub http_in_flight: IntGauge,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub queue_time: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub kv_cache_usage: Gauge,
+    pub batch_size: Histogram,
+    pub finished: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+];
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
+
+/// Reasons a request ends, as the `reason` label of `amlserve_request_finished_total`.
+pub const OUTCOMES: &[&str] = &["stop", "length", "cancelled", "timeout", "rejected", "error"];
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Registry::new(),
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "amlserve_http_requests_total",
+                    "HTTP requests by matched route, method and status.",
+                ),
+                &["route", "method", "status"],
+            )
+            .expect("valid counter"),
+            http_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "amlserve_http_request_duration_seconds",
+                    "Time to the response head, by route and method.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route", "method"],
+            )
+            .expect("valid histogram"),
+            http_in_flight: IntGauge::new("amlserve_http_requests_in_flight", "HTTP requests being handled.")
+                .expect("valid gauge"),
+            time_to_first_token: histogram(
+                "amlserve_time_to_first_token_seconds",
+                "Time from queueing a request to its first generated token.",
+                LATENCY_BUCKETS,
+            ),
+            inter_token_latency: histogram(
+                "amlserve_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a request.",
+                ITL_BUCKETS,
+            ),
+            e2e_latency: histogram(
+                "amlserve_e2e_request_latency_seconds",
+                "Time from queueing a request to its end.",
+                LATENCY_BUCKETS,
+            ),
+            queue_time: histogram(
+                "amlserve_request_queue_time_seconds",
+                "Time a request waited before joining the running batch.",
+                LATENCY_BUCKETS,
+            ),
+            prompt_tokens: IntCounter::new("amlserve_prompt_tokens_total", "Prompt tokens of admitted requests.")
+                .expect("valid counter"),
+            generation_tokens: IntCounter::new("amlserve_generation_tokens_total", "Generated tokens.")
+                .expect("valid counter"),
+            running: IntGauge::new("amlserve_num_requests_running", "Requests in the running batch.")
+                .expect("valid gauge"),
+            waiting: IntGauge::new("amlserve_num_requests_waiting", "Requests waiting for admission.")
+                .expect("valid gauge"),
+            kv_cache_usage: Gauge::new(
+                "amlserve_kv_cache_usage_perc",
+                "Fraction of the KV cache budget reserved (0-1).",
+            )
+            .expect("valid gauge"),
+            batch_size: histogram("amlserve_batch_size", "Sequences in each forward step.", BATCH_BUCKETS),
+            finished: IntCounterVec::new(
+                Opts::new(
+                    "amlserve_request_finished_total",
+                    "Generation requests by how they ended.",
+                ),
+                &["reason"],
+            )
+            .expect("valid counter"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_duration.clone()),
+            Box::new(m.http_in_flight.clone()),
+            Box::new(m.time_to_first_token.clone()),
+            Box::new(m.inter_token_latency.clone()),
+            Box::new(m.e2e_latency.clone()),
+            Box::new(m.queue_time.clone()),
+            Box::new(m.prompt_tokens.clone()),
+            Box::new(m.generation_tokens.clone()),
+            Box::new(m.running.clone()),
+            Box::new(m.waiting.clone()),
+            Box::new(m.kv_cache_usage.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.finished.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("unique metric names");
+        }
+        for reason in OUTCOMES {
+            m.finished.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// Counts a finished request.
+    pub fn finish(&self, reason: &str) {
+        self.finished.with_label_values(&[reason]).inc();
+    }
+
+    /// The text exposition format of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,118 @@
+//! Azure AI Model Inference API routes (the `azure-ai-inference` SDK): `GET /info` and
+//! `POST /chat/completions`, with the `extra-parameters` header.
+//!
+//! `extra-parameters: error` (the default) refuses fields outside the API's chat schema with 400;
+//! `drop` removes them; `pass-through` hands them to the model (amlserve honours `top_k`, `min_p`,
+//! `repetition_penalty` and `ignore_eos`). `api-version` is accepted and not checked.
+
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::access::RequestId;
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::{openai, AppState};
+
+/// Fields of the Azure AI chat-completions request schema (plus OpenAI's that the SDKs send).
+const STANDARD_FIELDS: &[&str] = &[
+    "messages",
+    "model",
+    "frequency_penalty",
+    "presence_penalty",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "response_format",
+    "stop",
+    "stream",
+    "stream_options",
+    "seed",
+    "tools",
+    "tool_choice",
+    "n",
+    "user",
+];
+
+/// `GET /info`.
+pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let ready = state.ready()?;
+    Ok(Json(json!({
+        "model_name": ready.model.name,
+        "model_type": "chat-completions",
+        "model_provider_name": "amlserve",
+    })))
+}
+
+/// How to treat fields outside the schema.
+#[derive(Debug, PartialEq, Eq)]
+enum ExtraParameters {
+    Error,
+    Drop,
+    PassThrough,
+}
+
+fn extra_parameters(headers: &HeaderMap) -> Result<ExtraParameters, ApiError> {
+    match headers
+        .get("extra-parameters")
+        .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase())
+    {
+        None => Ok(ExtraParameters::Error),
+        Some(v) => match v.as_str() {
+            "error" => Ok(ExtraParameters::Error),
+            "drop" => Ok(ExtraParameters::Drop),
+            "pass-through" | "pass_through" => Ok(ExtraParameters::PassThrough),
+            other => Err(ApiError::invalid_param(
+                "extra-parameters",
+                format!("header extra-parameters must be error, drop or pass-through; got '{other}'"),
+            )),
+        },
+    }
+}
+
+/// `POST /chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let mode = extra_parameters(&headers)?;
+    let Value::Object(mut fields) = body else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    let extras: Vec<String> = fields
+        .keys()
+        .filter(|k| !STANDARD_FIELDS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    match mode {
+        ExtraParameters::Error if !extras.is_empty() => {
+            return Err(ApiError::invalid_param(
+                &extras[0],
+                format!(
+                    "unknown parameter(s) {}; send header 'extra-parameters: pass-through' to pass them to the model, or 'drop' to ignore them",
+                    extras.join(", ")
+                ),
+            ));
+        }
+        ExtraParameters::Drop => extras.iter().for_each(|k| {
+            fields.remove(k);
+        }),
+        _ => {}
+    }
+    if fields
+        .get("tools")
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this model does not support tools",
+        ));
+    }
+    let req = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;
+    openai::chat(&state, &rid.0, req).await
+}
