@@ -23,7 +23,7 @@ $(VENV)/.stamp: tests/python/requirements.txt
 
 ## Unit and integration tests against the real model on 127.0.0.1.
 test: models test-deps
-	$(CARGO) test --release --all-targets
+	$(CARGO) test --release --workspace --all-targets
 
 ## Prefill/decode tokens per second per weight format and batch size (prints a table).
 bench: models

@@ -1,0 +1,431 @@
+//! Command line: clap derive arguments, converted once into a validated [`Config`].
+//!
+//! Everything else reads the `Config`; nothing here sends requests or touches the network.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// Which API the endpoint speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// OpenAI `/v1/chat/completions`, streamed (SSE), so every token is seen.
+    OpenaiChat,
+    /// OpenAI `/v1/completions` (text prompts), streamed unless `--no-stream`.
+    OpenaiCompletions,
+    /// Azure ML `/score` with the model-catalog chat payload; end-to-end latency only.
+    AzuremlScore,
+}
+
+impl Target {
+    /// The route appended to a base URL that does not already end with it.
+    pub fn default_path(self) -> &'static str {
+        match self {
+            Target::OpenaiChat => "/v1/chat/completions",
+            Target::OpenaiCompletions => "/v1/completions",
+            Target::AzuremlScore => "/score",
+        }
+    }
+}
+
+/// Load generator for LLM endpoints: OpenAI-compatible servers and Azure ML online endpoints.
+///
+/// Sends the same seeded workload at each load level (closed loop at a concurrency, or open loop at a
+/// Poisson request rate) and reports time to first token, inter-token latency, time per output token,
+/// end-to-end latency, throughput and errors.
+#[derive(Debug, Parser)]
+#[command(name = "amlserve-loadtest", version)]
+pub struct Cli {
+    /// API of the endpoint.
+    #[arg(value_enum)]
+    pub target: Target,
+
+    /// Base URL, e.g. http://127.0.0.1:5001 or https://NAME.REGION.inference.ml.azure.com. The target's route
+    /// (/v1/chat/completions, /v1/completions, /score) is appended unless the URL already ends with it
+    /// (a URL ending in /v1 gets only the rest).
+    pub base_url: String,
+
+    /// Closed loop: this many requests in flight at all times; a list sweeps (e.g. 1,4,16).
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    pub concurrency: Vec<usize>,
+
+    /// Open loop: requests per second with Poisson arrivals, timed from each scheduled send time so a slow
+    /// server cannot slow the sender down (no coordinated omission); a list sweeps (e.g. 2,5,10).
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
+
+    /// Requests measured per load level (default 64 when --duration is not given).
+    #[arg(long)]
+    pub requests: Option<u64>,
+
+    /// Seconds per load level; no new request starts after it (in-flight ones finish or time out).
+    #[arg(long)]
+    pub duration: Option<f64>,
+
+    /// Requests sent to each endpoint before the first level and not counted (model load, caches, connections).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+
+    /// Approximate prompt length of the synthetic prompts, in tokens (one common English word is about one
+    /// token; chat templates add their own). The report shows the server's count when it gives one.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+
+    /// JSONL file of prompts instead of synthetic ones: each line a JSON string, {"prompt": "..."} or
+    /// {"messages": [{"role", "content"}...]}, optionally with "max_tokens". Lines are used in order, cycling.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+
+    /// Tokens to generate per request (max_tokens / max_new_tokens).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+
+    /// Ask the server to ignore end-of-sequence so every request generates --max-tokens tokens (vLLM-style
+    /// `ignore_eos`; servers without it may reject or ignore the field).
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    /// Sampling temperature; left to the server when absent (/score is sent do_sample=false then).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+
+    /// `model` field for OpenAI routes (some servers require it).
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Seed of the synthetic prompts and the arrival times: the same seed sends the same requests.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Seconds one request may take in total (connect, queue, whole stream); then it counts as a timeout.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+
+    /// API key, sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "AMLSERVE_LOADTEST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Extra header `NAME:VALUE`, repeatable (e.g. azureml-model-deployment:blue).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
+
+    /// Route to use instead of the target's default (e.g. /v1/chat/completions behind a gateway).
+    #[arg(long)]
+    pub path: Option<String>,
+
+    /// Use non-streaming requests for the OpenAI targets (no TTFT or ITL then).
+    #[arg(long)]
+    pub no_stream: bool,
+
+    /// Second base URL: the same workload runs against both, level by level interleaved, and the report
+    /// adds the ratios (second / first).
+    #[arg(long, value_name = "URL2")]
+    pub compare: Option<String>,
+
+    /// Write the full report (config, tool version, every number) as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the result table as Markdown.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+
+    /// Write SVG charts (latency and throughput vs load, TTFT distribution) into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// One load level.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Load {
+    /// Closed loop: requests in flight.
+    Concurrency(usize),
+    /// Open loop: mean requests per second, Poisson arrivals.
+    Rate(f64),
+}
+
+impl Load {
+    /// The level as a number, for charts.
+    pub fn value(self) -> f64 {
+        match self {
+            Load::Concurrency(c) => c as f64,
+            Load::Rate(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Load::Concurrency(c) => write!(f, "c={c}"),
+            Load::Rate(r) => write!(f, "{r} req/s"),
+        }
+    }
+}
+
+/// When a load level stops sending.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stop {
+    /// Requests per level.
+    pub requests: Option<u64>,
+    /// Time per level.
+    #[serde(serialize_with = "secs")]
+    pub duration: Option<Duration>,
+}
+
+/// Generation parameters sent with every request.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenParams {
+    pub max_tokens: u32,
+    pub ignore_eos: bool,
+    pub temperature: Option<f64>,
+    pub model: Option<String>,
+    /// Streaming for the OpenAI targets.
+    pub stream: bool,
+}
+
+/// Where the prompts come from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptSource {
+    /// Seeded random common words, about this many tokens.
+    Synthetic { tokens: usize },
+    /// A JSONL file.
+    File { path: PathBuf },
+}
+
+/// The validated run configuration. Serialized into the JSON report (never the API key or header values).
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub target: Target,
+    /// One URL, or two in compare mode; each the full request URL.
+    pub urls: Vec<String>,
+    pub loads: Vec<Load>,
+    pub stop: Stop,
+    pub warmup: u64,
+    pub prompts: PromptSource,
+    pub params: GenParams,
+    pub seed: u64,
+    #[serde(serialize_with = "secs_req")]
+    pub timeout: Duration,
+    /// Names of the extra headers (values stay out of reports).
+    pub header_names: Vec<String>,
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+    #[serde(skip)]
+    pub markdown: Option<PathBuf>,
+    #[serde(skip)]
+    pub plot: Option<PathBuf>,
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+fn secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_some(&d.map(|d| d.as_secs_f64()))
+}
+
+fn secs_req<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// A command line that parses but makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--concurrency values must be at least 1")]
+    ZeroConcurrency,
+    #[error("--rate values must be positive and finite, got {0}")]
+    BadRate(f64),
+    #[error("--{0} must be positive and finite, got {1}")]
+    BadSeconds(&'static str, f64),
+    #[error("--requests must be at least 1")]
+    ZeroRequests,
+    #[error("--max-tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error("URL {0:?} must start with http:// or https://")]
+    BadUrl(String),
+    #[error("header {0:?} is not NAME:VALUE")]
+    BadHeader(String),
+    #[error("--no-stream applies to the OpenAI targets only (azureml-score never streams)")]
+    StreamFlag,
+}
+
+fn seconds(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::BadSeconds(name, v))
+    }
+}
+
+/// Joins a base URL and the route: keeps a URL that already ends with the route, completes one ending in /v1.
+pub fn request_url(base: &str, target: Target, path: Option<&str>) -> Result<String, ConfigError> {
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(ConfigError::BadUrl(base.to_string()));
+    }
+    let base = base.trim_end_matches('/');
+    let route = path.unwrap_or(target.default_path());
+    let route = if route.starts_with('/') {
+        route.to_string()
+    } else {
+        format!("/{route}")
+    };
+    if base.ends_with(&route) {
+        return Ok(base.to_string());
+    }
+    if let Some(rest) = route.strip_prefix("/v1") {
+        if base.ends_with("/v1") {
+            return Ok(format!("{base}{rest}"));
+        }
+    }
+    Ok(format!("{base}{route}"))
+}
+
+impl Cli {
+    /// Validates the arguments into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let loads = if !self.rate.is_empty() {
+            self.rate
+                .iter()
+                .map(|&r| {
+                    if r.is_finite() && r > 0.0 {
+                        Ok(Load::Rate(r))
+                    } else {
+                        Err(ConfigError::BadRate(r))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else if self.concurrency.is_empty() {
+            vec![Load::Concurrency(1)]
+        } else if self.concurrency.contains(&0) {
+            return Err(ConfigError::ZeroConcurrency);
+        } else {
+            self.concurrency.iter().map(|&c| Load::Concurrency(c)).collect()
+        };
+        let duration = self.duration.map(|d| seconds("duration", d)).transpose()?;
+        let requests = match (self.requests, duration) {
+            (Some(0), _) => return Err(ConfigError::ZeroRequests),
+            (None, None) => Some(64),
+            (r, _) => r,
+        };
+        if self.max_tokens == 0 {
+            return Err(ConfigError::ZeroMaxTokens);
+        }
+        if self.no_stream && self.target == Target::AzuremlScore {
+            return Err(ConfigError::StreamFlag);
+        }
+        let mut urls = vec![request_url(&self.base_url, self.target, self.path.as_deref())?];
+        if let Some(second) = &self.compare {
+            urls.push(request_url(second, self.target, self.path.as_deref())?);
+        }
+        let headers = self
+            .headers
+            .iter()
+            .map(|h| match h.split_once(':') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+                _ => Err(ConfigError::BadHeader(h.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompts = match self.prompts {
+            Some(path) => PromptSource::File { path },
+            None => PromptSource::Synthetic {
+                tokens: self.prompt_tokens.max(1),
+            },
+        };
+        Ok(Config {
+            target: self.target,
+            urls,
+            loads,
+            stop: Stop { requests, duration },
+            warmup: self.warmup,
+            prompts,
+            params: GenParams {
+                max_tokens: self.max_tokens,
+                ignore_eos: self.ignore_eos,
+                temperature: self.temperature,
+                model: self.model,
+                stream: !self.no_stream && self.target != Target::AzuremlScore,
+            },
+            seed: self.seed,
+            timeout: seconds("timeout", self.timeout)?,
+            header_names: headers.iter().map(|(k, _)| k.clone()).collect(),
+            headers,
+            api_key: self.api_key,
+            json: self.json,
+            markdown: self.markdown,
+            plot: self.plot,
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["amlserve-loadtest"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().into_config()
+    }
+
+    #[test]
+    fn urls_are_completed_once() {
+        let u = |b, t| request_url(b, t, None).unwrap();
+        assert_eq!(u("http://h:1", Target::OpenaiChat), "http://h:1/v1/chat/completions");
+        assert_eq!(
+            u("http://h:1/v1/", Target::OpenaiChat),
+            "http://h:1/v1/chat/completions"
+        );
+        assert_eq!(
+            u("https://h/v1/completions", Target::OpenaiCompletions),
+            "https://h/v1/completions"
+        );
+        assert_eq!(
+            u("https://e.inference.ml.azure.com/score", Target::AzuremlScore),
+            "https://e.inference.ml.azure.com/score"
+        );
+        assert_eq!(u("http://h", Target::AzuremlScore), "http://h/score");
+        assert!(request_url("h:1", Target::OpenaiChat, None).is_err());
+    }
+
+    #[test]
+    fn sweeps_and_defaults() {
+        let c = parse(&["openai-chat", "http://h", "--concurrency", "1,4,16"]).unwrap();
+        assert_eq!(
+            c.loads,
+            vec![Load::Concurrency(1), Load::Concurrency(4), Load::Concurrency(16)]
+        );
+        assert_eq!(c.stop.requests, Some(64));
+        assert!(c.params.stream);
+        let c = parse(&["azureml-score", "http://h", "--rate", "2,5", "--duration", "3"]).unwrap();
+        assert_eq!(c.loads, vec![Load::Rate(2.0), Load::Rate(5.0)]);
+        assert_eq!(c.stop.requests, None);
+        assert!(!c.params.stream);
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        assert!(parse(&["openai-chat", "http://h", "--concurrency", "0"]).is_err());
+        assert!(parse(&["openai-chat", "http://h", "--rate", "0"]).is_err());
+        assert!(parse(&["openai-chat", "http://h", "--timeout", "0"]).is_err());
+        assert!(parse(&["openai-chat", "http://h", "--header", "novalue"]).is_err());
+        assert!(parse(&["azureml-score", "http://h", "--no-stream"]).is_err());
+        let c = parse(&["openai-chat", "http://h", "--header", "azureml-model-deployment: blue"]).unwrap();
+        assert_eq!(
+            c.headers,
+            vec![("azureml-model-deployment".to_string(), "blue".to_string())]
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! amlserve-loadtest: measures what users of an LLM endpoint feel as load grows.
+//!
+//! Sends a seeded workload to an OpenAI-compatible server (`/v1/chat/completions`, `/v1/completions`,
+//! streamed) or an Azure ML online endpoint (`/score`), closed loop at a concurrency or open loop at a Poisson
+//! rate, and reports time to first token, inter-token latency, time per output token, end-to-end latency,
+//! throughput and errors as a table, JSON, Markdown and SVG charts.
+//!
+//! # Layout
+//!
+//! - [`cli`]: arguments -> one validated [`cli::Config`].
+//! - [`workload`]: the requests (synthetic or JSONL), deterministic per seed and index.
+//! - [`client`]: one HTTP exchange per request, timed; per-target JSON in `client/openai.rs`, `client/azureml.rs`.
+//! - [`sse`]: incremental server-sent-events parser.
+//! - [`runner`]: closed and open loop, warm-up, sweep, compare interleaving, progress bar.
+//! - [`stats`]: HDR histograms per level -> [`stats::LevelResult`].
+//! - [`report`]: terminal table, Markdown, JSON; [`plot`]: SVG charts.
+
+pub mod cli;
+pub mod client;
+pub mod plot;
+pub mod report;
+pub mod runner;
+pub mod sse;
+pub mod stats;
+pub mod workload;

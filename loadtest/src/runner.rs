@@ -1,0 +1,184 @@
+//! Load shapes: closed loop at a concurrency, open loop at a Poisson rate, warm-up, and the sweep over levels
+//! and endpoints (interleaved level by level in compare mode, so drift hits both alike).
+//!
+//! Each request's outcome goes into the level's [`LevelStats`]; errors are counted there, never returned.
+//! Every request is bounded by the client's timeout, so a level ends at most one timeout after it stops sending.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::cli::{Config, Load, Stop};
+use crate::client::{Client, RequestError, Sample};
+use crate::stats::{LevelResult, LevelStats};
+use crate::workload::Workload;
+
+/// Warm-up requests use indices far from the measured ones, so they do not repeat the measured prompts.
+const WARMUP_BASE: u64 = 1 << 62;
+
+/// One endpoint under test.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// "A", or "B" for the --compare URL.
+    pub label: String,
+    pub client: Client,
+}
+
+/// The level being measured: its statistics and when the last answer came.
+struct Shared {
+    stats: Mutex<(LevelStats, Instant)>,
+    bar: ProgressBar,
+    start: Instant,
+}
+
+impl Shared {
+    fn new(bar: ProgressBar) -> Arc<Self> {
+        let start = Instant::now();
+        Arc::new(Shared {
+            stats: Mutex::new((LevelStats::default(), start)),
+            bar,
+            start,
+        })
+    }
+
+    fn record(&self, outcome: &Result<Sample, RequestError>) {
+        let mut g = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        g.0.record(outcome);
+        g.1 = Instant::now();
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        self.bar.set_message(format!(
+            "{:.2} req/s, {} errors",
+            g.0.ok() as f64 / secs,
+            g.0.error_count()
+        ));
+        self.bar.inc(1);
+    }
+
+    fn finish(self: Arc<Self>) -> (LevelStats, Duration) {
+        self.bar.finish();
+        let shared = Arc::try_unwrap(self).unwrap_or_else(|_| unreachable!("every request task has ended"));
+        let (stats, last) = shared.stats.into_inner().unwrap_or_else(PoisonError::into_inner);
+        (stats, last.duration_since(shared.start))
+    }
+}
+
+/// Runs the whole sweep: warm-up per endpoint, then each level against each endpoint in turn.
+pub async fn run(config: &Config, endpoints: &[Endpoint], workload: Arc<Workload>) -> Vec<LevelResult> {
+    if config.warmup > 0 {
+        let concurrency = match config.loads.first() {
+            Some(Load::Concurrency(c)) => (*c).min(config.warmup as usize),
+            _ => 1,
+        };
+        let stop = Stop {
+            requests: Some(config.warmup),
+            duration: None,
+        };
+        for ep in endpoints {
+            let bar = progress(config.quiet, &format!("{} warm-up", ep.label), Some(config.warmup));
+            let shared = Shared::new(bar);
+            closed(&ep.client, &workload, concurrency, stop, WARMUP_BASE, &shared).await;
+            shared.finish();
+        }
+    }
+    let mut results = Vec::new();
+    for &load in &config.loads {
+        for ep in endpoints {
+            let bar = progress(config.quiet, &format!("{} {load}", ep.label), config.stop.requests);
+            let shared = Shared::new(bar);
+            match load {
+                Load::Concurrency(c) => closed(&ep.client, &workload, c, config.stop, 0, &shared).await,
+                Load::Rate(r) => open(&ep.client, &workload, r, config.stop, config.seed, &shared).await,
+            }
+            let (stats, elapsed) = shared.finish();
+            results.push(stats.result(&ep.label, ep.client.url(), load, elapsed));
+        }
+    }
+    results
+}
+
+fn progress(quiet: bool, prefix: &str, len: Option<u64>) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{prefix:>14} [{bar:30}] {pos}/{len} {elapsed} {msg}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{prefix:>14} {spinner} {pos} done {elapsed} {msg}",
+        ),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Closed loop: `concurrency` workers, each sending its next request as soon as its last one ends.
+async fn closed(
+    client: &Client,
+    workload: &Arc<Workload>,
+    concurrency: usize,
+    stop: Stop,
+    base: u64,
+    shared: &Arc<Shared>,
+) {
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = stop.duration.map(|d| shared.start + d);
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, workload, next, shared) = (client.clone(), workload.clone(), next.clone(), shared.clone());
+        tasks.spawn(async move {
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if stop.requests.is_some_and(|n| i >= n) {
+                    break;
+                }
+                let outcome = client.send(&workload.request(base + i), Instant::now()).await;
+                shared.record(&outcome);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Open loop: Poisson arrivals at `rate` per second; each request is timed from its scheduled time, so a
+/// sender that falls behind (or a server that stalls it) shows up in the latencies instead of hiding.
+async fn open(client: &Client, workload: &Arc<Workload>, rate: f64, stop: Stop, seed: u64, shared: &Arc<Shared>) {
+    // Same seed and rate -> same arrival times, for every endpoint of a comparison.
+    let mut rng = StdRng::seed_from_u64(seed ^ rate.to_bits());
+    let deadline = stop.duration.map(|d| shared.start + d);
+    let mut at = shared.start;
+    let mut tasks = JoinSet::new();
+    for i in 0u64.. {
+        if stop.requests.is_some_and(|n| i >= n) {
+            break;
+        }
+        let u: f64 = rng.random();
+        at += Duration::from_secs_f64(-(1.0 - u).ln() / rate);
+        if deadline.is_some_and(|d| at >= d) {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        let (client, workload, shared) = (client.clone(), workload.clone(), shared.clone());
+        tasks.spawn(async move {
+            let outcome = client.send(&workload.request(i), at).await;
+            shared.record(&outcome);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}

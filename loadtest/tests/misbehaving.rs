@@ -1,0 +1,225 @@
+//! The tool against a local server that misbehaves on purpose: errors are counted by kind, the run ends on
+//! time, and a token split across network writes is still one token.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+
+/// Reads one request (headers and a content-length body); returns its path.
+async fn read_request(sock: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    head.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// A good stream: role chunk, three text chunks (the first split mid-JSON and mid-character across writes),
+/// a usage-only chunk, [DONE].
+async fn good_stream(sock: &mut TcpStream) -> std::io::Result<()> {
+    sock.write_all(SSE_HEAD.as_bytes()).await?;
+    sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n")
+        .await?;
+    let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"caf\u{e9}\"}}]}\n\n".as_bytes();
+    let cut = first.len() - 8; // inside the two bytes of 'é'
+    sock.write_all(&first[..cut]).await?;
+    sock.flush().await?;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    sock.write_all(&first[cut..]).await?;
+    for text in [" au", " lait"] {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let ev = format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
+        sock.write_all(ev.as_bytes()).await?;
+    }
+    sock.write_all(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n")
+        .await?;
+    sock.write_all(b"data: [DONE]\n\n").await
+}
+
+/// Behaviours cycled by arrival order on `/mixed`; `/good` is always good.
+async fn respond(mut sock: TcpStream, n: usize) -> std::io::Result<()> {
+    let Some(path) = read_request(&mut sock).await else {
+        return Ok(());
+    };
+    let behaviour = if path == "/good" { 0 } else { n % 7 };
+    match behaviour {
+        0 => good_stream(&mut sock).await?,
+        1 => {
+            let body = "{\"error\":{\"message\":\"boom\"}}";
+            let r = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(r.as_bytes()).await?;
+        }
+        2 => {
+            sock.write_all(SSE_HEAD.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\": [{\"delta\": \n\ndata: [DONE]\n\n")
+                .await?;
+        }
+        3 => tokio::time::sleep(Duration::from_secs(60)).await, // hangs before any header
+        4 => {
+            tokio::time::sleep(Duration::from_millis(300)).await; // slow but fine
+            good_stream(&mut sock).await?;
+        }
+        5 => {
+            sock.write_all(SSE_HEAD.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n")
+                .await?;
+            tokio::time::sleep(Duration::from_secs(60)).await; // stalls mid-stream
+        }
+        _ => {
+            sock.write_all(SSE_HEAD.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n")
+                .await?;
+            // closes without [DONE]
+        }
+    }
+    sock.shutdown().await
+}
+
+/// Starts the misbehaving server on its own runtime thread; returns its base URL.
+fn start_server() -> String {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", std_listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            let mut n = 0;
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(respond(sock, n));
+                n += 1;
+            }
+        });
+    });
+    url
+}
+
+/// Runs the tool with `args`; returns the JSON report and the wall time.
+fn run_tool(args: &[&str]) -> (Value, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_amlserve-loadtest"))
+        .args(args)
+        .args(["--quiet", "--warmup", "0", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "tool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (report, took)
+}
+
+#[test]
+fn misbehaviour_is_counted_by_kind_and_the_run_ends_on_time() {
+    let url = start_server();
+    let (report, took) = run_tool(&[
+        "openai-chat",
+        &url,
+        "--path",
+        "/mixed",
+        "--requests",
+        "14",
+        "--concurrency",
+        "7",
+        "--timeout",
+        "1",
+    ]);
+    let r = &report["results"][0];
+    assert_eq!(r["requests"], 14, "{r:#}");
+    assert_eq!(r["ok"], 4, "{r:#}");
+    assert_eq!(r["errors"], 10);
+    let kinds = &r["errors_by_kind"];
+    assert_eq!(kinds["http_500"], 2, "{kinds}");
+    assert_eq!(kinds["malformed"], 2, "{kinds}");
+    assert_eq!(kinds["timeout"], 4, "{kinds}");
+    assert_eq!(kinds["incomplete_stream"], 2, "{kinds}");
+    // Usage said 3 tokens per good answer; the role chunk, the split 'é' and the usage chunk do not skew it.
+    assert_eq!(r["output_tokens"], 12);
+    assert_eq!(r["ttft_ms"]["count"], 4);
+    assert_eq!(r["itl_ms"]["count"], 8, "two gaps per good stream of three text chunks");
+    assert_eq!(r["prompt_tokens_mean"], 5.0);
+    // Two hangs may land on one worker: 2 x 1 s timeouts plus slack, far below the 60 s the server hangs.
+    assert!(took < Duration::from_secs(8), "run took {took:?}");
+}
+
+#[test]
+fn unreachable_target_counts_connect_errors() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let (report, took) = run_tool(&["openai-completions", &url, "--requests", "3", "--timeout", "2"]);
+    let r = &report["results"][0];
+    assert_eq!(r["errors_by_kind"]["connect"], 3, "{r:#}");
+    assert_eq!(r["ok"], 0);
+    assert!(took < Duration::from_secs(5), "run took {took:?}");
+}
+
+#[test]
+fn duration_and_open_loop_stop_on_time() {
+    let url = start_server();
+    let (report, took) = run_tool(&[
+        "openai-chat",
+        &url,
+        "--path",
+        "/good",
+        "--rate",
+        "20,40",
+        "--duration",
+        "1",
+        "--compare",
+        &url,
+    ]);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "two rates x two endpoints");
+    for r in results {
+        assert_eq!(r["errors"], 0, "{r:#}");
+        assert!(r["ok"].as_u64().unwrap() >= 5, "{r:#}");
+        assert_eq!(r["output_tokens"], r["ok"].as_u64().unwrap() * 3);
+    }
+    assert_eq!(report["comparisons"].as_array().unwrap().len(), 2);
+    assert!(took < Duration::from_secs(10), "run took {took:?}");
+}
