@@ -99,6 +99,15 @@ impl AppState {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// No request is being handled or generated.
+    fn is_idle(&self) -> bool {
+        let generating = self.inner.ready.get().is_some_and(|r| {
+            let s = r.engine.stats();
+            s.running.load(Ordering::SeqCst) + s.waiting.load(Ordering::SeqCst) > 0
+        });
+        !generating && self.metrics().http_in_flight.get() == 0
+    }
+
     /// The loaded model and engine, or a 503 saying why there is none.
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -280,13 +289,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     shutdown_signal().await;
+    let grace = config.shutdown_grace;
     tracing::info!(
-        grace_secs = config.shutdown_grace.as_secs(),
+        grace_secs = grace.as_secs(),
         "shutdown requested: readiness fails, new work is refused, in-flight requests finish"
     );
     state.begin_shutdown();
+    // Keep accepting connections while draining, so probes see 503 rather than a refused connection.
+    let deadline = tokio::time::Instant::now() + grace;
+    while !state.is_idle() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(config.shutdown_grace, server).await {
+    let rest = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(1));
+    match tokio::time::timeout(rest, server).await {
         Ok(Ok(Ok(()))) => tracing::info!("all requests finished; exiting"),
         Ok(Ok(Err(e))) => return Err(e.into()),
         Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),

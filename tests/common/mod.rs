@@ -100,10 +100,7 @@ impl Server {
             .expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (
-            status,
-            parse_body(text),
-        )
+        (status, parse_body(text))
     }
 
     /// POSTs raw bytes with a JSON content type.
@@ -118,10 +115,7 @@ impl Server {
             .expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (
-            status,
-            parse_body(text),
-        )
+        (status, parse_body(text))
     }
 
     /// Log lines printed so far.
@@ -129,11 +123,13 @@ impl Server {
         self.log.try_iter().collect()
     }
 
-    /// Sends SIGTERM (via `kill`) and waits for exit, returning the exit code.
-    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `within` for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -150,6 +146,36 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Python with the test clients: `AMLSERVE_TEST_PYTHON`, else `.venv/bin/python` (made by `make test-deps`).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMLSERVE_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "{} is missing: run `make test-deps` (or set AMLSERVE_TEST_PYTHON)",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs `tests/python/<script>` with `args` and asserts it succeeded and printed `expect`.
+pub async fn run_python(script: &str, args: &[&str], expect: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new(python()).arg(path).args(args).output())
+        .await
+        .expect("join")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(expect), "{stdout}");
 }
 
 /// A JSON body, or the raw text as a JSON string when it is not JSON.
