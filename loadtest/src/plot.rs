@@ -1,8 +1,8 @@
 //! SVG charts of a run: latency percentiles and throughput against the load level, and the TTFT distribution.
 //!
-//! Reads finished [`LevelResult`]s only. Every chart is drawn by one panel routine (log-scale x, linear y),
-//! so the files differ only in which numbers they plot. Text is laid out with plotters' built-in font metrics
-//! (no font files needed); viewers render it with their own sans-serif font.
+//! Reads finished [`LevelResult`]s only. Every chart is drawn by one panel routine (load levels evenly spaced
+//! on x, or a linear x for the CDF; linear y), so the files differ only in which numbers they plot. Text is
+//! laid out with plotters' built-in font metrics (no font files needed); viewers use their own sans-serif font.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +41,8 @@ struct Panel<'a> {
     x_label: &'a str,
     y_label: &'a str,
     series: Vec<Series>,
+    /// Load levels: evenly spaced on x, labelled with their values; `None`: a linear x axis from 0.
+    levels: Option<&'a [f64]>,
 }
 
 const COLORS: [RGBColor; 6] = [
@@ -57,16 +59,24 @@ const COLORS: [RGBColor; 6] = [
 pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, PlotError> {
     std::fs::create_dir_all(dir).map_err(|e| PlotError::Dir(dir.to_path_buf(), e))?;
     let x_label = match results.first().map(|r| r.load) {
-        Some(Load::Rate(_)) => "request rate (req/s, log scale)",
-        _ => "concurrency (log scale)",
+        Some(Load::Rate(_)) => "request rate (req/s)",
+        _ => "concurrency",
     };
     let endpoints = endpoints(results);
+    let mut levels: Vec<f64> = Vec::new();
+    for r in results {
+        if !levels.contains(&r.load.value()) {
+            levels.push(r.load.value());
+        }
+    }
+    let levels = Some(levels.as_slice());
     let percentiles = |pick: fn(&LevelResult) -> Summary| -> Vec<Series> {
         let mut out = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
-            for (name, marker, get) in [
-                ("p50", Marker::Circle, p50 as fn(&Summary) -> f64),
-                ("p99", Marker::Triangle, p99),
+            let color = COLORS[i % COLORS.len()];
+            for (name, marker, get, color) in [
+                ("p50", Marker::Circle, p50 as fn(&Summary) -> f64, color),
+                ("p99", Marker::Triangle, p99, lighter(color)),
             ] {
                 let points: Vec<_> = results
                     .iter()
@@ -75,7 +85,7 @@ pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, Pl
                     .collect();
                 out.push(Series {
                     name: label(ep, &endpoints, name),
-                    color: COLORS[i % COLORS.len()],
+                    color,
                     marker,
                     points,
                 });
@@ -106,18 +116,21 @@ pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, Pl
             x_label,
             y_label: "ms",
             series: percentiles(|r| r.ttft_ms),
+            levels,
         },
         Panel {
             title: "time per output token",
             x_label,
             y_label: "ms",
             series: percentiles(|r| r.tpot_ms),
+            levels,
         },
         Panel {
             title: "end-to-end latency",
             x_label,
             y_label: "ms",
             series: percentiles(|r| r.e2e_ms),
+            levels,
         },
     ];
     written.push(draw(
@@ -130,12 +143,14 @@ pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, Pl
             x_label,
             y_label: "tok/s",
             series: per_endpoint(|r| r.output_tokens_per_s),
+            levels,
         },
         Panel {
             title: "requests/s",
             x_label,
             y_label: "req/s",
             series: per_endpoint(|r| r.requests_per_s),
+            levels,
         },
     ];
     written.push(draw(&dir.join("throughput_vs_load.svg"), throughput)?);
@@ -147,19 +162,36 @@ pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, Pl
             name: label(&r.endpoint, &endpoints, &r.load.to_string()),
             color: COLORS[i % COLORS.len()],
             marker: Marker::None,
-            points: r.ttft_cdf_ms.iter().map(|&(ms, q)| (ms.max(0.001), q)).collect(),
+            points: r.ttft_cdf_ms.clone(),
         })
         .collect();
     if !cdf.is_empty() {
         let panel = Panel {
             title: "TTFT distribution (CDF)",
-            x_label: "time to first token (ms, log scale)",
+            x_label: "time to first token (ms)",
             y_label: "fraction of requests",
             series: cdf,
+            levels: None,
         };
         written.push(draw(&dir.join("ttft_cdf.svg"), vec![panel])?);
     }
     Ok(written)
+}
+
+/// The same hue, halfway to white: the p99 line next to its p50.
+fn lighter(c: RGBColor) -> RGBColor {
+    let mix = |v: u8| v + (255 - v) / 2;
+    RGBColor(mix(c.0), mix(c.1), mix(c.2))
+}
+
+/// Tick labels: whole numbers from 10 up, else up to two decimals without trailing zeros.
+fn tick(v: f64) -> String {
+    if v.abs() >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn p50(s: &Summary) -> f64 {
@@ -214,34 +246,57 @@ fn draw_panel(area: &DrawingArea<SVGBackend, Shift>, p: &Panel) -> Result<(), St
         x_hi = x_hi.max(x);
         y_hi = y_hi.max(y);
     }
-    if x_lo > x_hi {
-        (x_lo, x_hi) = (1.0, 10.0);
-    }
-    let (x_lo, x_hi) = (x_lo / 1.3, x_hi * 1.3);
+    let (x_lo, x_hi) = match p.levels {
+        Some(l) => (-0.5, l.len().max(1) as f64 - 0.5),
+        None => (x_lo.min(0.0), if x_hi > 0.0 { x_hi * 1.05 } else { 1.0 }),
+    };
+    // A level's x is its index, so 1, 4, 16 sit evenly spaced with exactly those labels.
+    let at = |x: f64| {
+        p.levels
+            .and_then(|l| l.iter().position(|&v| v == x))
+            .map_or(x, |i| i as f64)
+    };
+    let x_tick = |v: &f64| match p.levels {
+        Some(l) => {
+            let i = v.round();
+            let near = (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < l.len();
+            if near {
+                tick(l[i as usize])
+            } else {
+                String::new()
+            }
+        }
+        None => tick(*v),
+    };
     let y_hi = if y_hi > 0.0 { y_hi * 1.1 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .caption(p.title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((x_lo..x_hi).log_scale(), 0f64..y_hi)
+        .build_cartesian_2d(x_lo..x_hi, 0f64..y_hi)
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .x_desc(p.x_label)
         .y_desc(p.y_label)
-        .x_label_formatter(&|v| format!("{v}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_labels(p.levels.map_or(10, |l| l.len() + 1))
+        .x_label_formatter(&x_tick)
+        .max_light_lines(1)
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(BLACK.mix(0.04))
+        .y_label_formatter(&|v| tick(*v))
         .draw()
         .map_err(|e| e.to_string())?;
     for s in &p.series {
         if s.points.is_empty() {
             continue;
         }
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (at(x), y)).collect();
         let style = ShapeStyle::from(&s.color).stroke_width(2);
         let color = s.color;
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), style))
+            .draw_series(LineSeries::new(pts.iter().copied(), style))
             .map_err(|e| e.to_string())?
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
@@ -249,7 +304,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend, Shift>, p: &Panel) -> Result<(), St
             Marker::Circle => {
                 chart
                     .draw_series(PointSeries::of_element(
-                        s.points.iter().copied(),
+                        pts.iter().copied(),
                         4,
                         style.filled(),
                         &|c, sz, st| EmptyElement::at(c) + Circle::new((0, 0), sz, st),
@@ -259,7 +314,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend, Shift>, p: &Panel) -> Result<(), St
             Marker::Triangle => {
                 chart
                     .draw_series(PointSeries::of_element(
-                        s.points.iter().copied(),
+                        pts.iter().copied(),
                         5,
                         style.filled(),
                         &|c, sz, st| EmptyElement::at(c) + TriangleMarker::new((0, 0), sz, st),

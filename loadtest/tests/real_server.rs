@@ -101,6 +101,21 @@ fn start_amlserve() -> Server {
     server
 }
 
+/// The sum of a Prometheus metric's samples (all label sets) on the server's `/metrics`.
+fn metric(addr: &str, name: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn run_tool(args: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
@@ -121,29 +136,38 @@ fn run_tool(args: &[&str]) -> Value {
 fn reports_match_the_servers_usage() {
     let server = start_amlserve();
     let base = server.base.as_str();
+    let addr = base.trim_start_matches("http://");
     let common = [
         "--max-tokens",
         "8",
         "--ignore-eos",
         "--prompt-tokens",
         "16",
-        "--warmup",
-        "1",
         "--timeout",
         "120",
     ];
+    let ttft_metric = |what: &str| metric(addr, &format!("amlserve_time_to_first_token_seconds_{what}"));
 
-    // Streaming chat, closed loop: every token counted from the usage chunk, TTFT for every request.
-    let mut args = vec!["openai-chat", base, "--requests", "8", "--concurrency", "2"];
+    // Streaming chat, closed loop, no warm-up (so the server's own metrics see exactly these requests): every
+    // token counted from the usage chunk, TTFT for every request.
+    let tokens_before = metric(addr, "amlserve_generation_tokens_total");
+    let (ttft_sum_before, ttft_count_before) = (ttft_metric("sum"), ttft_metric("count"));
+    let mut args = vec![
+        "openai-chat",
+        base,
+        "--requests",
+        "8",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "0",
+    ];
     args.extend(common);
     let report = run_tool(&args);
     let r = &report["results"][0];
     assert_eq!(report["tool"], "amlserve-loadtest");
-    assert_eq!(
-        (r["requests"].as_u64(), r["ok"].as_u64(), r["errors"].as_u64()),
-        (Some(8), Some(8), Some(0)),
-        "{r:#}"
-    );
+    let counts = (r["requests"].as_u64(), r["ok"].as_u64(), r["errors"].as_u64());
+    assert_eq!(counts, (Some(8), Some(8), Some(0)), "{r:#}");
     assert_eq!(r["output_tokens"], 8 * 8);
     assert_eq!(r["output_token_source"], serde_json::json!(["usage"]));
     assert_eq!(r["ttft_ms"]["count"], 8);
@@ -153,21 +177,43 @@ fn reports_match_the_servers_usage() {
         r["prompt_tokens_mean"].as_f64().unwrap() >= 16.0,
         "chat template + ~16 words: {r:#}"
     );
-    let e2e = &r["e2e_ms"];
     assert!(
-        r["ttft_ms"]["p50"].as_f64().unwrap() <= e2e["p50"].as_f64().unwrap(),
+        r["ttft_ms"]["p50"].as_f64().unwrap() <= r["e2e_ms"]["p50"].as_f64().unwrap(),
         "{r:#}"
     );
 
+    // Agreement with amlserve's /metrics: the same token total; the client's mean TTFT is the server's (queue
+    // to first token) plus HTTP, chat template and tokenization, so not below it, and above it by at most
+    // 250 ms or 25%, whichever is larger (this machine is shared and noisy).
+    assert_eq!(metric(addr, "amlserve_generation_tokens_total") - tokens_before, 64.0);
+    let ttft_count = ttft_metric("count") - ttft_count_before;
+    assert_eq!(ttft_count, 8.0);
+    let server_ms = (ttft_metric("sum") - ttft_sum_before) / ttft_count * 1000.0;
+    let client_ms = r["ttft_ms"]["mean"].as_f64().unwrap();
+    assert!(
+        client_ms >= server_ms - 1.0 && client_ms - server_ms <= (server_ms * 0.25).max(250.0),
+        "client mean TTFT {client_ms:.1} ms vs server {server_ms:.1} ms"
+    );
+    eprintln!("mean TTFT: client {client_ms:.1} ms, amlserve /metrics {server_ms:.1} ms");
+
     // Streaming text completions, open loop.
-    let mut args = vec!["openai-completions", base, "--requests", "4", "--rate", "4"];
+    let mut args = vec![
+        "openai-completions",
+        base,
+        "--requests",
+        "4",
+        "--rate",
+        "4",
+        "--warmup",
+        "1",
+    ];
     args.extend(common);
     let r = &run_tool(&args)["results"][0];
     assert_eq!((r["ok"].as_u64(), r["errors"].as_u64()), (Some(4), Some(0)), "{r:#}");
     assert_eq!(r["output_tokens"], 4 * 8);
 
     // Azure ML /score: end-to-end only, no errors.
-    let mut args = vec!["azureml-score", base, "--requests", "2"];
+    let mut args = vec!["azureml-score", base, "--requests", "2", "--warmup", "1"];
     args.extend(common);
     let r = &run_tool(&args)["results"][0];
     assert_eq!((r["ok"].as_u64(), r["errors"].as_u64()), (Some(2), Some(0)), "{r:#}");
