@@ -67,7 +67,7 @@ fn main() {
         // Warm-up, then prefill timing (best of 3).
         let mut best_prefill = f64::MAX;
         for _ in 0..3 {
-            let mut kv = SeqKv::new(shape, ids.len(), ids.len()).expect("kv");
+            let mut kv = SeqKv::new(shape, ids.len(), ids.len());
             let t = Instant::now();
             model
                 .llama
@@ -83,7 +83,7 @@ fn main() {
         for &b in &args.batch {
             let short = prompt(&model, 16);
             let mut kvs: Vec<SeqKv> = (0..b)
-                .map(|_| SeqKv::new(shape, 16 + args.decode + 1, 16 + args.decode + 1).expect("kv"))
+                .map(|_| SeqKv::new(shape, 16 + args.decode + 1, 16 + args.decode + 1))
                 .collect();
             let mut last: Vec<Vec<u32>> = vec![short.clone(); b];
             let mut chunks: Vec<SeqChunk> = kvs

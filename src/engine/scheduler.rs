@@ -142,21 +142,12 @@ impl Scheduler {
             let job = self.waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let initial = job.req.prompt.len() + job.req.params.max_tokens.min(INITIAL_KV_HEADROOM);
-            match SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len) {
-                Ok(kv) => {
-                    self.kv_reserved += bytes;
-                    self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
-                    self.metrics.prompt_tokens.inc_by(job.req.prompt.len() as u64);
-                    tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), "admitted");
-                    self.running.push(Sequence::new(job, kv, bytes));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot allocate a KV cache");
-                    let _ = job
-                        .events
-                        .send(Event::Error("cannot allocate memory for the request".into()));
-                }
-            }
+            let kv = SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len);
+            self.kv_reserved += bytes;
+            self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
+            self.metrics.prompt_tokens.inc_by(job.req.prompt.len() as u64);
+            tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), "admitted");
+            self.running.push(Sequence::new(job, kv, bytes));
         }
         self.publish();
     }

@@ -1,12 +1,11 @@
 //! Per-sequence key/value cache for the batched llama forward.
 //!
-//! Each sequence owns one buffer per layer for keys and one for values, laid out token-major
-//! (`[capacity, n_kv_heads, head_dim]`) so appending a step's rows is one contiguous copy. Buffers start at the
-//! size the caller expects to need soon and grow by doubling up to the sequence's reserved maximum, so a step
-//! never copies the whole cache (amortised O(1) per token). Sequences never share buffers, so attention cannot
-//! see another sequence's keys. The engine accounts for the reserved maximum against its memory budget.
-
-use candle_core::{DType, Device, Tensor};
+//! Each sequence owns plain `f32` buffers, one for keys and one for values per layer, laid out token-major
+//! (`[capacity, n_kv_heads, head_dim]`) so appending a step's rows is one contiguous copy and attention reads
+//! them in place. Buffers start at the size the caller expects to need soon and grow by doubling up to the
+//! sequence's reserved maximum, so a step never copies the whole cache (amortised O(1) per token). Sequences
+//! never share buffers, so attention cannot see another sequence's keys. The engine accounts for the reserved
+//! maximum against its memory budget.
 
 /// Shape of one token's keys (or values) in one layer.
 #[derive(Debug, Clone, Copy)]
@@ -17,9 +16,14 @@ pub struct KvShape {
 }
 
 impl KvShape {
-    /// Bytes one token occupies across all layers, keys and values (f32).
+    /// Floats per token per layer, for keys (or values).
+    pub fn row(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+
+    /// Bytes one token occupies across all layers, keys and values.
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.n_layer * self.n_kv_head * self.head_dim * DType::F32.size_in_bytes()
+        2 * self.n_layer * self.row() * std::mem::size_of::<f32>()
     }
 }
 
@@ -27,30 +31,34 @@ impl KvShape {
 #[derive(Debug)]
 pub struct SeqKv {
     shape: KvShape,
-    layers: Vec<(Tensor, Tensor)>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
     len: usize,
     capacity: usize,
     max_len: usize,
 }
 
+/// The cache would pass the sequence's reserved length.
+#[derive(Debug, thiserror::Error)]
+#[error("kv cache overflow: {needed} tokens > reserved {max_len}")]
+pub struct KvOverflow {
+    pub needed: usize,
+    pub max_len: usize,
+}
+
 impl SeqKv {
     /// A cache that will hold at most `max_len` tokens, with room for `initial` allocated now.
-    pub fn new(shape: KvShape, initial: usize, max_len: usize) -> candle_core::Result<Self> {
+    pub fn new(shape: KvShape, initial: usize, max_len: usize) -> Self {
         let capacity = initial.clamp(1, max_len.max(1));
-        let layers = (0..shape.n_layer)
-            .map(|_| {
-                let k = Tensor::zeros((capacity, shape.n_kv_head, shape.head_dim), DType::F32, &Device::Cpu)?;
-                let v = Tensor::zeros((capacity, shape.n_kv_head, shape.head_dim), DType::F32, &Device::Cpu)?;
-                Ok((k, v))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self {
+        let buf = || (0..shape.n_layer).map(|_| vec![0f32; capacity * shape.row()]).collect();
+        Self {
             shape,
-            layers,
+            keys: buf(),
+            values: buf(),
             len: 0,
             capacity,
             max_len,
-        })
+        }
     }
 
     /// Tokens stored so far (the position of the next token).
@@ -64,38 +72,37 @@ impl SeqKv {
     }
 
     /// Makes room for `extra` more tokens, doubling the buffers when needed.
-    pub(crate) fn reserve(&mut self, extra: usize) -> candle_core::Result<()> {
+    pub(crate) fn reserve(&mut self, extra: usize) -> Result<(), KvOverflow> {
         let needed = self.len + extra;
         if needed > self.max_len {
-            candle_core::bail!("kv cache overflow: {needed} tokens > reserved {}", self.max_len)
+            return Err(KvOverflow {
+                needed,
+                max_len: self.max_len,
+            });
         }
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let new_cap = needed.max(self.capacity * 2).min(self.max_len);
-        let s = self.shape;
-        for (k, v) in &mut self.layers {
-            for t in [k, v] {
-                let bigger = Tensor::zeros((new_cap, s.n_kv_head, s.head_dim), DType::F32, &Device::Cpu)?;
-                if self.len > 0 {
-                    bigger.slice_set(&t.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
-                }
-                *t = bigger;
+        if needed > self.capacity {
+            let new_cap = needed.max(self.capacity * 2).min(self.max_len);
+            let floats = new_cap * self.shape.row();
+            for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                b.resize(floats, 0.0);
             }
+            self.capacity = new_cap;
         }
-        self.capacity = new_cap;
         Ok(())
     }
 
-    /// Writes `k`, `v` (`[t, n_kv_heads, head_dim]`) after the stored tokens of `layer` and returns views of
-    /// all keys and values including them. [`Self::reserve`] must have made room; call [`Self::advance`] once
-    /// every layer has been written.
-    pub(crate) fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let t = k.dim(0)?;
-        let (kc, vc) = &self.layers[layer];
-        kc.slice_set(k, 0, self.len)?;
-        vc.slice_set(v, 0, self.len)?;
-        Ok((kc.narrow(0, 0, self.len + t)?, vc.narrow(0, 0, self.len + t)?))
+    /// Writes `t` tokens' keys and values (`[t, n_kv_heads, head_dim]` each) after the stored tokens of `layer`.
+    /// [`Self::reserve`] must have made room; call [`Self::advance`] once every layer has been written.
+    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let at = self.len * self.shape.row();
+        self.keys[layer][at..at + k.len()].copy_from_slice(k);
+        self.values[layer][at..at + v.len()].copy_from_slice(v);
+    }
+
+    /// Keys and values of `layer` for the first `n` tokens.
+    pub(crate) fn layer(&self, layer: usize, n: usize) -> (&[f32], &[f32]) {
+        let end = n * self.shape.row();
+        (&self.keys[layer][..end], &self.values[layer][..end])
     }
 
     /// Marks `t` appended tokens as stored.

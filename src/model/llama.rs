@@ -9,6 +9,7 @@
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::attention::{self, AttnShape, AttnTask};
 use super::gguf_meta::Metadata;
 use super::kv_cache::{KvShape, SeqKv};
 use super::weights::{self, WeightFormat};
@@ -195,7 +196,7 @@ impl Llama {
         let cfg = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        let mut spans = Vec::with_capacity(chunks.len());
+        let mut starts = Vec::with_capacity(chunks.len());
         let mut logit_rows = Vec::new();
         for c in chunks.iter_mut() {
             let start = c.kv.len();
@@ -208,8 +209,8 @@ impl Llama {
             if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 candle_core::bail!("token id {bad} is outside the vocabulary")
             }
-            c.kv.reserve(c.tokens.len())?;
-            spans.push((ids.len(), c.tokens.len(), start));
+            c.kv.reserve(c.tokens.len()).map_err(candle_core::Error::wrap)?;
+            starts.push(start);
             ids.extend_from_slice(c.tokens);
             positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
             if c.want_logits {
@@ -222,34 +223,56 @@ impl Llama {
         let pos = Tensor::from_vec(positions, n_tok, &dev)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let masks = spans
-            .iter()
-            .map(|&(_, t, start)| causal_mask(t, start))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let group = cfg.n_head / cfg.n_kv_head;
+        let shape = AttnShape {
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+        };
+        let q_row = cfg.n_head * cfg.head_dim;
+        let kv_row = cfg.n_kv_head * cfg.head_dim;
 
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
             let q = layer.wq.forward(&h)?.reshape((1, n_tok, cfg.n_head, cfg.head_dim))?;
             let k = layer.wk.forward(&h)?.reshape((1, n_tok, cfg.n_kv_head, cfg.head_dim))?;
-            let v = layer.wv.forward(&h)?.reshape((n_tok, cfg.n_kv_head, cfg.head_dim))?;
-            let q = (candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)? * scale)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
-            let mut outs = Vec::with_capacity(chunks.len());
-            for (ci, c) in chunks.iter().enumerate() {
-                let (off, t, _) = spans[ci];
-                let (k_all, v_all) =
-                    c.kv.append(li, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?.contiguous()?)?;
-                let y = attention(&q.narrow(0, off, t)?, &k_all, &v_all, masks[ci].as_ref(), group)?;
-                outs.push(y);
+            let q = (candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)? * scale)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut off = 0;
+            for c in chunks.iter_mut() {
+                let t = c.tokens.len();
+                c.kv.append(
+                    li,
+                    &k[off * kv_row..(off + t) * kv_row],
+                    &v[off * kv_row..(off + t) * kv_row],
+                );
+                off += t;
             }
-            let y = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            let mut off = 0;
+            let tasks: Vec<AttnTask<'_>> = chunks
+                .iter()
+                .zip(&starts)
+                .map(|(c, &start)| {
+                    let t = c.tokens.len();
+                    let (k, v) = c.kv.layer(li, start + t);
+                    let task = AttnTask {
+                        q: &q[off * q_row..(off + t) * q_row],
+                        t,
+                        start,
+                        k,
+                        v,
+                    };
+                    off += t;
+                    task
+                })
+                .collect();
+            let y = Tensor::from_vec(attention::attend(&tasks, shape), (n_tok, q_row), &dev)?;
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
@@ -263,64 +286,5 @@ impl Llama {
         let last = x.index_select(&rows, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_eps as f32)?;
         self.lm_head.forward(&last)?.to_dtype(DType::F32)
-    }
-}
-
-/// Additive causal mask `[t, start + t]` for a chunk of `t` queries after `start` cached tokens; `None` for a
-/// single query (it may see everything cached).
-fn causal_mask(t: usize, start: usize) -> candle_core::Result<Option<Tensor>> {
-    if t <= 1 {
-        return Ok(None);
-    }
-    let len = start + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (t, len), &Device::Cpu)?))
-}
-
-/// Grouped-query attention of one sequence's queries `q` (`[t, n_head, d]`, pre-scaled) over its keys and
-/// values (`[len, n_kv, d]`); returns `[t, n_head * d]`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, group: usize) -> candle_core::Result<Tensor> {
-    let (t, n_head, d) = q.dims3()?;
-    let n_kv = n_head / group;
-    // [t, n_kv, group, d] -> [n_kv, group * t, d]: the queries sharing one kv head form one matrix.
-    let q = q
-        .reshape((t, n_kv, group, d))?
-        .permute((1, 2, 0, 3))?
-        .contiguous()?
-        .reshape((n_kv, group * t, d))?;
-    let k = k.transpose(0, 1)?; // [n_kv, len, d]
-    let v = v.transpose(0, 1)?;
-    let att = q.matmul(&k.t()?)?; // [n_kv, group * t, len]
-    let att = match mask {
-        Some(m) => {
-            let len = m.dim(1)?;
-            att.reshape((n_kv, group, t, len))?
-                .broadcast_add(m)?
-                .reshape((n_kv, group * t, len))?
-        }
-        None => att,
-    };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    let y = att.matmul(&v)?; // [n_kv, group * t, d]
-    y.reshape((n_kv, group, t, d))?
-        .permute((2, 0, 1, 3))?
-        .contiguous()?
-        .reshape((t, n_head * d))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mask_lets_each_query_see_its_prefix_only() {
-        let m = causal_mask(2, 3).expect("mask").expect("some");
-        let rows: Vec<Vec<f32>> = m.to_vec2().expect("vec");
-        assert_eq!(rows[0][..4], [0.0; 4]);
-        assert!(rows[0][4].is_infinite());
-        assert_eq!(rows[1], vec![0.0; 5]);
-        assert!(causal_mask(1, 7).expect("mask").is_none());
     }
 }
