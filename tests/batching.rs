@@ -126,3 +126,49 @@ async fn a_full_queue_answers_429_at_once() {
     }
     b.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_timeout_is_cancelled_with_a_clear_error() {
+    let s = Server::start(&["--request-timeout-ms", "700"]).await;
+    let started = Instant::now();
+    let (st, v) = s.post("/v1/completions", completion("Count forever:", 8000)).await;
+    assert_eq!(st, 504, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 700 ms"),
+        "{v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered soon after the deadline"
+    );
+    let (st, v) = s
+        .post(
+            "/score",
+            json!({"inputs": "Count forever:", "parameters": {"max_new_tokens": 8000, "ignore_eos": true}}),
+        )
+        .await;
+    assert_eq!(st, 504);
+    assert!(v["message"].as_str().unwrap().contains("timed out"), "{v}");
+    let mut body = completion("Count forever:", 8000);
+    body["stream"] = json!(true);
+    let text = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = common::sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("timed out"), "{err}");
+    // The slot was freed: a short request still succeeds.
+    let (st, _) = s.post("/v1/completions", completion("Hi", 2)).await;
+    assert_eq!(st, 200);
+}

@@ -6,13 +6,13 @@
 //! sequence can see another's keys. Only the rows whose logits are wanted reach the (large) output projection.
 //! Knows nothing of scheduling, sampling or async code.
 
-use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, AttnShape, AttnTask};
 use super::gguf_meta::Metadata;
 use super::kv_cache::{KvShape, SeqKv};
-use super::weights::{self, WeightFormat};
+use super::weights::{self, Linear, WeightFormat};
 use super::ModelError;
 
 /// Hyper-parameters read from the GGUF.
@@ -76,14 +76,14 @@ impl LlamaConfig {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// The tokens one sequence contributes to a step.
@@ -102,7 +102,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     /// Bytes held by weights.
@@ -144,13 +144,14 @@ impl Llama {
         content: &gguf_file::Content,
         reader: &mut R,
         format: WeightFormat,
+        min_rows_f32: usize,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
         let hd = config.head_dim;
         let mut weight_bytes = 0;
-        let mut mm = |reader: &mut R, name: &str, rope: bool| -> Result<QMatMul, ModelError> {
-            let m = weights::load_matmul(content, reader, name, format, rope.then_some(hd))?;
-            weight_bytes += weights::matmul_bytes(&m);
+        let mut mm = |reader: &mut R, name: &str, rope: bool| -> Result<Linear, ModelError> {
+            let m = weights::load_linear(content, reader, name, format, rope.then_some(hd), min_rows_f32)?;
+            weight_bytes += m.bytes();
             Ok(m)
         };
         let mut layers = Vec::with_capacity(config.n_layer);
@@ -171,10 +172,10 @@ impl Llama {
         let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
         let embed = embed_q.dequantize(&Device::Cpu)?;
         let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
-            Ok(t) => weights::to_matmul(t, format)?,
-            Err(_) => weights::to_matmul(embed_q, format)?, // tied embeddings
+            Ok(t) => Linear::new(t, format, min_rows_f32)?,
+            Err(_) => Linear::new(embed_q, format, min_rows_f32)?, // tied embeddings
         };
-        weight_bytes += weights::matmul_bytes(&lm_head) + embed.elem_count() * 4;
+        weight_bytes += lm_head.bytes() + embed.elem_count() * 4;
         let norm = weights::load_f32(content, reader, "output_norm.weight")?;
         let (cos, sin) = rope_tables(&config)?;
         Ok(Self {

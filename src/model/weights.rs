@@ -1,8 +1,9 @@
 //! How the GGUF's matrix weights are held in memory for matmuls: the `--weights` policy.
 //!
-//! Measured on the 2-core AVX-512 dev machine with SmolLM2-135M (Q4_1 as stored), see README "Weights":
+//! Measured on the 2-core AVX-512 dev machine with SmolLM2-135M (Q4_1 as stored), see README "Performance":
 //! candle's Q4_1 dot product is scalar, so the stored format is the slowest; Q8_0 has SIMD kernels and is the
-//! default; f32 runs on gemm (fast prefill, slow single-stream decode, 4x the memory).
+//! fastest for a few rows (decode); f32 runs on gemm, fastest for many rows (prefill, big decode batches).
+//! `auto` keeps both and picks per matmul by the number of rows in the step.
 
 use std::borrow::Cow;
 
@@ -15,8 +16,10 @@ use super::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Requantize 4/5-bit legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1) to Q8_0; keep K-quants and Q8_0 as stored.
+    /// Q8_0 (as `q8_0`) for steps of few tokens plus an f32 copy for steps of many: fastest, most memory.
     #[default]
+    Auto,
+    /// Requantize 4/5-bit legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1) to Q8_0; keep K-quants and Q8_0 as stored.
     #[value(name = "q8_0")]
     Q8_0,
     /// Keep every tensor as stored in the GGUF (smallest; Q4_1 has no SIMD kernel in candle).
@@ -55,27 +58,28 @@ fn unpermute_rope_rows(t: QTensor, head_dim: usize) -> Result<QTensor, ModelErro
 
 /// Loads a 2-D matrix weight from the GGUF in `format`. `rope_head_dim` reorders a query/key projection (see
 /// [`unpermute_rope_rows`]).
-pub fn load_matmul<R: std::io::Read + std::io::Seek>(
+pub fn load_linear<R: std::io::Read + std::io::Seek>(
     content: &gguf_file::Content,
     reader: &mut R,
     name: &str,
     format: WeightFormat,
     rope_head_dim: Option<usize>,
-) -> Result<QMatMul, ModelError> {
+    min_rows_f32: usize,
+) -> Result<Linear, ModelError> {
     let mut t = content.tensor(reader, name, &Device::Cpu)?;
     if let Some(hd) = rope_head_dim {
         t = unpermute_rope_rows(t, hd)?;
     }
-    to_matmul(t, format)
+    Linear::new(t, format, min_rows_f32)
 }
 
-/// Converts a loaded tensor to the matmul form for `format`.
-pub fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
+/// Converts a loaded tensor to the (single) matmul form for `format`.
+fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
     let is_float = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     Ok(match format {
         _ if is_float => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::Stored => QMatMul::QTensor(t.into()),
-        WeightFormat::Q8_0 => {
+        WeightFormat::Q8_0 | WeightFormat::Auto => {
             let legacy = matches!(
                 t.dtype(),
                 GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
@@ -90,6 +94,43 @@ pub fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError
         WeightFormat::F32 => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::F16 => QMatMul::TensorF16(t.dequantize_f16(&Device::Cpu)?),
     })
+}
+
+/// A matrix weight, possibly in two forms: a quantized one for steps with few rows and an f32 one (gemm) for
+/// steps with at least `min_rows_f32` rows.
+pub struct Linear {
+    small: QMatMul,
+    large: Option<QMatMul>,
+    min_rows_f32: usize,
+}
+
+impl Linear {
+    /// Converts `t` per `format`; `auto` keeps the Q8_0 form and an f32 copy.
+    pub fn new(t: QTensor, format: WeightFormat, min_rows_f32: usize) -> Result<Self, ModelError> {
+        let large = match format {
+            WeightFormat::Auto => Some(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)),
+            _ => None,
+        };
+        Ok(Self {
+            small: to_matmul(t, format)?,
+            large,
+            min_rows_f32,
+        })
+    }
+
+    /// `x` (`[rows, in]`) times the weight transposed: `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::Module;
+        match &self.large {
+            Some(l) if x.dim(0)? >= self.min_rows_f32 => l.forward(x),
+            _ => self.small.forward(x),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        matmul_bytes(&self.small) + self.large.as_ref().map_or(0, matmul_bytes)
+    }
 }
 
 /// Bytes a matmul weight occupies in memory.
