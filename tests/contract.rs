@@ -305,7 +305,7 @@ async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     let (st, _) = s.post("/v1/chat/completions", chat("hi", 2)).await;
     assert_eq!(st, 503, "new work refused");
     while let Some(chunk) = stream.next().await {
-        text.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     let events = sse_data(&text);
     assert_eq!(
