@@ -57,9 +57,10 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub rate: Vec<f64>,
 
-    /// Requests measured per load level (default 64 when --duration is not given).
-    #[arg(long)]
-    pub requests: Option<u64>,
+    /// Requests measured per load level: one number for every level, or one per level (e.g. 8,16,32 with
+    /// --concurrency 1,4,16). Default 64 when --duration is not given.
+    #[arg(long, value_delimiter = ',')]
+    pub requests: Vec<u64>,
 
     /// Seconds per load level; no new request starts after it (in-flight ones finish or time out).
     #[arg(long)]
@@ -171,13 +172,12 @@ impl std::fmt::Display for Load {
     }
 }
 
-/// When a load level stops sending.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// When one load level stops sending.
+#[derive(Debug, Clone, Copy)]
 pub struct Stop {
-    /// Requests per level.
+    /// Requests in this level.
     pub requests: Option<u64>,
-    /// Time per level.
-    #[serde(serialize_with = "secs")]
+    /// Time of this level.
     pub duration: Option<Duration>,
 }
 
@@ -209,7 +209,11 @@ pub struct Config {
     /// One URL, or two in compare mode; each the full request URL.
     pub urls: Vec<String>,
     pub loads: Vec<Load>,
-    pub stop: Stop,
+    /// Requests per level, one per entry of `loads`; empty when only `duration` limits the levels.
+    pub requests: Vec<u64>,
+    /// Time per level.
+    #[serde(serialize_with = "secs")]
+    pub duration: Option<Duration>,
     pub warmup: u64,
     pub prompts: PromptSource,
     pub params: GenParams,
@@ -232,6 +236,16 @@ pub struct Config {
     pub quiet: bool,
 }
 
+impl Config {
+    /// When level `index` (of `loads`) stops sending.
+    pub fn stop(&self, index: usize) -> Stop {
+        Stop {
+            requests: self.requests.get(index).copied(),
+            duration: self.duration,
+        }
+    }
+}
+
 fn secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_some(&d.map(|d| d.as_secs_f64()))
 }
@@ -251,6 +265,8 @@ pub enum ConfigError {
     BadSeconds(&'static str, f64),
     #[error("--requests must be at least 1")]
     ZeroRequests,
+    #[error("--requests has {given} values for {levels} load levels (give one, or one per level)")]
+    RequestsPerLevel { given: usize, levels: usize },
     #[error("--max-tokens must be at least 1")]
     ZeroMaxTokens,
     #[error("URL {0:?} must start with http:// or https://")]
@@ -314,10 +330,18 @@ impl Cli {
             self.concurrency.iter().map(|&c| Load::Concurrency(c)).collect()
         };
         let duration = self.duration.map(|d| seconds("duration", d)).transpose()?;
-        let requests = match (self.requests, duration) {
-            (Some(0), _) => return Err(ConfigError::ZeroRequests),
-            (None, None) => Some(64),
-            (r, _) => r,
+        let requests = match (self.requests.as_slice(), duration) {
+            (r, _) if r.contains(&0) => return Err(ConfigError::ZeroRequests),
+            ([], None) => vec![64; loads.len()],
+            ([], Some(_)) => vec![],
+            ([n], _) => vec![*n; loads.len()],
+            (r, _) if r.len() == loads.len() => r.to_vec(),
+            (r, _) => {
+                return Err(ConfigError::RequestsPerLevel {
+                    given: r.len(),
+                    levels: loads.len(),
+                })
+            }
         };
         if self.max_tokens == 0 {
             return Err(ConfigError::ZeroMaxTokens);
@@ -347,7 +371,8 @@ impl Cli {
             target: self.target,
             urls,
             loads,
-            stop: Stop { requests, duration },
+            requests,
+            duration,
             warmup: self.warmup,
             prompts,
             params: GenParams {
@@ -407,12 +432,16 @@ mod tests {
             c.loads,
             vec![Load::Concurrency(1), Load::Concurrency(4), Load::Concurrency(16)]
         );
-        assert_eq!(c.stop.requests, Some(64));
+        assert_eq!(c.requests, vec![64, 64, 64]);
+        assert_eq!(c.stop(2).requests, Some(64));
         assert!(c.params.stream);
         let c = parse(&["azureml-score", "http://h", "--rate", "2,5", "--duration", "3"]).unwrap();
         assert_eq!(c.loads, vec![Load::Rate(2.0), Load::Rate(5.0)]);
-        assert_eq!(c.stop.requests, None);
+        assert_eq!(c.stop(0).requests, None);
+        assert_eq!(c.stop(1).duration, Some(Duration::from_secs(3)));
         assert!(!c.params.stream);
+        let c = parse(&["openai-chat", "http://h", "--concurrency", "1,4", "--requests", "2,8"]).unwrap();
+        assert_eq!((c.stop(0).requests, c.stop(1).requests), (Some(2), Some(8)));
     }
 
     #[test]
@@ -420,6 +449,7 @@ mod tests {
         assert!(parse(&["openai-chat", "http://h", "--concurrency", "0"]).is_err());
         assert!(parse(&["openai-chat", "http://h", "--rate", "0"]).is_err());
         assert!(parse(&["openai-chat", "http://h", "--timeout", "0"]).is_err());
+        assert!(parse(&["openai-chat", "http://h", "--concurrency", "1,2,3", "--requests", "1,2"]).is_err());
         assert!(parse(&["openai-chat", "http://h", "--header", "novalue"]).is_err());
         assert!(parse(&["azureml-score", "http://h", "--no-stream"]).is_err());
         let c = parse(&["openai-chat", "http://h", "--header", "azureml-model-deployment: blue"]).unwrap();

@@ -38,7 +38,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting tokio")?;
-    let results = runtime.block_on(runner::run(&config, &endpoints, workload));
+    let (stop_tx, interrupt) = tokio::sync::watch::channel(false);
+    let results = runtime.block_on(async {
+        // First Ctrl-C: end the run and report what was measured; a second one exits at once.
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: reporting what was measured (Ctrl-C again to quit)");
+                let _ = stop_tx.send(true);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        runner::run(&config, &endpoints, workload, &interrupt).await
+    });
     let report = Report::new(&config, &results);
     print!("{}", report::text(&report));
     if let Some(path) = &config.json {
@@ -51,6 +64,9 @@ fn main() -> anyhow::Result<()> {
         for f in plot::write_all(dir, &results)? {
             eprintln!("wrote {}", f.display());
         }
+    }
+    if *interrupt.borrow() {
+        std::process::exit(130); // as a shell reports a Ctrl-C'd command, after the reports are written
     }
     Ok(())
 }

@@ -230,14 +230,17 @@ fn token_note(results: &[LevelResult]) -> String {
             }
         }
     }
-    format!(
-        "Latencies in ms. Output tokens counted from: {}.",
-        if sources.is_empty() {
-            "-".into()
-        } else {
-            sources.join(", ")
-        }
-    )
+    let cut = if results.iter().any(|r| r.interrupted) {
+        " Interrupted: the last level is partial."
+    } else {
+        ""
+    };
+    let sources = if sources.is_empty() {
+        "-".into()
+    } else {
+        sources.join(", ")
+    };
+    format!("Latencies in ms. Output tokens counted from: {sources}.{cut}")
 }
 
 /// The report for the terminal.

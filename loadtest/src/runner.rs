@@ -3,6 +3,8 @@
 //!
 //! Each request's outcome goes into the level's [`LevelStats`]; errors are counted there, never returned.
 //! Every request is bounded by the client's timeout, so a level ends at most one timeout after it stops sending.
+//! An [`Interrupt`] (Ctrl-C) ends the level at once, drops its in-flight requests uncounted, marks the level
+//! `interrupted` and skips the rest, so the report still shows what was measured.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +23,29 @@ use crate::workload::Workload;
 
 /// Warm-up requests use indices far from the measured ones, so they do not repeat the measured prompts.
 const WARMUP_BASE: u64 = 1 << 62;
+
+/// Becomes `true` once when the run is interrupted.
+pub type Interrupt = tokio::sync::watch::Receiver<bool>;
+
+/// Resolves when `interrupt` turns true; never, if its sender is gone without that.
+async fn interrupted(mut interrupt: Interrupt) {
+    if interrupt.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Waits for every task, or aborts them all on an interrupt; returns whether it was interrupted.
+async fn drain(tasks: &mut JoinSet<()>, interrupt: &Interrupt) -> bool {
+    let cancelled = tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => false,
+        _ = interrupted(interrupt.clone()) => true,
+    };
+    if cancelled {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    cancelled
+}
 
 /// One endpoint under test.
 #[derive(Debug, Clone)]
@@ -69,7 +94,12 @@ impl Shared {
 }
 
 /// Runs the whole sweep: warm-up per endpoint, then each level against each endpoint in turn.
-pub async fn run(config: &Config, endpoints: &[Endpoint], workload: Arc<Workload>) -> Vec<LevelResult> {
+pub async fn run(
+    config: &Config,
+    endpoints: &[Endpoint],
+    workload: Arc<Workload>,
+    interrupt: &Interrupt,
+) -> Vec<LevelResult> {
     if config.warmup > 0 {
         let concurrency = match config.loads.first() {
             Some(Load::Concurrency(c)) => (*c).min(config.warmup as usize),
@@ -82,21 +112,36 @@ pub async fn run(config: &Config, endpoints: &[Endpoint], workload: Arc<Workload
         for ep in endpoints {
             let bar = progress(config.quiet, &format!("{} warm-up", ep.label), Some(config.warmup));
             let shared = Shared::new(bar);
-            closed(&ep.client, &workload, concurrency, stop, WARMUP_BASE, &shared).await;
+            closed(
+                &ep.client,
+                &workload,
+                concurrency,
+                stop,
+                WARMUP_BASE,
+                &shared,
+                interrupt,
+            )
+            .await;
             shared.finish();
         }
     }
     let mut results = Vec::new();
-    for &load in &config.loads {
+    for (index, &load) in config.loads.iter().enumerate() {
+        let stop = config.stop(index);
         for ep in endpoints {
-            let bar = progress(config.quiet, &format!("{} {load}", ep.label), config.stop.requests);
-            let shared = Shared::new(bar);
-            match load {
-                Load::Concurrency(c) => closed(&ep.client, &workload, c, config.stop, 0, &shared).await,
-                Load::Rate(r) => open(&ep.client, &workload, r, config.stop, config.seed, &shared).await,
+            if *interrupt.borrow() {
+                return results;
             }
+            let bar = progress(config.quiet, &format!("{} {load}", ep.label), stop.requests);
+            let shared = Shared::new(bar);
+            let cut = match load {
+                Load::Concurrency(c) => closed(&ep.client, &workload, c, stop, 0, &shared, interrupt).await,
+                Load::Rate(r) => open(&ep.client, &workload, r, stop, config.seed, &shared, interrupt).await,
+            };
             let (stats, elapsed) = shared.finish();
-            results.push(stats.result(&ep.label, ep.client.url(), load, elapsed));
+            let mut result = stats.result(&ep.label, ep.client.url(), load, elapsed);
+            result.interrupted = cut;
+            results.push(result);
         }
     }
     results
@@ -132,7 +177,8 @@ async fn closed(
     stop: Stop,
     base: u64,
     shared: &Arc<Shared>,
-) {
+    interrupt: &Interrupt,
+) -> bool {
     let next = Arc::new(AtomicU64::new(0));
     let deadline = stop.duration.map(|d| shared.start + d);
     let mut tasks = JoinSet::new();
@@ -152,12 +198,20 @@ async fn closed(
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    drain(&mut tasks, interrupt).await
 }
 
 /// Open loop: Poisson arrivals at `rate` per second; each request is timed from its scheduled time, so a
 /// sender that falls behind (or a server that stalls it) shows up in the latencies instead of hiding.
-async fn open(client: &Client, workload: &Arc<Workload>, rate: f64, stop: Stop, seed: u64, shared: &Arc<Shared>) {
+async fn open(
+    client: &Client,
+    workload: &Arc<Workload>,
+    rate: f64,
+    stop: Stop,
+    seed: u64,
+    shared: &Arc<Shared>,
+    interrupt: &Interrupt,
+) -> bool {
     // Same seed and rate -> same arrival times, for every endpoint of a comparison.
     let mut rng = StdRng::seed_from_u64(seed ^ rate.to_bits());
     let deadline = stop.duration.map(|d| shared.start + d);
@@ -172,7 +226,13 @@ async fn open(client: &Client, workload: &Arc<Workload>, rate: f64, stop: Stop, 
         if deadline.is_some_and(|d| at >= d) {
             break;
         }
-        tokio::time::sleep_until(at).await;
+        let cancelled = tokio::select! {
+            _ = tokio::time::sleep_until(at) => false,
+            _ = interrupted(interrupt.clone()) => true,
+        };
+        if cancelled {
+            break;
+        }
         let (client, workload, shared) = (client.clone(), workload.clone(), shared.clone());
         tasks.spawn(async move {
             let outcome = client.send(&workload.request(i), at).await;
@@ -180,5 +240,5 @@ async fn open(client: &Client, workload: &Arc<Workload>, rate: f64, stop: Stop, 
         });
         while tasks.try_join_next().is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
+    drain(&mut tasks, interrupt).await
 }

@@ -117,6 +117,7 @@ impl LevelStats {
             tpot_ms: Summary::of(&self.tpot),
             e2e_ms: Summary::of(&self.e2e),
             ttft_cdf_ms: cdf(&self.ttft),
+            interrupted: false,
         }
     }
 }
@@ -190,6 +191,8 @@ pub struct LevelResult {
     pub tpot_ms: Summary,
     pub e2e_ms: Summary,
     pub ttft_cdf_ms: Vec<(f64, f64)>,
+    /// The run was interrupted during this level: its in-flight requests are not counted.
+    pub interrupted: bool,
 }
 
 #[cfg(test)]

@@ -64,12 +64,16 @@ async fn good_stream(sock: &mut TcpStream) -> std::io::Result<()> {
     sock.write_all(b"data: [DONE]\n\n").await
 }
 
-/// Behaviours cycled by arrival order on `/mixed`; `/good` is always good.
+/// Behaviours cycled by arrival order on `/mixed`; `/good` is always good, `/slow` always slow.
 async fn respond(mut sock: TcpStream, n: usize) -> std::io::Result<()> {
     let Some(path) = read_request(&mut sock).await else {
         return Ok(());
     };
-    let behaviour = if path == "/good" { 0 } else { n % 7 };
+    let behaviour = match path.as_str() {
+        "/good" => 0,
+        "/slow" => 4,
+        _ => n % 7,
+    };
     match behaviour {
         0 => good_stream(&mut sock).await?,
         1 => {
@@ -222,4 +226,53 @@ fn duration_and_open_loop_stop_on_time() {
     }
     assert_eq!(report["comparisons"].as_array().unwrap().len(), 2);
     assert!(took < Duration::from_secs(10), "run took {took:?}");
+}
+
+#[test]
+fn ctrl_c_reports_what_was_measured() {
+    let url = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amlserve-loadtest"))
+        .args([
+            "openai-chat",
+            &url,
+            "--path",
+            "/slow",
+            "--concurrency",
+            "2,4",
+            "--requests",
+            "100000",
+        ])
+        .args([
+            "--timeout",
+            "60",
+            "--quiet",
+            "--warmup",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "the second level never started");
+    assert_eq!(results[0]["interrupted"], true);
+    assert!(results[0]["ok"].as_u64().unwrap() >= 2, "{:#}", results[0]);
+    assert_eq!(
+        results[0]["errors"], 0,
+        "in-flight requests are dropped, not counted as errors"
+    );
 }
