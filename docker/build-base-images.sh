@@ -21,6 +21,9 @@ bah() { buildah --storage-driver "$driver" "$@"; }
 pod() { podman --storage-driver "$driver" "$@"; }
 log() { echo "base-images: $*" >&2; }
 
+work_ctr=""
+trap '[ -z "$work_ctr" ] || bah rm "$work_ctr" >/dev/null 2>&1 || true' EXIT
+
 have_image() { pod image exists "$1" 2>/dev/null; }
 
 # Every FROM image of the Dockerfile, ARG defaults substituted, stage names left out.
@@ -76,9 +79,9 @@ make_rust() { # image name, rust version
   local sysroot
   sysroot=$(rustc --print sysroot)
   log "making $image from $slim + gcc + the host's Rust $version ($sysroot)"
-  local c
-  c=$(bah from --pull-never "$slim")
-  trap 'bah rm "$c" >/dev/null 2>&1 || true' RETURN
+  # global, so the EXIT trap can remove the working container when a step fails
+  work_ctr=$(bah from --pull=never "$slim")
+  local c=$work_ctr
   nice -n 19 buildah --storage-driver "$driver" run --isolation chroot "$c" -- sh -c \
     'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*'
   # This machine's extra CAs (e.g. a TLS-intercepting egress proxy), so cargo in the builder can reach crates.io.
@@ -98,6 +101,8 @@ make_rust() { # image name, rust version
     --env PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env RUST_VERSION="$version" --cmd bash "$c"
   bah commit --quiet "$c" "$image" >/dev/null
+  bah rm "$c" >/dev/null
+  work_ctr=""
   rm -rf "$stage"
 }
 
