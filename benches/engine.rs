@@ -14,11 +14,8 @@ use clap::{Parser, ValueEnum};
 #[derive(Parser)]
 struct Args {
     /// Weight formats to compare.
-    #[arg(long, value_delimiter = ',', default_values = ["q8_0", "f32", "auto"])]
+    #[arg(long, value_delimiter = ',', default_values = ["q8_0", "f32"])]
     weights: Vec<String>,
-    /// With auto: steps of at least this many tokens use the f32 weights.
-    #[arg(long, default_value_t = 8)]
-    f32_min_tokens: usize,
     /// Batch sizes for the decode measurement.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
     batch: Vec<usize>,
@@ -64,7 +61,7 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     for w in &args.weights {
         let format = WeightFormat::from_str(w, true).unwrap_or_else(|e| panic!("--weights {w}: {e}"));
-        let model = Model::load(&path, format, args.f32_min_tokens).expect("model loads");
+        let model = Model::load(&path, format).expect("model loads");
         let shape = model.llama.config.kv_shape();
         let ids = prompt(&model, args.prefill);
         // Warm-up, then prefill timing (best of 3).

@@ -34,15 +34,11 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_PORT", default_value_t = 5001)]
     pub port: u16,
 
-    /// How matrix weights are held in memory. auto keeps Q8_0 (fastest for steps of few tokens) and an f32
-    /// copy (gemm, fastest for prompts and big batches): fastest overall, 4-5x the memory of the file.
-    /// q8_0 alone is the fast low-memory choice; stored keeps the file's format (least memory, slow for Q4_1).
-    #[arg(long, env = "AMLSERVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Auto)]
+    /// How matrix weights are held in memory. q8_0 requantizes 4/5-bit blocks to Q8_0: fastest on CPU for
+    /// single streams, prompts and batches. stored keeps the file's format (least memory; Q4_1 is slow in candle);
+    /// f32 / f16 dequantize for gemm (4x / 2x the memory).
+    #[arg(long, env = "AMLSERVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
     pub weights: WeightFormat,
-
-    /// With --weights auto: forward steps of at least this many tokens use the f32 weights, smaller ones Q8_0.
-    #[arg(long, env = "AMLSERVE_F32_MIN_TOKENS", default_value_t = 8)]
-    pub f32_min_tokens: usize,
 
     /// Compute threads for matrix kernels. Defaults to the CPUs available to the process.
     #[arg(long, env = "AMLSERVE_THREADS")]
@@ -120,7 +116,6 @@ pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     pub weights: WeightFormat,
-    pub f32_min_tokens: usize,
     pub threads: usize,
     pub max_body_bytes: usize,
     pub engine: EngineConfig,
@@ -188,7 +183,6 @@ impl Args {
             host: self.host,
             port: self.port,
             weights: self.weights,
-            f32_min_tokens: self.f32_min_tokens.max(1),
             threads,
             max_body_bytes: self.max_body_bytes,
             engine: EngineConfig {

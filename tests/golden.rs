@@ -21,7 +21,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn tokenizer_and_template_match_llama_cpp() {
-    let model = Model::load(&common::model_path(), WeightFormat::Stored, 1).expect("model loads");
+    let model = Model::load(&common::model_path(), WeightFormat::Stored).expect("model loads");
     let tok = load("smollm2-tokenizer.json");
     let mut failures = Vec::new();
     for case in tok["cases"].as_array().expect("cases") {

@@ -144,13 +144,12 @@ impl Llama {
         content: &gguf_file::Content,
         reader: &mut R,
         format: WeightFormat,
-        min_rows_f32: usize,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
         let hd = config.head_dim;
         let mut weight_bytes = 0;
         let mut mm = |reader: &mut R, name: &str, rope: bool| -> Result<Linear, ModelError> {
-            let m = weights::load_linear(content, reader, name, format, rope.then_some(hd), min_rows_f32)?;
+            let m = weights::load_linear(content, reader, name, format, rope.then_some(hd))?;
             weight_bytes += m.bytes();
             Ok(m)
         };
@@ -172,8 +171,8 @@ impl Llama {
         let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
         let embed = embed_q.dequantize(&Device::Cpu)?;
         let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
-            Ok(t) => Linear::new(t, format, min_rows_f32)?,
-            Err(_) => Linear::new(embed_q, format, min_rows_f32)?, // tied embeddings
+            Ok(t) => Linear::new(t, format)?,
+            Err(_) => Linear::new(embed_q, format)?, // tied embeddings
         };
         weight_bytes += lm_head.bytes() + embed.elem_count() * 4;
         let norm = weights::load_f32(content, reader, "output_norm.weight")?;

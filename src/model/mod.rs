@@ -49,8 +49,7 @@ pub struct Model {
 
 impl Model {
     /// Loads the model, tokenizer and chat template from a GGUF file.
-    /// `min_rows_f32`: with [`WeightFormat::Auto`], steps of at least this many tokens use the f32 weights.
-    pub fn load(path: &Path, format: WeightFormat, min_rows_f32: usize) -> Result<Self, ModelError> {
+    pub fn load(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -59,7 +58,7 @@ impl Model {
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
         let tokenizer = TextTokenizer::from_gguf(&content)?;
-        let llama = Llama::load(&content, &mut file, format, min_rows_f32)?;
+        let llama = Llama::load(&content, &mut file, format)?;
         if tokenizer.vocab_size() != llama.config.vocab_size {
             return Err(ModelError::Metadata(
                 "vocabulary size disagrees with the tokenizer".into(),

@@ -317,7 +317,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
     let started = std::time::Instant::now();
     tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
-    let model = match Model::load(&config.model_path, config.weights, config.f32_min_tokens) {
+    let model = match Model::load(&config.model_path, config.weights) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::error!(error = %e, "model failed to load");
