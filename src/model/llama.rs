@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{self, AttnShape, AttnTask};
 use super::gguf_meta::Metadata;
 use super::kv_cache::{KvShape, SeqKv};
-use super::weights::{self, Linear, WeightFormat};
+use super::weights::{self, FusedLinear, Linear, WeightFormat};
 use super::ModelError;
 
 /// Hyper-parameters read from the GGUF.
@@ -76,13 +76,12 @@ impl LlamaConfig {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Query, key and value projections.
+    qkv: FusedLinear,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up projections.
+    gate_up: FusedLinear,
     w_down: Linear,
 }
 
@@ -148,22 +147,25 @@ impl Llama {
         let config = LlamaConfig::from_gguf(content)?;
         let hd = config.head_dim;
         let mut weight_bytes = 0;
-        let mut mm = |reader: &mut R, name: &str, rope: bool| -> Result<Linear, ModelError> {
-            let m = weights::load_linear(content, reader, name, format, rope.then_some(hd))?;
-            weight_bytes += m.bytes();
-            Ok(m)
-        };
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let p = format!("blk.{i}");
+            let (q, k, v) = (
+                format!("{p}.attn_q.weight"),
+                format!("{p}.attn_k.weight"),
+                format!("{p}.attn_v.weight"),
+            );
+            let qkv = FusedLinear::load(content, reader, &[(&q, true), (&k, true), (&v, false)], hd, format)?;
+            let (gate, up) = (format!("{p}.ffn_gate.weight"), format!("{p}.ffn_up.weight"));
+            let gate_up = FusedLinear::load(content, reader, &[(&gate, false), (&up, false)], hd, format)?;
+            let wo = weights::load_linear(content, reader, &format!("{p}.attn_output.weight"), format)?;
+            let w_down = weights::load_linear(content, reader, &format!("{p}.ffn_down.weight"), format)?;
+            weight_bytes += qkv.bytes() + gate_up.bytes() + wo.bytes() + w_down.bytes();
             layers.push(Layer {
-                wq: mm(reader, &format!("{p}.attn_q.weight"), true)?,
-                wk: mm(reader, &format!("{p}.attn_k.weight"), true)?,
-                wv: mm(reader, &format!("{p}.attn_v.weight"), false)?,
-                wo: mm(reader, &format!("{p}.attn_output.weight"), false)?,
-                w_gate: mm(reader, &format!("{p}.ffn_gate.weight"), false)?,
-                w_up: mm(reader, &format!("{p}.ffn_up.weight"), false)?,
-                w_down: mm(reader, &format!("{p}.ffn_down.weight"), false)?,
+                qkv,
+                wo,
+                gate_up,
+                w_down,
                 attn_norm: weights::load_f32(content, reader, &format!("{p}.attn_norm.weight"))?,
                 ffn_norm: weights::load_f32(content, reader, &format!("{p}.ffn_norm.weight"))?,
             });
@@ -235,15 +237,20 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
-            let q = layer.wq.forward(&h)?.reshape((1, n_tok, cfg.n_head, cfg.head_dim))?;
-            let k = layer.wk.forward(&h)?.reshape((1, n_tok, cfg.n_kv_head, cfg.head_dim))?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("qkv projection must give three outputs".into()))?;
+            let q = q.contiguous()?.reshape((1, n_tok, cfg.n_head, cfg.head_dim))?;
+            let k = k.contiguous()?.reshape((1, n_tok, cfg.n_kv_head, cfg.head_dim))?;
             let q = (candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)? * scale)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let mut off = 0;
             for c in chunks.iter_mut() {
                 let t = c.tokens.len();
@@ -275,9 +282,12 @@ impl Llama {
             let y = Tensor::from_vec(attention::attend(&tasks, shape), (n_tok, q_row), &dev)?;
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up projection must give two outputs".into()))?;
+            x = (x + layer.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
         }
         for c in chunks.iter_mut() {
             c.kv.advance(c.tokens.len());

@@ -54,20 +54,95 @@ fn unpermute_rope_rows(t: QTensor, head_dim: usize) -> Result<QTensor, ModelErro
     Ok(QTensor::new(storage, (rows, cols))?)
 }
 
-/// Loads a 2-D matrix weight from the GGUF in `format`. `rope_head_dim` reorders a query/key projection (see
-/// [`unpermute_rope_rows`]).
+/// Loads a 2-D matrix weight from the GGUF in `format`.
 pub fn load_linear<R: std::io::Read + std::io::Seek>(
     content: &gguf_file::Content,
     reader: &mut R,
     name: &str,
     format: WeightFormat,
-    rope_head_dim: Option<usize>,
 ) -> Result<Linear, ModelError> {
-    let mut t = content.tensor(reader, name, &Device::Cpu)?;
-    if let Some(hd) = rope_head_dim {
-        t = unpermute_rope_rows(t, hd)?;
+    Linear::new(content.tensor(reader, name, &Device::Cpu)?, format)
+}
+
+/// Stacks the rows of same-typed 2-D tensors with equal row width into one tensor (raw blocks: exact).
+/// `None` when the types or widths differ.
+fn concat_rows(parts: &[QTensor]) -> Result<Option<QTensor>, ModelError> {
+    let dtype = parts[0].dtype();
+    let cols = parts[0].shape().dims2()?.1;
+    let mut rows = 0;
+    let mut data = Vec::new();
+    for p in parts {
+        let (r, c) = p.shape().dims2()?;
+        if p.dtype() != dtype || c != cols {
+            return Ok(None);
+        }
+        rows += r;
+        data.extend_from_slice(&p.data()?);
     }
-    Linear::new(t, format)
+    let storage = QStorage::from_data(Cow::Owned(data), &Device::Cpu, dtype)?;
+    Ok(Some(QTensor::new(storage, (rows, cols))?))
+}
+
+/// Several projections of the same input (q, k, v; or gate, up), multiplied as one matrix when their weights
+/// share a type: one input quantization and one kernel call instead of several.
+pub struct FusedLinear {
+    linears: Vec<Linear>,
+    /// Output width of each projection.
+    widths: Vec<usize>,
+}
+
+impl FusedLinear {
+    /// Loads `names` (with `rope` set for query/key projections, see [`unpermute_rope_rows`]).
+    pub fn load<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        names: &[(&str, bool)],
+        head_dim: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let mut parts = Vec::with_capacity(names.len());
+        for &(name, rope) in names {
+            let mut t = content.tensor(reader, name, &Device::Cpu)?;
+            if rope {
+                t = unpermute_rope_rows(t, head_dim)?;
+            }
+            parts.push(t);
+        }
+        let widths = parts
+            .iter()
+            .map(|p| p.shape().dims2().map(|d| d.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let linears = match concat_rows(&parts)? {
+            Some(all) => vec![Linear::new(all, format)?],
+            None => parts
+                .into_iter()
+                .map(|p| Linear::new(p, format))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self { linears, widths })
+    }
+
+    /// One output `[rows, width_i]` per projection.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        if self.linears.len() == self.widths.len() {
+            return self.linears.iter().map(|l| l.forward(x)).collect();
+        }
+        let y = self.linears[0].forward(x)?;
+        let mut off = 0;
+        self.widths
+            .iter()
+            .map(|&w| {
+                let part = y.narrow(1, off, w);
+                off += w;
+                part
+            })
+            .collect()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.linears.iter().map(Linear::bytes).sum()
+    }
 }
 
 /// Converts a loaded tensor to the (single) matmul form for `format`.
