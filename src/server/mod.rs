@@ -313,6 +313,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exits the process (code 70) if the engine thread panics: a panic inside candle's kernel pool leaves it
+/// poisoned, so the only way back to service is a restart, which the platform does on exit.
+fn watch_engine(thread: std::thread::JoinHandle<()>) {
+    let spawned = std::thread::Builder::new().name("amlserve-engine-watch".into()).spawn(move || {
+        if thread.join().is_err() {
+            tracing::error!("the engine thread panicked; exiting so the platform restarts the server");
+            std::process::exit(70);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the engine thread");
+    }
+}
+
 /// Loads the model and starts the engine, marking the state ready (or recording the failure).
 fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
     let started = std::time::Instant::now();
@@ -336,7 +350,8 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         "model loaded"
     );
     match Engine::start(model.clone(), config.engine.clone(), metrics) {
-        Ok((engine, _thread)) => {
+        Ok((engine, thread)) => {
+            watch_engine(thread);
             let created = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
