@@ -319,3 +319,54 @@ async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0));
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_has_ids_and_token_counts_but_no_bodies() {
+    let s = Server::start(&[]).await;
+    let mut body = chat("my secret prompt text", 5);
+    body["ignore_eos"] = json!(true);
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-request-id", "log-check-1")
+        .header("x-ms-client-request-id", "client-log-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    body["stream"] = json!(true);
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-request-id", "log-check-2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let _ = r.text().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = s.drain_log();
+    let line = log
+        .iter()
+        .find(|l| l.contains("log-check-1") && l.contains("request"))
+        .expect("access line");
+    for field in [
+        "client_request_id=\"client-log-1\"",
+        "route=/v1/chat/completions",
+        "status=200",
+        "generated_tokens=5",
+        "prompt_tokens=",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("log-check-2") && l.contains("stream finished") && l.contains("generated_tokens=5")),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("secret prompt")),
+        "request bodies are never logged"
+    );
+}

@@ -23,6 +23,21 @@ pub const X_MS_SERVER_VERSION: HeaderName = HeaderName::from_static("x-ms-server
 /// Longest request id accepted (azmlinfsrv's limit).
 const MAX_ID_LEN: usize = 100;
 
+/// Token counts a handler attaches to its response (as an extension) for the access log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenCounts {
+    pub prompt: usize,
+    pub completion: usize,
+}
+
+impl TokenCounts {
+    /// Attaches the counts to `resp`.
+    pub fn attach(self, mut resp: Response) -> Response {
+        resp.extensions_mut().insert(self);
+        resp
+    }
+}
+
 /// The ids of the request being served; handlers read it from the request extensions.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -82,8 +97,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         X_MS_SERVER_VERSION,
         HeaderValue::from_static(concat!("amlserve/", env!("CARGO_PKG_VERSION"))),
     );
+    let tokens = resp.extensions().get::<TokenCounts>().copied();
     tracing::info!(
         request_id = %request_id,
+        prompt_tokens = tokens.map(|t| t.prompt),
+        generated_tokens = tokens.map(|t| t.completion),
         client_request_id = client_id.as_deref().unwrap_or(""),
         %method,
         route = %route,

@@ -15,7 +15,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::access::RequestId;
+use super::access::{RequestId, TokenCounts};
 use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::ApiJson;
@@ -139,13 +139,13 @@ fn parse_payload(body: Value) -> Result<Payload, ApiError> {
     Err(bad("unrecognised payload"))
 }
 
-/// Generates one whole answer per prompt, all queued together.
+/// Generates one whole answer per prompt, all queued together; returns the texts and the summed token counts.
 async fn generate_all(
     ready: &Ready,
     rid: &str,
     prompts: Vec<PromptInput>,
     params: &ScoreParameters,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<(Vec<String>, TokenCounts), ApiError> {
     let sampling = params.sampling();
     let mut receivers = Vec::with_capacity(prompts.len());
     let mut prepared = Vec::with_capacity(prompts.len());
@@ -156,44 +156,46 @@ async fn generate_all(
         receivers.push(generate::submit(ready, rid, p)?);
     }
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
-    outs.into_iter().map(|o| o.map(|c| c.text)).collect()
+    let mut counts = TokenCounts::default();
+    let mut texts = Vec::with_capacity(outs.len());
+    for out in outs {
+        let out = out?;
+        counts.prompt += out.done.prompt_tokens;
+        counts.completion += out.done.completion_tokens;
+        texts.push(out.text);
+    }
+    Ok((texts, counts))
 }
 
 async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    match parse_payload(body)? {
+    let (body, counts) = match parse_payload(body)? {
         Payload::Chat(messages, params) => {
             let messages = convert_messages(messages).map_err(|e| bad(e.message))?;
-            let mut out = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
-            Ok(Json(json!({"output": out.pop().unwrap_or_default()})).into_response())
+            let (mut out, counts) = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
+            (json!({"output": out.pop().unwrap_or_default()}), counts)
         }
         Payload::Text(prompts, params) => {
-            let outs = generate_all(
-                ready,
-                rid,
-                prompts.into_iter().map(PromptInput::Text).collect(),
-                &params,
+            let inputs = prompts.into_iter().map(PromptInput::Text).collect();
+            let (outs, counts) = generate_all(ready, rid, inputs, &params).await?;
+            (
+                Value::Array(outs.into_iter().map(|t| json!({"0": t})).collect()),
+                counts,
             )
-            .await?;
-            Ok(Json(outs.into_iter().map(|t| json!({"0": t})).collect::<Vec<_>>()).into_response())
         }
         Payload::HuggingFace(prompts, params) => {
             let full = params.return_full_text.unwrap_or(false);
-            let outs = generate_all(
-                ready,
-                rid,
-                prompts.iter().cloned().map(PromptInput::Text).collect(),
-                &params,
-            )
-            .await?;
-            let items: Vec<Value> = prompts
+            let inputs = prompts.iter().cloned().map(PromptInput::Text).collect();
+            let (outs, counts) = generate_all(ready, rid, inputs, &params).await?;
+            let items = prompts
                 .iter()
                 .zip(outs)
                 .map(|(p, t)| json!({"generated_text": if full { format!("{p}{t}") } else { t }}))
                 .collect();
-            Ok(Json(items).into_response())
+            (Value::Array(items), counts)
         }
-    }
+    };
+    Ok(counts.attach(Json(body).into_response()))
 }
 
 /// Runs a scoring call and adds azmlinfsrv's `x-ms-run-function-failed` and `x-ms-run-fn-exec-ms` headers.

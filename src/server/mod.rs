@@ -316,12 +316,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Exits the process (code 70) if the engine thread panics: a panic inside candle's kernel pool leaves it
 /// poisoned, so the only way back to service is a restart, which the platform does on exit.
 fn watch_engine(thread: std::thread::JoinHandle<()>) {
-    let spawned = std::thread::Builder::new().name("amlserve-engine-watch".into()).spawn(move || {
-        if thread.join().is_err() {
-            tracing::error!("the engine thread panicked; exiting so the platform restarts the server");
-            std::process::exit(70);
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("amlserve-engine-watch".into())
+        .spawn(move || {
+            if thread.join().is_err() {
+                tracing::error!("the engine thread panicked; exiting so the platform restarts the server");
+                std::process::exit(70);
+            }
+        });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot watch the engine thread");
     }

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::access::RequestId;
+use super::access::{RequestId, TokenCounts};
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::ApiJson;
@@ -236,22 +236,30 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
         created: now(),
     };
     if req.common.stream.unwrap_or(false) {
+        let timeout = generate::timeout_error(ready);
         return Ok(sse::stream(
             vec![rx],
             shape,
             req.common.include_usage(),
-            generate::timeout_error(ready),
+            timeout,
+            rid.to_string(),
         ));
     }
     let out = generate::collect(rx, ready).await?;
-    Ok(Json(json!({
-        "id": shape.id, "object": "chat.completion", "created": shape.created, "model": shape.model,
-        "system_fingerprint": null,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null,
-                     "finish_reason": finish_str(out.done.reason)}],
-        "usage": usage_json(out.done.prompt_tokens, out.done.completion_tokens),
-    }))
-    .into_response())
+    let counts = TokenCounts {
+        prompt: out.done.prompt_tokens,
+        completion: out.done.completion_tokens,
+    };
+    Ok(counts.attach(
+        Json(json!({
+            "id": shape.id, "object": "chat.completion", "created": shape.created, "model": shape.model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null,
+                         "finish_reason": finish_str(out.done.reason)}],
+            "usage": usage_json(out.done.prompt_tokens, out.done.completion_tokens),
+        }))
+        .into_response(),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,11 +354,13 @@ pub async fn completions(
         created: now(),
     };
     if req.common.stream.unwrap_or(false) {
+        let timeout = generate::timeout_error(ready);
         return Ok(sse::stream(
             receivers,
             shape,
             req.common.include_usage(),
-            generate::timeout_error(ready),
+            timeout,
+            rid.0.clone(),
         ));
     }
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
@@ -364,11 +374,15 @@ pub async fn completions(
             json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}),
         );
     }
-    Ok(Json(json!({
+    let body = Json(json!({
         "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
         "choices": choices, "usage": usage_json(p, c),
-    }))
-    .into_response())
+    }));
+    Ok(TokenCounts {
+        prompt: p,
+        completion: c,
+    }
+    .attach(body.into_response()))
 }
 
 /// `GET /v1/models`: the one served model.

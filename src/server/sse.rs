@@ -59,10 +59,12 @@ struct State<S: ChunkShape> {
     shape: S,
     timeout: ApiError,
     done: bool,
+    request_id: String,
 }
 
 impl<S: ChunkShape> State<S> {
     fn end_with_error(&mut self, e: ApiError) {
+        tracing::warn!(request_id = %self.request_id, error = %e.message, "stream ended with an error");
         self.pending.push_back(error_event(e));
         self.pending.push_back(SseEvent::default().data("[DONE]"));
         self.done = true;
@@ -82,6 +84,12 @@ impl<S: ChunkShape> State<S> {
                 self.completion_tokens += c.completion_tokens;
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
+                    tracing::info!(
+                        request_id = %self.request_id,
+                        prompt_tokens = self.prompt_tokens,
+                        generated_tokens = self.completion_tokens,
+                        "stream finished"
+                    );
                     if self.include_usage {
                         let u = self.shape.usage(usage_json(self.prompt_tokens, self.completion_tokens));
                         self.pending.push_back(data(&u));
@@ -101,11 +109,14 @@ impl<S: ChunkShape> State<S> {
 }
 
 /// Streams the events of `receivers` (one per choice, in index order) as SSE.
+/// The end of the stream is logged with `request_id` and the token counts (the access line is written when
+/// the stream starts).
 pub fn stream<S: ChunkShape>(
     receivers: Vec<UnboundedReceiver<Event>>,
     shape: S,
     include_usage: bool,
     timeout: ApiError,
+    request_id: String,
 ) -> Response {
     let n = receivers.len();
     // Each receiver ends with a `None` marker so a vanished engine is noticed per choice.
@@ -132,6 +143,7 @@ pub fn stream<S: ChunkShape>(
         shape,
         timeout,
         done: false,
+        request_id,
     };
     Sse::new(events(state)).keep_alive(KeepAlive::default()).into_response()
 }
