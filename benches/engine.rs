@@ -42,6 +42,26 @@ fn prompt(model: &Model, n: usize) -> Vec<u32> {
     ids
 }
 
+/// One forward step: `tokens[i]` appended to sequence `i`; returns each sequence's greedy next token.
+fn step(model: &Model, kvs: &mut [SeqKv], tokens: &[Vec<u32>]) -> Vec<u32> {
+    let mut chunks: Vec<SeqChunk> = kvs
+        .iter_mut()
+        .zip(tokens)
+        .map(|(kv, t)| SeqChunk {
+            kv,
+            tokens: t,
+            want_logits: true,
+        })
+        .collect();
+    let logits = model.llama.forward(&mut chunks).expect("forward");
+    logits
+        .to_vec2::<f32>()
+        .expect("logits")
+        .iter()
+        .map(|r| argmax(r))
+        .collect()
+}
+
 fn main() {
     let args = Args::parse();
     let threads = args
@@ -85,43 +105,12 @@ fn main() {
             let mut kvs: Vec<SeqKv> = (0..b)
                 .map(|_| SeqKv::new(shape, 16 + args.decode + 1, 16 + args.decode + 1))
                 .collect();
-            let mut last: Vec<Vec<u32>> = vec![short.clone(); b];
-            let mut chunks: Vec<SeqChunk> = kvs
-                .iter_mut()
-                .zip(&last)
-                .map(|(kv, t)| SeqChunk {
-                    kv,
-                    tokens: t,
-                    want_logits: true,
-                })
-                .collect();
-            let logits = model.llama.forward(&mut chunks).expect("prompt");
-            drop(chunks);
-            let mut next: Vec<u32> = logits
-                .to_vec2::<f32>()
-                .expect("logits")
-                .iter()
-                .map(|r| argmax(r))
-                .collect();
+            // The prompt step, then `decode` single-token steps; greedy next tokens.
+            let mut next = step(&model, &mut kvs, &vec![short.clone(); b]);
             let t = Instant::now();
             for _ in 0..args.decode {
-                last = next.iter().map(|&id| vec![id]).collect();
-                let mut chunks: Vec<SeqChunk> = kvs
-                    .iter_mut()
-                    .zip(&last)
-                    .map(|(kv, t)| SeqChunk {
-                        kv,
-                        tokens: t,
-                        want_logits: true,
-                    })
-                    .collect();
-                let logits = model.llama.forward(&mut chunks).expect("decode");
-                next = logits
-                    .to_vec2::<f32>()
-                    .expect("logits")
-                    .iter()
-                    .map(|r| argmax(r))
-                    .collect();
+                let last: Vec<Vec<u32>> = next.iter().map(|&id| vec![id]).collect();
+                next = step(&model, &mut kvs, &last);
             }
             let secs = t.elapsed().as_secs_f64();
             println!(

@@ -91,31 +91,18 @@ impl Server {
 
     /// POSTs JSON and returns status and parsed body.
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (status, parse_body(text))
+        send(self.client.post(self.url(path)).json(&body)).await
     }
 
     /// POSTs raw bytes with a JSON content type.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, serde_json::Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (status, parse_body(text))
+        send(
+            self.client
+                .post(self.url(path))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
     }
 
     /// Log lines printed so far.
@@ -162,8 +149,8 @@ pub fn python() -> PathBuf {
     venv
 }
 
-/// Runs `tests/python/<script>` with `args` and asserts it succeeded and printed `expect`.
-pub async fn run_python(script: &str, args: &[&str], expect: &str) {
+/// Runs `tests/python/<script>` with `args`, asserts it succeeded and printed `expect`, and returns its stdout.
+pub async fn run_python(script: &str, args: &[&str], expect: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
@@ -176,6 +163,14 @@ pub async fn run_python(script: &str, args: &[&str], expect: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(expect), "{stdout}");
+    stdout.into_owned()
+}
+
+/// Sends a request and returns its status and body.
+async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, parse_body(r.text().await.expect("body")))
 }
 
 /// A JSON body, or the raw text as a JSON string when it is not JSON.
