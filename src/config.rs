@@ -5,7 +5,7 @@
 //! `AZUREML_MODEL_DIR` for the model and `SCORING_TIMEOUT_MS` for the request timeout.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,6 +17,9 @@ use crate::model::WeightFormat;
 /// Where `make models` puts the default model.
 pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Where `make models` puts the default embedding model.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "models/all-minilm-l6-v2";
+
 /// amlserve: an LLM inference server with the Azure ML scoring contract and OpenAI-compatible routes.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
@@ -25,6 +28,12 @@ pub struct Args {
     /// AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2 file that `make models` downloads.
     #[arg(long, env = "AMLSERVE_MODEL")]
     pub model: Option<PathBuf>,
+
+    /// Embedding model for /v1/embeddings and /embeddings: a sentence-transformers folder (config.json,
+    /// model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2. When unset, the folder `make models` fills is
+    /// used if present; `none` disables embeddings.
+    #[arg(long, env = "AMLSERVE_EMBEDDING_MODEL")]
+    pub embedding_model: Option<String>,
 
     /// Address to listen on. 0.0.0.0 accepts connections from outside the container.
     #[arg(long, env = "AMLSERVE_HOST", default_value = "0.0.0.0")]
@@ -114,6 +123,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model_path: PathBuf,
+    /// The embedding model folder, if embeddings are served.
+    pub embedding_model: Option<PathBuf>,
     pub host: IpAddr,
     pub port: u16,
     pub weights: WeightFormat,
@@ -175,12 +186,23 @@ impl Args {
                 self.model.is_none().then(|| PathBuf::from(DEFAULT_MODEL)),
             ),
         ])?;
+        let embedding_model = match self.embedding_model.as_deref() {
+            Some("none") | Some("") => None,
+            Some(dir) if Path::new(dir).join("config.json").is_file() => Some(PathBuf::from(dir)),
+            Some(dir) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--embedding-model {dir}: not a sentence-transformers folder (no config.json); use `none` to serve no embeddings"
+                )))
+            }
+            None => Some(PathBuf::from(DEFAULT_EMBEDDING_MODEL)).filter(|d| d.join("config.json").is_file()),
+        };
         let threads = self
             .threads
             .filter(|&t| t > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(Config {
             model_path,
+            embedding_model,
             host: self.host,
             port: self.port,
             weights: self.weights,

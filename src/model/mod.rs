@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod chat_template;
+pub mod embedding;
 pub mod files;
 pub mod gguf_meta;
 pub mod kv_cache;

@@ -9,6 +9,7 @@ pub mod access;
 mod auth;
 mod azure_ai;
 mod azureml;
+mod embeddings;
 pub mod error;
 mod generate;
 mod json;
@@ -33,12 +34,15 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::model::embedding::EmbeddingModel;
 use crate::model::Model;
 use error::{ApiError, Dialect};
 
 /// What exists once the model is loaded.
 pub struct Ready {
     pub model: Arc<Model>,
+    /// The embedding model, when one is configured.
+    pub embedding: Option<Arc<EmbeddingModel>>,
     pub engine: Engine,
     pub request_timeout: Duration,
     pub default_max_tokens: usize,
@@ -207,7 +211,9 @@ pub fn router(state: AppState, options: &RouterOptions) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/info", get(azure_ai::info))
-        .route("/chat/completions", post(azure_ai::chat_completions));
+        .route("/chat/completions", post(azure_ai::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/embeddings", post(embeddings::embeddings));
     if options.metrics_route {
         app = app.route("/metrics", get(metrics));
     }
@@ -351,6 +357,20 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
+    let embedding = match &config.embedding_model {
+        None => None,
+        Some(dir) => match EmbeddingModel::load(dir) {
+            Ok(m) => {
+                tracing::info!(model = %m.name, dim = m.dim, "embedding model loaded");
+                Some(Arc::new(m))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedding model failed to load");
+                state.set_load_error(format!("embedding model {}: {e}", dir.display()));
+                return;
+            }
+        },
+    };
     match Engine::start(model.clone(), config.engine.clone(), metrics) {
         Ok((engine, thread)) => {
             watch_engine(thread);
@@ -359,6 +379,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 .map_or(0, |d| d.as_secs());
             state.set_ready(Ready {
                 model,
+                embedding,
                 engine,
                 request_timeout: config.request_timeout,
                 default_max_tokens: config.default_max_tokens,

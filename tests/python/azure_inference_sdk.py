@@ -4,7 +4,7 @@ Usage: python azure_inference_sdk.py http://127.0.0.1:PORT [API_KEY]   (exits no
 """
 import sys
 
-from azure.ai.inference import ChatCompletionsClient
+from azure.ai.inference import ChatCompletionsClient, EmbeddingsClient
 from azure.ai.inference.models import SystemMessage, UserMessage
 from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import HttpResponseError
@@ -32,6 +32,10 @@ def main(base: str, key: str) -> None:
     # model_extras travel with `extra-parameters: pass-through`.
     extra = client.complete(messages=messages, max_tokens=24, temperature=0.9, seed=5, model_extras={"top_k": 1})
     assert extra.choices[0].message.content == text, extra.choices[0].message.content
+
+    embedder = EmbeddingsClient(endpoint=base, credential=AzureKeyCredential(key))
+    emb = embedder.embed(input=["A cat sits on the mat", "Stock markets fell"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384, emb
 
     if key != "unused":
         bad = ChatCompletionsClient(endpoint=base, credential=AzureKeyCredential("wrong-key"))

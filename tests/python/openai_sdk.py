@@ -78,6 +78,14 @@ def main(base: str) -> None:
     except openai.BadRequestError as e:
         assert "temperature" in str(e), e
 
+    # The SDK asks for base64 by default and decodes it.
+    emb = client.embeddings.create(model="all-minilm-l6-v2", input=["A cat sits on the mat", "A kitten rests"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384, emb
+    assert abs(sum(x * x for x in emb.data[0].embedding) - 1.0) < 1e-4
+    floats = client.embeddings.create(model="all-minilm-l6-v2", input="A kitten rests", encoding_format="float")
+    assert all(abs(a - b) < 1e-6 for a, b in zip(floats.data[0].embedding, emb.data[1].embedding))
+    assert emb.usage.prompt_tokens > 0
+
     print("openai SDK checks passed")
 
 

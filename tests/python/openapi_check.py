@@ -14,7 +14,7 @@ def main(base: str) -> None:
         spec = json.load(r)
     validate(spec)
     paths = set(spec["paths"])
-    for route in ["/", "/health", "/score", "/v1/chat/completions", "/v1/completions", "/v1/models", "/info", "/chat/completions", "/metrics"]:
+    for route in ["/", "/health", "/score", "/v1/chat/completions", "/v1/completions", "/v1/models", "/info", "/chat/completions", "/metrics", "/v1/embeddings", "/embeddings"]:
         assert route in paths, route
     print("openapi document valid")
 

@@ -1,0 +1,111 @@
+//! `POST /v1/embeddings` (OpenAI) and `POST /embeddings` (Azure AI Model Inference): sentence embeddings from
+//! the configured embedding model, as float lists or base64 (little-endian f32, the openai SDK's default).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::AppState;
+
+/// Most inputs in one request.
+const MAX_INPUTS: usize = 256;
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    input: Value,
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+    #[allow(dead_code)]
+    model: Option<String>,
+}
+
+fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "input",
+            "input must be a non-empty string or a list of non-empty strings",
+        )
+    };
+    let list = match v {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad()),
+    };
+    if list.is_empty() || list.iter().any(String::is_empty) {
+        return Err(bad());
+    }
+    if list.len() > MAX_INPUTS {
+        return Err(ApiError::invalid_param(
+            "input",
+            format!("at most {MAX_INPUTS} inputs per request; got {}", list.len()),
+        ));
+    }
+    Ok(list)
+}
+
+/// Both embeddings routes.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<EmbeddingsRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let ready = state.ready()?;
+    let Some(model) = ready.embedding.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this server has no embedding model; start it with --embedding-model (a sentence-transformers folder)",
+        ));
+    };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "encoding_format",
+                format!("encoding_format must be float or base64; got '{other}'"),
+            ))
+        }
+    };
+    if let Some(d) = req.dimensions.filter(|&d| d != model.dim) {
+        return Err(ApiError::invalid_param(
+            "dimensions",
+            format!("this model gives {} dimensions; got {d}", model.dim),
+        ));
+    }
+    let texts = inputs(req.input)?;
+    let name = model.name.clone();
+    let results =
+        tokio::task::spawn_blocking(move || texts.iter().map(|t| model.embed(t)).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
+    let tokens: usize = results.iter().map(|(_, n)| n).sum();
+    let data: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, (v, _))| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": format!("emb-{}", uuid::Uuid::new_v4().simple()),
+        "object": "list", "data": data, "model": name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
+}
