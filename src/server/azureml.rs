@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::access::{RequestId, TokenCounts};
 use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
-use super::json::ApiJson;
+use super::json::{string_list, ApiJson};
 use super::openai::{convert_messages, MessageIn};
 use super::{AppState, Ready};
 
@@ -90,21 +90,11 @@ fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
 }
 
 fn strings(v: Value, what: &str) -> Result<Vec<String>, ApiError> {
-    let list = match v {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s),
-                _ => Err(bad(format!("{what} must hold only strings"))),
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(bad(format!("{what} must be a string or a list"))),
-    };
-    if list.is_empty() || list.iter().any(String::is_empty) {
-        return Err(bad(format!("{what} must not be empty")));
-    }
-    Ok(list)
+    string_list(v).ok_or_else(|| {
+        bad(format!(
+            "{what} must be a non-empty string or a list of non-empty strings"
+        ))
+    })
 }
 
 fn parse_payload(body: Value) -> Result<Payload, ApiError> {

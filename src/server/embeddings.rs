@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::json::ApiJson;
+use super::json::{string_list, ApiJson};
 use super::AppState;
 
 /// Most inputs in one request.
@@ -25,26 +25,12 @@ pub struct EmbeddingsRequest {
 }
 
 fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
-    let bad = || {
+    let list = string_list(v).ok_or_else(|| {
         ApiError::invalid_param(
             "input",
             "input must be a non-empty string or a list of non-empty strings",
         )
-    };
-    let list = match v {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s),
-                _ => Err(bad()),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => return Err(bad()),
-    };
-    if list.is_empty() || list.iter().any(String::is_empty) {
-        return Err(bad());
-    }
+    })?;
     if list.len() > MAX_INPUTS {
         return Err(ApiError::invalid_param(
             "input",

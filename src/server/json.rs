@@ -38,3 +38,21 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         _ => ApiError::bad_request(format!("the request body is not valid JSON: {e}")),
     })
 }
+
+/// A JSON string or list of strings as a list, `None` unless it is a non-empty list of non-empty strings
+/// (prompts, embedding inputs, scoring inputs all take this shape).
+pub fn string_list(v: serde_json::Value) -> Option<Vec<String>> {
+    use serde_json::Value;
+    let list = match v {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?,
+        _ => return None,
+    };
+    (!list.is_empty() && list.iter().all(|s| !s.is_empty())).then_some(list)
+}

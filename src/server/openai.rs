@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::access::{RequestId, TokenCounts};
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
-use super::json::ApiJson;
+use super::json::{string_list, ApiJson};
 use super::sse::{self, usage_json, ChunkShape};
 use super::{AppState, Ready};
 use crate::engine::FinishReason;
@@ -300,27 +300,12 @@ impl ChunkShape for CompletionShape {
 
 /// The prompts of a completion request: a string or a non-empty list of strings.
 fn prompts(v: Option<Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || {
+    v.and_then(string_list).ok_or_else(|| {
         ApiError::invalid_param(
             "prompt",
             "prompt must be a non-empty string or a non-empty list of strings",
         )
-    };
-    let list = match v.ok_or_else(bad)? {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s),
-                _ => Err(bad()),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => return Err(bad()),
-    };
-    if list.is_empty() || list.iter().any(String::is_empty) {
-        return Err(bad());
-    }
-    Ok(list)
+    })
 }
 
 /// Prepares and submits one request per prompt; all are validated before any is queued.
