@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{self, AttnShape, AttnTask};
 use super::gguf_meta::Metadata;
 use super::kv_cache::{KvShape, SeqKv};
+use super::rope::RopeTable;
 use super::weights::{self, FusedLinear, Linear, WeightFormat};
 use super::ModelError;
 
@@ -102,8 +103,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    rope: RopeTable,
     /// Bytes held by weights.
     pub weight_bytes: usize,
 }
@@ -114,27 +114,6 @@ impl std::fmt::Debug for Llama {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-fn rope_tables(cfg: &LlamaConfig) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
-        .collect();
-    let n = cfg.context_length;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for f in &inv {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-    ))
 }
 
 impl Llama {
@@ -178,15 +157,14 @@ impl Llama {
         };
         weight_bytes += lm_head.bytes() + embed.elem_count() * 4;
         let norm = weights::load_f32(content, reader, "output_norm.weight")?;
-        let (cos, sin) = rope_tables(&config)?;
+        let rope = RopeTable::new(config.head_dim, config.context_length, config.rope_base);
         Ok(Self {
             config,
             embed,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            rope,
             weight_bytes,
         })
     }
@@ -222,10 +200,7 @@ impl Llama {
         let n_tok = ids.len();
         let dev = Device::Cpu;
         let ids = Tensor::from_vec(ids, n_tok, &dev)?;
-        let pos = Tensor::from_vec(positions, n_tok, &dev)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let shape = AttnShape {
             n_head: cfg.n_head,
             n_kv_head: cfg.n_kv_head,
@@ -237,20 +212,24 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
-            let [q, k, v]: [Tensor; 3] = layer
-                .qkv
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("qkv projection must give three outputs".into()))?;
-            let q = q.contiguous()?.reshape((1, n_tok, cfg.n_head, cfg.head_dim))?;
-            let k = k.contiguous()?.reshape((1, n_tok, cfg.n_kv_head, cfg.head_dim))?;
-            let q = (candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)? * scale)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            // q, k, v side by side per token; rotate q and k to each token's position, scale q.
+            let qkv = layer.qkv.forward_rows(&h)?;
+            let width = q_row + 2 * kv_row;
+            let (mut q, mut k, mut v) = (
+                Vec::with_capacity(n_tok * q_row),
+                Vec::with_capacity(n_tok * kv_row),
+                Vec::with_capacity(n_tok * kv_row),
+            );
+            for (row, &p) in qkv.chunks_exact(width).zip(&positions) {
+                let (qr, rest) = row.split_at(q_row);
+                let (kr, vr) = rest.split_at(kv_row);
+                let (q0, k0) = (q.len(), k.len());
+                q.extend(qr.iter().map(|x| x * scale));
+                k.extend_from_slice(kr);
+                v.extend_from_slice(vr);
+                self.rope.rotate(&mut q[q0..], p as usize);
+                self.rope.rotate(&mut k[k0..], p as usize);
+            }
             let mut off = 0;
             for c in chunks.iter_mut() {
                 let t = c.tokens.len();

@@ -9,6 +9,7 @@ pub mod files;
 pub mod gguf_meta;
 pub mod kv_cache;
 pub mod llama;
+pub mod rope;
 pub mod tokenizer;
 pub mod weights;
 

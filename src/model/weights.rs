@@ -139,6 +139,21 @@ impl FusedLinear {
             .collect()
     }
 
+    /// All outputs side by side, as plain rows `[rows, sum of widths]`.
+    pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let y = match self.linears.as_slice() {
+            [one] => one.forward(x)?,
+            many => Tensor::cat(
+                &many
+                    .iter()
+                    .map(|l| l.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                1,
+            )?,
+        };
+        y.flatten_all()?.to_vec1::<f32>()
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.linears.iter().map(Linear::bytes).sum()
