@@ -172,15 +172,7 @@ async fn completions_accept_a_list_and_respect_max_tokens() {
 #[tokio::test(flavor = "multi_thread")]
 async fn models_lists_the_served_model() {
     let s = Server::start(&[]).await;
-    let v: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.get_json("/v1/models").await;
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(v["data"][0]["max_model_len"], 8192);

@@ -154,16 +154,7 @@ async fn a_request_past_its_timeout_is_cancelled_with_a_clear_error() {
     assert!(v["message"].as_str().unwrap().contains("timed out"), "{v}");
     let mut body = completion("Count forever:", 8000);
     body["stream"] = json!(true);
-    let text = s
-        .client
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.post_text("/v1/completions", &body).await;
     let events = common::sse_data(&text);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();

@@ -33,16 +33,7 @@ async fn metrics_count_exactly_what_was_sent() {
     }
     let body = json!({"prompt": "One two", "max_tokens": 3, "ignore_eos": true, "stream": true,
                       "stream_options": {"include_usage": true}, "temperature": 0});
-    let text = s
-        .client
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.post_text("/v1/completions", &body).await;
     let events = sse_data(&text);
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     prompt_tokens += usage["usage"]["prompt_tokens"].as_u64().unwrap();
@@ -159,15 +150,7 @@ async fn score_headers_options_get_and_cors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn swagger_versions_follow_azmlinfsrv() {
     let s = Server::start(&[]).await;
-    let v: Value = s
-        .client
-        .get(s.url("/swagger.json?version=3"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.get_json("/swagger.json?version=3").await;
     assert_eq!(v["openapi"], "3.0.3");
     let r = s.client.get(s.url("/swagger.json?version=2")).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -231,15 +214,7 @@ async fn api_key_protects_everything_but_probes_and_metrics() {
 #[tokio::test(flavor = "multi_thread")]
 async fn azure_ai_extra_parameters_are_honoured() {
     let s = Server::start(&[]).await;
-    let v: Value = s
-        .client
-        .get(s.url("/info?api-version=2024-05-01-preview"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.get_json("/info?api-version=2024-05-01-preview").await;
     assert_eq!(v["model_type"], "chat-completions");
     let mut body = chat("Hi", 4);
     body["top_k"] = json!(5);

@@ -94,6 +94,31 @@ impl Server {
         send(self.client.post(self.url(path)).json(&body)).await
     }
 
+    /// GETs `path` and parses the JSON body (whatever the status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
+    /// POSTs JSON and returns the raw body text (for SSE streams).
+    pub async fn post_text(&self, path: &str, body: &serde_json::Value) -> String {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("body")
+    }
+
     /// POSTs raw bytes with a JSON content type.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, serde_json::Value) {
         send(
