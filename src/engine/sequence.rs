@@ -101,10 +101,11 @@ impl Sequence {
             completion_tokens: self.generated(),
             queue_time: self.queue_time,
         };
-        let _ = self.events.send(Event::Done(done));
-        self.finished = true;
+        // Metrics first: a client that scrapes /metrics right after its response ends must see this request.
         metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
         metrics.finish(reason.as_str());
+        let _ = self.events.send(Event::Done(done));
+        self.finished = true;
         Ok(())
     }
 
