@@ -72,6 +72,13 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_KV_CACHE_MB", default_value_t = 2048)]
     pub kv_cache_mb: usize,
 
+    /// Memory, in MiB and within --kv-cache-mb, for keeping finished requests' KV cache so a new prompt that
+    /// starts with the same tokens (a chat template's system preamble, a conversation's earlier turns) skips
+    /// computing them; least recently used first out, and running requests take the room back when they need it.
+    /// 0 turns it off. Outputs are the same either way.
+    #[arg(long, env = "AMLSERVE_PREFIX_CACHE_MB", default_value_t = 256)]
+    pub prefix_cache_mb: usize,
+
     /// Most requests waiting for a place in the batch; more are refused at once with 429 and Retry-After.
     #[arg(long, env = "AMLSERVE_MAX_WAITING", default_value_t = 128)]
     pub max_waiting: usize,
@@ -213,6 +220,7 @@ impl Args {
                 max_batch_tokens: self.max_batch_tokens,
                 kv_cache_bytes: self.kv_cache_mb << 20,
                 max_waiting: self.max_waiting,
+                prefix_cache_bytes: self.prefix_cache_mb.min(self.kv_cache_mb) << 20,
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             default_max_tokens: self.default_max_tokens,

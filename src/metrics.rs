@@ -20,6 +20,7 @@ pub struct Metrics {
     pub e2e_latency: Histogram,
     pub queue_time: Histogram,
     pub prompt_tokens: IntCounter,
+    pub prefix_cache_hit_tokens: IntCounter,
     pub generation_tokens: IntCounter,
     pub running: IntGauge,
     pub waiting: IntGauge,
@@ -95,6 +96,11 @@ impl Metrics {
             ),
             prompt_tokens: IntCounter::new("amlserve_prompt_tokens_total", "Prompt tokens of admitted requests.")
                 .expect("valid counter"),
+            prefix_cache_hit_tokens: IntCounter::new(
+                "amlserve_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose KV was copied from the prefix cache instead of computed.",
+            )
+            .expect("valid counter"),
             generation_tokens: IntCounter::new("amlserve_generation_tokens_total", "Generated tokens.")
                 .expect("valid counter"),
             running: IntGauge::new("amlserve_num_requests_running", "Requests in the running batch.")
@@ -125,6 +131,7 @@ impl Metrics {
             Box::new(m.e2e_latency.clone()),
             Box::new(m.queue_time.clone()),
             Box::new(m.prompt_tokens.clone()),
+            Box::new(m.prefix_cache_hit_tokens.clone()),
             Box::new(m.generation_tokens.clone()),
             Box::new(m.running.clone()),
             Box::new(m.waiting.clone()),

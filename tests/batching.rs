@@ -22,7 +22,8 @@ async fn text_of(s: &Server, body: Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
     // Small token budget so prompts are prefilled in chunks while others decode.
-    let s = Server::start(&["--max-batch-tokens", "24"]).await;
+    // No prefix cache: the probe is computed from scratch both times.
+    let s = Server::start(&["--max-batch-tokens", "24", "--prefix-cache-mb", "0"]).await;
     let probe = completion("The history of the Roman Empire begins with", 32);
     let alone = text_of(&s, probe.clone()).await;
     let others: Vec<Value> = (0..8)

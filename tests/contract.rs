@@ -5,20 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{chat, sse_data, Server};
+use common::{chat, sample, sse_data, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
-
-/// The value of a sample line `name{labels} value` in a scrape (labels must match exactly as rendered).
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not in scrape:\n{scrape}"))
-        .trim()
-        .parse()
-        .expect("number")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_exactly_what_was_sent() {

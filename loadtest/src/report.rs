@@ -211,7 +211,14 @@ fn error_lines(results: &[LevelResult]) -> Vec<String> {
         .iter()
         .filter(|r| r.errors > 0)
         .map(|r| {
-            let kinds: Vec<String> = r.errors_by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            let kinds: Vec<String> = r
+                .errors_by_kind
+                .iter()
+                .map(|(k, n)| match r.error_examples.get(k) {
+                    Some(example) => format!("{k}: {n} (first: {example})"),
+                    None => format!("{k}: {n}"),
+                })
+                .collect();
             format!("{} {}: {}", r.endpoint, r.load, kinds.join(", "))
         })
         .collect()

@@ -32,6 +32,8 @@ pub struct LevelStats {
     e2e: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<String, u64>,
+    /// The first message seen for each error kind.
+    error_examples: BTreeMap<String, String>,
     output_tokens: u64,
     prompt_tokens: u64,
     prompt_reports: u64,
@@ -47,6 +49,7 @@ impl Default for LevelStats {
             e2e: histogram(),
             ok: 0,
             errors: BTreeMap::new(),
+            error_examples: BTreeMap::new(),
             output_tokens: 0,
             prompt_tokens: 0,
             prompt_reports: 0,
@@ -70,6 +73,7 @@ impl LevelStats {
             Ok(s) => s,
             Err(e) => {
                 *self.errors.entry(e.kind()).or_default() += 1;
+                self.error_examples.entry(e.kind()).or_insert_with(|| e.to_string());
                 return;
             }
         };
@@ -105,6 +109,7 @@ impl LevelStats {
             ok: self.ok,
             errors: self.error_count(),
             errors_by_kind: self.errors.clone(),
+            error_examples: self.error_examples.clone(),
             duration_s: elapsed.as_secs_f64(),
             requests_per_s: self.ok as f64 / secs,
             output_tokens: self.output_tokens,
@@ -177,6 +182,9 @@ pub struct LevelResult {
     pub ok: u64,
     pub errors: u64,
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// One message per error kind (the first seen), to tell what went wrong.
+    #[serde(default)]
+    pub error_examples: BTreeMap<String, String>,
     pub duration_s: f64,
     /// Successful requests per second of the level's wall time.
     pub requests_per_s: f64,

@@ -69,6 +69,9 @@ async fn respond(mut sock: TcpStream, n: usize) -> std::io::Result<()> {
     let Some(path) = read_request(&mut sock).await else {
         return Ok(());
     };
+    if path == "/keepalive" {
+        return keep_alive_then_drop(sock).await;
+    }
     let behaviour = match path.as_str() {
         "/good" => 0,
         "/slow" => 4,
@@ -108,6 +111,21 @@ async fn respond(mut sock: TcpStream, n: usize) -> std::io::Result<()> {
         }
     }
     sock.shutdown().await
+}
+
+/// Answers one request with a complete stream and keeps the connection open, then closes it without a word
+/// when the client reuses it, as a server closing idle keep-alive connections does in a race with the client.
+async fn keep_alive_then_drop(mut sock: TcpStream) -> std::io::Result<()> {
+    let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n\
+                data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    let _ = read_request(&mut sock).await;
+    Ok(()) // dropped: closed with the second request unanswered
 }
 
 /// Starts the misbehaving server on its own runtime thread; returns its base URL.
@@ -186,6 +204,24 @@ fn misbehaviour_is_counted_by_kind_and_the_run_ends_on_time() {
     assert_eq!(r["prompt_tokens_mean"], 5.0);
     // Two hangs may land on one worker: 2 x 1 s timeouts plus slack, far below the 60 s the server hangs.
     assert!(took < Duration::from_secs(8), "run took {took:?}");
+}
+
+#[test]
+fn a_reused_connection_closed_by_the_server_is_retried_once_on_a_new_one() {
+    let url = start_server();
+    let (report, _) = run_tool(&[
+        "openai-chat",
+        &url,
+        "--path",
+        "/keepalive",
+        "--requests",
+        "4",
+        "--concurrency",
+        "1",
+    ]);
+    let r = &report["results"][0];
+    assert_eq!(r["ok"], 4, "{r:#}");
+    assert_eq!(r["errors"], 0, "{r:#}");
 }
 
 #[test]

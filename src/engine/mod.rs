@@ -6,6 +6,7 @@
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
 pub mod params;
+mod prefix_cache;
 pub mod sampler;
 mod scheduler;
 mod sequence;
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Most requests waiting for admission; more are refused.
     pub max_waiting: usize,
+    /// Bytes of finished requests' KV kept for reuse by prompts with the same prefix (0: off). Counted within
+    /// `kv_cache_bytes`: running requests evict it when they need the room.
+    pub prefix_cache_bytes: usize,
 }
 
 /// Why generation ended.
@@ -62,6 +66,8 @@ impl FinishReason {
 pub struct Completion {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were copied from the prefix cache instead of computed.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// Time from submission to admission into the running batch.
     pub queue_time: Duration,

@@ -3,7 +3,8 @@
 //! Each step carries one decode token for every running sequence that has finished its prompt, then prefill
 //! chunks of the others (oldest first) up to `max_batch_tokens`, so a long new prompt is read over several
 //! steps instead of freezing running streams. A sequence leaves the batch the step it finishes, is cancelled,
-//! or times out, and its KV reservation returns to the budget at once.
+//! or times out, and its KV reservation returns to the budget at once; its cache goes to the [`PrefixCache`]
+//! for later prompts that start the same way.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -11,6 +12,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::prefix_cache::PrefixCache;
 use super::sequence::Sequence;
 use super::{EngineConfig, EngineStats, Event, FinishReason, Job};
 use crate::metrics::Metrics;
@@ -29,6 +31,7 @@ pub(super) struct Scheduler {
     running: Vec<Sequence>,
     kv_reserved: usize,
     kv_bytes_per_token: usize,
+    prefix: PrefixCache,
     open: bool,
 }
 
@@ -41,7 +44,9 @@ impl Scheduler {
         metrics: Arc<Metrics>,
     ) -> Self {
         let kv_bytes_per_token = model.llama.config.kv_shape().bytes_per_token();
+        let prefix = PrefixCache::new(config.prefix_cache_bytes);
         Self {
+            prefix,
             model,
             config,
             rx,
@@ -116,6 +121,7 @@ impl Scheduler {
                 let done = super::Completion {
                     reason: FinishReason::Timeout,
                     prompt_tokens: job.req.prompt.len(),
+                    cached_tokens: 0,
                     completion_tokens: 0,
                     queue_time: job.enqueued.elapsed(),
                 };
@@ -136,17 +142,21 @@ impl Scheduler {
             let Some(job) = self.waiting.front() else { break };
             let max_len = job.req.prompt.len() + job.req.params.max_tokens;
             let bytes = max_len * self.kv_bytes_per_token;
-            if self.kv_reserved + bytes > self.config.kv_cache_bytes {
+            let budget = self.config.kv_cache_bytes;
+            while self.kv_reserved + self.prefix.bytes() + bytes > budget && self.prefix.evict_oldest() > 0 {}
+            if self.kv_reserved + self.prefix.bytes() + bytes > budget {
                 break; // FCFS: wait for room rather than letting later requests overtake
             }
             let job = self.waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let initial = job.req.prompt.len() + job.req.params.max_tokens.min(INITIAL_KV_HEADROOM);
-            let kv = SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len);
+            let mut kv = SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len);
+            let cached = self.prefix.reuse(&job.req.prompt, &mut kv);
             self.kv_reserved += bytes;
             self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
             self.metrics.prompt_tokens.inc_by(job.req.prompt.len() as u64);
-            tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), "admitted");
+            self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
+            tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), cached_tokens = cached, "admitted");
             self.running.push(Sequence::new(job, kv, bytes));
         }
         self.publish();
@@ -169,14 +179,14 @@ impl Scheduler {
                 let _ = seq.finish(tok, &self.metrics, FinishReason::Timeout, true);
             }
         }
-        let mut freed = 0;
-        self.running.retain(|s| {
-            if s.finished {
-                freed += s.kv_reserved;
-            }
-            !s.finished
-        });
-        self.kv_reserved -= freed;
+        let (done, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition::<Vec<_>, _>(|s| s.finished);
+        self.running = running;
+        for seq in done {
+            self.kv_reserved -= seq.kv_reserved;
+            self.prefix.insert(seq.tokens, seq.kv);
+        }
     }
 
     fn publish(&self) {

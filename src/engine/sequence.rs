@@ -16,6 +16,8 @@ pub(super) struct Sequence {
     /// Prompt followed by generated tokens; `kv.len()` of them have been through the model.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
     pub kv: SeqKv,
     pub kv_reserved: usize,
     pub max_tokens: usize,
@@ -35,6 +37,7 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
+    /// A sequence whose first `kv.len()` prompt tokens are already in `kv` (from the prefix cache).
     pub fn new(job: Job, kv: SeqKv, kv_reserved: usize) -> Self {
         let now = Instant::now();
         let p = &job.req.params;
@@ -45,6 +48,7 @@ impl Sequence {
             max_tokens: p.max_tokens,
             ignore_eos: p.ignore_eos,
             prompt_len: job.req.prompt.len(),
+            cached_tokens: kv.len(),
             tokens: job.req.prompt,
             id: job.req.id,
             kv,
@@ -98,6 +102,7 @@ impl Sequence {
         let done = Completion {
             reason,
             prompt_tokens: self.prompt_len,
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.generated(),
             queue_time: self.queue_time,
         };

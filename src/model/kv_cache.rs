@@ -109,4 +109,36 @@ impl SeqKv {
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
+
+    /// Starts this empty cache with the first `n` tokens of `from` (same shape), as if they had been computed
+    /// here: a token's keys and values depend only on the tokens before it.
+    pub fn copy_prefix(&mut self, from: &SeqKv, n: usize) -> Result<(), KvOverflow> {
+        debug_assert!(self.is_empty() && n <= from.len);
+        self.reserve(n)?;
+        let floats = n * self.shape.row();
+        for (dst, src) in self.keys.iter_mut().zip(&from.keys) {
+            dst[..floats].copy_from_slice(&src[..floats]);
+        }
+        for (dst, src) in self.values.iter_mut().zip(&from.values) {
+            dst[..floats].copy_from_slice(&src[..floats]);
+        }
+        self.len = n;
+        Ok(())
+    }
+
+    /// Frees the room beyond the stored tokens (for a cache kept only to be read).
+    pub fn shrink_to_len(&mut self) {
+        let floats = self.len * self.shape.row();
+        for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            b.truncate(floats);
+            b.shrink_to_fit();
+        }
+        self.capacity = self.len;
+        self.max_len = self.len;
+    }
+
+    /// Bytes the stored tokens occupy.
+    pub fn stored_bytes(&self) -> usize {
+        self.len * self.shape.bytes_per_token()
+    }
 }

@@ -10,7 +10,7 @@ use super::access::{RequestId, TokenCounts};
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
-use super::sse::{self, usage_json, ChunkShape};
+use super::sse::{self, ChunkShape, Usage};
 use super::{AppState, Ready};
 use crate::engine::FinishReason;
 use crate::model::ChatMessage;
@@ -256,7 +256,7 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
             "system_fingerprint": null,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null,
                          "finish_reason": finish_str(out.done.reason)}],
-            "usage": usage_json(out.done.prompt_tokens, out.done.completion_tokens),
+            "usage": Usage::default().with(&out.done).json(),
         }))
         .into_response(),
     ))
@@ -350,22 +350,21 @@ pub async fn completions(
     }
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
     let mut choices = Vec::new();
-    let (mut p, mut c) = (0, 0);
+    let mut usage = Usage::default();
     for (i, out) in outs.into_iter().enumerate() {
         let out = out?;
-        p += out.done.prompt_tokens;
-        c += out.done.completion_tokens;
+        usage.add(&out.done);
         choices.push(
             json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}),
         );
     }
     let body = Json(json!({
         "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
-        "choices": choices, "usage": usage_json(p, c),
+        "choices": choices, "usage": usage.json(),
     }));
     Ok(TokenCounts {
-        prompt: p,
-        completion: c,
+        prompt: usage.prompt,
+        completion: usage.completion,
     }
     .attach(body.into_response()))
 }

@@ -117,7 +117,9 @@ fn schemas() -> Value {
         json!({"type": "object", "required": required, "properties": props})
     };
     let usage = json!({"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}});
+        "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
+        "prompt_tokens_details": {"type": "object", "description": "cached_tokens: prompt tokens reused from the prefix cache",
+                                  "properties": {"cached_tokens": {"type": "integer"}}}}});
     let finish = json!({"type": "string", "enum": ["stop", "length"]});
     json!({
         "Health": {"type": "object", "properties": {"status": {"type": "string"}, "model": {"type": "string"}, "message": {"type": "string"}}},

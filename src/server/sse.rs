@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::{ApiError, Dialect};
-use crate::engine::{Event, FinishReason};
+use crate::engine::{Completion, Event, FinishReason};
 
 /// How one dialect's stream chunks look.
 pub trait ChunkShape: Send + 'static {
@@ -31,9 +31,34 @@ pub trait ChunkShape: Send + 'static {
     fn usage(&self, usage: Value) -> Value;
 }
 
-/// Token counts in the OpenAI `usage` shape.
-pub fn usage_json(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Token counts of one or more finished choices, in the OpenAI `usage` shape.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    pub prompt: usize,
+    pub completion: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached: usize,
+}
+
+impl Usage {
+    /// Adds a finished choice's counts.
+    pub fn add(&mut self, c: &Completion) {
+        self.prompt += c.prompt_tokens;
+        self.completion += c.completion_tokens;
+        self.cached += c.cached_tokens;
+    }
+
+    /// These counts plus `c`'s.
+    pub fn with(mut self, c: &Completion) -> Self {
+        self.add(c);
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+               "total_tokens": self.prompt + self.completion,
+               "prompt_tokens_details": {"cached_tokens": self.cached}})
+    }
 }
 
 fn data(v: &Value) -> SseEvent {
@@ -53,8 +78,7 @@ struct State<S: ChunkShape> {
     pending: VecDeque<SseEvent>,
     open_choices: usize,
     finished: Vec<bool>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    usage: Usage,
     include_usage: bool,
     shape: S,
     timeout: ApiError,
@@ -80,18 +104,18 @@ impl<S: ChunkShape> State<S> {
             Some(Event::Done(c)) => {
                 self.pending.push_back(data(&self.shape.finish(index, c.reason)));
                 self.finished[index] = true;
-                self.prompt_tokens += c.prompt_tokens;
-                self.completion_tokens += c.completion_tokens;
+                self.usage.add(&c);
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
                     tracing::info!(
                         request_id = %self.request_id,
-                        prompt_tokens = self.prompt_tokens,
-                        generated_tokens = self.completion_tokens,
+                        prompt_tokens = self.usage.prompt,
+                        cached_tokens = self.usage.cached,
+                        generated_tokens = self.usage.completion,
                         "stream finished"
                     );
                     if self.include_usage {
-                        let u = self.shape.usage(usage_json(self.prompt_tokens, self.completion_tokens));
+                        let u = self.shape.usage(self.usage.json());
                         self.pending.push_back(data(&u));
                     }
                     self.pending.push_back(SseEvent::default().data("[DONE]"));
@@ -137,8 +161,7 @@ pub fn stream<S: ChunkShape>(
         pending,
         open_choices: n,
         finished: vec![false; n],
-        prompt_tokens: 0,
-        completion_tokens: 0,
+        usage: Usage::default(),
         include_usage,
         shape,
         timeout,

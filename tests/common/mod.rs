@@ -218,3 +218,14 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub fn chat(content: &str, max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
 }
+
+/// The value of a sample line `name{labels} value` in a scrape (labels must match exactly as rendered).
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not in scrape:\n{scrape}"))
+        .trim()
+        .parse()
+        .expect("number")
+}

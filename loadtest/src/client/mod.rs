@@ -199,13 +199,19 @@ impl Client {
             Target::OpenaiChat | Target::OpenaiCompletions => openai::body(self.target, spec, &self.params),
             Target::AzuremlScore => azureml::body(spec, &self.params),
         };
-        let resp = self
-            .http
-            .post(&self.url)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(RequestError::from_reqwest)?;
+        let body = body.to_string();
+        let mut retried = false;
+        let resp = loop {
+            match self.http.post(&self.url).body(body.clone()).send().await {
+                Ok(resp) => break resp,
+                // A pooled keep-alive connection the server had just closed (llama.cpp's server does this): the
+                // request never reached it, so it is sent once more on a fresh connection, as browsers do.
+                Err(e) if !retried && source_chain(&e).contains("connection closed before message completed") => {
+                    retried = true;
+                }
+                Err(e) => return Err(RequestError::from_reqwest(e)),
+            }
+        };
         if !resp.status().is_success() {
             return Err(RequestError::Status(resp.status().as_u16()));
         }
