@@ -76,7 +76,16 @@ async fn streaming_chat_has_the_openai_shape_and_matches_non_streaming() {
     );
     let usage = chunks.last().expect("usage chunk");
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"], whole["usage"]);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage["usage"][k], whole["usage"][k], "{k}");
+    }
+    // The same prompt again: all of it but the last token comes from the prefix cache.
+    let prompt_tokens = whole["usage"]["prompt_tokens"].as_u64().expect("count");
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens - 1
+    );
     let finish = &chunks[chunks.len() - 2]["choices"][0];
     assert_eq!(finish["finish_reason"], whole["choices"][0]["finish_reason"]);
     let text: String = chunks
