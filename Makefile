@@ -30,7 +30,7 @@ bench: models
 	$(CARGO) bench --bench engine
 
 ## Serving benchmark: streaming chat at concurrency 1, 4, 16 through HTTP (prints a table). With
-## LLAMA_SERVER=/path/to/llama-server it runs the same load against llama.cpp too and prints the ratios.
+## LLAMA_SERVER=/path/to/llama-server it then runs the same load against llama.cpp alone and prints the ratios.
 bench-serve: models
 	scripts/bench-serve.sh
 

@@ -9,6 +9,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use super::activation;
 use super::attention::{self, AttnShape, AttnTask};
 use super::gguf_meta::Metadata;
 use super::kv_cache::{KvShape, SeqKv};
@@ -81,8 +82,10 @@ struct Layer {
     qkv: FusedLinear,
     wo: Linear,
     ffn_norm: Tensor,
-    /// Gate and up projections.
+    /// Gate and up projections (fused: the gate's rows, then up's).
     gate_up: FusedLinear,
+    /// Width of each of gate and up.
+    ffn_width: usize,
     w_down: Linear,
 }
 
@@ -137,6 +140,10 @@ impl Llama {
             let qkv = FusedLinear::load(content, reader, &[(&q, true), (&k, true), (&v, false)], hd, format)?;
             let (gate, up) = (format!("{p}.ffn_gate.weight"), format!("{p}.ffn_up.weight"));
             let gate_up = FusedLinear::load(content, reader, &[(&gate, false), (&up, false)], hd, format)?;
+            let ffn_width = gate_up.widths()[0];
+            if gate_up.widths() != [ffn_width, ffn_width] {
+                return Err(ModelError::Metadata(format!("{gate} and {up} differ in output width")));
+            }
             let wo = weights::load_linear(content, reader, &format!("{p}.attn_output.weight"), format)?;
             let w_down = weights::load_linear(content, reader, &format!("{p}.ffn_down.weight"), format)?;
             weight_bytes += qkv.bytes() + gate_up.bytes() + wo.bytes() + w_down.bytes();
@@ -144,6 +151,7 @@ impl Llama {
                 qkv,
                 wo,
                 gate_up,
+                ffn_width,
                 w_down,
                 attn_norm: weights::load_f32(content, reader, &format!("{p}.attn_norm.weight"))?,
                 ffn_norm: weights::load_f32(content, reader, &format!("{p}.ffn_norm.weight"))?,
@@ -261,12 +269,9 @@ impl Llama {
             let y = Tensor::from_vec(attention::attend(&tasks, shape), (n_tok, q_row), &dev)?;
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("gate/up projection must give two outputs".into()))?;
-            x = (x + layer.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
+            let act = activation::swiglu(&layer.gate_up.forward_rows(&h)?, layer.ffn_width);
+            let act = Tensor::from_vec(act, (n_tok, layer.ffn_width), &dev)?;
+            x = (x + layer.w_down.forward(&act)?)?;
         }
         for c in chunks.iter_mut() {
             c.kv.advance(c.tokens.len());

@@ -2,6 +2,7 @@
 //! tokenizer and chat template, and the batched llama forward pass with per-sequence KV caches.
 //! Must not know about HTTP, tokio or scheduling.
 
+pub mod activation;
 pub mod attention;
 pub mod chat_template;
 pub mod embedding;

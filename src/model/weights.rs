@@ -122,21 +122,9 @@ impl FusedLinear {
         Ok(Self { linears, widths })
     }
 
-    /// One output `[rows, width_i]` per projection.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        if self.linears.len() == self.widths.len() {
-            return self.linears.iter().map(|l| l.forward(x)).collect();
-        }
-        let y = self.linears[0].forward(x)?;
-        let mut off = 0;
-        self.widths
-            .iter()
-            .map(|&w| {
-                let part = y.narrow(1, off, w);
-                off += w;
-                part
-            })
-            .collect()
+    /// Output width of each projection.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
     }
 
     /// All outputs side by side, as plain rows `[rows, sum of widths]`.
