@@ -139,7 +139,7 @@ fi
 
 # /score, Azure ML chat payload
 score_code=$(curl -s -o "$tmp/score" -w '%{http_code}' --max-time 60 "$base/score" -H 'content-type: application/json' -d '{
-  "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
+  "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                  "parameters": {"max_new_tokens": 24, "do_sample": false}}}' || true)
 if [ "$score_code" = 200 ] && python3 -c 'import json,sys; o=json.load(open(sys.argv[1]))["output"]; assert o.strip(); print(o)' "$tmp/score" >"$tmp/score.out" 2>/dev/null; then
   ok "POST /score 200: $(head -c 80 "$tmp/score.out" | tr '\n' ' ')"

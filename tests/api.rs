@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 async fn chat_answers_with_usage_and_is_greedy_deterministic() {
     let s = Server::start(&[]).await;
     let (st, a) = s
-        .post("/v1/chat/completions", chat("What is the capital of France?", 24))
+        .post(
+            "/v1/chat/completions",
+            chat("What is the capital of France? Answer in one sentence.", 24),
+        )
         .await;
     assert_eq!(st, 200, "{a}");
     assert_eq!(a["object"], "chat.completion");
@@ -18,8 +21,8 @@ async fn chat_answers_with_usage_and_is_greedy_deterministic() {
     let text = a["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(text.contains("Paris"), "{text}");
     assert_eq!(
-        a["usage"]["prompt_tokens"], 37,
-        "same prompt ids as llama.cpp's template"
+        a["usage"]["prompt_tokens"], 42,
+        "the default system preamble, the question and the assistant header"
     );
     let u = &a["usage"];
     assert_eq!(
@@ -27,7 +30,10 @@ async fn chat_answers_with_usage_and_is_greedy_deterministic() {
         u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
     );
     let (_, b) = s
-        .post("/v1/chat/completions", chat("What is the capital of France?", 24))
+        .post(
+            "/v1/chat/completions",
+            chat("What is the capital of France? Answer in one sentence.", 24),
+        )
         .await;
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
 }
@@ -193,7 +199,7 @@ async fn score_accepts_the_three_payloads() {
     let (st, v) = s
         .post(
             "/score",
-            json!({"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
+            json!({"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                                                "parameters": {"max_new_tokens": 24, "do_sample": false}}}),
         )
         .await;

@@ -63,7 +63,7 @@ cmd_test() {
   [ -n "$deployment" ] && pin=(-H "azureml-model-deployment: $deployment")
   say "POST $uri ${deployment:+(deployment $deployment)}"
   curl -sS --fail-with-body "$uri" "${pin[@]}" -H "Authorization: Bearer $k" -H 'Content-Type: application/json' -d '{
-    "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
+    "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                    "parameters": {"max_new_tokens": 32, "do_sample": false}}}'
   echo
   say "POST $base/v1/chat/completions (stream)"

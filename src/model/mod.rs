@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod rope;
 pub mod tokenizer;
+pub mod vnni_q8;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ def main(base: str, key: str) -> None:
     assert info.model_name == "SmolLM2-135M-Instruct.Q4_1", info
     assert info.model_type == "chat-completions", info
 
-    messages = [SystemMessage("You are a helpful assistant."), UserMessage("What is the capital of France?")]
+    messages = [SystemMessage("You are a helpful assistant."), UserMessage("What is the capital of France? Answer in one sentence.")]
     result = client.complete(messages=messages, max_tokens=24, temperature=0)
     text = result.choices[0].message.content
     assert "Paris" in text, text

@@ -18,18 +18,18 @@ def main(base: str) -> None:
 
     chat = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         max_tokens=24,
         temperature=0,
     )
     text = chat.choices[0].message.content
     assert "Paris" in text, text
     assert chat.choices[0].finish_reason in ("stop", "length")
-    assert chat.usage.prompt_tokens == 37 and chat.usage.completion_tokens > 0, chat.usage
+    assert chat.usage.prompt_tokens == 42 and chat.usage.completion_tokens > 0, chat.usage
 
     stream = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         max_tokens=24,
         temperature=0,
         stream=True,
