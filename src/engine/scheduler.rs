@@ -183,9 +183,17 @@ impl Scheduler {
             .into_iter()
             .partition::<Vec<_>, _>(|s| s.finished);
         self.running = running;
-        for seq in done {
+        let mut ends = Vec::new();
+        for mut seq in done {
             self.kv_reserved -= seq.kv_reserved;
+            if let Some(d) = seq.done.take() {
+                ends.push((seq.events.clone(), d));
+            }
             self.prefix.insert(seq.tokens, seq.kv);
+        }
+        self.publish();
+        for (events, d) in ends {
+            let _ = events.send(Event::Done(d));
         }
     }
 

@@ -32,6 +32,8 @@ pub(super) struct Sequence {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     pub finished: bool,
+    /// The end event, sent by the scheduler once the sequence has left the batch and the gauges say so.
+    pub done: Option<Completion>,
     /// The client dropped its receiver (noticed when sending).
     pub client_gone: bool,
 }
@@ -59,6 +61,7 @@ impl Sequence {
             enqueued: job.enqueued,
             last_token_at: None,
             finished: false,
+            done: None,
             client_gone: false,
         }
     }
@@ -106,10 +109,11 @@ impl Sequence {
             completion_tokens: self.generated(),
             queue_time: self.queue_time,
         };
-        // Metrics first: a client that scrapes /metrics right after its response ends must see this request.
+        // Counted now, announced by the scheduler after it has removed the sequence: a client that scrapes
+        // /metrics right after its response ends sees this request finished and no longer running.
         metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
         metrics.finish(reason.as_str());
-        let _ = self.events.send(Event::Done(done));
+        self.done = Some(done);
         self.finished = true;
         Ok(())
     }
