@@ -70,14 +70,27 @@ impl Scheduler {
             }
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "forward step failed; failing the running requests");
-                for seq in self.running.drain(..) {
-                    let _ = seq
-                        .events
-                        .send(Event::Error("inference failed; see the server log".into()));
-                }
-                self.kv_reserved = 0;
+                self.fail_running();
             }
             self.publish();
+        }
+    }
+
+    /// Ends every running sequence after a failed step: those that had already finished get their Done, the
+    /// others an error. Their caches may be half-written, so none goes to the prefix cache.
+    fn fail_running(&mut self) {
+        let failed = std::mem::take(&mut self.running);
+        self.kv_reserved = 0;
+        self.publish();
+        for mut seq in failed {
+            let event = match seq.done.take() {
+                Some(done) => Event::Done(done),
+                None => {
+                    self.metrics.finish("error");
+                    Event::Error("inference failed; see the server log".into())
+                }
+            };
+            let _ = seq.events.send(event);
         }
     }
 
@@ -110,6 +123,7 @@ impl Scheduler {
         let now = Instant::now();
         let before = self.waiting.len();
         let metrics = &self.metrics;
+        let mut expired = Vec::new();
         self.waiting.retain(|job| {
             if job.events.is_closed() {
                 tracing::info!(request_id = %job.req.id, "request cancelled while queued");
@@ -125,8 +139,8 @@ impl Scheduler {
                     completion_tokens: 0,
                     queue_time: job.enqueued.elapsed(),
                 };
-                let _ = job.events.send(Event::Done(done));
                 metrics.finish("timeout");
+                expired.push((job.events.clone(), done));
                 return false;
             }
             true
@@ -134,6 +148,10 @@ impl Scheduler {
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
+            self.publish();
+        }
+        for (events, done) in expired {
+            let _ = events.send(Event::Done(done));
         }
     }
 
@@ -176,7 +194,7 @@ impl Scheduler {
                 seq.finished = true;
             } else if seq.deadline.is_some_and(|d| d <= now) {
                 tracing::warn!(request_id = %seq.id, "request timed out");
-                let _ = seq.finish(tok, &self.metrics, FinishReason::Timeout, true);
+                seq.finish(tok, &self.metrics, FinishReason::Timeout, true);
             }
         }
         let (done, running) = std::mem::take(&mut self.running)

@@ -86,16 +86,18 @@ impl Sequence {
         }
     }
 
-    /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it.
-    pub fn finish(
-        &mut self,
-        tok: &TextTokenizer,
-        metrics: &Metrics,
-        reason: FinishReason,
-        flush: bool,
-    ) -> Result<(), ModelError> {
-        if flush {
-            let tail = self.decoder.flush(tok, &self.tokens[self.prompt_len..])?;
+    /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it. Cannot fail: a
+    /// tail that does not decode is logged and dropped, so the request still ends.
+    pub fn finish(&mut self, tok: &TextTokenizer, metrics: &Metrics, reason: FinishReason, flush: bool) {
+        let tail = if flush {
+            self.decoder
+                .flush(tok, &self.tokens[self.prompt_len..])
+                .inspect_err(|e| tracing::warn!(request_id = %self.id, error = %e, "final text did not decode"))
+                .ok()
+        } else {
+            None
+        };
+        if let Some(tail) = tail {
             let mut text = match self.stop.push(&tail) {
                 StopScan::Emit(t) | StopScan::Stopped(t) => t,
             };
@@ -115,7 +117,6 @@ impl Sequence {
         metrics.finish(reason.as_str());
         self.done = Some(done);
         self.finished = true;
-        Ok(())
     }
 
     /// Samples the next token from `logits` and emits its text; finishes the sequence when a stop condition hits.
@@ -137,18 +138,20 @@ impl Sequence {
         self.last_token_at = Some(now);
         metrics.generation_tokens.inc();
         if !self.ignore_eos && tok.is_stop(id) {
-            return self.finish(tok, metrics, FinishReason::Stop, true);
+            self.finish(tok, metrics, FinishReason::Stop, true);
+            return Ok(());
         }
         let text = self.decoder.next(tok, &self.tokens[self.prompt_len..])?;
         match self.stop.push(&text) {
             StopScan::Emit(t) => self.send(t),
             StopScan::Stopped(t) => {
                 self.send(t);
-                return self.finish(tok, metrics, FinishReason::Stop, false);
+                self.finish(tok, metrics, FinishReason::Stop, false);
+                return Ok(());
             }
         }
         if self.generated() >= self.max_tokens {
-            return self.finish(tok, metrics, FinishReason::Length, true);
+            self.finish(tok, metrics, FinishReason::Length, true);
         }
         Ok(())
     }

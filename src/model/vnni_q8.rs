@@ -60,11 +60,11 @@ pub fn available() -> bool {
 
 impl VnniQ8 {
     /// Repacks raw Q8_0 blocks (per block: f16 scale, 32 i8) of an `[n, k]` matrix. `None` when the CPU lacks
-    /// the instructions or the shape does not tile (`n % 16`, `k % 32`).
+    /// the instructions or the shape does not tile (`n % 16`, `k % 32`, `k > 0`).
     pub fn new(data: &[u8], n: usize, k: usize) -> Option<Self> {
         const BLOCK_BYTES: usize = 2 + BLOCK;
         let kb = k / BLOCK;
-        if !available() || !n.is_multiple_of(TILE_N) || !k.is_multiple_of(BLOCK) || data.len() != n * kb * BLOCK_BYTES {
+        if !available() || k == 0 || !n.is_multiple_of(TILE_N) || !k.is_multiple_of(BLOCK) || data.len() != n * kb * BLOCK_BYTES {
             return None;
         }
         let mut tiles = Vec::with_capacity(n / TILE_N * kb);
@@ -153,7 +153,8 @@ fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32]) {
         *db = amax / 127.0;
         let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         for (o, v) in qb.iter_mut().zip(xb) {
-            *o = ((v * inv).round_ties_even() as i32 + 128) as u8;
+            // Clamped: with a subnormal `amax`, `inv` is infinite and the product saturates.
+            *o = (((v * inv).round_ties_even() as i32).clamp(-127, 127) + 128) as u8;
         }
     }
 }
@@ -297,6 +298,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn tiny_blocks_saturate_instead_of_wrapping() {
+        let x = [3e-39f32; BLOCK]; // subnormal: 127 / amax is infinite
+        let (mut q, mut d) = ([0u8; BLOCK], [0f32; 1]);
+        quantize_row(&x, &mut q, &mut d);
+        assert!(q.iter().all(|&b| b == 255), "{q:?}");
+        quantize_row(&[0.0; BLOCK], &mut q, &mut d);
+        assert!(q.iter().all(|&b| b == 128) && d[0] == 0.0);
     }
 
     #[test]
