@@ -64,7 +64,12 @@ impl VnniQ8 {
     pub fn new(data: &[u8], n: usize, k: usize) -> Option<Self> {
         const BLOCK_BYTES: usize = 2 + BLOCK;
         let kb = k / BLOCK;
-        if !available() || k == 0 || !n.is_multiple_of(TILE_N) || !k.is_multiple_of(BLOCK) || data.len() != n * kb * BLOCK_BYTES {
+        if !available()
+            || k == 0
+            || !n.is_multiple_of(TILE_N)
+            || !k.is_multiple_of(BLOCK)
+            || data.len() != n * kb * BLOCK_BYTES
+        {
             return None;
         }
         let mut tiles = Vec::with_capacity(n / TILE_N * kb);
