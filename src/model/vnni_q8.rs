@@ -19,6 +19,8 @@
 
 use std::sync::Mutex;
 
+use wide::{f32x8, i32x8};
+
 /// Output rows per tile (one 512-bit register of i32 or f32).
 const TILE_N: usize = 16;
 /// Values per quantization block.
@@ -153,13 +155,23 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Acts {
 }
 
 fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32]) {
-    for ((xb, qb), db) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    // `k` is a multiple of 32: whole blocks of four 8-lane vectors, no tail.
+    let (xv, qv) = (x.as_chunks::<8>().0, q.as_chunks_mut::<8>().0);
+    let limit = f32x8::splat(127.0);
+    for ((xb, qb), db) in xv.chunks_exact(4).zip(qv.chunks_exact_mut(4)).zip(d.iter_mut()) {
+        let v: [f32x8; 4] = std::array::from_fn(|i| f32x8::new(xb[i]));
+        let amax = v
+            .iter()
+            .fold(f32x8::ZERO, |a, x| a.fast_max(x.abs()))
+            .to_array()
+            .into_iter()
+            .fold(0f32, f32::max);
         *db = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (o, v) in qb.iter_mut().zip(xb) {
+        let inv = f32x8::splat(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        for (vi, o) in v.iter().zip(qb.iter_mut()) {
             // Clamped: with a subnormal `amax`, `inv` is infinite and the product saturates.
-            *o = (((v * inv).round_ties_even() as i32).clamp(-127, 127) + 128) as u8;
+            let r = (*vi * inv).fast_max(-limit).fast_min(limit).fast_round_int() + i32x8::splat(128);
+            *o = r.to_array().map(|b| b as u8);
         }
     }
 }
