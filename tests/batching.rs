@@ -55,14 +55,7 @@ async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
 async fn a_cancelled_stream_frees_its_slot() {
     let s = Server::start(&["--max-batch-size", "1"]).await;
     let body = json!({"prompt": "Count forever:", "max_tokens": 8000, "ignore_eos": true, "stream": true});
-    let r = s
-        .client
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .expect("stream");
-    let mut stream = r.bytes_stream();
+    let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
     stream.next().await.expect("first chunk").expect("bytes");
     drop(stream); // the client goes away mid-generation
                   // The only slot must be free again long before the 8000 tokens would have finished.
@@ -94,14 +87,8 @@ async fn a_cancelled_non_streaming_request_frees_its_slot() {
 async fn a_full_queue_answers_429_at_once() {
     let s = Server::start(&["--max-batch-size", "1", "--max-waiting", "1"]).await;
     // A runs, B waits, C finds the queue full.
-    let a = s
-        .client
-        .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": "Count:", "max_tokens": 8000, "ignore_eos": true, "stream": true}))
-        .send()
-        .await
-        .expect("a");
-    let mut a = a.bytes_stream();
+    let body = json!({"prompt": "Count:", "max_tokens": 8000, "ignore_eos": true, "stream": true});
+    let mut a = Box::pin(s.post_stream("/v1/completions", &body).await);
     a.next().await.expect("a runs").expect("bytes");
     let (url, client) = (s.url("/v1/completions"), s.client.clone());
     let b = tokio::spawn(async move { client.post(url).json(&completion("B", 8000)).send().await });

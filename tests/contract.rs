@@ -243,14 +243,7 @@ async fn azure_ai_extra_parameters_are_honoured() {
 async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     let mut s = Server::start(&["--shutdown-grace-secs", "60"]).await;
     let body = json!({"prompt": "Count:", "max_tokens": 150, "ignore_eos": true, "stream": true, "temperature": 0});
-    let r = s
-        .client
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let mut stream = r.bytes_stream();
+    let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
     let pid = s.pid();
     assert!(std::process::Command::new("kill")

@@ -119,6 +119,23 @@ impl Server {
             .expect("body")
     }
 
+    /// POSTs JSON and returns the response body as a stream of chunks (to read a stream part-way).
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "stream request");
+        r.bytes_stream()
+    }
+
     /// POSTs raw bytes with a JSON content type.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, serde_json::Value) {
         send(
