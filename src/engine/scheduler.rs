@@ -160,10 +160,12 @@ impl Scheduler {
             let Some(job) = self.waiting.front() else { break };
             let max_len = job.req.prompt.len() + job.req.params.max_tokens;
             let bytes = max_len * self.kv_bytes_per_token;
-            let budget = self.config.kv_cache_bytes;
-            while self.kv_reserved + self.prefix.bytes() + bytes > budget && self.prefix.evict_oldest() > 0 {}
-            if self.kv_reserved + self.prefix.bytes() + bytes > budget {
-                break; // FCFS: wait for room rather than letting later requests overtake
+            // Cached prefixes give way to admissions; then FCFS: wait for room rather than letting later
+            // requests overtake.
+            let fits = |s: &Self| s.kv_reserved + s.prefix.bytes() + bytes <= s.config.kv_cache_bytes;
+            while !fits(self) && self.prefix.evict_oldest() > 0 {}
+            if !fits(self) {
+                break;
             }
             let job = self.waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);

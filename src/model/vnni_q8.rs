@@ -103,6 +103,11 @@ impl VnniQ8 {
         self.n
     }
 
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<Tile>()

@@ -132,7 +132,7 @@ impl FusedLinear {
     /// All outputs side by side, as plain rows `[rows, sum of widths]`.
     pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         let y = match self.linears.as_slice() {
-            [one] => one.forward(x)?,
+            [one] => return one.forward_rows(x),
             many => Tensor::cat(
                 &many
                     .iter()
@@ -258,13 +258,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         use candle_core::Module;
         match &self.kernel {
-            Kernel::Vnni(v) => {
-                let m = x.dim(0)?;
-                let y = v.matmul(&x.flatten_all()?.to_vec1::<f32>()?);
-                Tensor::from_vec(y, (m, v.rows()), x.device())
-            }
+            Kernel::Vnni(v) => Tensor::from_vec(vnni_rows(v, x)?, (x.dim(0)?, v.rows()), x.device()),
             Kernel::Candle(matmul, Some((k, kp))) => matmul.forward(&x.pad_with_zeros(1, 0, kp - k)?),
             Kernel::Candle(matmul, None) => matmul.forward(x),
+        }
+    }
+
+    /// The same product as plain rows `[rows * out]` (no tensor round trip on our kernel).
+    pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        match &self.kernel {
+            Kernel::Vnni(v) => vnni_rows(v, x),
+            Kernel::Candle(..) => self.forward(x)?.flatten_all()?.to_vec1::<f32>(),
         }
     }
 
@@ -275,6 +279,15 @@ impl Linear {
             Kernel::Candle(m, _) => matmul_bytes(m),
         }
     }
+}
+
+/// `x` (`[rows, cols]`, f32) times `v` transposed, after checking the width.
+fn vnni_rows(v: &VnniQ8, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (_, cols) = x.dims2()?;
+    if cols != v.cols() {
+        candle_core::bail!("matmul input has {cols} columns, the weight {}", v.cols())
+    }
+    Ok(v.matmul(&x.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// Bytes a matmul weight occupies in memory.
