@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 model=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 out=${BENCH_OUT:-target/bench-serve}
 mkdir -p "$out"
+if [ -n "${LLAMA_SERVER:-}" ] && [ ! -x "$LLAMA_SERVER" ]; then
+  echo "bench-serve: LLAMA_SERVER=$LLAMA_SERVER is not an executable file (build llama-server; see README)" >&2
+  exit 2
+fi
 cargo build --release -p amlserve --bin amlserve >&2
 cargo build --release -p amlserve-loadtest >&2
 

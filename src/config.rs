@@ -76,7 +76,7 @@ pub struct Args {
     /// Memory, in MiB and within --kv-cache-mb, for keeping finished requests' KV cache so a new prompt that
     /// starts with the same tokens (a chat template's system preamble, a conversation's earlier turns) skips
     /// computing them; least recently used first out, and running requests take the room back when they need it.
-    /// 0 turns it off. Outputs are the same either way.
+    /// 0 turns it off; more than --kv-cache-mb is capped to it. Outputs are the same either way.
     #[arg(long, env = "AMLSERVE_PREFIX_CACHE_MB", default_value_t = 256)]
     pub prefix_cache_mb: usize,
 
