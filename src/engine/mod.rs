@@ -1,15 +1,22 @@
 //! The inference engine: one dedicated OS thread owns the model and runs continuous batching over it.
 //!
-//! Async code talks to it only through [`Engine`], a cheap handle holding a channel sender: [`Engine::submit`]
-//! queues a [`GenerateRequest`] (or refuses it at once when the waiting queue is full) and returns a per-request
+//! Async code talks to it only through [`Engine`], a cheap handle holding a channel sender. A request first
+//! takes places in the waiting queue ([`Engine::reserve`], refused at once when the queue is full), before any
+//! work is spent on it; [`Slot::submit`] then queues the tokenized [`GenerateRequest`] and returns a per-request
 //! receiver of [`Event`]s. Dropping that receiver cancels the request, queued or running, within one step.
+//! The scheduler drives a [`backend::Backend`], so it can run any forward, and a stub in its unit tests.
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
+pub mod backend;
 pub mod params;
 mod prefix_cache;
 pub mod sampler;
 mod scheduler;
+#[cfg(test)]
+mod scheduler_tests;
 mod sequence;
+#[cfg(test)]
+mod stub;
 pub mod text;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,6 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::model::Model;
+use backend::{Backend, Detokenizer, LlamaBackend};
 pub use params::GenerationParams;
 
 /// Limits of the engine.
@@ -95,6 +103,18 @@ pub struct GenerateRequest {
     pub deadline: Option<Instant>,
 }
 
+impl GenerateRequest {
+    /// Most tokens the sequence can hold: its prompt plus `max_tokens`.
+    pub fn max_len(&self) -> usize {
+        self.prompt.len() + self.params.max_tokens
+    }
+
+    /// KV bytes the request reserves for its whole life, at `per_token` bytes a token.
+    pub fn kv_bytes(&self, per_token: usize) -> usize {
+        self.max_len() * per_token
+    }
+}
+
 /// Why a request was not queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
@@ -106,13 +126,56 @@ pub enum SubmitError {
     Stopped,
 }
 
-/// Counters shared between the engine thread and its handles.
-#[derive(Debug, Default)]
+/// Counters shared between the engine thread and its handles. The engine thread writes `running` and
+/// `kv_reserved_bytes`; `waiting` moves on both sides, only through [`EngineStats::take_waiting`] and
+/// [`EngineStats::release_waiting`], which keep the exported gauge in step.
 pub struct EngineStats {
-    pub waiting: AtomicUsize,
+    waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_reserved_bytes: AtomicUsize,
     alive: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for EngineStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineStats")
+            .field("waiting", &self.waiting)
+            .field("running", &self.running)
+            .field("kv_reserved_bytes", &self.kv_reserved_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineStats {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            kv_reserved_bytes: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            metrics,
+        }
+    }
+
+    /// Requests holding a place in the waiting queue (being prepared or queued).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Takes `n` places if that keeps the queue within `max`; else how many are taken already.
+    fn take_waiting(&self, n: usize, max: usize) -> Result<(), usize> {
+        self.waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n))?;
+        self.metrics.waiting.add(n as i64);
+        Ok(())
+    }
+
+    /// Gives `n` places back (a request was admitted, dropped, or never submitted).
+    fn release_waiting(&self, n: usize) {
+        self.waiting.fetch_sub(n, Ordering::SeqCst);
+        self.metrics.waiting.sub(n as i64);
+    }
 }
 
 struct Job {
@@ -128,7 +191,6 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     config: Arc<EngineConfig>,
     kv_bytes_per_token: usize,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -151,63 +213,34 @@ impl Drop for AliveGuard {
     }
 }
 
-impl Engine {
-    /// Starts the engine thread for `model`.
-    pub fn start(
-        model: Arc<Model>,
-        config: EngineConfig,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stats = Arc::new(EngineStats::default());
-        stats.alive.store(true, Ordering::SeqCst);
-        let kv_bytes_per_token = model.llama.config.kv_shape().bytes_per_token();
-        let config = Arc::new(config);
-        let thread_stats = stats.clone();
-        let thread_config = config.clone();
-        let thread_metrics = metrics.clone();
-        let handle = std::thread::Builder::new()
-            .name("amlserve-engine".into())
-            .spawn(move || {
-                let _guard = AliveGuard(thread_stats.clone());
-                scheduler::Scheduler::new(model, (*thread_config).clone(), rx, thread_stats, thread_metrics).run();
-            })?;
-        Ok((
-            Self {
-                tx,
-                stats,
-                config,
-                kv_bytes_per_token,
-                metrics,
-            },
-            handle,
-        ))
-    }
+/// A place in the waiting queue, held while a request is prepared (template, tokenization, validation).
+/// Dropped unused, it goes back to the queue.
+#[derive(Debug)]
+pub struct Slot {
+    engine: Engine,
+    used: bool,
+}
 
-    /// Queues a request; events arrive on the returned receiver. Refuses at once when the queue is full.
-    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        let result = self.try_submit(req);
-        if result.is_err() {
-            self.metrics.finish("rejected");
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.used {
+            self.engine.stats.release_waiting(1);
         }
-        result
     }
+}
 
-    fn try_submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        if !self.is_alive() {
-            return Err(SubmitError::Stopped);
-        }
-        let needed = (req.prompt.len() + req.params.max_tokens) * self.kv_bytes_per_token;
-        if needed > self.config.kv_cache_bytes {
+impl Slot {
+    /// Queues the prepared request in this place; events arrive on the returned receiver. Refused when its
+    /// prompt and `max_tokens` could never fit the KV cache, or when the engine has stopped.
+    pub fn submit(mut self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let engine = &self.engine;
+        let needed = req.kv_bytes(engine.kv_bytes_per_token);
+        if needed > engine.config.kv_cache_bytes {
+            engine.stats.metrics.finish("rejected");
             return Err(SubmitError::TooLarge {
                 needed_mb: needed.div_ceil(1 << 20),
-                budget_mb: self.config.kv_cache_bytes >> 20,
+                budget_mb: engine.config.kv_cache_bytes >> 20,
             });
-        }
-        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.config.max_waiting {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull { waiting });
         }
         let (events, rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -215,11 +248,85 @@ impl Engine {
             events,
             enqueued: Instant::now(),
         };
-        if self.tx.send(job).is_err() {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Stopped);
-        }
+        engine.tx.send(job).map_err(|_| SubmitError::Stopped)?;
+        // The queued job now holds the place; the scheduler gives it back at admission or drop.
+        self.used = true;
         Ok(rx)
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread over the CPU llama forward of `model`.
+    pub fn start(
+        model: Arc<Model>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
+        Self::start_with(LlamaBackend(model), text, config, metrics)
+    }
+
+    /// Starts the engine thread over any backend.
+    pub fn start_with<B: Backend>(
+        backend: B,
+        text: Arc<dyn Detokenizer>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (engine, rx) = Self::channel(config, metrics.clone(), backend.kv_bytes_per_token());
+        let stats = engine.stats.clone();
+        let config = (*engine.config).clone();
+        let handle = std::thread::Builder::new()
+            .name("amlserve-engine".into())
+            .spawn(move || {
+                let _guard = AliveGuard(stats.clone());
+                scheduler::Scheduler::new(backend, text, config, rx, stats, metrics).run();
+            })?;
+        Ok((engine, handle))
+    }
+
+    /// A handle and the receiving end its jobs go to (the scheduler's).
+    fn channel(
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        kv_bytes_per_token: usize,
+    ) -> (Self, std::sync::mpsc::Receiver<Job>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let engine = Self {
+            tx,
+            stats: Arc::new(EngineStats::new(metrics)),
+            config: Arc::new(config),
+            kv_bytes_per_token,
+        };
+        (engine, rx)
+    }
+
+    /// Takes `n` places in the waiting queue, all or none: refused at once (counted as rejected) when the
+    /// queue is full or the engine has stopped. Call before spending work on a request.
+    pub fn reserve(&self, n: usize) -> Result<Vec<Slot>, SubmitError> {
+        let result = if !self.is_alive() {
+            Err(SubmitError::Stopped)
+        } else {
+            self.stats
+                .take_waiting(n, self.config.max_waiting)
+                .map_err(|waiting| SubmitError::QueueFull { waiting })
+        };
+        if let Err(e) = result {
+            self.stats.metrics.finish("rejected");
+            return Err(e);
+        }
+        Ok((0..n)
+            .map(|_| Slot {
+                engine: self.clone(),
+                used: false,
+            })
+            .collect())
+    }
+
+    /// Takes a place and queues `req` in it.
+    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let slot = self.reserve(1)?.pop().ok_or(SubmitError::Stopped)?;
+        slot.submit(req)
     }
 
     /// Whether the engine thread is running.

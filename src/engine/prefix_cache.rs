@@ -10,17 +10,17 @@
 
 use std::collections::VecDeque;
 
-use crate::model::SeqKv;
+use super::backend::KvCache;
 
-struct Entry {
+struct Entry<K> {
     /// The tokens whose keys and values `kv` holds.
     tokens: Vec<u32>,
-    kv: SeqKv,
+    kv: K,
 }
 
 /// Finished sequences' caches, least recently used first.
-pub(super) struct PrefixCache {
-    entries: VecDeque<Entry>,
+pub(super) struct PrefixCache<K> {
+    entries: VecDeque<Entry<K>>,
     max_bytes: usize,
     bytes: usize,
 }
@@ -30,7 +30,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-impl PrefixCache {
+impl<K: KvCache> PrefixCache<K> {
     /// A cache holding at most `max_bytes` of KV (0 disables it).
     pub fn new(max_bytes: usize) -> Self {
         Self {
@@ -48,7 +48,7 @@ impl PrefixCache {
     /// Keeps `kv`, which holds the keys and values of `tokens[..kv.len()]`, evicting the least recently used
     /// entries to stay within the limit. A cache covered by a kept one (its tokens a prefix of the kept tokens)
     /// is dropped, and kept ones covered by it are replaced.
-    pub fn insert(&mut self, mut tokens: Vec<u32>, mut kv: SeqKv) {
+    pub fn insert(&mut self, mut tokens: Vec<u32>, mut kv: K) {
         tokens.truncate(kv.len());
         if tokens.is_empty() || kv.stored_bytes() > self.max_bytes {
             return;
@@ -86,7 +86,7 @@ impl PrefixCache {
 
     /// Copies the longest cached prefix of `prompt` (at most `prompt.len() - 1` tokens) into the empty `kv` and
     /// returns its length; 0 when nothing matches.
-    pub fn reuse(&mut self, prompt: &[u32], kv: &mut SeqKv) -> usize {
+    pub fn reuse(&mut self, prompt: &[u32], kv: &mut K) -> usize {
         let limit = prompt.len().saturating_sub(1);
         let best = self
             .entries
@@ -100,7 +100,7 @@ impl PrefixCache {
         let Some(entry) = self.entries.remove(i) else {
             return 0;
         };
-        let copied = kv.copy_prefix(&entry.kv, n).is_ok();
+        let copied = kv.copy_prefix(&entry.kv, n);
         self.entries.push_back(entry);
         if copied {
             n
@@ -113,7 +113,7 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::KvShape;
+    use crate::model::{KvShape, SeqKv};
 
     const SHAPE: KvShape = KvShape {
         n_layer: 2,
@@ -191,7 +191,7 @@ mod tests {
         cache.insert((0..11).collect(), computed(&(0..11).collect::<Vec<_>>()));
         assert_eq!(cache.bytes(), 8 * per_token, "larger than the whole cache: not kept");
         assert_eq!(cache.evict_oldest(), 4 * per_token);
-        assert_eq!(PrefixCache::new(0).reuse(&[1, 2], &mut fresh()), 0);
+        assert_eq!(PrefixCache::<SeqKv>::new(0).reuse(&[1, 2], &mut fresh()), 0);
     }
 
     #[test]

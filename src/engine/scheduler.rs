@@ -1,10 +1,11 @@
-//! The engine thread's loop: intake, FCFS admission under batch and KV limits, one packed forward per step.
+//! The engine thread's loop: intake, FCFS admission under batch and KV limits, one packed backend step per turn.
 //!
-//! Each step carries one decode token for every running sequence that has finished its prompt, then prefill
-//! chunks of the others (oldest first) up to `max_batch_tokens`, so a long new prompt is read over several
-//! steps instead of freezing running streams. A sequence leaves the batch the step it finishes, is cancelled,
-//! or times out, and its KV reservation returns to the budget at once; its cache goes to the [`PrefixCache`]
-//! for later prompts that start the same way.
+//! Each step carries one decode token for every sequence in [`Phase::Decoding`], then prefill chunks of the
+//! sequences still in [`Phase::Prefilling`] (oldest first) up to `max_batch_tokens`, so a long new prompt is
+//! read over several steps instead of freezing running streams. A sequence leaves the batch the step it
+//! finishes, is cancelled, or times out, and its KV reservation returns to the budget at once; its cache goes
+//! to the [`PrefixCache`] for later prompts that start the same way. Knows nothing of which forward runs: that
+//! is the [`Backend`]'s.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -12,42 +13,44 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, StepError};
 use super::prefix_cache::PrefixCache;
-use super::sequence::Sequence;
-use super::{EngineConfig, EngineStats, Event, FinishReason, Job};
+use super::sequence::{Phase, Sequence};
+use super::{Completion, EngineConfig, EngineStats, Event, FinishReason, Job};
 use crate::metrics::Metrics;
-use crate::model::{Model, SeqChunk, SeqKv};
 
 /// First KV allocation beyond the prompt; the cache doubles from there as tokens come.
 const INITIAL_KV_HEADROOM: usize = 64;
 
-pub(super) struct Scheduler {
-    model: Arc<Model>,
+pub(super) struct Scheduler<B: Backend> {
+    backend: B,
+    text: Arc<dyn Detokenizer>,
     config: EngineConfig,
     rx: Receiver<Job>,
     stats: Arc<EngineStats>,
     metrics: Arc<Metrics>,
-    waiting: VecDeque<Job>,
-    running: Vec<Sequence>,
-    kv_reserved: usize,
+    pub(super) waiting: VecDeque<Job>,
+    pub(super) running: Vec<Sequence<B::Kv>>,
+    pub(super) kv_reserved: usize,
     kv_bytes_per_token: usize,
-    prefix: PrefixCache,
+    pub(super) prefix: PrefixCache<B::Kv>,
     open: bool,
 }
 
-impl Scheduler {
+impl<B: Backend> Scheduler<B> {
     pub fn new(
-        model: Arc<Model>,
+        backend: B,
+        text: Arc<dyn Detokenizer>,
         config: EngineConfig,
         rx: Receiver<Job>,
         stats: Arc<EngineStats>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let kv_bytes_per_token = model.llama.config.kv_shape().bytes_per_token();
-        let prefix = PrefixCache::new(config.prefix_cache_bytes);
         Self {
-            prefix,
-            model,
+            kv_bytes_per_token: backend.kv_bytes_per_token(),
+            prefix: PrefixCache::new(config.prefix_cache_bytes),
+            backend,
+            text,
             config,
             rx,
             stats,
@@ -55,25 +58,29 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_reserved: 0,
-            kv_bytes_per_token,
             open: true,
         }
     }
 
+    /// Runs until every handle is gone and no work is left.
     pub fn run(mut self) {
-        while self.intake() {
-            self.drop_gone_waiting();
-            self.admit();
-            self.reap_running();
-            if self.running.is_empty() {
-                continue;
-            }
+        while self.intake(true) {
+            self.turn();
+        }
+    }
+
+    /// One turn of the loop: drop what left the queue, admit, reap, step.
+    pub(super) fn turn(&mut self) {
+        self.drop_gone_waiting();
+        self.admit();
+        self.reap_running();
+        if !self.running.is_empty() {
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "forward step failed; failing the running requests");
                 self.fail_running();
             }
-            self.publish();
         }
+        self.publish();
     }
 
     /// Ends every running sequence after a failed step: those that had already finished get their Done, the
@@ -82,28 +89,31 @@ impl Scheduler {
         let failed = std::mem::take(&mut self.running);
         self.kv_reserved = 0;
         self.publish();
-        for mut seq in failed {
-            let event = match seq.done.take() {
-                Some(done) => Event::Done(done),
-                None => {
+        for seq in failed {
+            let event = match &seq.phase {
+                Phase::Finished(done) => Event::Done(done.clone()),
+                Phase::Cancelled => continue,
+                Phase::Prefilling | Phase::Decoding => {
                     self.metrics.finish("error");
                     Event::Error("inference failed; see the server log".into())
                 }
             };
-            let _ = seq.events.send(event);
+            seq.send(event);
         }
     }
 
-    /// Moves new jobs into the waiting queue; blocks when there is nothing to do. False once all handles are
-    /// gone and no work is left.
-    fn intake(&mut self) -> bool {
+    /// Moves new jobs into the waiting queue; with `block`, waits for one when there is nothing to do. False
+    /// once all handles are gone and no work is left.
+    pub(super) fn intake(&mut self, block: bool) -> bool {
         if self.running.is_empty() && self.waiting.is_empty() {
             if !self.open {
                 return false;
             }
-            match self.rx.recv() {
-                Ok(job) => self.waiting.push_back(job),
-                Err(_) => return false,
+            if block {
+                match self.rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return false,
+                }
             }
         }
         loop {
@@ -132,7 +142,7 @@ impl Scheduler {
             }
             if job.req.deadline.is_some_and(|d| d <= now) {
                 tracing::warn!(request_id = %job.req.id, "request timed out while queued");
-                let done = super::Completion {
+                let done = Completion {
                     reason: FinishReason::Timeout,
                     prompt_tokens: job.req.prompt.len(),
                     cached_tokens: 0,
@@ -147,73 +157,74 @@ impl Scheduler {
         });
         let gone = before - self.waiting.len();
         if gone > 0 {
-            self.stats.waiting.fetch_sub(gone, Ordering::SeqCst);
-            self.publish();
+            self.stats.release_waiting(gone);
         }
         for (events, done) in expired {
             let _ = events.send(Event::Done(done));
         }
     }
 
+    /// Whether `bytes` more of reservations fit the KV budget beside the running ones and the prefix cache.
+    fn fits(&self, bytes: usize) -> bool {
+        self.kv_reserved + self.prefix.bytes() + bytes <= self.config.kv_cache_bytes
+    }
+
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch_size {
             let Some(job) = self.waiting.front() else { break };
-            let max_len = job.req.prompt.len() + job.req.params.max_tokens;
-            let bytes = max_len * self.kv_bytes_per_token;
+            let bytes = job.req.kv_bytes(self.kv_bytes_per_token);
             // Cached prefixes give way to admissions; then FCFS: wait for room rather than letting later
             // requests overtake.
-            let fits = |s: &Self| s.kv_reserved + s.prefix.bytes() + bytes <= s.config.kv_cache_bytes;
-            while !fits(self) && self.prefix.evict_oldest() > 0 {}
-            if !fits(self) {
+            while !self.fits(bytes) && self.prefix.evict_oldest() > 0 {}
+            if !self.fits(bytes) {
                 break;
             }
-            let job = self.waiting.pop_front().expect("front exists");
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            let initial = job.req.prompt.len() + job.req.params.max_tokens.min(INITIAL_KV_HEADROOM);
-            let mut kv = SeqKv::new(self.model.llama.config.kv_shape(), initial, max_len);
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.stats.release_waiting(1);
+            let prompt = job.req.prompt.len();
+            let initial = prompt + job.req.params.max_tokens.min(INITIAL_KV_HEADROOM);
+            let mut kv = self.backend.new_kv(initial, job.req.max_len());
             let cached = self.prefix.reuse(&job.req.prompt, &mut kv);
             self.kv_reserved += bytes;
             self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
-            self.metrics.prompt_tokens.inc_by(job.req.prompt.len() as u64);
+            self.metrics.prompt_tokens.inc_by(prompt as u64);
             self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
-            tracing::debug!(request_id = %job.req.id, prompt_tokens = job.req.prompt.len(), cached_tokens = cached, "admitted");
+            tracing::debug!(request_id = %job.req.id, prompt_tokens = prompt, cached_tokens = cached, "admitted");
             self.running.push(Sequence::new(job, kv, bytes));
         }
-        self.publish();
     }
 
-    /// Removes finished sequences, and cancels those whose client left or whose deadline passed.
+    /// Removes sequences that are no longer active, after cancelling those whose client left and ending those
+    /// whose deadline passed. Their completions are announced once the gauges say they left.
     fn reap_running(&mut self) {
         let now = Instant::now();
-        let tok = &self.model.tokenizer;
-        for seq in &mut self.running {
-            if seq.finished {
-                continue;
-            }
-            if seq.client_gone || seq.events.is_closed() {
-                tracing::info!(request_id = %seq.id, generated = seq.generated(), "request cancelled: client went away");
-                self.metrics.finish("cancelled");
-                seq.finished = true;
-            } else if seq.deadline.is_some_and(|d| d <= now) {
+        for seq in self.running.iter_mut().filter(|s| s.is_active()) {
+            if seq.client_gone() {
+                seq.cancel(&self.metrics);
+            } else if seq.expired(now) {
                 tracing::warn!(request_id = %seq.id, "request timed out");
-                seq.finish(tok, &self.metrics, FinishReason::Timeout, true);
+                seq.finish(&*self.text, &self.metrics, FinishReason::Timeout, true);
             }
         }
-        let (done, running) = std::mem::take(&mut self.running)
+        let (left, running) = std::mem::take(&mut self.running)
             .into_iter()
-            .partition::<Vec<_>, _>(|s| s.finished);
+            .partition::<Vec<_>, _>(|s| !s.is_active());
         self.running = running;
+        if left.is_empty() {
+            return;
+        }
         let mut ends = Vec::new();
-        for mut seq in done {
+        for seq in left {
             self.kv_reserved -= seq.kv_reserved;
-            if let Some(d) = seq.done.take() {
-                ends.push((seq.events.clone(), d));
+            let (phase, tokens, kv, events) = seq.into_parts();
+            self.prefix.insert(tokens, kv);
+            if let Phase::Finished(done) = phase {
+                ends.push((events, done));
             }
-            self.prefix.insert(seq.tokens, seq.kv);
         }
         self.publish();
-        for (events, d) in ends {
-            let _ = events.send(Event::Done(d));
+        for (events, done) in ends {
+            let _ = events.send(Event::Done(done));
         }
     }
 
@@ -222,32 +233,29 @@ impl Scheduler {
         self.stats.kv_reserved_bytes.store(self.kv_reserved, Ordering::SeqCst);
         self.metrics.running.set(self.running.len() as i64);
         self.metrics
-            .waiting
-            .set(self.stats.waiting.load(Ordering::SeqCst) as i64);
-        self.metrics
             .kv_cache_usage
             .set(self.kv_reserved as f64 / self.config.kv_cache_bytes as f64);
     }
 
-    /// Plans and runs one forward step, then samples for every sequence that reached the end of its input.
-    fn step(&mut self) -> Result<(), crate::model::ModelError> {
+    /// Plans and runs one step, then samples for every sequence that reached the end of its input.
+    fn step(&mut self) -> Result<(), StepError> {
         let mut budget = self.config.max_batch_tokens;
         // Decode tokens first (one each), then prefill chunks in admission order.
         let mut take = vec![0usize; self.running.len()];
         for (i, seq) in self.running.iter().enumerate() {
-            if !seq.in_prefill() && budget > 0 {
+            if matches!(seq.phase, Phase::Decoding) && budget > 0 {
                 take[i] = 1;
                 budget -= 1;
             }
         }
         for (i, seq) in self.running.iter().enumerate() {
-            if seq.in_prefill() && budget > 0 {
+            if matches!(seq.phase, Phase::Prefilling) && budget > 0 {
                 take[i] = seq.pending().len().min(budget);
                 budget -= take[i];
             }
         }
         let mut sampled = Vec::new();
-        let mut chunks = Vec::new();
+        let mut batch = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
             if take[i] == 0 {
                 continue;
@@ -257,22 +265,26 @@ impl Scheduler {
             if want_logits {
                 sampled.push(i);
             }
-            chunks.push(SeqChunk {
+            batch.push(BatchEntry {
                 kv: &mut seq.kv,
                 tokens: &seq.tokens[start..start + take[i]],
                 want_logits,
             });
         }
-        self.metrics.batch_size.observe(chunks.len() as f64);
-        let logits = self.model.llama.forward(&mut chunks)?;
-        drop(chunks);
-        if sampled.is_empty() {
-            return Ok(());
+        self.metrics.batch_size.observe(batch.len() as f64);
+        let rows = self.backend.step(&mut batch)?;
+        drop(batch);
+        if rows.len() != sampled.len() {
+            return Err(StepError(format!(
+                "the backend returned {} logits rows for {} sequences",
+                rows.len(),
+                sampled.len()
+            )));
         }
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let tok = &self.model.tokenizer;
         for (i, mut row) in sampled.into_iter().zip(rows) {
-            self.running[i].accept_logits(tok, &self.metrics, &mut row)?;
+            self.running[i]
+                .accept_logits(&*self.text, &self.metrics, &mut row)
+                .map_err(|e| StepError(e.to_string()))?;
         }
         self.reap_running();
         Ok(())

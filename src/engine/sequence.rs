@@ -1,47 +1,62 @@
-//! One request inside the engine: its tokens, KV cache, sampler and text state.
+//! One request inside the running batch: its tokens, cache, sampler, text state and [`Phase`].
+//!
+//! A request waits in the scheduler's queue as a `Job` (nothing allocated but its prompt); admission turns it
+//! into a [`Sequence`] with its cache. From there its phase only moves forward:
+//! `Prefilling -> Decoding -> Finished(completion)`, or to `Cancelled` from either active phase.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::backend::Detokenizer;
 use super::sampler::Sampler;
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Completion, Event, FinishReason, Job};
 use crate::metrics::Metrics;
-use crate::model::{ModelError, SeqKv, TextTokenizer};
+use crate::model::ModelError;
 
-/// A running sequence.
-pub(super) struct Sequence {
+/// Where an admitted sequence is.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// Reading its prompt, a chunk per step (a cached prefix may have skipped part of it).
+    Prefilling,
+    /// Generating, one token per step.
+    Decoding,
+    /// Done; the completion is announced once the sequence has left the batch and the gauges say so.
+    Finished(Completion),
+    /// The client went away; nothing more is sent.
+    Cancelled,
+}
+
+/// An admitted request.
+pub(super) struct Sequence<K> {
     pub id: String,
     /// Prompt followed by generated tokens; `kv.len()` of them have been through the model.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
-    pub kv: SeqKv,
+    pub kv: K,
+    /// Bytes of the KV budget this sequence holds until it leaves.
     pub kv_reserved: usize,
-    pub max_tokens: usize,
-    pub ignore_eos: bool,
-    pub deadline: Option<Instant>,
-    pub events: mpsc::UnboundedSender<Event>,
-    pub queue_time: std::time::Duration,
+    pub phase: Phase,
+    max_tokens: usize,
+    ignore_eos: bool,
+    deadline: Option<Instant>,
+    events: mpsc::UnboundedSender<Event>,
+    queue_time: Duration,
     /// When the request was queued (TTFT and end-to-end latency count from here).
     enqueued: Instant,
     last_token_at: Option<Instant>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
-    pub finished: bool,
-    /// The end event, sent by the scheduler once the sequence has left the batch and the gauges say so.
-    pub done: Option<Completion>,
-    /// The client dropped its receiver (noticed when sending).
-    pub client_gone: bool,
 }
 
-impl Sequence {
-    /// A sequence whose first `kv.len()` prompt tokens are already in `kv` (from the prefix cache).
-    pub fn new(job: Job, kv: SeqKv, kv_reserved: usize) -> Self {
-        let now = Instant::now();
+impl<K: super::backend::KvCache> Sequence<K> {
+    /// A sequence whose first `kv.len()` prompt tokens are already in `kv` (from the prefix cache). The prefix
+    /// cache always leaves at least the last prompt token to compute.
+    pub fn new(job: Job, kv: K, kv_reserved: usize) -> Self {
         let p = &job.req.params;
         Self {
             sampler: Sampler::new(p, &job.req.prompt),
@@ -55,14 +70,12 @@ impl Sequence {
             id: job.req.id,
             kv,
             kv_reserved,
+            phase: Phase::Prefilling,
             deadline: job.req.deadline,
             events: job.events,
-            queue_time: now.duration_since(job.enqueued),
+            queue_time: job.enqueued.elapsed(),
             enqueued: job.enqueued,
             last_token_at: None,
-            finished: false,
-            done: None,
-            client_gone: false,
         }
     }
 
@@ -71,63 +84,89 @@ impl Sequence {
         &self.tokens[self.kv.len()..]
     }
 
-    /// Whether the sequence is still reading its prompt.
-    pub fn in_prefill(&self) -> bool {
-        self.kv.len() < self.prompt_len
+    /// Whether the sequence still runs (prefilling or decoding).
+    pub fn is_active(&self) -> bool {
+        matches!(self.phase, Phase::Prefilling | Phase::Decoding)
     }
 
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
 
-    fn send(&mut self, text: String) {
-        if !text.is_empty() && self.events.send(Event::Text(text)).is_err() {
-            self.client_gone = true;
+    /// Whether the client has dropped its receiver.
+    pub fn client_gone(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Whether the request's deadline has passed.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+
+    /// Sends an event; false when the client is gone.
+    pub fn send(&self, event: Event) -> bool {
+        self.events.send(event).is_ok()
+    }
+
+    /// What the scheduler keeps of a sequence that left the batch: its phase, tokens, cache and event sender.
+    pub fn into_parts(self) -> (Phase, Vec<u32>, K, mpsc::UnboundedSender<Event>) {
+        (self.phase, self.tokens, self.kv, self.events)
+    }
+
+    /// Marks the sequence cancelled because its client left.
+    pub fn cancel(&mut self, metrics: &Metrics) {
+        tracing::info!(request_id = %self.id, generated = self.generated(), "request cancelled: client went away");
+        metrics.finish("cancelled");
+        self.phase = Phase::Cancelled;
+    }
+
+    fn send_text(&mut self, text: String, metrics: &Metrics) {
+        if !text.is_empty() && !self.send(Event::Text(text)) {
+            self.cancel(metrics);
         }
     }
 
     /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it. Cannot fail: a
     /// tail that does not decode is logged and dropped, so the request still ends.
-    pub fn finish(&mut self, tok: &TextTokenizer, metrics: &Metrics, reason: FinishReason, flush: bool) {
-        let tail = if flush {
-            self.decoder
+    pub fn finish(&mut self, tok: &dyn Detokenizer, metrics: &Metrics, reason: FinishReason, flush: bool) {
+        if flush {
+            let tail = self
+                .decoder
                 .flush(tok, &self.tokens[self.prompt_len..])
                 .inspect_err(|e| tracing::warn!(request_id = %self.id, error = %e, "final text did not decode"))
-                .ok()
-        } else {
-            None
-        };
-        if let Some(tail) = tail {
+                .unwrap_or_default();
             let mut text = match self.stop.push(&tail) {
                 StopScan::Emit(t) | StopScan::Stopped(t) => t,
             };
             text.push_str(&self.stop.flush());
-            self.send(text);
+            // A client that left now gets nothing more either way; the request still counts as finished.
+            if !text.is_empty() {
+                self.send(Event::Text(text));
+            }
         }
-        let done = Completion {
+        // Counted now, announced by the scheduler after it has removed the sequence: a client that scrapes
+        // /metrics right after its response ends sees this request finished and no longer running.
+        metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
+        metrics.finish(reason.as_str());
+        self.phase = Phase::Finished(Completion {
             reason,
             prompt_tokens: self.prompt_len,
             cached_tokens: self.cached_tokens,
             completion_tokens: self.generated(),
             queue_time: self.queue_time,
-        };
-        // Counted now, announced by the scheduler after it has removed the sequence: a client that scrapes
-        // /metrics right after its response ends sees this request finished and no longer running.
-        metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
-        metrics.finish(reason.as_str());
-        self.done = Some(done);
-        self.finished = true;
+        });
     }
 
     /// Samples the next token from `logits` and emits its text; finishes the sequence when a stop condition hits.
     pub fn accept_logits(
         &mut self,
-        tok: &TextTokenizer,
+        tok: &dyn Detokenizer,
         metrics: &Metrics,
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
         let id = self.sampler.sample(logits);
         self.tokens.push(id);
+        self.phase = Phase::Decoding;
         let now = Instant::now();
         match self.last_token_at {
             None => metrics
@@ -143,14 +182,16 @@ impl Sequence {
         }
         let text = self.decoder.next(tok, &self.tokens[self.prompt_len..])?;
         match self.stop.push(&text) {
-            StopScan::Emit(t) => self.send(t),
+            StopScan::Emit(t) => self.send_text(t, metrics),
             StopScan::Stopped(t) => {
-                self.send(t);
-                self.finish(tok, metrics, FinishReason::Stop, false);
+                self.send_text(t, metrics);
+                if self.is_active() {
+                    self.finish(tok, metrics, FinishReason::Stop, false);
+                }
                 return Ok(());
             }
         }
-        if self.generated() >= self.max_tokens {
+        if self.is_active() && self.generated() >= self.max_tokens {
             self.finish(tok, metrics, FinishReason::Length, true);
         }
         Ok(())

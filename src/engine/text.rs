@@ -4,7 +4,8 @@
 //! across byte-level tokens is held back until it is complete. Text that could be the start of a stop string
 //! is held back too, so a stop string is never emitted, even when it arrives split across tokens.
 
-use crate::model::{ModelError, TextTokenizer};
+use super::backend::Detokenizer;
+use crate::model::ModelError;
 
 /// Incremental decoder over one sequence's generated ids.
 #[derive(Debug, Default)]
@@ -15,7 +16,7 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     /// Text that `ids` (all generated ids so far, the newest last) adds, once it forms whole characters.
-    pub fn next(&mut self, tok: &TextTokenizer, ids: &[u32]) -> Result<String, ModelError> {
+    pub fn next(&mut self, tok: &dyn Detokenizer, ids: &[u32]) -> Result<String, ModelError> {
         let prefix = tok.decode(&ids[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&ids[self.prefix_offset..])?;
         if full.ends_with('\u{FFFD}') || full.len() <= prefix.len() {
@@ -31,7 +32,7 @@ impl IncrementalDecoder {
     }
 
     /// Whatever is still held back at the end of generation (an incomplete character decodes as U+FFFD).
-    pub fn flush(&mut self, tok: &TextTokenizer, ids: &[u32]) -> Result<String, ModelError> {
+    pub fn flush(&mut self, tok: &dyn Detokenizer, ids: &[u32]) -> Result<String, ModelError> {
         let prefix = tok.decode(&ids[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&ids[self.prefix_offset..])?;
         self.prefix_offset = ids.len();

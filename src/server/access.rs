@@ -7,10 +7,13 @@
 
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::error::{ApiError, Dialect};
 use super::AppState;
@@ -50,6 +53,24 @@ fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Keeps `work` (shutdown's count of open requests) alive until a streamed response has been sent or dropped;
+/// other responses are whole once the handler returns.
+fn hold_until_sent(resp: Response, work: TaskTrackerToken) -> Response {
+    let streamed = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streamed {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held = &work;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
 /// Middleware: request ids, server version header, HTTP metrics, access log.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -74,9 +95,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
     let metrics = state.metrics();
+    let work = state.track_request();
     metrics.http_in_flight.inc();
     let mut resp = next.run(req).await;
     metrics.http_in_flight.dec();
+    resp = hold_until_sent(resp, work);
     let elapsed = started.elapsed().as_secs_f64();
     metrics
         .http_duration

@@ -136,15 +136,7 @@ async fn generate_all(
     prompts: Vec<PromptInput>,
     params: &ScoreParameters,
 ) -> Result<(Vec<String>, TokenCounts), ApiError> {
-    let sampling = params.sampling();
-    let mut receivers = Vec::with_capacity(prompts.len());
-    let mut prepared = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        prepared.push(generate::prepare(ready, p, sampling.clone()).await?);
-    }
-    for p in prepared {
-        receivers.push(generate::submit(ready, rid, p)?);
-    }
+    let receivers = generate::start(ready, rid, prompts, &params.sampling()).await?;
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
     let mut counts = TokenCounts::default();
     let mut texts = Vec::with_capacity(outs.len());

@@ -175,13 +175,13 @@ pub async fn tokenize(model: &Arc<Model>, prompt: PromptInput) -> Result<Vec<u32
 }
 
 /// One prepared generation: tokenized prompt and validated parameters.
-pub struct Prepared {
-    pub prompt: Vec<u32>,
-    pub params: GenerationParams,
+struct Prepared {
+    prompt: Vec<u32>,
+    params: GenerationParams,
 }
 
 /// Tokenizes and validates one prompt.
-pub async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
+async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
     let ids = tokenize(&ready.model, prompt).await?;
     let params = sampling.validate(
         ids.len(),
@@ -191,15 +191,45 @@ pub async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput
     Ok(Prepared { prompt: ids, params })
 }
 
-/// Submits a prepared request to the engine, with the server's request timeout as its deadline.
-pub fn submit(ready: &Ready, request_id: &str, p: Prepared) -> Result<UnboundedReceiver<Event>, ApiError> {
-    let req = GenerateRequest {
-        id: request_id.to_string(),
-        prompt: p.prompt,
-        params: p.params,
-        deadline: Some(Instant::now() + ready.request_timeout),
-    };
-    Ok(ready.engine.submit(req)?)
+/// Starts one generation per prompt. Backpressure comes before work: places in the waiting queue are taken
+/// for every prompt first (or the request is refused with 429 before anything is rendered or tokenized); then
+/// all prompts are prepared, and only when every one is valid are they queued, with the server's request
+/// timeout as their deadline. Receivers come back in prompt order.
+pub async fn start(
+    ready: &Ready,
+    request_id: &str,
+    prompts: Vec<PromptInput>,
+    sampling: &SamplingInput,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let deadline = Some(Instant::now() + ready.request_timeout);
+    let max_waiting = ready.engine.config().max_waiting;
+    if prompts.len() > max_waiting {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!(
+                "the request has {} prompts but at most {max_waiting} can wait at once (--max-waiting); send fewer per request",
+                prompts.len()
+            ),
+        ));
+    }
+    let slots = ready.engine.reserve(prompts.len())?;
+    let mut prepared = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        prepared.push(prepare(ready, p, sampling.clone()).await?);
+    }
+    slots
+        .into_iter()
+        .zip(prepared)
+        .map(|(slot, p)| {
+            let req = GenerateRequest {
+                id: request_id.to_string(),
+                prompt: p.prompt,
+                params: p.params,
+                deadline,
+            };
+            Ok(slot.submit(req)?)
+        })
+        .collect()
 }
 
 /// A whole answer.

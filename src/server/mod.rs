@@ -30,6 +30,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
 use crate::engine::Engine;
@@ -60,6 +61,8 @@ struct Inner {
     ready: OnceLock<Ready>,
     load_error: OnceLock<String>,
     shutting_down: AtomicBool,
+    /// Every request being handled or streamed holds a token of this until its response has ended.
+    work: TaskTracker,
     metrics: Arc<Metrics>,
     api_key: Option<String>,
 }
@@ -72,6 +75,7 @@ impl AppState {
                 ready: OnceLock::new(),
                 load_error: OnceLock::new(),
                 shutting_down: AtomicBool::new(false),
+                work: TaskTracker::new(),
                 metrics,
                 api_key,
             }),
@@ -103,13 +107,15 @@ impl AppState {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
-    /// No request is being handled or generated.
-    fn is_idle(&self) -> bool {
-        let generating = self.inner.ready.get().is_some_and(|r| {
-            let s = r.engine.stats();
-            s.running.load(Ordering::SeqCst) + s.waiting.load(Ordering::SeqCst) > 0
-        });
-        !generating && self.metrics().http_in_flight.get() == 0
+    /// A token that keeps shutdown waiting until it is dropped (at the end of a request's response).
+    pub fn track_request(&self) -> TaskTrackerToken {
+        self.inner.work.token()
+    }
+
+    /// Resolves once no request is being handled or streamed (call after [`Self::begin_shutdown`]).
+    async fn drained(&self) {
+        self.inner.work.close();
+        self.inner.work.wait().await;
     }
 
     /// The loaded model and engine, or a 503 saying why there is none.
@@ -157,12 +163,6 @@ async fn method_not_allowed(req: Request) -> ApiError {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
-    if let Ok(r) = state.ready() {
-        let stats = r.engine.stats();
-        let m = state.metrics();
-        m.waiting.set(stats.waiting.load(Ordering::SeqCst) as i64);
-        m.running.set(stats.running.load(Ordering::SeqCst) as i64);
-    }
     let body = state.metrics().render();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -301,11 +301,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutdown requested: readiness fails, new work is refused, in-flight requests finish"
     );
     state.begin_shutdown();
-    // Keep accepting connections while draining, so probes see 503 rather than a refused connection.
+    // Keep accepting connections while draining, so probes see 503 rather than a refused connection. Every
+    // generation belongs to a request (a dropped one cancels its generation), so no request open means no
+    // engine work left that anyone waits for.
     let deadline = tokio::time::Instant::now() + grace;
-    while !state.is_idle() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _ = tokio::time::timeout_at(deadline, state.drained()).await;
     let _ = stop_tx.send(());
     let rest = deadline
         .saturating_duration_since(tokio::time::Instant::now())

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::sse::{self, ChunkShape, Usage};
-use super::{AppState, Ready};
+use super::AppState;
 use crate::engine::FinishReason;
 use crate::model::ChatMessage;
 
@@ -228,8 +228,7 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
     let ready = state.ready()?;
     req.common.check_supported()?;
     let messages = convert_messages(req.messages)?;
-    let prepared = generate::prepare(ready, PromptInput::Chat(messages), req.common.sampling()).await?;
-    let rx = generate::submit(ready, rid, prepared)?;
+    let receivers = generate::start(ready, rid, vec![PromptInput::Chat(messages)], &req.common.sampling()).await?;
     let shape = ChatShape {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         model: ready.model.name.clone(),
@@ -238,13 +237,17 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
     if req.common.stream.unwrap_or(false) {
         let timeout = generate::timeout_error(ready);
         return Ok(sse::stream(
-            vec![rx],
+            receivers,
             shape,
             req.common.include_usage(),
             timeout,
             rid.to_string(),
         ));
     }
+    let rx = receivers
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal("no receiver for the prompt"))?;
     let out = generate::collect(rx, ready).await?;
     let counts = TokenCounts {
         prompt: out.done.prompt_tokens,
@@ -308,20 +311,6 @@ fn prompts(v: Option<Value>) -> Result<Vec<String>, ApiError> {
     })
 }
 
-/// Prepares and submits one request per prompt; all are validated before any is queued.
-async fn submit_all(
-    ready: &Ready,
-    rid: &str,
-    prompts: Vec<PromptInput>,
-    sampling: &SamplingInput,
-) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<crate::engine::Event>>, ApiError> {
-    let mut prepared = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        prepared.push(generate::prepare(ready, p, sampling.clone()).await?);
-    }
-    prepared.into_iter().map(|p| generate::submit(ready, rid, p)).collect()
-}
-
 /// `POST /v1/completions` (JSON or SSE); a list of prompts gives one choice each.
 pub async fn completions(
     State(state): State<AppState>,
@@ -332,7 +321,7 @@ pub async fn completions(
     req.common.check_supported()?;
     let texts = prompts(req.prompt)?;
     let inputs = texts.into_iter().map(PromptInput::Text).collect();
-    let receivers = submit_all(ready, &rid.0, inputs, &req.common.sampling()).await?;
+    let receivers = generate::start(ready, &rid.0, inputs, &req.common.sampling()).await?;
     let shape = CompletionShape {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         model: ready.model.name.clone(),

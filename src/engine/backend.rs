@@ -1,0 +1,133 @@
+//! The seam between scheduling and execution.
+//!
+//! The scheduler decides which tokens of which sequences run in a step; a [`Backend`] runs them: one packed
+//! forward over a batch of per-sequence chunks, each appended to that sequence's own cache, returning the logits
+//! of the chunks that asked for them. The backend owns its cache type ([`KvCache`]) and says how many bytes a
+//! cached token costs, which is all the scheduler needs for its memory budget and the prefix cache. The CPU llama
+//! forward ([`LlamaBackend`]) is the first implementation; other architectures and device forwards plug in here,
+//! and the scheduler's unit tests run against a deterministic stub.
+//!
+//! The scheduler also needs to turn generated ids into text and to know which ids end generation; that is
+//! [`Detokenizer`], implemented by the model's tokenizer.
+
+use std::sync::Arc;
+
+use crate::model::{Model, ModelError, SeqChunk, SeqKv, TextTokenizer};
+
+/// One sequence's cache as the scheduler and the prefix cache see it.
+pub trait KvCache: Send + 'static {
+    /// Tokens stored (the position of the next token).
+    fn len(&self) -> usize;
+    /// Whether no token is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes the stored tokens occupy.
+    fn stored_bytes(&self) -> usize;
+    /// Frees the room beyond the stored tokens (for a cache kept only to be read).
+    fn shrink_to_len(&mut self);
+    /// Starts this empty cache with the first `n` tokens of `from`, as if computed here. False when they do not
+    /// fit this cache's reserved length (nothing is copied then).
+    fn copy_prefix(&mut self, from: &Self, n: usize) -> bool;
+}
+
+/// The tokens one sequence contributes to a step.
+pub struct BatchEntry<'a, K> {
+    /// The sequence's cache; the tokens are appended to it.
+    pub kv: &'a mut K,
+    /// Token ids, at positions `kv.len()..kv.len() + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Whether to return logits for the last of these tokens.
+    pub want_logits: bool,
+}
+
+/// A step that could not run. The scheduler fails the batch's unfinished requests and goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StepError(pub String);
+
+impl From<candle_core::Error> for StepError {
+    fn from(e: candle_core::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Runs packed forward steps for the scheduler.
+pub trait Backend: Send + 'static {
+    /// The per-sequence cache.
+    type Kv: KvCache;
+    /// Bytes one cached token costs (keys and values, every layer).
+    fn kv_bytes_per_token(&self) -> usize;
+    /// An empty cache that will hold at most `max_len` tokens, with room for `initial` now.
+    fn new_kv(&self, initial: usize, max_len: usize) -> Self::Kv;
+    /// Runs one step over `batch` (no entry empty) and returns one logits row per entry with `want_logits`, in
+    /// batch order. On error the caches' contents are unspecified.
+    fn step(&self, batch: &mut [BatchEntry<'_, Self::Kv>]) -> Result<Vec<Vec<f32>>, StepError>;
+}
+
+/// Text of generated ids and the ids that end generation.
+pub trait Detokenizer: Send + Sync {
+    /// Decodes ids, leaving special tokens out; a partial character decodes as U+FFFD.
+    fn decode(&self, ids: &[u32]) -> Result<String, ModelError>;
+    /// Whether this id ends generation.
+    fn is_stop(&self, id: u32) -> bool;
+}
+
+impl Detokenizer for TextTokenizer {
+    fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        TextTokenizer::decode(self, ids)
+    }
+
+    fn is_stop(&self, id: u32) -> bool {
+        TextTokenizer::is_stop(self, id)
+    }
+}
+
+impl KvCache for SeqKv {
+    fn len(&self) -> usize {
+        SeqKv::len(self)
+    }
+
+    fn stored_bytes(&self) -> usize {
+        SeqKv::stored_bytes(self)
+    }
+
+    fn shrink_to_len(&mut self) {
+        SeqKv::shrink_to_len(self);
+    }
+
+    fn copy_prefix(&mut self, from: &Self, n: usize) -> bool {
+        SeqKv::copy_prefix(self, from, n).is_ok()
+    }
+}
+
+/// The batched llama forward on the CPU, over a loaded [`Model`].
+pub struct LlamaBackend(pub Arc<Model>);
+
+impl Backend for LlamaBackend {
+    type Kv = SeqKv;
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.0.llama.config.kv_shape().bytes_per_token()
+    }
+
+    fn new_kv(&self, initial: usize, max_len: usize) -> SeqKv {
+        SeqKv::new(self.0.llama.config.kv_shape(), initial, max_len)
+    }
+
+    fn step(&self, batch: &mut [BatchEntry<'_, SeqKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+        let mut chunks: Vec<SeqChunk<'_>> = batch
+            .iter_mut()
+            .map(|e| SeqChunk {
+                kv: &mut *e.kv,
+                tokens: e.tokens,
+                want_logits: e.want_logits,
+            })
+            .collect();
+        let logits = self.0.llama.forward(&mut chunks)?;
+        if logits.dim(0)? == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(logits.to_vec2()?)
+    }
+}

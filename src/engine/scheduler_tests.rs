@@ -1,0 +1,419 @@
+//! Unit tests of the scheduler against the deterministic [`StubBackend`], driven turn by turn on the test's
+//! own thread: admission order, token and KV budgets, chunked prefill beside running streams, cancellation,
+//! deadlines, the prefix cache, failed steps and backpressure.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::scheduler::Scheduler;
+use super::stub::{expected, text_of, Part, StubBackend, StubText, BYTES_PER_TOKEN};
+use super::{Completion, Engine, EngineConfig, Event, FinishReason, GenerateRequest, GenerationParams, SubmitError};
+use crate::metrics::Metrics;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_batch_tokens: 64,
+        kv_cache_bytes: 1000 * BYTES_PER_TOKEN,
+        max_waiting: 16,
+        prefix_cache_bytes: 0,
+    }
+}
+
+fn request(id: &str, prompt: &[u32], max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        id: id.into(),
+        prompt: prompt.to_vec(),
+        params: GenerationParams {
+            max_tokens,
+            temperature: 0.0,
+            ..Default::default()
+        },
+        deadline: None,
+    }
+}
+
+struct Harness {
+    engine: Engine,
+    sched: Scheduler<StubBackend>,
+    stub: StubBackend,
+    metrics: Arc<Metrics>,
+}
+
+impl Harness {
+    fn new(config: EngineConfig) -> Self {
+        Self::with_stub(config, StubBackend::default())
+    }
+
+    fn with_stub(config: EngineConfig, stub: StubBackend) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let (engine, rx) = Engine::channel(config.clone(), metrics.clone(), BYTES_PER_TOKEN);
+        let sched = Scheduler::new(
+            stub.clone(),
+            Arc::new(StubText),
+            config,
+            rx,
+            engine.stats.clone(),
+            metrics.clone(),
+        );
+        Self {
+            engine,
+            sched,
+            stub,
+            metrics,
+        }
+    }
+
+    fn submit(&self, req: GenerateRequest) -> UnboundedReceiver<Event> {
+        self.engine.submit(req).expect("queued")
+    }
+
+    fn turn(&mut self) {
+        assert!(self.sched.intake(false));
+        self.sched.turn();
+    }
+
+    /// Turns until nothing runs or waits; the number of turns taken.
+    fn run_idle(&mut self) -> usize {
+        for turns in 0..1000 {
+            if turns > 0 && self.sched.running.is_empty() && self.sched.waiting.is_empty() {
+                return turns;
+            }
+            self.turn();
+        }
+        panic!("the scheduler did not go idle in 1000 turns");
+    }
+
+    fn count(&self, outcome: &str) -> u64 {
+        self.metrics.finished.with_label_values(&[outcome]).get()
+    }
+}
+
+/// What a receiver holds so far.
+#[derive(Debug, Default)]
+struct Seen {
+    text: String,
+    done: Option<Completion>,
+    error: Option<String>,
+}
+
+fn seen(rx: &mut UnboundedReceiver<Event>) -> Seen {
+    let mut s = Seen::default();
+    loop {
+        match rx.try_recv() {
+            Ok(Event::Text(t)) => s.text.push_str(&t),
+            Ok(Event::Done(d)) => s.done = Some(d),
+            Ok(Event::Error(e)) => s.error = Some(e),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => return s,
+        }
+    }
+}
+
+fn total_tokens(step: &[Part]) -> usize {
+    step.iter().map(|p| p.len).sum()
+}
+
+#[test]
+fn admits_first_come_first_served_and_outputs_follow_the_model() {
+    let mut h = Harness::new(EngineConfig {
+        max_batch_size: 1,
+        ..config()
+    });
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5], &[6, 7, 8, 9]];
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| h.submit(request(&format!("r{i}"), p, 4)))
+        .collect();
+    h.turn();
+    assert_eq!(h.sched.running.len(), 1);
+    assert_eq!(h.sched.waiting.len(), 2);
+    assert_eq!(h.engine.stats().waiting(), 2);
+    assert_eq!(h.metrics.waiting.get(), 2, "the gauge follows the queue");
+    let mut finished_at = Vec::new();
+    for turn in 0..100 {
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let s = seen(rx);
+            if let Some(done) = s.done {
+                assert_eq!(done.reason, FinishReason::Length);
+                assert_eq!(done.completion_tokens, 4);
+                finished_at.push((i, turn));
+            }
+        }
+        if finished_at.len() == 3 {
+            break;
+        }
+        h.turn();
+    }
+    let order: Vec<usize> = finished_at.iter().map(|&(i, _)| i).collect();
+    assert_eq!(order, [0, 1, 2], "one at a time, in arrival order");
+    assert!(finished_at.windows(2).all(|w| w[0].1 < w[1].1));
+    assert_eq!(h.engine.stats().waiting(), 0);
+    assert_eq!(h.metrics.waiting.get(), 0);
+    assert_eq!(h.count("length"), 3);
+    // Outputs are what the stub model predicts for each prompt on its own.
+    let mut h = Harness::new(config());
+    let mut rxs: Vec<_> = prompts.iter().map(|p| h.submit(request("r", p, 4))).collect();
+    h.run_idle();
+    for (p, rx) in prompts.iter().zip(&mut rxs) {
+        assert_eq!(seen(rx).text, text_of(&expected(p, 4)));
+    }
+}
+
+#[test]
+fn decodes_first_then_chunks_a_long_prompt_within_the_token_budget() {
+    let mut h = Harness::new(EngineConfig {
+        max_batch_tokens: 6,
+        ..config()
+    });
+    let mut short: Vec<_> = [[1u32, 2], [3, 4]]
+        .iter()
+        .map(|p| h.submit(request("short", p, 12)))
+        .collect();
+    h.turn();
+    assert_eq!(h.stub.log()[0].iter().map(|p| p.len).collect::<Vec<_>>(), [2, 2]);
+    let long: Vec<u32> = (1..=20).collect();
+    let mut long_rx = h.submit(request("long", &long, 3));
+    let before = h.stub.log().len();
+    h.run_idle();
+    let steps = h.stub.log();
+    for step in &steps {
+        assert!(total_tokens(step) <= 6, "step over the token budget: {step:?}");
+    }
+    // While the long prompt is read, both streams get their token every step, and the prompt gets the rest.
+    let reading: Vec<&Vec<Part>> = steps[before..]
+        .iter()
+        .take_while(|s| s.iter().any(|p| p.len > 1))
+        .collect();
+    assert_eq!(reading.len(), 5, "20 prompt tokens at 4 a step");
+    for (i, step) in reading.iter().enumerate() {
+        assert_eq!(step.len(), 3);
+        assert_eq!((step[0].len, step[1].len), (1, 1), "decode tokens come first");
+        assert_eq!(step[2].start, 4 * i);
+        assert_eq!(step[2].want_logits, i == 4, "logits only for the prompt's last chunk");
+    }
+    assert_eq!(seen(&mut long_rx).text, text_of(&expected(&long, 3)));
+    for (p, rx) in [[1u32, 2], [3, 4]].iter().zip(&mut short) {
+        assert_eq!(seen(rx).text, text_of(&expected(p, 12)));
+    }
+}
+
+#[test]
+fn waits_for_kv_room_and_admits_when_it_frees() {
+    let mut h = Harness::new(EngineConfig {
+        kv_cache_bytes: 30 * BYTES_PER_TOKEN,
+        ..config()
+    });
+    let mut a = h.submit(request("a", &[1; 10], 10));
+    let mut b = h.submit(request("b", &[2; 10], 10));
+    let mut c = h.submit(request("c", &[3; 3], 2));
+    h.turn();
+    assert_eq!(h.sched.running.len(), 1, "b does not fit beside a");
+    assert_eq!(h.sched.waiting.len(), 2, "c would fit, but does not overtake b");
+    assert_eq!(
+        h.engine.stats().kv_reserved_bytes.load(Ordering::SeqCst),
+        20 * BYTES_PER_TOKEN
+    );
+    assert!((h.metrics.kv_cache_usage.get() - 20.0 / 30.0).abs() < 1e-9);
+    while seen(&mut a).done.is_none() {
+        assert_eq!(h.sched.waiting.len(), 2, "b and c wait while a runs");
+        h.turn();
+    }
+    h.turn();
+    assert_eq!(h.sched.running.len(), 2, "b and c admitted once a left");
+    h.run_idle();
+    assert_eq!(seen(&mut b).text, text_of(&expected(&[2; 10], 10)));
+    assert_eq!(seen(&mut c).text, text_of(&expected(&[3; 3], 2)));
+    assert_eq!(h.engine.stats().kv_reserved_bytes.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn refuses_what_can_never_fit_and_a_full_queue_before_any_work() {
+    let h = Harness::new(EngineConfig {
+        kv_cache_bytes: 30 * BYTES_PER_TOKEN,
+        max_waiting: 2,
+        ..config()
+    });
+    let too_large = h.engine.submit(request("big", &[1; 25], 10));
+    assert!(matches!(too_large, Err(SubmitError::TooLarge { .. })), "{too_large:?}");
+    assert_eq!(h.engine.stats().waiting(), 0, "the refused request's place is back");
+    let mut slots = h.engine.reserve(2).expect("two places");
+    assert_eq!(h.metrics.waiting.get(), 2);
+    assert_eq!(
+        h.engine.reserve(1).map(|_| ()),
+        Err(SubmitError::QueueFull { waiting: 2 })
+    );
+    assert_eq!(h.count("rejected"), 2);
+    drop(slots.pop());
+    assert_eq!(h.engine.stats().waiting(), 1, "an unused place goes back");
+    let rx = slots.pop().expect("slot").submit(request("a", &[1], 1));
+    assert!(rx.is_ok());
+    assert_eq!(h.engine.stats().waiting(), 1, "the queued job holds the place");
+    assert!(h.engine.reserve(1).is_ok());
+}
+
+#[test]
+fn a_request_cancelled_while_queued_never_runs() {
+    let mut h = Harness::new(EngineConfig {
+        max_batch_size: 1,
+        ..config()
+    });
+    let _a = h.submit(request("a", &[1, 2], 20));
+    let b = h.submit(request("b", &[3, 4, 5, 6, 7], 5));
+    h.turn();
+    drop(b);
+    h.turn();
+    assert!(h.sched.waiting.is_empty());
+    assert_eq!(h.engine.stats().waiting(), 0);
+    assert_eq!(h.count("cancelled"), 1);
+    h.run_idle();
+    assert!(
+        h.stub.log().iter().all(|s| s.len() == 1 && s[0].len <= 2),
+        "only a's tokens ever ran (b's prompt is 5 tokens)"
+    );
+}
+
+#[test]
+fn a_request_cancelled_while_running_leaves_within_a_turn() {
+    let mut h = Harness::new(config());
+    let rx = h.submit(request("a", &[1, 2, 3], 50));
+    let mut other = h.submit(request("b", &[4], 3));
+    for _ in 0..3 {
+        h.turn();
+    }
+    drop(rx);
+    h.turn();
+    assert!(
+        h.sched.running.iter().all(|s| s.id != "a"),
+        "cancelled at the next turn"
+    );
+    assert_eq!(h.count("cancelled"), 1);
+    let after = h.stub.log().len();
+    h.run_idle();
+    assert!(h.stub.log()[after..].iter().all(|s| s.len() == 1), "a no longer runs");
+    assert_eq!(seen(&mut other).text, text_of(&expected(&[4], 3)));
+    assert_eq!(h.engine.stats().kv_reserved_bytes.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn deadlines_end_queued_and_running_requests() {
+    let mut h = Harness::new(config());
+    let mut queued = h.submit(GenerateRequest {
+        deadline: Some(Instant::now()),
+        ..request("late", &[1, 2], 5)
+    });
+    let mut running = h.submit(GenerateRequest {
+        deadline: Some(Instant::now() + Duration::from_millis(50)),
+        ..request("slow", &[3, 4], 500)
+    });
+    h.turn();
+    let s = seen(&mut queued);
+    let done = s.done.expect("timed out in the queue");
+    assert_eq!((done.reason, done.completion_tokens), (FinishReason::Timeout, 0));
+    h.turn();
+    std::thread::sleep(Duration::from_millis(60));
+    h.turn();
+    let s = seen(&mut running);
+    let done = s.done.expect("timed out while running");
+    assert_eq!(done.reason, FinishReason::Timeout);
+    assert_eq!(done.completion_tokens, 2);
+    assert_eq!(
+        s.text,
+        text_of(&expected(&[3, 4], 2)),
+        "what was generated is delivered"
+    );
+    assert!(h.sched.running.is_empty());
+    assert_eq!(h.count("timeout"), 2);
+}
+
+#[test]
+fn prefix_cache_hits_give_the_same_output_and_skip_prefill() {
+    let mut h = Harness::new(EngineConfig {
+        prefix_cache_bytes: 500 * BYTES_PER_TOKEN,
+        ..config()
+    });
+    let first: Vec<u32> = (1..=10).collect();
+    let mut a = h.submit(request("a", &first, 3));
+    h.run_idle();
+    assert_eq!(seen(&mut a).done.expect("done").cached_tokens, 0);
+    // Continue differently from what a generated, so exactly the 10 prompt tokens are shared.
+    let x = if expected(&first, 1)[0] == 20 { 21 } else { 20 };
+    let mut second = first.clone();
+    second.extend([x, x]);
+    let before = h.stub.log().len();
+    let mut b = h.submit(request("b", &second, 5));
+    h.run_idle();
+    let s = seen(&mut b);
+    assert_eq!(s.done.expect("done").cached_tokens, 10);
+    assert_eq!(s.text, text_of(&expected(&second, 5)), "same as computed from scratch");
+    assert_eq!(
+        h.stub.log()[before][0],
+        Part {
+            start: 10,
+            len: 2,
+            want_logits: true
+        },
+        "prefill starts after the cached prefix"
+    );
+    assert_eq!(h.metrics.prefix_cache_hit_tokens.get(), 10);
+}
+
+#[test]
+fn cached_prefixes_are_evicted_for_admissions() {
+    let mut h = Harness::new(EngineConfig {
+        kv_cache_bytes: 30 * BYTES_PER_TOKEN,
+        prefix_cache_bytes: 30 * BYTES_PER_TOKEN,
+        ..config()
+    });
+    let _a = h.submit(request("a", &[1; 10], 5));
+    h.run_idle();
+    assert_eq!(
+        h.sched.prefix.bytes(),
+        14 * BYTES_PER_TOKEN,
+        "a's prompt and all but its last token"
+    );
+    let mut b = h.submit(request("b", &[2; 15], 10));
+    h.turn();
+    assert_eq!(h.sched.running.len(), 1, "b admitted after evicting a's cache");
+    assert_eq!(h.sched.prefix.bytes(), 0);
+    h.run_idle();
+    assert_eq!(seen(&mut b).text, text_of(&expected(&[2; 15], 10)));
+}
+
+#[test]
+fn a_failed_step_fails_the_running_requests_and_the_engine_goes_on() {
+    let mut h = Harness::new(config());
+    let mut a = h.submit(request("a", &[1, 2], 5));
+    h.stub.fail_next.store(true, Ordering::SeqCst);
+    h.turn();
+    assert!(seen(&mut a).error.is_some());
+    assert_eq!(h.count("error"), 1);
+    assert_eq!(h.engine.stats().kv_reserved_bytes.load(Ordering::SeqCst), 0);
+    let mut b = h.submit(request("b", &[1, 2], 5));
+    h.run_idle();
+    assert_eq!(seen(&mut b).text, text_of(&expected(&[1, 2], 5)));
+}
+
+#[test]
+fn the_end_of_sequence_token_stops_generation() {
+    let stub = StubBackend {
+        eos_at_len: Some(5),
+        ..Default::default()
+    };
+    let mut h = Harness::with_stub(config(), stub);
+    let mut a = h.submit(request("a", &[1, 2, 3], 10));
+    h.run_idle();
+    let s = seen(&mut a);
+    let done = s.done.expect("done");
+    assert_eq!(
+        (done.reason, done.completion_tokens),
+        (FinishReason::Stop, 3),
+        "the end token counts"
+    );
+    assert_eq!(s.text, text_of(&expected(&[1, 2, 3], 2)), "the end token has no text");
+    assert_eq!(h.count("stop"), 1);
+}
