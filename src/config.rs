@@ -80,7 +80,9 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_PREFIX_CACHE_MB", default_value_t = 256)]
     pub prefix_cache_mb: usize,
 
-    /// Most requests waiting for a place in the batch; more are refused at once with 429 and Retry-After.
+    /// Most requests waiting for a place in the batch, counting those whose prompts are still being prepared; more
+    /// are refused at once with 429 and Retry-After, before any template is rendered or prompt tokenized, so an
+    /// overload costs the running streams next to nothing. A request with more prompts than this is a 400.
     #[arg(long, env = "AMLSERVE_MAX_WAITING", default_value_t = 128)]
     pub max_waiting: usize,
 

@@ -102,3 +102,19 @@ async fn a_storm_of_long_prompts_gets_429s_while_the_running_stream_goes_on() {
     }
     reader.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_prompts_than_can_ever_wait_is_a_clear_400() {
+    let s = Server::start(&["--max-waiting", "2"]).await;
+    let (st, v) = s
+        .post("/v1/completions", json!({"prompt": ["a", "b", "c"], "max_tokens": 1}))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("3 prompts") && msg.contains("--max-waiting"), "{msg}");
+    let (st, v) = s
+        .post("/v1/completions", json!({"prompt": ["a", "b"], "max_tokens": 1}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(2));
+}
