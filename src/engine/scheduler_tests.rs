@@ -417,3 +417,25 @@ fn the_end_of_sequence_token_stops_generation() {
     assert_eq!(s.text, text_of(&expected(&[1, 2, 3], 2)), "the end token has no text");
     assert_eq!(h.count("stop"), 1);
 }
+
+#[test]
+fn the_engine_thread_serves_until_every_handle_is_gone() {
+    let metrics = Arc::new(Metrics::new());
+    let (engine, thread) =
+        Engine::start_with(StubBackend::default(), Arc::new(StubText), config(), metrics).expect("thread");
+    let mut rx = engine.submit(request("a", &[1, 2, 3], 6)).expect("queued");
+    let mut text = String::new();
+    let done = loop {
+        match rx.blocking_recv().expect("an event") {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(d) => break d,
+            Event::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!((done.reason, done.completion_tokens), (FinishReason::Length, 6));
+    assert_eq!(text, text_of(&expected(&[1, 2, 3], 6)));
+    let stats = engine.stats.clone();
+    drop(engine);
+    thread.join().expect("the thread ends without panicking");
+    assert!(!stats.alive.load(Ordering::SeqCst), "readiness sees the engine gone");
+}
