@@ -190,45 +190,42 @@ fn our_forward_matches_candles_quantized_llama_logit_by_logit() {
         max_rel_rms: 0.25,
     };
 
-    let runs: [(&str, &Model, &[usize], Option<&[u32]>, &Tolerance); 4] = [
-        ("f32 whole prompt", &f32_model, &[], None, &tight),
-        (
-            "f32 two chunks, packed with another sequence",
-            &f32_model,
-            &split,
-            Some(&neighbour),
-            &tight,
-        ),
-        ("q8_0 whole prompt", &q8_model, &[], None, &loose),
-        (
-            "q8_0 two chunks, packed with another sequence",
-            &q8_model,
-            &split,
-            Some(&neighbour),
-            &loose,
-        ),
-    ];
-    for (name, model, split, neighbour, tol) in runs {
-        let got = ours(model, &prompt, split, &generated, neighbour);
-        assert_eq!(got.len(), want.len(), "{name}: one logit row per step");
-        let diffs: Vec<Diff> = got
-            .iter()
-            .zip(&want)
-            .enumerate()
-            .map(|(i, (g, w))| check(&format!("{name}, step {i}"), g, w, tol))
-            .collect();
-        let worst = |f: fn(&Diff) -> f32| diffs.iter().map(f).fold(0f32, f32::max);
-        let agree = got.iter().zip(&want).filter(|(g, w)| argmax(g) == argmax(w)).count();
-        // Shown with --nocapture; the assertions above are the test.
-        println!(
-            "{name}: over {} steps max |logit diff| {:.5} (allowed {}), relative RMS {:.5} (allowed {}), \
-             same greedy token {agree}/{}",
-            want.len(),
-            worst(|d| d.max_abs),
-            tol.max_abs,
-            worst(|d| d.rel_rms),
-            tol.max_rel_rms,
-            want.len()
-        );
+    for (format, model, tol) in [("f32", &f32_model, &tight), ("q8_0", &q8_model, &loose)] {
+        for packed in [false, true] {
+            let (name, split, neighbour): (_, &[usize], _) = if packed {
+                (
+                    format!("{format}, prompt in two chunks packed with another sequence"),
+                    &split,
+                    Some(&neighbour[..]),
+                )
+            } else {
+                (format!("{format}, whole prompt"), &[], None)
+            };
+            compare(&name, ours(model, &prompt, split, &generated, neighbour), &want, tol);
+        }
     }
+}
+
+/// Checks every step of a run against the reference and prints the run's worst differences.
+fn compare(name: &str, got: Vec<Vec<f32>>, want: &[Vec<f32>], tol: &Tolerance) {
+    assert_eq!(got.len(), want.len(), "{name}: one logit row per step");
+    let diffs: Vec<Diff> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .map(|(i, (g, w))| check(&format!("{name}, step {i}"), g, w, tol))
+        .collect();
+    let worst = |f: fn(&Diff) -> f32| diffs.iter().map(f).fold(0f32, f32::max);
+    let agree = got.iter().zip(want).filter(|(g, w)| argmax(g) == argmax(w)).count();
+    // Shown with --nocapture; the assertions above are the test.
+    println!(
+        "{name}: over {} steps max |logit diff| {:.5} (allowed {}), relative RMS {:.5} (allowed {}), \
+         same greedy token {agree}/{}",
+        want.len(),
+        worst(|d| d.max_abs),
+        tol.max_abs,
+        worst(|d| d.rel_rms),
+        tol.max_rel_rms,
+        want.len()
+    );
 }

@@ -225,6 +225,9 @@ mod kernel {
         let qa = &a.q[m0 * k..(m0 + M) * k];
         let da = &a.d[m0 * kb..(m0 + M) * kb];
         let mut acc = [_mm512_setzero_ps(); M];
+        // Reads stay inside the checked slices: `qa` holds M rows of k bytes, and row i reads 8 bytes at
+        // b * 32 + g * 4 (g <= 6), inside its block b; the weight loads are 64 bytes at g * 64 (g <= 7) of the
+        // 512-byte `tile.qs`.
         for (b, tile) in tiles.iter().enumerate() {
             // Two accumulators per row (even and odd groups) halve the dependency chain of vpdpbusd.
             let mut even = [_mm512_setzero_si512(); M];

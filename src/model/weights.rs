@@ -194,10 +194,10 @@ fn pad_q8_0_rows(t: &QTensor, k_padded: usize) -> Result<QTensor, ModelError> {
 
 /// A matrix weight. Q8_0 weights run on [`VnniQ8`] where the CPU has AVX-512 VNNI (measured against candle's
 /// tiled kernel on padded rows, 2 threads: batch-16 decode 850 -> 1,150 tok/s, single stream 200 -> 250,
-/// prefill 1,600 -> 2,550, and logits closer to f32). On CPUs with only AVX-VNNI ([`Vnni::Avx256`]), Q8_0 weights whose row width does
-/// not suit candle's tiled kernel are zero-padded so it applies (inputs are padded to match; one thread: batch
-/// 16 from 135 to 408 tok/s). Either kernel's result for a row does not depend on the other rows, so batching
-/// changes no output.
+/// prefill 1,600 -> 2,550, and logits closer to f32). On CPUs with only AVX-VNNI ([`Vnni::Avx256`]), Q8_0
+/// weights whose row width does not suit candle's tiled kernel are zero-padded so it applies (inputs are padded
+/// to match; one thread: batch 16 from 135 to 408 tok/s). Either kernel's result for a row does not depend on
+/// the other rows, so batching changes no output.
 pub struct Linear {
     kernel: Kernel,
 }
