@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{sample, sse_data, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -19,13 +19,42 @@ async fn text_of(s: &Server, body: Value) -> String {
     v["choices"][0]["text"].as_str().expect("text").to_string()
 }
 
+/// Streams a completion; once its first chunk has arrived (the request is running), scrapes
+/// `amlserve_num_requests_running`. Returns the streamed text and that gauge.
+async fn streamed_text_and_running(s: &Server, mut body: Value) -> (String, f64) {
+    body["stream"] = json!(true);
+    let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
+    let mut raw = String::from_utf8(stream.next().await.expect("first chunk").expect("bytes").to_vec()).expect("utf-8");
+    let scrape = s.client.get(s.url("/metrics")).send().await.expect("scrape");
+    let running = sample(&scrape.text().await.expect("text"), "amlserve_num_requests_running");
+    while let Some(chunk) = stream.next().await {
+        raw.push_str(std::str::from_utf8(&chunk.expect("bytes")).expect("utf-8"));
+    }
+    let events = sse_data(&raw);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{raw}");
+    let text = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            let v: Value = serde_json::from_str(e).expect("chunk");
+            v["choices"][0]["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    (text, running)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
     // Small token budget so prompts are prefilled in chunks while others decode.
     // No prefix cache: the probe is computed from scratch both times.
     let s = Server::start(&["--max-batch-tokens", "24", "--prefix-cache-mb", "0"]).await;
     let probe = completion("The history of the Roman Empire begins with", 32);
-    let alone = text_of(&s, probe.clone()).await;
+    let (alone, running_alone) = streamed_text_and_running(&s, probe.clone()).await;
+    assert_eq!(running_alone, 1.0, "the probe ran alone");
+    assert_eq!(
+        alone,
+        text_of(&s, probe.clone()).await,
+        "streamed and whole answers agree"
+    );
     let others: Vec<Value> = (0..8)
         .map(|i| {
             completion(
@@ -44,7 +73,13 @@ async fn greedy_output_is_the_same_alone_and_in_a_busy_batch() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let busy = text_of(&s, probe).await;
+    let (busy, running_busy) = streamed_text_and_running(&s, probe).await;
+    // Taken just after the probe's first token, with 31 to go: each decode step runs every running request
+    // (9 decode tokens fit the 24-token budget), so the probe shared steps with the others.
+    assert!(
+        running_busy >= 2.0,
+        "the probe shared the batch: {running_busy} running"
+    );
     for t in tasks {
         t.await.expect("other request");
     }
@@ -58,15 +93,24 @@ async fn a_cancelled_stream_frees_its_slot() {
     let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
     stream.next().await.expect("first chunk").expect("bytes");
     drop(stream); // the client goes away mid-generation
-                  // The only slot must be free again long before the 8000 tokens would have finished.
-    let started = Instant::now();
     let (st, v) = tokio::time::timeout(Duration::from_secs(30), s.post("/v1/completions", completion("Hi", 4)))
         .await
         .expect("next request admitted after cancellation");
     assert_eq!(st, 200, "{v}");
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_cancelled_early(&s).await;
     let log = s.drain_log().join("\n");
     assert!(log.contains("request cancelled"), "cancellation is logged");
+}
+
+/// The one long request ended as cancelled, long before its 8000 tokens, and "Hi" got its 4: so the slot was
+/// freed by the cancellation, not by the long request finishing.
+async fn assert_cancelled_early(s: &Server) {
+    let m = s.client.get(s.url("/metrics")).send().await.expect("scrape");
+    let m = m.text().await.expect("text");
+    assert_eq!(sample(&m, "amlserve_request_finished_total{reason=\"cancelled\"}"), 1.0);
+    assert_eq!(sample(&m, "amlserve_request_finished_total{reason=\"length\"}"), 1.0);
+    let generated = sample(&m, "amlserve_generation_tokens_total");
+    assert!(generated < 4000.0, "{generated} tokens generated");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,6 +125,7 @@ async fn a_cancelled_non_streaming_request_frees_its_slot() {
         .await
         .expect("next request admitted after cancellation");
     assert_eq!(st, 200);
+    assert_cancelled_early(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

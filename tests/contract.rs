@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{chat, sample, sse_data, Server};
 use futures::StreamExt;
@@ -272,9 +272,8 @@ async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     );
     let finish: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
-    let started = Instant::now();
+    // Well inside the 60 s grace: it exits once the stream is done, not when the grace runs out.
     assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(20));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,28 +2,22 @@
 //!
 //! Written here rather than as candle ops (`silu`, then a multiply) because those ran one element at a time on
 //! the engine thread, with a scalar `exp`, while the pool thread spun waiting (about 3% of a serving step's
-//! CPU, and the spin as much again). Here rows are shared out on candle's barrier pool and each row is done
-//! 8 lanes at a time.
-
-use std::sync::Mutex;
+//! CPU, and the spin as much again). Here rows are shared out on candle's barrier pool ([`super::par`]) and
+//! each row is done 8 lanes at a time.
 
 use wide::f32x8;
+
+use super::par;
 
 /// `silu(gate) * up` for each row of `gate_up` (`[rows, 2 * width]`, the gate's `width` values then the up
 /// projection's); returns `[rows, width]`.
 pub fn swiglu(gate_up: &[f32], width: usize) -> Vec<f32> {
     let rows = gate_up.len() / (2 * width).max(1);
     let mut out = vec![0f32; rows * width];
-    let slots: Vec<Mutex<&mut [f32]>> = out.chunks_mut(width.max(1)).map(Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-        for r in range {
-            let (gate, up) = gate_up[r * 2 * width..(r + 1) * 2 * width].split_at(width);
-            if let Ok(mut dst) = slots[r].lock() {
-                swiglu_row(gate, up, &mut dst);
-            }
-        }
+    par::for_each_disjoint(out.chunks_mut(width.max(1)), |r, dst| {
+        let (gate, up) = gate_up[r * 2 * width..(r + 1) * 2 * width].split_at(width);
+        swiglu_row(gate, up, dst);
     });
-    drop(slots);
     out
 }
 

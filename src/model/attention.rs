@@ -2,15 +2,15 @@
 //!
 //! Written here rather than as candle tensor ops because a decode step attends one query per sequence: built
 //! from ~20 small tensor ops per sequence and layer, the op overhead dominated the step at batch 16. Work is
-//! split over (sequence, query head) pairs on candle's own barrier pool, the pool its quantized matmuls use:
+//! split over (query, head) pairs on candle's own barrier pool ([`super::par`]), the pool its quantized matmuls use:
 //! a second pool (rayon) spinning beside it starved it and made Q8_0 steps 20x slower on 2 cores. The inner
 //! loops use explicit 8-lane vectors (`wide`, AVX2 + FMA here), a head's 64 values per pass over the keys, and
 //! accumulators that stay in registers (auto-vectorized loops came out 2-4 lanes wide, and value sums read back
 //! from memory for every key).
 
-use std::sync::OnceLock;
-
 use wide::f32x8;
+
+use super::par;
 
 /// One sequence's part of a step: `t` new queries at positions `start..start + t`, attending to the first
 /// `start + t` cached keys and values.
@@ -147,8 +147,8 @@ fn exp_shifted(p: &mut [f32]) -> f32 {
     total
 }
 
-/// Output rows `[t, head_dim]` of query head `h` for one task.
-fn head_rows(task: &AttnTask<'_>, s: AttnShape, h: usize) -> Vec<f32> {
+/// Output of query head `h` for query `i` of `task` into `out` (`head_dim` values).
+fn head_row(task: &AttnTask<'_>, s: AttnShape, i: usize, h: usize, out: &mut [f32]) {
     let d = s.head_dim;
     let kv_h = h / (s.n_head / s.n_kv_head);
     let rows = |data| HeadRows {
@@ -156,53 +156,29 @@ fn head_rows(task: &AttnTask<'_>, s: AttnShape, h: usize) -> Vec<f32> {
         stride: s.n_kv_head * d,
         offset: kv_h * d,
     };
-    let (keys, values) = (rows(task.k), rows(task.v));
-    let mut out = vec![0f32; task.t * d];
-    let mut p = vec![0f32; task.start + task.t];
-    for i in 0..task.t {
-        let q = &task.q[(i * s.n_head + h) * d..][..d];
-        let visible = task.start + i + 1;
-        let p = &mut p[..visible];
-        scores(q, keys, p);
-        let sum = exp_shifted(p);
-        let o = &mut out[i * d..(i + 1) * d];
-        mix_values(p, values, o);
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|x| *x *= inv);
-    }
-    out
+    let q = &task.q[(i * s.n_head + h) * d..][..d];
+    let mut p = vec![0f32; task.start + i + 1];
+    scores(q, rows(task.k), &mut p);
+    let sum = exp_shifted(&mut p);
+    mix_values(&p, rows(task.v), out);
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// Attention for every task; returns `[sum of t, n_head * head_dim]` in task order.
+/// Attention for every task; returns `[sum of t, n_head * head_dim]` in task order. Each (query, head) pair
+/// writes its own `head_dim` values of the output in place.
 pub fn attend(tasks: &[AttnTask<'_>], s: AttnShape) -> Vec<f32> {
-    let items: Vec<(usize, usize)> = (0..tasks.len())
-        .flat_map(|ti| (0..s.n_head).map(move |h| (ti, h)))
+    // The task and query index of each output row.
+    let rows: Vec<(usize, usize)> = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, task)| (0..task.t).map(move |i| (ti, i)))
         .collect();
-    let slots: Vec<OnceLock<Vec<f32>>> = items.iter().map(|_| OnceLock::new()).collect();
-    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-        for i in range {
-            let (ti, h) = items[i];
-            let _ = slots[i].set(head_rows(&tasks[ti], s, h));
-        }
+    let mut y = vec![0f32; rows.len() * s.n_head * s.head_dim];
+    par::for_each_disjoint(y.chunks_mut(s.head_dim.max(1)), |item, out| {
+        let (ti, i) = rows[item / s.n_head];
+        head_row(&tasks[ti], s, i, item % s.n_head, out);
     });
-    let parts = slots
-        .into_iter()
-        .map(|slot| slot.into_inner().expect("every item computed"));
-    let width = s.n_head * s.head_dim;
-    let total: usize = tasks.iter().map(|t| t.t).sum();
-    let mut y = vec![0f32; total * width];
-    let mut row0 = 0;
-    let mut parts = parts;
-    for task in tasks {
-        for h in 0..s.n_head {
-            let part = parts.next().expect("one part per item");
-            for i in 0..task.t {
-                let dst = (row0 + i) * width + h * s.head_dim;
-                y[dst..dst + s.head_dim].copy_from_slice(&part[i * s.head_dim..(i + 1) * s.head_dim]);
-            }
-        }
-        row0 += task.t;
-    }
     y
 }
 
@@ -248,20 +224,29 @@ mod tests {
                 n_kv_head: 2,
                 head_dim,
             };
-            let (start, t) = (5, 3);
             let f = |n: usize, seed: f32| (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect::<Vec<f32>>();
-            let q = f(t * s.n_head * s.head_dim, 0.1);
-            let k = f((start + t) * s.n_kv_head * s.head_dim, 0.7);
-            let v = f((start + t) * s.n_kv_head * s.head_dim, 1.3);
-            let task = AttnTask {
-                q: &q,
-                t,
-                start,
-                k: &k,
-                v: &v,
-            };
-            let got = attend(std::slice::from_ref(&task), s);
-            let want = reference(&task, s);
+            // Several sequences in one call (a prefill chunk, a decode step, a first chunk), as a step packs them.
+            let shapes = [(5, 3), (9, 1), (0, 4)];
+            let data: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(n, &(start, t))| {
+                    let seed = n as f32;
+                    (
+                        f(t * s.n_head * s.head_dim, 0.1 + seed),
+                        f((start + t) * s.n_kv_head * s.head_dim, 0.7 + seed),
+                        f((start + t) * s.n_kv_head * s.head_dim, 1.3 + seed),
+                    )
+                })
+                .collect();
+            let tasks: Vec<AttnTask<'_>> = shapes
+                .iter()
+                .zip(&data)
+                .map(|(&(start, t), (q, k, v))| AttnTask { q, t, start, k, v })
+                .collect();
+            let got = attend(&tasks, s);
+            let want: Vec<f32> = tasks.iter().flat_map(|task| reference(task, s)).collect();
+            assert_eq!(got.len(), want.len());
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "head_dim {head_dim}: {a} vs {b}");
             }

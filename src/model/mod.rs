@@ -10,6 +10,7 @@ pub mod files;
 pub mod gguf_meta;
 pub mod kv_cache;
 pub mod llama;
+pub mod par;
 pub mod rope;
 pub mod tokenizer;
 pub mod vnni_q8;

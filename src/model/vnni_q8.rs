@@ -10,16 +10,17 @@
 //! bytes broadcast to every lane, 64 multiply-adds per instruction. `vpdpbusd` takes unsigned times signed
 //! bytes, so activations are stored offset by +128 and each tile carries `128 * sum(weights)` per row to take
 //! the offset back out. Each 32-block's integer sum is scaled by the weight's and the activation's scales and
-//! accumulated in f32, as llama.cpp's Q8_0 dot product does. Work is split over (16-row tile, up to 8
-//! activation rows) units on candle's barrier pool.
+//! accumulated in f32, as llama.cpp's Q8_0 dot product does. Work is split over column spans of whole tiles
+//! (each span for every activation row) on candle's barrier pool ([`super::par`]), so a thread reuses each
+//! weight tile for all rows while it is in cache.
 //!
-//! The only `unsafe` in amlserve: SIMD intrinsics (called only after the CPU features are checked at
-//! construction) and writes of disjoint output blocks from the pool's threads.
+//! The only `unsafe` in amlserve: the SIMD intrinsics, called only after [`vnni`] has found the features they
+//! are compiled for. Their stores go to bounds-checked 16-value slices of the output.
 #![allow(unsafe_code)]
 
-use std::sync::Mutex;
-
 use wide::{f32x8, i32x8};
+
+use super::par;
 
 /// Output rows per tile (one 512-bit register of i32 or f32).
 const TILE_N: usize = 16;
@@ -46,18 +47,29 @@ pub struct VnniQ8 {
     tiles: Vec<Tile>,
 }
 
-/// Whether this CPU runs the kernel.
-pub fn available() -> bool {
+/// The 8-bit dot-product (VNNI) instructions this CPU has, which decide the kernel Q8_0 weights run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vnni {
+    /// AVX-512 F and VNNI, the features [`VnniQ8`]'s kernel is compiled for: it runs every Q8_0 matrix whose
+    /// output rows are a multiple of 16.
+    Avx512,
+    /// AVX2 and AVX-VNNI (256-bit) without AVX-512 VNNI: candle's tiled Q8_0 kernel (its `X86Level::AvxVnni`),
+    /// which needs rows a multiple of 256 values.
+    Avx256,
+}
+
+/// Which VNNI kernel this CPU runs, if any. The one place the model checks CPU features.
+pub fn vnni() -> Option<Vnni> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni") {
+            return Some(Vnni::Avx512);
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("avxvnni") {
+            return Some(Vnni::Avx256);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    None
 }
 
 impl VnniQ8 {
@@ -66,7 +78,7 @@ impl VnniQ8 {
     pub fn new(data: &[u8], n: usize, k: usize) -> Option<Self> {
         const BLOCK_BYTES: usize = 2 + BLOCK;
         let kb = k / BLOCK;
-        if !available()
+        if vnni() != Some(Vnni::Avx512)
             || k == 0
             || !n.is_multiple_of(TILE_N)
             || !k.is_multiple_of(BLOCK)
@@ -117,18 +129,25 @@ impl VnniQ8 {
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k;
-        let acts = quantize(x, m, k);
         let mut out = vec![0f32; m * n];
-        let dst = out.as_mut_ptr() as usize;
-        let m_units = m.div_ceil(MAX_M);
-        let units = n / TILE_N * m_units;
-        candle_core::utils::barrier_pool().execute_chunked(units, |range| {
-            for u in range {
-                let (nt, m0) = (u / m_units, u % m_units * MAX_M);
-                let rows = (m - m0).min(MAX_M);
-                // SAFETY: `available()` held at construction; unit (nt, m0) writes only the 16 columns of tile
-                // nt in rows m0..m0 + rows of `out`, which no other unit writes, and `out` outlives the pool call.
-                unsafe { kernel::unit(self, &acts, nt, m0, rows, dst as *mut f32) };
+        if m == 0 {
+            return out;
+        }
+        let acts = quantize(x, m, k);
+        // Pieces: a span of whole tiles' columns in every output row, about `target_pieces` spans.
+        let tiles = n / TILE_N;
+        let span_tiles = tiles.div_ceil(par::target_pieces()).max(1);
+        let mut rows: Vec<_> = out.chunks_mut(n).map(|r| r.chunks_mut(span_tiles * TILE_N)).collect();
+        let spans: Vec<Vec<&mut [f32]>> = (0..tiles.div_ceil(span_tiles))
+            .map(|_| rows.iter_mut().map(|r| r.next().expect("a span per row")).collect())
+            .collect();
+        par::for_each_disjoint(spans.into_iter(), |s, mut span| {
+            for t in 0..span[0].len() / TILE_N {
+                for m0 in (0..m).step_by(MAX_M) {
+                    let dst = &mut span[m0..(m0 + MAX_M).min(m)];
+                    // SAFETY: `new` returned `Some` only where `vnni()` found AVX-512 F and VNNI.
+                    unsafe { kernel::unit(self, &acts, s * span_tiles + t, m0, dst, t) };
+                }
             }
         });
         out
@@ -146,16 +165,9 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Acts {
     let kb = k / BLOCK;
     let mut q = vec![0u8; m * k];
     let mut d = vec![0f32; m * kb];
-    let slots: Vec<Mutex<(&mut [u8], &mut [f32])>> = q.chunks_mut(k).zip(d.chunks_mut(kb)).map(Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(m, |range| {
-        for r in range {
-            if let Ok(mut slot) = slots[r].lock() {
-                let (qr, dr) = &mut *slot;
-                quantize_row(&x[r * k..(r + 1) * k], qr, dr);
-            }
-        }
+    par::for_each_disjoint(q.chunks_mut(k).zip(d.chunks_mut(kb)), |r, (qr, dr)| {
+        quantize_row(&x[r * k..(r + 1) * k], qr, dr);
     });
-    drop(slots);
     Acts { q, d }
 }
 
@@ -187,31 +199,35 @@ mod kernel {
 
     use super::{Acts, VnniQ8, BLOCK, MAX_M, TILE_N};
 
-    /// Rows `m0..m0 + rows` (at most 8) of the output times tile column `nt`.
+    /// Activation rows `m0..m0 + dst.len()` (at most 8) times tile column `nt`; row `i`'s 16 results go to
+    /// `dst[i][t * 16..(t + 1) * 16]`.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F, BW and VNNI; `dst` must point to an `[m, n]` f32 buffer.
-    pub(super) unsafe fn unit(w: &VnniQ8, a: &Acts, nt: usize, m0: usize, rows: usize, dst: *mut f32) {
-        match rows {
-            8 => unit_m::<8>(w, a, nt, m0, dst),
-            7 => unit_m::<7>(w, a, nt, m0, dst),
-            6 => unit_m::<6>(w, a, nt, m0, dst),
-            5 => unit_m::<5>(w, a, nt, m0, dst),
-            4 => unit_m::<4>(w, a, nt, m0, dst),
-            3 => unit_m::<3>(w, a, nt, m0, dst),
-            2 => unit_m::<2>(w, a, nt, m0, dst),
-            _ => unit_m::<1>(w, a, nt, m0, dst),
+    /// The CPU must have AVX-512 F and VNNI.
+    pub(super) unsafe fn unit(w: &VnniQ8, a: &Acts, nt: usize, m0: usize, dst: &mut [&mut [f32]], t: usize) {
+        match dst.len() {
+            8 => unit_m::<8>(w, a, nt, m0, dst, t),
+            7 => unit_m::<7>(w, a, nt, m0, dst, t),
+            6 => unit_m::<6>(w, a, nt, m0, dst, t),
+            5 => unit_m::<5>(w, a, nt, m0, dst, t),
+            4 => unit_m::<4>(w, a, nt, m0, dst, t),
+            3 => unit_m::<3>(w, a, nt, m0, dst, t),
+            2 => unit_m::<2>(w, a, nt, m0, dst, t),
+            _ => unit_m::<1>(w, a, nt, m0, dst, t),
         }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn unit_m<const M: usize>(w: &VnniQ8, a: &Acts, nt: usize, m0: usize, dst: *mut f32) {
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn unit_m<const M: usize>(w: &VnniQ8, a: &Acts, nt: usize, m0: usize, dst: &mut [&mut [f32]], t: usize) {
         const { assert!(M <= MAX_M) };
         let (k, kb) = (w.k, w.k / BLOCK);
         let tiles = &w.tiles[nt * kb..(nt + 1) * kb];
         let qa = &a.q[m0 * k..(m0 + M) * k];
         let da = &a.d[m0 * kb..(m0 + M) * kb];
         let mut acc = [_mm512_setzero_ps(); M];
+        // Reads stay inside the checked slices: `qa` holds M rows of k bytes, and row i reads 8 bytes at
+        // b * 32 + g * 4 (g <= 6), inside its block b; the weight loads are 64 bytes at g * 64 (g <= 7) of the
+        // 512-byte `tile.qs`.
         for (b, tile) in tiles.iter().enumerate() {
             // Two accumulators per row (even and odd groups) halve the dependency chain of vpdpbusd.
             let mut even = [_mm512_setzero_si512(); M];
@@ -235,8 +251,9 @@ mod kernel {
                 acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc[i]);
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            _mm512_storeu_ps(dst.add((m0 + i) * w.n + nt * TILE_N), *v);
+        for (row, v) in dst.iter_mut().zip(&acc) {
+            // A checked slice of exactly 16 floats: the 512-bit store stays inside it.
+            _mm512_storeu_ps(row[t * TILE_N..(t + 1) * TILE_N].as_mut_ptr(), *v);
         }
     }
 }
@@ -245,8 +262,8 @@ mod kernel {
 mod kernel {
     use super::{Acts, VnniQ8};
 
-    /// Never called: [`super::available`] is false off x86-64.
-    pub(super) unsafe fn unit(_: &VnniQ8, _: &Acts, _: usize, _: usize, _: usize, _: *mut f32) {
+    /// Never called: [`super::vnni`] finds no AVX-512 off x86-64.
+    pub(super) unsafe fn unit(_: &VnniQ8, _: &Acts, _: usize, _: usize, _: &mut [&mut [f32]], _: usize) {
         unreachable!("no VNNI kernel on this architecture")
     }
 }
@@ -272,40 +289,72 @@ mod tests {
         out
     }
 
+    /// Test weights: value of row `r`, column `c`.
+    fn wv(r: usize, c: usize) -> i8 {
+        ((r * 31 + c * 17) % 255) as i8
+    }
+
+    /// Test activations, `[m, k]`.
+    fn acts(m: usize, k: usize) -> Vec<f32> {
+        (0..m * k).map(|i| ((i as f32) * 0.37).sin()).collect()
+    }
+
+    /// Checks `y` (`[m, n]`) against the float product of `x` and the [`wv`] weights. Each activation may be
+    /// off by half its block's quantization step (amax / 127), times `slack` for a scale stored as f16.
+    fn assert_near_float(x: &[f32], y: &[f32], n: usize, k: usize, slack: f32) {
+        for (r, (xr, yr)) in x.chunks(k).zip(y.chunks(n)).enumerate() {
+            for (c, &got) in yr.iter().enumerate() {
+                let wf = |j: usize| f32::from(wv(c, j)) * scale(j / BLOCK);
+                let want: f32 = (0..k).map(|j| xr[j] * wf(j)).sum();
+                let bound: f32 = (0..k)
+                    .map(|j| {
+                        let b = j / BLOCK * BLOCK;
+                        let amax = xr[b..b + BLOCK].iter().fold(0f32, |a, v| a.max(v.abs()));
+                        amax / 254.0 * wf(j).abs()
+                    })
+                    .sum();
+                assert!(
+                    (got - want).abs() <= bound * slack + 1e-4,
+                    "row {r} col {c}: {got} vs {want} (bound {bound})"
+                );
+            }
+        }
+    }
+
+    /// `[n, k]` with k not a multiple of 256 (candle's tiled kernel would need padding), n two tiles and more.
+    const N: usize = 48;
+    const K: usize = 96;
+    const MS: [usize; 5] = [1, 3, 8, 11, 17];
+
     #[test]
-    fn matches_a_float_reference_without_padding() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    fn kernel_matches_a_float_reference_and_exact_integer_sums() {
+        if vnni() != Some(Vnni::Avx512) {
+            // Said outside the test harness's capture, so the skip shows in a passing run.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED vnni_q8 kernel test: this CPU lacks AVX-512 F + VNNI (found {:?}); the portable path \
+                 is tested by candle_q8_0_fallback_matches_the_float_reference and quantized_rows_round_to_nearest",
+                vnni()
+            );
+            assert!(
+                VnniQ8::new(&q8_0(N, K, wv), N, K).is_none(),
+                "no kernel without the instructions"
+            );
             return;
         }
-        let (n, k) = (48, 96); // k not a multiple of 256
-        let wv = |r: usize, c: usize| ((r * 31 + c * 17) % 255) as i8;
-        let w = VnniQ8::new(&q8_0(n, k, wv), n, k).expect("tiles");
-        for m in [1, 3, 8, 11] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let w = VnniQ8::new(&q8_0(N, K, wv), N, K).expect("tiles");
+        for m in MS {
+            let x = acts(m, K);
             let y = w.matmul(&x);
-            for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                for c in 0..n {
-                    let wf = |j: usize| f32::from(wv(c, j)) * scale(j / BLOCK);
-                    let want: f32 = (0..k).map(|j| xr[j] * wf(j)).sum();
-                    // Each activation is rounded to within half its block's step (amax / 127).
-                    let bound: f32 = (0..k)
-                        .map(|j| {
-                            let b = j / BLOCK * BLOCK;
-                            let amax = xr[b..b + BLOCK].iter().fold(0f32, |a, v| a.max(v.abs()));
-                            amax / 254.0 * wf(j).abs()
-                        })
-                        .sum();
-                    let got = y[r * n + c];
-                    assert!(
-                        (got - want).abs() <= bound * 1.01 + 1e-4,
-                        "m {m} row {r} col {c}: {got} vs {want}"
-                    );
-                    // With the same quantized activations, the integer sums are exact.
-                    let (mut q, mut d) = (vec![0u8; k], vec![0f32; k / BLOCK]);
-                    quantize_row(xr, &mut q, &mut d);
-                    let exact: f32 = (0..k / BLOCK)
+            assert_eq!(y.len(), m * N);
+            assert_near_float(&x, &y, N, K, 1.01);
+            // With the same quantized activations, the integer sums are exact.
+            for (xr, yr) in x.chunks(K).zip(y.chunks(N)) {
+                let (mut q, mut d) = (vec![0u8; K], vec![0f32; K / BLOCK]);
+                quantize_row(xr, &mut q, &mut d);
+                for (c, &got) in yr.iter().enumerate() {
+                    let exact: f32 = (0..K / BLOCK)
                         .map(|b| {
                             let dot: i32 = (b * BLOCK..(b + 1) * BLOCK)
                                 .map(|j| (i32::from(q[j]) - 128) * i32::from(wv(c, j)))
@@ -319,6 +368,43 @@ mod tests {
                     );
                 }
             }
+        }
+        assert!(w.matmul(&[]).is_empty());
+    }
+
+    /// The path every CPU without our kernel takes (through [`crate::model::weights::Linear`]); run here on
+    /// every CPU.
+    #[test]
+    fn candle_q8_0_fallback_matches_the_float_reference() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        let storage =
+            QStorage::from_data(std::borrow::Cow::Owned(q8_0(N, K, wv)), &Device::Cpu, GgmlDType::Q8_0).unwrap();
+        let qmm = QMatMul::from_qtensor(QTensor::new(storage, (N, K)).unwrap()).unwrap();
+        for m in MS {
+            let x = acts(m, K);
+            let xt = Tensor::from_vec(x.clone(), (m, K), &Device::Cpu).unwrap();
+            let y = qmm
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // candle stores each activation block's scale as f16: up to 127 * 2^-11 of a step more.
+            assert_near_float(&x, &y, N, K, 1.15);
+        }
+    }
+
+    #[test]
+    fn quantized_rows_round_to_nearest() {
+        let x = acts(1, K);
+        let (mut q, mut d) = (vec![0u8; K], vec![0f32; K / BLOCK]);
+        quantize_row(&x, &mut q, &mut d);
+        for (j, (&v, &b)) in x.iter().zip(&q).enumerate() {
+            let step = d[j / BLOCK];
+            let back = (f32::from(b) - 128.0) * step;
+            assert!((back - v).abs() <= step * 0.5001, "value {j}: {v} came back as {back}");
         }
     }
 

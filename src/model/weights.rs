@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::vnni_q8::VnniQ8;
+use super::vnni_q8::{self, Vnni, VnniQ8};
 use super::ModelError;
 
 /// Storage format for the matrix weights.
@@ -177,18 +177,6 @@ fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
 const VNNI_K: usize = 256;
 const VNNI_N: usize = 16;
 
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        (std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni"))
-            || (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("avxvnni"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Pads each Q8_0 row with zero blocks up to `k_padded` columns. Zero blocks (scale 0, values 0) add nothing to
 /// any dot product, so `x` padded with zeros times this weight is exactly `x` times the original.
 fn pad_q8_0_rows(t: &QTensor, k_padded: usize) -> Result<QTensor, ModelError> {
@@ -206,10 +194,10 @@ fn pad_q8_0_rows(t: &QTensor, k_padded: usize) -> Result<QTensor, ModelError> {
 
 /// A matrix weight. Q8_0 weights run on [`VnniQ8`] where the CPU has AVX-512 VNNI (measured against candle's
 /// tiled kernel on padded rows, 2 threads: batch-16 decode 850 -> 1,150 tok/s, single stream 200 -> 250,
-/// prefill 1,600 -> 2,550, and logits closer to f32). On other CPUs with VNNI, Q8_0 weights whose row width does
-/// not suit candle's tiled kernel are zero-padded so it applies (inputs are padded to match; one thread: batch
-/// 16 from 135 to 408 tok/s). Either kernel's result for a row does not depend on the other rows, so batching
-/// changes no output.
+/// prefill 1,600 -> 2,550, and logits closer to f32). On CPUs with only AVX-VNNI ([`Vnni::Avx256`]), Q8_0
+/// weights whose row width does not suit candle's tiled kernel are zero-padded so it applies (inputs are padded
+/// to match; one thread: batch 16 from 135 to 408 tok/s). Either kernel's result for a row does not depend on
+/// the other rows, so batching changes no output.
 pub struct Linear {
     kernel: Kernel,
 }
@@ -237,7 +225,7 @@ impl Linear {
         }
         let mut pad_to = None;
         let matmul = match matmul {
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 && has_vnni() => {
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 && vnni_q8::vnni() == Some(Vnni::Avx256) => {
                 let (n, k) = q.shape().dims2()?;
                 if k % VNNI_K != 0 && n % VNNI_N == 0 {
                     let kp = k.div_ceil(VNNI_K) * VNNI_K;
