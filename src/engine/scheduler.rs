@@ -169,7 +169,8 @@ impl<B: Backend> Scheduler<B> {
         self.kv_reserved + self.prefix.bytes() + bytes <= self.config.kv_cache_bytes
     }
 
-    fn admit(&mut self) {
+    pub(super) fn admit(&mut self) {
+        let mut admitted = false;
         while self.running.len() < self.config.max_batch_size {
             let Some(job) = self.waiting.front() else { break };
             let bytes = job.req.kv_bytes(self.kv_bytes_per_token);
@@ -191,6 +192,12 @@ impl<B: Backend> Scheduler<B> {
             self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
             tracing::debug!(request_id = %job.req.id, prompt_tokens = prompt, cached_tokens = cached, "admitted");
             self.running.push(Sequence::new(job, kv, bytes));
+            admitted = true;
+        }
+        // Before the step that may emit their first tokens: a client that scrapes right after its first token
+        // sees itself running.
+        if admitted {
+            self.publish();
         }
     }
 

@@ -439,3 +439,14 @@ fn the_engine_thread_serves_until_every_handle_is_gone() {
     thread.join().expect("the thread ends without panicking");
     assert!(!stats.alive.load(Ordering::SeqCst), "readiness sees the engine gone");
 }
+
+#[test]
+fn gauges_show_an_admitted_request_running_before_its_first_token() {
+    let mut h = Harness::new(config());
+    let _rx = h.submit(request("a", &[1, 2], 5));
+    assert!(h.sched.intake(false));
+    h.sched.admit();
+    assert_eq!(h.metrics.running.get(), 1);
+    assert_eq!(h.engine.stats().running.load(Ordering::SeqCst), 1);
+    assert!(h.metrics.kv_cache_usage.get() > 0.0);
+}
