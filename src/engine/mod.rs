@@ -5,6 +5,7 @@
 //! receiver of [`Event`]s. Dropping that receiver cancels the request, queued or running, within one step.
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
+pub mod embedder;
 pub mod params;
 mod prefix_cache;
 pub mod sampler;
