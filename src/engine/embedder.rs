@@ -297,7 +297,12 @@ impl<B: EmbedBackend> Worker<B> {
     /// Ends a request: counts it and frees its queue place.
     /// Counted before the reply is sent, so a client that has its reply also sees it counted.
     fn end(&self, job: Job, outcome: &str, reply: EmbedReply) {
-        let outcome = if job.reply.is_closed() { "cancelled" } else { outcome };
+        // A result nobody waits for any more was cancelled; a timeout or an error stays what it is.
+        let outcome = if outcome == "ok" && job.reply.is_closed() {
+            "cancelled"
+        } else {
+            outcome
+        };
         self.metrics.embedding.finish(outcome);
         self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
         self.metrics.embedding.waiting.dec();
