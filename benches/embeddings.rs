@@ -126,8 +126,8 @@ fn histogram(scrape: &str, name: &str) -> (f64, f64) {
     (get("count"), get("sum"))
 }
 
-/// Forwards and inputs run so far.
-async fn forwards(client: &reqwest::Client, base: &str) -> (f64, f64) {
+/// Forwards, inputs and forward seconds so far.
+async fn forwards(client: &reqwest::Client, base: &str) -> (f64, f64, f64) {
     let scrape = client
         .get(format!("{base}/metrics"))
         .send()
@@ -136,7 +136,8 @@ async fn forwards(client: &reqwest::Client, base: &str) -> (f64, f64) {
         .text()
         .await
         .expect("body");
-    histogram(&scrape, "amlserve_embedding_batch_size")
+    let (n, inputs) = histogram(&scrape, "amlserve_embedding_batch_size");
+    (n, inputs, histogram(&scrape, "amlserve_embedding_forward_seconds").1)
 }
 
 #[tokio::main]
@@ -163,27 +164,32 @@ async fn main() {
         "{} single-input requests per mode | --embedding-max-batch-tokens {} | {} rounds\n",
         args.requests, args.batch_tokens, args.rounds
     );
-    println!("| round | sequential req/s | concurrent req/s | ratio | concurrent: forwards, mean inputs each |");
-    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| round | sequential req/s | concurrent req/s | ratio | sequential: forward s | concurrent: forwards, inputs each, forward s |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
     let (mut seq_total, mut conc_total) = (Duration::ZERO, Duration::ZERO);
     let rate = |d: Duration| args.requests as f64 / d.as_secs_f64();
     for round in 1..=args.rounds {
+        let (_, _, t0) = forwards(&client, &base).await;
         let s = sequential(&client, &url, &texts).await;
-        let (f0, i0) = forwards(&client, &base).await;
+        let (f0, i0, t1) = forwards(&client, &base).await;
         let c = concurrent(&client, &url, &texts).await;
-        let (f1, i1) = forwards(&client, &base).await;
+        let (f1, i1, t2) = forwards(&client, &base).await;
         seq_total += s;
         conc_total += c;
         println!(
-            "| {round} | {:.1} | {:.1} | {:.2}x | {}, {:.1} |",
+            "| {round} | {:.1} | {:.1} | {:.2}x | {:.2} | {}, {:.1}, {:.2} |",
             rate(s),
             rate(c),
             rate(c) / rate(s),
+            t1 - t0,
             f1 - f0,
-            (i1 - i0) / (f1 - f0).max(1.0)
+            (i1 - i0) / (f1 - f0).max(1.0),
+            t2 - t1
         );
     }
     let (s, c) = (rate(seq_total), rate(conc_total));
     let r = args.rounds as f64;
-    println!("| all | {:.1} | {:.1} | {:.2}x | |", s * r, c * r, c / s);
+    println!("| all | {:.1} | {:.1} | {:.2}x | | |", s * r, c * r, c / s);
 }

@@ -183,6 +183,8 @@ pub struct EmbeddingMetrics {
     pub batch_tokens: Histogram,
     /// Tokens of inputs computed (after truncation, without padding).
     pub input_tokens: IntCounter,
+    /// Time of each batch forward (pooling included).
+    pub forward_time: Histogram,
     pub finished: IntCounterVec,
 }
 
@@ -214,6 +216,11 @@ impl EmbeddingMetrics {
                 "Tokens of embedding inputs computed (after truncation, padding not counted).",
             )
             .expect("valid counter"),
+            forward_time: histogram(
+                "amlserve_embedding_forward_seconds",
+                "Time of each embedding batch forward, pooling included.",
+                ITL_BUCKETS,
+            ),
             finished: IntCounterVec::new(
                 Opts::new(
                     "amlserve_embedding_requests_finished_total",
@@ -236,6 +243,7 @@ impl EmbeddingMetrics {
             Box::new(self.batch_size.clone()),
             Box::new(self.batch_tokens.clone()),
             Box::new(self.input_tokens.clone()),
+            Box::new(self.forward_time.clone()),
             Box::new(self.finished.clone()),
         ]
     }

@@ -414,7 +414,13 @@ impl<B: EmbedBackend> Worker<B> {
         m.batch_tokens.observe((batch.len() * width) as f64);
         m.input_tokens.inc_by(batch.iter().map(|i| i.ids.len() as u64).sum());
         let refs: Vec<&[u32]> = batch.iter().map(|i| i.ids.as_slice()).collect();
-        match self.backend.embed_batch(&refs) {
+        let started = Instant::now();
+        let result = self.backend.embed_batch(&refs);
+        self.metrics
+            .embedding
+            .forward_time
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(vectors) if vectors.len() == batch.len() => {
                 for (item, v) in batch.into_iter().zip(vectors) {
                     let Some(a) = self.jobs.get_mut(&item.seq) else {
