@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
 use crate::model::files::{self, ModelNotFound};
 use crate::model::WeightFormat;
@@ -120,6 +121,17 @@ pub struct Args {
     /// max_tokens used when a request sets none (capped by the room left in the context window).
     #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: usize,
+
+    /// Most padded tokens (inputs x longest input) in one embedding forward. Inputs of concurrent requests are
+    /// sorted by length and packed up to this; larger batches use the cores better but make every input in
+    /// them wait for the whole forward. An input longer than this (up to the model's 256 tokens) runs alone.
+    #[arg(long, env = "AMLSERVE_EMBEDDING_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub embedding_max_batch_tokens: usize,
+
+    /// Most embedding requests queued or being embedded; more are refused at once with 429 and Retry-After,
+    /// before their inputs are tokenized. Separate from --max-waiting, so embeddings cannot crowd out chat.
+    #[arg(long, env = "AMLSERVE_EMBEDDING_MAX_WAITING", default_value_t = 128)]
+    pub embedding_max_waiting: usize,
 }
 
 /// How log lines are written.
@@ -147,6 +159,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
+    pub embedder: EmbedderConfig,
 }
 
 /// A setting that cannot work.
@@ -168,6 +181,8 @@ impl Args {
             ("--max-body-bytes", self.max_body_bytes),
             ("--default-max-tokens", self.default_max_tokens),
             ("--max-waiting", self.max_waiting),
+            ("--embedding-max-batch-tokens", self.embedding_max_batch_tokens),
+            ("--embedding-max-waiting", self.embedding_max_waiting),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -239,6 +254,10 @@ impl Args {
                         .collect()
                 })
                 .unwrap_or_default(),
+            embedder: EmbedderConfig {
+                max_batch_tokens: self.embedding_max_batch_tokens,
+                max_waiting: self.embedding_max_waiting,
+            },
         })
     }
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub kv_cache_usage: Gauge,
     pub batch_size: Histogram,
     pub finished: IntCounterVec,
+    /// The embedding engine's metrics.
+    pub embedding: EmbeddingMetrics,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -121,6 +123,7 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid counter"),
+            embedding: EmbeddingMetrics::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.http_requests.clone()),
@@ -139,7 +142,7 @@ impl Metrics {
             Box::new(m.batch_size.clone()),
             Box::new(m.finished.clone()),
         ];
-        for c in collectors {
+        for c in collectors.into_iter().chain(m.embedding.collectors()) {
             m.registry.register(c).expect("unique metric names");
         }
         for reason in OUTCOMES {
@@ -158,5 +161,95 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Reasons an embedding request ends, as the `outcome` label of `amlserve_embedding_requests_finished_total`.
+pub const EMBEDDING_OUTCOMES: &[&str] = &["ok", "rejected", "cancelled", "timeout", "error"];
+
+const EMBEDDING_BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const EMBEDDING_TOKEN_BUCKETS: &[f64] = &[
+    16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+/// Metrics of the embedding engine (`/v1/embeddings`, `/embeddings`), registered with the others.
+pub struct EmbeddingMetrics {
+    /// Requests in the embedding engine: queued, or with inputs not all computed yet.
+    pub waiting: IntGauge,
+    pub queue_time: Histogram,
+    /// Inputs per batch forward.
+    pub batch_size: Histogram,
+    /// Padded tokens (rows x longest row) per batch forward.
+    pub batch_tokens: Histogram,
+    /// Tokens of inputs computed (after truncation, without padding).
+    pub input_tokens: IntCounter,
+    /// Time of each batch forward (pooling included).
+    pub forward_time: Histogram,
+    pub finished: IntCounterVec,
+}
+
+impl EmbeddingMetrics {
+    fn new() -> Self {
+        let m = Self {
+            waiting: IntGauge::new(
+                "amlserve_embedding_requests_waiting",
+                "Embedding requests queued or being embedded.",
+            )
+            .expect("valid gauge"),
+            queue_time: histogram(
+                "amlserve_embedding_queue_time_seconds",
+                "Time an embedding request waited before its first input ran in a forward.",
+                LATENCY_BUCKETS,
+            ),
+            batch_size: histogram(
+                "amlserve_embedding_batch_size",
+                "Inputs in each embedding forward.",
+                EMBEDDING_BATCH_BUCKETS,
+            ),
+            batch_tokens: histogram(
+                "amlserve_embedding_batch_tokens",
+                "Padded tokens (rows x longest row) in each embedding forward.",
+                EMBEDDING_TOKEN_BUCKETS,
+            ),
+            input_tokens: IntCounter::new(
+                "amlserve_embedding_input_tokens_total",
+                "Tokens of embedding inputs computed (after truncation, padding not counted).",
+            )
+            .expect("valid counter"),
+            forward_time: histogram(
+                "amlserve_embedding_forward_seconds",
+                "Time of each embedding batch forward, pooling included.",
+                ITL_BUCKETS,
+            ),
+            finished: IntCounterVec::new(
+                Opts::new(
+                    "amlserve_embedding_requests_finished_total",
+                    "Embedding requests by how they ended.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid counter"),
+        };
+        for outcome in EMBEDDING_OUTCOMES {
+            m.finished.with_label_values(&[outcome]);
+        }
+        m
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.waiting.clone()),
+            Box::new(self.queue_time.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.batch_tokens.clone()),
+            Box::new(self.input_tokens.clone()),
+            Box::new(self.forward_time.clone()),
+            Box::new(self.finished.clone()),
+        ]
+    }
+
+    /// Counts a finished embedding request.
+    pub fn finish(&self, outcome: &str) {
+        self.finished.with_label_values(&[outcome]).inc();
     }
 }

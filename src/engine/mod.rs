@@ -8,6 +8,7 @@
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
 pub mod backend;
+pub mod embedder;
 pub mod params;
 mod prefix_cache;
 pub mod sampler;

@@ -1,16 +1,25 @@
 //! `POST /v1/embeddings` (OpenAI) and `POST /embeddings` (Azure AI Model Inference): sentence embeddings from
 //! the configured embedding model, as float lists or base64 (little-endian f32, the openai SDK's default).
+//!
+//! The handler validates the body, then submits the texts to the embedding engine
+//! ([`crate::engine::embedder`]): a full queue answers 429 at once; the reply is awaited until the request
+//! timeout (504); a client that goes away drops the reply receiver, which cancels its inputs not yet computed.
+
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::access::RequestId;
 use super::error::ApiError;
+use super::generate::timeout_error;
 use super::json::{string_list, ApiJson};
 use super::AppState;
+use crate::engine::embedder::{EmbedError, EmbedRequest};
 
 /// Most inputs in one request.
 const MAX_INPUTS: usize = 256;
@@ -43,10 +52,11 @@ fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
 /// Both embeddings routes.
 pub async fn embeddings(
     State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<EmbeddingsRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let ready = state.ready()?;
-    let Some(model) = ready.embedding.clone() else {
+    let Some(model) = ready.embedding.as_ref() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "this server has no embedding model; start it with --embedding-model (a sentence-transformers folder)",
@@ -69,17 +79,31 @@ pub async fn embeddings(
         ));
     }
     let texts = inputs(req.input)?;
+    let deadline = Instant::now() + ready.request_timeout;
+    let reply = model.submit(EmbedRequest {
+        id: rid.0,
+        inputs: texts,
+        deadline: Some(deadline),
+    })?;
+    // Dropping `reply` (the client went away, or the deadline below) cancels the inputs not computed yet.
+    let done = match tokio::time::timeout_at(deadline.into(), reply).await {
+        Err(_) | Ok(Ok(Err(EmbedError::Timeout))) => return Err(timeout_error(ready)),
+        Ok(Err(_)) => {
+            return Err(ApiError::not_ready(
+                "the embedding engine stopped before the request finished",
+            ))
+        }
+        Ok(Ok(Err(e @ EmbedError::BadInput { .. }))) => return Err(ApiError::invalid_param("input", e.to_string())),
+        Ok(Ok(Err(e @ EmbedError::Failed(_)))) => return Err(ApiError::internal(e)),
+        Ok(Ok(Ok(done))) => done,
+    };
     let name = model.name.clone();
-    let results =
-        tokio::task::spawn_blocking(move || texts.iter().map(|t| model.embed(t)).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?;
-    let tokens: usize = results.iter().map(|(_, n)| n).sum();
-    let data: Vec<Value> = results
+    let tokens = done.tokens;
+    let data: Vec<Value> = done
+        .vectors
         .into_iter()
         .enumerate()
-        .map(|(i, (v, _))| {
+        .map(|(i, v)| {
             let embedding = if base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))

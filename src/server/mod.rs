@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
+use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
@@ -42,8 +43,8 @@ use error::{ApiError, Dialect};
 /// What exists once the model is loaded.
 pub struct Ready {
     pub model: Arc<Model>,
-    /// The embedding model, when one is configured.
-    pub embedding: Option<Arc<EmbeddingModel>>,
+    /// The embedding engine, when an embedding model is configured.
+    pub embedding: Option<Embedder>,
     pub engine: Engine,
     pub request_timeout: Duration,
     pub default_max_tokens: usize,
@@ -326,7 +327,7 @@ fn watch_engine(thread: std::thread::JoinHandle<()>) {
         .name("amlserve-engine-watch".into())
         .spawn(move || {
             if thread.join().is_err() {
-                tracing::error!("the engine thread panicked; exiting so the platform restarts the server");
+                tracing::error!("an engine thread panicked; exiting so the platform restarts the server");
                 std::process::exit(70);
             }
         });
@@ -362,7 +363,17 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         Some(dir) => match EmbeddingModel::load(dir) {
             Ok(m) => {
                 tracing::info!(model = %m.name, dim = m.dim, "embedding model loaded");
-                Some(Arc::new(m))
+                match Embedder::start(Arc::new(m), config.embedder.clone(), metrics.clone()) {
+                    Ok((embedder, thread)) => {
+                        watch_engine(thread);
+                        Some(embedder)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the embedding thread");
+                        state.set_load_error(e.to_string());
+                        return;
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "embedding model failed to load");
