@@ -20,7 +20,7 @@ use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::openai::{convert_messages, MessageIn};
 use super::types::{
-    GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, TEMPERATURE,
+    GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, MAX_TOKENS, TEMPERATURE,
 };
 use super::{AppState, Ready};
 
@@ -75,7 +75,11 @@ fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
             let p: ScoreParameters =
                 serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}")))?;
             // `do_sample: false` replaces the temperature with 0, so check the one that was sent here.
+            // Likewise only one of the token limits is used; a wrong value is refused whichever it is.
             TEMPERATURE.check(p.temperature).map_err(|e| bad(e.message))?;
+            for (name, v) in [("max_new_tokens", p.max_new_tokens), ("max_tokens", p.max_tokens)] {
+                MAX_TOKENS.check_as(name, v.map(|m| m as f64)).map_err(|e| bad(e.message))?;
+            }
             Ok(p)
         }
     }

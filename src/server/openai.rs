@@ -13,7 +13,7 @@ use super::sse::{self, ChunkShape, Usage};
 pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
-    Delta, ModelCard, ModelList, UsageBody, N_SUPPORTED,
+    Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
 };
 use super::{AppState, Ready};
 use crate::engine::FinishReason;
@@ -22,6 +22,13 @@ use crate::model::ChatMessage;
 impl CommonFields {
     /// Rejects what amlserve does not implement, rather than silently ignoring it.
     fn check_supported(&self) -> Result<(), ApiError> {
+        // Both limits are checked: only one is used, but a wrong value is refused whichever it is.
+        for (name, v) in [
+            ("max_tokens", self.max_tokens),
+            ("max_completion_tokens", self.max_completion_tokens),
+        ] {
+            MAX_TOKENS.check_as(name, v.map(|m| m as f64))?;
+        }
         if self.n.is_some_and(|n| n != N_SUPPORTED) {
             return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
         }

@@ -62,10 +62,15 @@ impl Range {
 
     /// 400 naming the field unless `v` is unset or in the range.
     pub fn check(&self, v: Option<f64>) -> Result<(), ApiError> {
+        self.check_as(self.field, v)
+    }
+
+    /// [`Range::check`] for a field of another name with the same range (`max_new_tokens`).
+    pub fn check_as(&self, field: &str, v: Option<f64>) -> Result<(), ApiError> {
         match v {
             Some(x) if !x.is_finite() || !self.contains(x) => Err(ApiError::invalid_param(
-                self.field,
-                format!("{} must be {}; got {x}", self.field, self.rule()),
+                field,
+                format!("{field} must be {}; got {x}", self.rule()),
             )),
             _ => Ok(()),
         }

@@ -6,8 +6,13 @@ documented range are lowered to at most MAX_GENERATED, which keeps them inside i
 positive; values outside it (negative cases: 0, -3, 1.5, "ten", true) are left as generated.
 """
 import os
+import sys
 
 import schemathesis
+
+# Hypothesis describes strategies by parsing source with `ast`; deep in a nested request schema that can hit
+# the default limit of 1000 and fail inside CPython ("AST constructor recursion depth mismatch").
+sys.setrecursionlimit(20000)
 
 LIMIT_FIELDS = {"max_tokens", "max_completion_tokens", "max_new_tokens"}
 MAX_GENERATED = int(os.environ.get("AMLSERVE_SCHEMATHESIS_MAX_TOKENS", "4"))
