@@ -33,7 +33,15 @@ async fn the_server_conforms_to_its_openapi_document() {
             .arg("--config-file")
             .arg(config)
             .args(["run", &spec, "--checks", "all", "--max-examples", MAX_EXAMPLES])
-            .args(["--seed", "1", "--workers", "2", "--no-color", "--generation-database", "none"])
+            .args([
+                "--seed",
+                "1",
+                "--workers",
+                "2",
+                "--no-color",
+                "--generation-database",
+                "none",
+            ])
             // Generations share 2 busy cores; time limits are other tests' business.
             .args(["--request-timeout", "120", "--max-response-time", "120"])
             .env("PYTHONPATH", &python_dir)

@@ -72,13 +72,14 @@ fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(ScoreParameters::default()),
         Some(p) => {
-            let p: ScoreParameters =
-                serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}")))?;
+            let p: ScoreParameters = serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}")))?;
             // `do_sample: false` replaces the temperature with 0, so check the one that was sent here.
             // Likewise only one of the token limits is used; a wrong value is refused whichever it is.
             TEMPERATURE.check(p.temperature).map_err(|e| bad(e.message))?;
             for (name, v) in [("max_new_tokens", p.max_new_tokens), ("max_tokens", p.max_tokens)] {
-                MAX_TOKENS.check_as(name, v.map(|m| m as f64)).map_err(|e| bad(e.message))?;
+                MAX_TOKENS
+                    .check_as(name, v.map(|m| m as f64))
+                    .map_err(|e| bad(e.message))?;
             }
             Ok(p)
         }

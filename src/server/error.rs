@@ -138,13 +138,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = match self.dialect {
             Dialect::OpenAi => (self.status, Json(self.openai_body())).into_response(),
-            Dialect::AzureMl => (
-                self.status,
-                Json(AzureMlError {
-                    message: self.message,
-                }),
-            )
-                .into_response(),
+            Dialect::AzureMl => (self.status, Json(AzureMlError { message: self.message })).into_response(),
         };
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -10,11 +10,11 @@ use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::sse::{self, ChunkShape, Usage};
-pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
     Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
 };
+pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::{AppState, Ready};
 use crate::engine::FinishReason;
 use crate::model::ChatMessage;

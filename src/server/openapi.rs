@@ -21,12 +21,12 @@ use utoipa::openapi::{Content, OpenApi as Document, Paths, Ref, RefOr, Required,
 use utoipa::{OpenApi, ToSchema};
 
 use super::error::{ApiError, Dialect};
-use super::AppState;
 use super::types::{
     AzureChatRequest, AzureMlError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
     EmbeddingsRequest, EmbeddingsResponse, Health, MessageIn, ModelInfo, ModelList, OpenAiError, ScoreParameters,
     ScoreRequest, ScoreResponse,
 };
+use super::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct SwaggerQuery {
@@ -64,7 +64,10 @@ struct Schemas;
 
 /// Statuses every body-taking route can answer besides 200, with what causes them.
 const REQUEST_ERRORS: &[(u16, &str)] = &[
-    (400, "The request is malformed or a field is out of range (the message says which)"),
+    (
+        400,
+        "The request is malformed or a field is out of range (the message says which)",
+    ),
     (401, "An API key is required (--api-key) and was not sent"),
     (413, "The body is larger than --max-body-bytes"),
     (429, "The queue is full; retry after Retry-After seconds"),
@@ -160,8 +163,11 @@ fn paths() -> Paths {
     let azureml_error = schema_ref::<AzureMlError>;
     let string = || ObjectBuilder::new().schema_type(Type::String);
     let chat_ok = || {
-        ok_json("Chat completion (JSON), or with stream=true a chat.completion.chunk event stream", schema_ref::<ChatCompletion>())
-            .content("text/event-stream", sse_event())
+        ok_json(
+            "Chat completion (JSON), or with stream=true a chat.completion.chunk event stream",
+            schema_ref::<ChatCompletion>(),
+        )
+        .content("text/event-stream", sse_event())
     };
     let completion_ok = ok_json(
         "Text completion (JSON), or with stream=true a text_completion event stream",
@@ -189,16 +195,26 @@ fn paths() -> Paths {
         ));
 
     let mut health = Responses::new();
-    health
-        .responses
-        .insert("200".into(), ok_json("Model loaded, engine running", schema_ref::<Health>()).build().into());
-    health
-        .responses
-        .insert("503".into(), ok_json("Not ready (the message says why)", schema_ref::<Health>()).build().into());
+    health.responses.insert(
+        "200".into(),
+        ok_json("Model loaded, engine running", schema_ref::<Health>())
+            .build()
+            .into(),
+    );
+    health.responses.insert(
+        "503".into(),
+        ok_json("Not ready (the message says why)", schema_ref::<Health>())
+            .build()
+            .into(),
+    );
     let mut liveness = Responses::new();
     liveness.responses.insert(
         "200".into(),
-        ResponseBuilder::new().description("Healthy").content("text/plain", plain_text()).build().into(),
+        ResponseBuilder::new()
+            .description("Healthy")
+            .content("text/plain", plain_text())
+            .build()
+            .into(),
     );
     let mut metrics = Responses::new();
     metrics.responses.insert(
@@ -212,16 +228,17 @@ fn paths() -> Paths {
     let mut swagger = Responses::new();
     swagger.responses.insert(
         "200".into(),
-        ok_json("This OpenAPI document", ObjectBuilder::new().into()).build().into(),
+        ok_json("This OpenAPI document", ObjectBuilder::new().into())
+            .build()
+            .into(),
     );
     for (status, why) in [
         (404, "That swagger version is not served"),
         (401, "An API key is required (--api-key) and was not sent"),
     ] {
-        swagger.responses.insert(
-            status.to_string(),
-            ok_json(why, azureml_error()).build().into(),
-        );
+        swagger
+            .responses
+            .insert(status.to_string(), ok_json(why, azureml_error()).build().into());
     }
     let mut options = Responses::new();
     options
@@ -273,7 +290,10 @@ fn paths() -> Paths {
                 )),
             ),
         )
-        .path("/metrics", item(HttpMethod::Get, get("metrics", "Prometheus metrics", metrics)))
+        .path(
+            "/metrics",
+            item(HttpMethod::Get, get("metrics", "Prometheus metrics", metrics)),
+        )
         .path(
             "/v1/chat/completions",
             item(
@@ -309,7 +329,11 @@ fn paths() -> Paths {
                 get(
                     "listModels",
                     "The served model",
-                    responses(ok_json("Model list", schema_ref::<ModelList>()), READ_ERRORS, openai_error()),
+                    responses(
+                        ok_json("Model list", schema_ref::<ModelList>()),
+                        READ_ERRORS,
+                        openai_error(),
+                    ),
                 ),
             ),
         )
@@ -349,7 +373,11 @@ fn paths() -> Paths {
                 get(
                     "getModelInfo",
                     "Azure AI model info",
-                    responses(ok_json("Model info", schema_ref::<ModelInfo>()), READ_ERRORS, openai_error()),
+                    responses(
+                        ok_json("Model info", schema_ref::<ModelInfo>()),
+                        READ_ERRORS,
+                        openai_error(),
+                    ),
                 )
                 .parameter(api_version()),
             ),
@@ -460,9 +488,11 @@ mod tests {
         let doc = served(Some(384));
         let d = &doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"];
         assert_eq!(d["enum"], serde_json::json!([384, null]));
-        assert!(served(None)["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
-            .get("enum")
-            .is_none());
+        assert!(
+            served(None)["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
+                .get("enum")
+                .is_none()
+        );
     }
 
     #[test]

@@ -10,8 +10,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::openapi::schema::{
-    AdditionalProperties, AnyOfBuilder, ArrayBuilder, ArrayItems, ObjectBuilder, OneOfBuilder, Schema, SchemaType,
-    Type,
+    AdditionalProperties, AnyOfBuilder, ArrayBuilder, ArrayItems, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
 use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
@@ -46,7 +45,11 @@ impl Range {
 
     /// Whether `x` is in the range.
     pub fn contains(&self, x: f64) -> bool {
-        let above = if self.min_exclusive { x > self.min } else { x >= self.min };
+        let above = if self.min_exclusive {
+            x > self.min
+        } else {
+            x >= self.min
+        };
         above && self.max.is_none_or(|m| x <= m)
     }
 
@@ -171,7 +174,12 @@ fn array_of(items: RefOr<Schema>) -> ArrayBuilder {
 fn text_or_list(max_items: Option<usize>) -> Schema {
     OneOfBuilder::new()
         .item(text())
-        .item(ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(max_items))
+        .item(
+            ArrayBuilder::new()
+                .items(text())
+                .min_items(Some(1))
+                .max_items(max_items),
+        )
         .build()
         .into()
 }
