@@ -28,10 +28,12 @@ async fn the_server_conforms_to_its_openapi_document() {
     );
     let spec = s.url("/swagger.json");
     let config = python_dir.join("schemathesis.toml");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(schemathesis)
+    let run = move || {
+        Command::new(&schemathesis)
+            // Anything schemathesis writes lands under target/, never in the source tree.
+            .current_dir(env!("CARGO_TARGET_TMPDIR"))
             .arg("--config-file")
-            .arg(config)
+            .arg(&config)
             .args(["run", &spec, "--checks", "all", "--max-examples", MAX_EXAMPLES])
             .args([
                 "--seed",
@@ -47,11 +49,27 @@ async fn the_server_conforms_to_its_openapi_document() {
             .env("PYTHONPATH", &python_dir)
             .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
             .output()
+            .expect("schemathesis runs")
+    };
+    let (out, stdout) = tokio::task::spawn_blocking(move || {
+        let mut attempt = 1;
+        loop {
+            let out = run();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            // CPython 3.11 sometimes fails inside Hypothesis while it describes a strategy ("AST constructor
+            // recursion depth mismatch"): an error of the tool, reported with no failure of ours. Only such a
+            // run is retried, once; any failure found in the server fails the test at once.
+            let tool_crash =
+                stdout.contains("AST constructor recursion depth mismatch") && !stdout.contains("= FAILURES =");
+            if out.status.success() || !tool_crash || attempt == 2 {
+                return (out, stdout);
+            }
+            eprintln!("schemathesis crashed inside Hypothesis; running it once more:\n{stdout}");
+            attempt += 1;
+        }
     })
     .await
-    .expect("join")
-    .expect("schemathesis runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    .expect("join");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "schemathesis failed:\n{stdout}\n{stderr}");
     // A run that tested nothing would also exit 0: every selected operation must have been tested.
