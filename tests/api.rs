@@ -43,12 +43,13 @@ async fn same_seed_same_sampled_output() {
     let s = Server::start(&[]).await;
     let body = json!({"messages": [{"role": "user", "content": "Write a poem about rain."}], "max_tokens": 30,
                       "temperature": 1.0, "top_p": 0.95, "seed": 1234});
-    let (_, a) = s.post("/v1/chat/completions", body.clone()).await;
-    let (_, b) = s.post("/v1/chat/completions", body).await;
-    assert_eq!(
-        a["choices"][0]["message"]["content"],
-        b["choices"][0]["message"]["content"]
-    );
+    let (st, a) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, b) = s.post("/v1/chat/completions", body).await;
+    assert_eq!(st, 200, "{b}");
+    let text = a["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(!text.is_empty(), "{a}");
+    assert_eq!(Some(text), b["choices"][0]["message"]["content"].as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -140,7 +140,7 @@ async fn score_headers_options_get_and_cors() {
 async fn swagger_versions_follow_azmlinfsrv() {
     let s = Server::start(&[]).await;
     let v: Value = s.get_json("/swagger.json?version=3").await;
-    assert_eq!(v["openapi"], "3.0.3");
+    assert_eq!(v["openapi"], "3.1.0");
     let r = s.client.get(s.url("/swagger.json?version=2")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["message"]

@@ -97,15 +97,17 @@ async fn embeddings_are_normalised_ordered_and_meaningful() {
     assert_eq!(v["data"][2]["index"], 2);
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
     // One input alone gives the same vector as inside a (padded) list; base64 carries the same floats.
-    let (_, one) = s.post("/embeddings", json!({"input": "A kitten rests on a rug"})).await;
+    let (st, one) = s.post("/embeddings", json!({"input": "A kitten rests on a rug"})).await;
+    assert_eq!(st, 200, "{one}");
     let one = vectors(&one).remove(0);
     assert!(max_diff(&one, &e[1]) < BATCH_TOLERANCE);
-    let (_, b64) = s
+    let (st, b64) = s
         .post(
             "/v1/embeddings",
             json!({"input": "A kitten rests on a rug", "encoding_format": "base64"}),
         )
         .await;
+    assert_eq!(st, 200, "{b64}");
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64["data"][0]["embedding"].as_str().unwrap())
         .unwrap();

@@ -9,41 +9,22 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::access::RequestId;
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::types::{ModelInfo, AZURE_CHAT_FIELDS};
 use super::{openai, AppState};
 
-/// Fields of the Azure AI chat-completions request schema (plus OpenAI's that the SDKs send).
-const STANDARD_FIELDS: &[&str] = &[
-    "messages",
-    "model",
-    "frequency_penalty",
-    "presence_penalty",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "response_format",
-    "stop",
-    "stream",
-    "stream_options",
-    "seed",
-    "tools",
-    "tool_choice",
-    "n",
-    "user",
-];
-
 /// `GET /info`.
-pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn info(State(state): State<AppState>) -> Result<Json<ModelInfo>, ApiError> {
     let ready = state.ready()?;
-    Ok(Json(json!({
-        "model_name": ready.model.name,
-        "model_type": "chat-completions",
-        "model_provider_name": "amlserve",
-    })))
+    Ok(Json(ModelInfo {
+        model_name: ready.model.name.clone(),
+        model_type: "chat-completions",
+        model_provider_name: "amlserve".to_string(),
+    }))
 }
 
 /// How to treat fields outside the schema.
@@ -85,7 +66,7 @@ pub async fn chat_completions(
     };
     let extras: Vec<String> = fields
         .keys()
-        .filter(|k| !STANDARD_FIELDS.contains(&k.as_str()))
+        .filter(|k| !AZURE_CHAT_FIELDS.contains(&k.as_str()))
         .cloned()
         .collect();
     match mode {
@@ -102,6 +83,9 @@ pub async fn chat_completions(
             fields.remove(k);
         }),
         _ => {}
+    }
+    if fields.get("tools").is_some_and(|t| !t.is_array() && !t.is_null()) {
+        return Err(ApiError::invalid_param("tools", "tools must be a list"));
     }
     if fields
         .get("tools")

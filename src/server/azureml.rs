@@ -12,14 +12,16 @@ use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::access::{RequestId, TokenCounts};
 use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::openai::{convert_messages, MessageIn};
+use super::types::{
+    GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, MAX_TOKENS, TEMPERATURE,
+};
 use super::{AppState, Ready};
 
 /// `GET /`: liveness, true as soon as the process listens.
@@ -30,22 +32,6 @@ pub async fn liveness() -> &'static str {
 const EXPECTED: &str = "expected one of: {\"input_data\": {\"input_string\": [{\"role\": \"user\", \"content\": \"...\"}], \"parameters\": {...}}} (chat), \
 {\"input_data\": {\"input_string\": [\"prompt\", ...], \"parameters\": {...}}} (text generation), \
 or {\"inputs\": \"prompt\", \"parameters\": {...}} (Hugging Face)";
-
-/// Generation parameters in the Hugging Face / model-catalog vocabulary.
-#[derive(Debug, Default, Deserialize)]
-struct ScoreParameters {
-    max_new_tokens: Option<i64>,
-    max_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    do_sample: Option<bool>,
-    repetition_penalty: Option<f64>,
-    seed: Option<i64>,
-    stop: Option<StopInput>,
-    ignore_eos: Option<bool>,
-    return_full_text: Option<bool>,
-}
 
 impl ScoreParameters {
     fn sampling(&self) -> SamplingInput {
@@ -85,7 +71,18 @@ fn bad(msg: impl std::fmt::Display) -> ApiError {
 fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(ScoreParameters::default()),
-        Some(p) => serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}"))),
+        Some(p) => {
+            let p: ScoreParameters = serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}")))?;
+            // `do_sample: false` replaces the temperature with 0, so check the one that was sent here.
+            // Likewise only one of the token limits is used; a wrong value is refused whichever it is.
+            TEMPERATURE.check(p.temperature).map_err(|e| bad(e.message))?;
+            for (name, v) in [("max_new_tokens", p.max_new_tokens), ("max_tokens", p.max_tokens)] {
+                MAX_TOKENS
+                    .check_as(name, v.map(|m| m as f64))
+                    .map_err(|e| bad(e.message))?;
+            }
+            Ok(p)
+        }
     }
 }
 
@@ -155,15 +152,14 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
         Payload::Chat(messages, params) => {
             let messages = convert_messages(messages).map_err(|e| bad(e.message))?;
             let (mut out, counts) = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
-            (json!({"output": out.pop().unwrap_or_default()}), counts)
+            let output = out.pop().unwrap_or_default();
+            (ScoreResponse::Chat(ScoreChatOutput { output }), counts)
         }
         Payload::Text(prompts, params) => {
             let inputs = prompts.into_iter().map(PromptInput::Text).collect();
             let (outs, counts) = generate_all(ready, rid, inputs, &params).await?;
-            (
-                Value::Array(outs.into_iter().map(|t| json!({"0": t})).collect()),
-                counts,
-            )
+            let items = outs.into_iter().map(|text| ScoreTextOutput { text }).collect();
+            (ScoreResponse::Text(items), counts)
         }
         Payload::HuggingFace(prompts, params) => {
             let full = params.return_full_text.unwrap_or(false);
@@ -172,9 +168,11 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
             let items = prompts
                 .iter()
                 .zip(outs)
-                .map(|(p, t)| json!({"generated_text": if full { format!("{p}{t}") } else { t }}))
+                .map(|(p, t)| GeneratedText {
+                    generated_text: if full { format!("{p}{t}") } else { t },
+                })
                 .collect();
-            (Value::Array(items), counts)
+            (ScoreResponse::HuggingFace(items), counts)
         }
     };
     Ok(counts.attach(Json(body).into_response()))
@@ -228,6 +226,7 @@ pub async fn score_options() -> StatusCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn payload_kinds_are_told_apart() {

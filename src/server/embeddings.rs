@@ -11,27 +11,17 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use base64::Engine as _;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::access::RequestId;
 use super::error::ApiError;
 use super::generate::timeout_error;
 use super::json::{string_list, ApiJson};
+use super::types::{
+    EmbeddingData, EmbeddingVector, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, MAX_EMBEDDING_INPUTS,
+};
 use super::AppState;
 use crate::engine::embedder::{EmbedError, EmbedRequest};
-
-/// Most inputs in one request.
-const MAX_INPUTS: usize = 256;
-
-#[derive(Debug, Deserialize)]
-pub struct EmbeddingsRequest {
-    input: Value,
-    encoding_format: Option<String>,
-    dimensions: Option<usize>,
-    #[allow(dead_code)]
-    model: Option<String>,
-}
 
 fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
     let list = string_list(v).ok_or_else(|| {
@@ -40,10 +30,10 @@ fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
             "input must be a non-empty string or a list of non-empty strings",
         )
     })?;
-    if list.len() > MAX_INPUTS {
+    if list.len() > MAX_EMBEDDING_INPUTS {
         return Err(ApiError::invalid_param(
             "input",
-            format!("at most {MAX_INPUTS} inputs per request; got {}", list.len()),
+            format!("at most {MAX_EMBEDDING_INPUTS} inputs per request; got {}", list.len()),
         ));
     }
     Ok(list)
@@ -54,7 +44,7 @@ pub async fn embeddings(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<EmbeddingsRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EmbeddingsResponse>, ApiError> {
     let ready = state.ready()?;
     let Some(model) = ready.embedding.as_ref() else {
         return Err(ApiError::new(
@@ -99,23 +89,32 @@ pub async fn embeddings(
     };
     let name = model.name.clone();
     let tokens = done.tokens;
-    let data: Vec<Value> = done
+    let data = done
         .vectors
         .into_iter()
         .enumerate()
-        .map(|(i, v)| {
+        .map(|(index, v)| {
             let embedding = if base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
-                json!(v)
+                EmbeddingVector::Float(v)
             };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
+            EmbeddingData {
+                object: "embedding",
+                index,
+                embedding,
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "id": format!("emb-{}", uuid::Uuid::new_v4().simple()),
-        "object": "list", "data": data, "model": name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })))
+    Ok(Json(EmbeddingsResponse {
+        id: format!("emb-{}", uuid::Uuid::new_v4().simple()),
+        object: "list",
+        data,
+        model: name,
+        usage: EmbeddingsUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    }))
 }

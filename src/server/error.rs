@@ -7,8 +7,8 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
+use super::types::{AzureMlError, ErrorDetail, OpenAiError};
 use crate::engine::SubmitError;
 
 /// Which error body shape a route uses.
@@ -90,6 +90,26 @@ impl ApiError {
         self
     }
 
+    /// The OpenAI-shaped body.
+    pub fn openai_body(&self) -> OpenAiError {
+        OpenAiError {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.type_name(),
+                param: self.param.clone(),
+                code: self.status.as_u16(),
+            },
+        }
+    }
+
+    /// The body of an error event inside an SSE stream (always OpenAI-shaped, type `server_error`: the
+    /// stream's 200 has already been sent).
+    pub fn stream_body(&self) -> OpenAiError {
+        let mut body = self.openai_body();
+        body.error.kind = "server_error";
+        body
+    }
+
     fn type_name(&self) -> &'static str {
         match self.status.as_u16() {
             400 | 404 | 405 | 413 | 415 | 422 | 431 => "invalid_request_error",
@@ -116,16 +136,10 @@ impl From<SubmitError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = match self.dialect {
-            Dialect::OpenAi => json!({"error": {
-                "message": self.message,
-                "type": self.type_name(),
-                "param": self.param,
-                "code": self.status.as_u16(),
-            }}),
-            Dialect::AzureMl => json!({"message": self.message}),
+        let mut resp = match self.dialect {
+            Dialect::OpenAi => (self.status, Json(self.openai_body())).into_response(),
+            Dialect::AzureMl => (self.status, Json(AzureMlError { message: self.message })).into_response(),
         };
-        let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

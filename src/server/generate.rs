@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::StatusCode;
-use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
@@ -14,25 +13,10 @@ use super::Ready;
 use crate::engine::{Completion, Event, FinishReason, GenerateRequest, GenerationParams};
 use crate::model::{ChatMessage, Model};
 
-/// Stop strings: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum StopInput {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl StopInput {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
-
-/// Most stop strings accepted.
-const MAX_STOPS: usize = 16;
+pub use super::types::StopInput;
+use super::types::{
+    FREQUENCY_PENALTY, MAX_STOPS, MAX_TOKENS, MIN_P, PRESENCE_PENALTY, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P,
+};
 
 /// Sampling fields as sent, before validation. Both dialects fill this.
 #[derive(Debug, Default, Clone)]
@@ -52,15 +36,6 @@ pub struct SamplingInput {
     pub max_tokens_name: &'static str,
 }
 
-fn check_range(name: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
-    match v {
-        Some(x) if !x.is_finite() || !ok(x) => {
-            Err(ApiError::invalid_param(name, format!("{name} must be {rule}; got {x}")))
-        }
-        _ => Ok(()),
-    }
-}
-
 impl SamplingInput {
     /// Validates the fields against the prompt length and the model's context window.
     pub fn validate(
@@ -70,42 +45,16 @@ impl SamplingInput {
         default_max: usize,
     ) -> Result<GenerationParams, ApiError> {
         let mt = self.max_tokens_name;
-        check_range(
-            "temperature",
-            self.temperature,
-            |x| (0.0..=2.0).contains(&x),
-            "between 0 and 2",
-        )?;
-        check_range(
-            "top_p",
-            self.top_p,
-            |x| x > 0.0 && x <= 1.0,
-            "greater than 0 and at most 1",
-        )?;
-        check_range("min_p", self.min_p, |x| (0.0..=1.0).contains(&x), "between 0 and 1")?;
-        check_range(
-            "presence_penalty",
-            self.presence_penalty,
-            |x| (-2.0..=2.0).contains(&x),
-            "between -2 and 2",
-        )?;
-        check_range(
-            "frequency_penalty",
-            self.frequency_penalty,
-            |x| (-2.0..=2.0).contains(&x),
-            "between -2 and 2",
-        )?;
-        check_range(
-            "repetition_penalty",
-            self.repetition_penalty,
-            |x| x > 0.0 && x <= 10.0,
-            "greater than 0 and at most 10",
-        )?;
-        if let Some(k) = self.top_k.filter(|&k| k < 0) {
-            return Err(ApiError::invalid_param(
-                "top_k",
-                format!("top_k must be 0 (off) or positive; got {k}"),
-            ));
+        for (range, value) in [
+            (TEMPERATURE, self.temperature),
+            (TOP_P, self.top_p),
+            (MIN_P, self.min_p),
+            (PRESENCE_PENALTY, self.presence_penalty),
+            (FREQUENCY_PENALTY, self.frequency_penalty),
+            (REPETITION_PENALTY, self.repetition_penalty),
+            (TOP_K, self.top_k.map(|k| k as f64)),
+        ] {
+            range.check(value)?;
         }
         if self.stop.len() > MAX_STOPS {
             return Err(ApiError::invalid_param(
@@ -120,7 +69,12 @@ impl SamplingInput {
         }
         let room = context - prompt_tokens;
         let max_tokens = match self.max_tokens {
-            Some(m) if m < 1 => return Err(ApiError::invalid_param(mt, format!("{mt} must be at least 1; got {m}"))),
+            Some(m) if !MAX_TOKENS.contains(m as f64) => {
+                return Err(ApiError::invalid_param(
+                    mt,
+                    format!("{mt} must be {}; got {m}", MAX_TOKENS.rule()),
+                ))
+            }
             Some(m) => {
                 let m = usize::try_from(m).unwrap_or(usize::MAX);
                 if m > room {

@@ -16,6 +16,7 @@ mod json;
 mod openai;
 mod openapi;
 mod sse;
+pub mod types;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,7 +29,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
 use crate::model::Model;
 use error::{ApiError, Dialect};
+use types::{Health, HealthStatus};
 
 /// What exists once the model is loaded.
 pub struct Ready {
@@ -138,10 +139,19 @@ impl AppState {
 /// `GET /health`: 200 once the model serves, 503 before, after failures and while shutting down.
 async fn health(State(state): State<AppState>) -> Response {
     match state.ready() {
-        Ok(r) => Json(json!({"status": "ready", "model": r.model.name})).into_response(),
+        Ok(r) => Json(Health {
+            status: HealthStatus::Ready,
+            model: Some(r.model.name.clone()),
+            message: None,
+        })
+        .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "message": e.message})),
+            Json(Health {
+                status: HealthStatus::Unavailable,
+                model: None,
+                message: Some(e.message),
+            }),
         )
             .into_response(),
     }

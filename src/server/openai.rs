@@ -3,50 +3,33 @@
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::access::{RequestId, TokenCounts};
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::sse::{self, ChunkShape, Usage};
+use super::types::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
+    Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
+};
+pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::AppState;
 use crate::engine::FinishReason;
 use crate::model::ChatMessage;
 
-/// Fields shared by chat and text completions.
-#[derive(Debug, Deserialize)]
-pub struct CommonFields {
-    #[allow(dead_code)]
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    seed: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    repetition_penalty: Option<f64>,
-    stop: Option<StopInput>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    ignore_eos: Option<bool>,
-    n: Option<i64>,
-    logprobs: Option<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
 impl CommonFields {
     /// Rejects what amlserve does not implement, rather than silently ignoring it.
     fn check_supported(&self) -> Result<(), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
+        // Both limits are checked: only one is used, but a wrong value is refused whichever it is.
+        for (name, v) in [
+            ("max_tokens", self.max_tokens),
+            ("max_completion_tokens", self.max_completion_tokens),
+        ] {
+            MAX_TOKENS.check_as(name, v.map(|m| m as f64))?;
+        }
+        if self.n.is_some_and(|n| n != N_SUPPORTED) {
             return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
         }
         if self
@@ -86,34 +69,6 @@ impl CommonFields {
             .and_then(|o| o.include_usage)
             .unwrap_or(false)
     }
-}
-
-/// Message content: a string or a list of content parts.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum ContentIn {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct MessageIn {
-    role: String,
-    content: Option<ContentIn>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    messages: Vec<MessageIn>,
-    #[serde(flatten)]
-    common: CommonFields,
 }
 
 /// Turns request messages into template messages, rejecting unknown roles and non-text content.
@@ -177,13 +132,6 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn finish_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop => "stop",
-        FinishReason::Length | FinishReason::Timeout => "length",
-    }
-}
-
 struct ChatShape {
     id: String,
     model: String,
@@ -191,26 +139,49 @@ struct ChatShape {
 }
 
 impl ChatShape {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "system_fingerprint": null, "choices": choices})
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<UsageBody>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+        }
+    }
+
+    fn choice(index: usize, delta: Delta, finish_reason: Option<FinishReason>) -> Vec<ChunkChoice> {
+        vec![ChunkChoice {
+            index,
+            delta,
+            logprobs: None,
+            finish_reason: finish_reason.map(Into::into),
+        }]
     }
 }
 
 impl ChunkShape for ChatShape {
-    fn opening(&self, index: usize) -> Option<Value> {
-        Some(self.chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])))
+    type Chunk = ChatCompletionChunk;
+    fn opening(&self, index: usize) -> Option<ChatCompletionChunk> {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        Some(self.chunk(Self::choice(index, delta, None), None))
     }
-    fn text(&self, index: usize, text: String) -> Value {
-        self.chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]))
+    fn text(&self, index: usize, text: String) -> ChatCompletionChunk {
+        let delta = Delta {
+            content: Some(text),
+            ..Delta::default()
+        };
+        self.chunk(Self::choice(index, delta, None), None)
     }
-    fn finish(&self, index: usize, reason: FinishReason) -> Value {
-        self.chunk(json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_str(reason)}]))
+    fn finish(&self, index: usize, reason: FinishReason) -> ChatCompletionChunk {
+        self.chunk(Self::choice(index, Delta::default(), Some(reason)), None)
     }
-    fn usage(&self, usage: Value) -> Value {
-        let mut c = self.chunk(json!([]));
-        c["usage"] = usage;
-        c
+    fn usage(&self, usage: UsageBody) -> ChatCompletionChunk {
+        self.chunk(Vec::new(), Some(usage))
     }
 }
 
@@ -254,22 +225,25 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
         completion: out.done.completion_tokens,
     };
     Ok(counts.attach(
-        Json(json!({
-            "id": shape.id, "object": "chat.completion", "created": shape.created, "model": shape.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null,
-                         "finish_reason": finish_str(out.done.reason)}],
-            "usage": Usage::default().with(&out.done).json(),
-        }))
+        Json(ChatCompletion {
+            id: shape.id,
+            object: "chat.completion",
+            created: shape.created,
+            model: shape.model,
+            system_fingerprint: None,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: out.text,
+                },
+                logprobs: None,
+                finish_reason: out.done.reason.into(),
+            }],
+            usage: Usage::default().with(&out.done).body(),
+        })
         .into_response(),
     ))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    prompt: Option<Value>,
-    #[serde(flatten)]
-    common: CommonFields,
 }
 
 struct CompletionShape {
@@ -279,25 +253,40 @@ struct CompletionShape {
 }
 
 impl CompletionShape {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": choices})
+    fn body(&self, choices: Vec<CompletionChoice>, usage: Option<UsageBody>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    fn choice(index: usize, text: String, finish_reason: Option<FinishReason>) -> CompletionChoice {
+        CompletionChoice {
+            index,
+            text,
+            logprobs: None,
+            finish_reason: finish_reason.map(Into::into),
+        }
     }
 }
 
 impl ChunkShape for CompletionShape {
-    fn opening(&self, _index: usize) -> Option<Value> {
+    type Chunk = Completion;
+    fn opening(&self, _index: usize) -> Option<Completion> {
         None
     }
-    fn text(&self, index: usize, text: String) -> Value {
-        self.chunk(json!([{"index": index, "text": text, "logprobs": null, "finish_reason": null}]))
+    fn text(&self, index: usize, text: String) -> Completion {
+        self.body(vec![Self::choice(index, text, None)], None)
     }
-    fn finish(&self, index: usize, reason: FinishReason) -> Value {
-        self.chunk(json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_str(reason)}]))
+    fn finish(&self, index: usize, reason: FinishReason) -> Completion {
+        self.body(vec![Self::choice(index, String::new(), Some(reason))], None)
     }
-    fn usage(&self, usage: Value) -> Value {
-        let mut c = self.chunk(json!([]));
-        c["usage"] = usage;
-        c
+    fn usage(&self, usage: UsageBody) -> Completion {
+        self.body(Vec::new(), Some(usage))
     }
 }
 
@@ -343,14 +332,9 @@ pub async fn completions(
     for (i, out) in outs.into_iter().enumerate() {
         let out = out?;
         usage.add(&out.done);
-        choices.push(
-            json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": finish_str(out.done.reason)}),
-        );
+        choices.push(CompletionShape::choice(i, out.text, Some(out.done.reason)));
     }
-    let body = Json(json!({
-        "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
-        "choices": choices, "usage": usage.json(),
-    }));
+    let body = Json(shape.body(choices, Some(usage.body())));
     Ok(TokenCounts {
         prompt: usage.prompt,
         completion: usage.completion,
@@ -359,17 +343,25 @@ pub async fn completions(
 }
 
 /// `GET /v1/models`: the one served model.
-pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let ready = state.ready()?;
-    Ok(Json(json!({"object": "list", "data": [{
-        "id": ready.model.name, "object": "model", "created": ready.created, "owned_by": "amlserve",
-        "max_model_len": ready.model.llama.config.context_length,
-    }]})))
+    Ok(Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: ready.model.name.clone(),
+            object: "model",
+            created: ready.created,
+            owned_by: "amlserve".to_string(),
+            max_model_len: ready.model.llama.config.context_length,
+        }],
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::types::ContentPart;
+    use serde_json::json;
 
     #[test]
     fn prompts_accept_string_or_list_only() {

@@ -1,190 +1,518 @@
-//! `GET /swagger.json`: the OpenAPI 3 description of every route, as azmlinfsrv serves its swagger.
+//! `GET /swagger.json`: the OpenAPI description of every route, as azmlinfsrv serves its swagger.
+//!
+//! The schemas are the request and response types of `types.rs` (their `ToSchema` derives, ranges included);
+//! this module only lists the operations: which body each route takes, which it answers, with which error
+//! shape and statuses. The document is OpenAPI 3.1 (what utoipa 5 writes: `null` is a type, exclusive bounds
+//! are numbers), which both openapi-spec-validator and schemathesis read natively.
 //!
 //! `?version=3` (or none) returns the document; any other version is a 404 with a message, like azmlinfsrv
 //! when a swagger version is not available.
 
-use axum::extract::Query;
+use std::sync::OnceLock;
+
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Content, OpenApi as Document, Paths, Ref, RefOr, Required, ResponseBuilder, Responses};
+use utoipa::{OpenApi, ToSchema};
 
 use super::error::{ApiError, Dialect};
+use super::types::{
+    AzureChatRequest, AzureMlError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
+    EmbeddingsRequest, EmbeddingsResponse, Health, MessageIn, ModelInfo, ModelList, OpenAiError, ScoreParameters,
+    ScoreRequest, ScoreResponse,
+};
+use super::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct SwaggerQuery {
     version: Option<String>,
 }
 
-fn schema_ref(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
+/// The schemas (every type reachable from these is collected too).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "amlserve",
+        description = "LLM inference server: Azure ML scoring contract and OpenAI-compatible routes."
+    ),
+    components(schemas(
+        ChatRequest,
+        MessageIn,
+        CompletionRequest,
+        AzureChatRequest,
+        ChatCompletion,
+        ChatCompletionChunk,
+        Completion,
+        ModelList,
+        ModelInfo,
+        Health,
+        ScoreRequest,
+        ScoreParameters,
+        ScoreResponse,
+        EmbeddingsRequest,
+        EmbeddingsResponse,
+        OpenAiError,
+        AzureMlError,
+    ))
+)]
+struct Schemas;
+
+/// Statuses every body-taking route can answer besides 200, with what causes them.
+const REQUEST_ERRORS: &[(u16, &str)] = &[
+    (
+        400,
+        "The request is malformed or a field is out of range (the message says which)",
+    ),
+    (401, "An API key is required (--api-key) and was not sent"),
+    (413, "The body is larger than --max-body-bytes"),
+    (429, "The queue is full; retry after Retry-After seconds"),
+    (500, "An internal failure (details in the server log)"),
+    (503, "The model is loading, failed, or the server is shutting down"),
+    (504, "The request ran past --request-timeout-ms"),
+];
+
+/// Statuses of the read-only model routes besides 200.
+const READ_ERRORS: &[(u16, &str)] = &[
+    (401, "An API key is required (--api-key) and was not sent"),
+    (503, "The model is loading, failed, or the server is shutting down"),
+];
+
+fn schema_ref<T: ToSchema>() -> RefOr<Schema> {
+    Ref::from_schema_name(T::name()).into()
 }
 
-fn json_body(schema: Value) -> Value {
-    json!({"required": true, "content": {"application/json": {"schema": schema}}})
+fn json(schema: impl Into<RefOr<Schema>>) -> Content {
+    Content::new(Some(schema))
 }
 
-fn ok_json(description: &str, schema: Value) -> Value {
-    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+fn plain_text() -> Content {
+    json(ObjectBuilder::new().schema_type(Type::String))
 }
 
-fn error_responses(error_schema: &str) -> Value {
-    let e = |d: &str| ok_json(d, schema_ref(error_schema));
-    json!({
-        "400": e("Invalid request"), "401": e("Missing or wrong API key (only with --api-key)"),
-        "413": e("Body too large"), "429": e("Waiting queue full; retry after Retry-After seconds"),
-        "503": e("Model not ready or shutting down"), "504": e("Request timed out"),
-    })
+/// A server-sent event whose `data` is one JSON chunk (or `[DONE]`); in OpenAPI 3.1 an event stream's
+/// `schema` describes each event.
+fn sse_event() -> Content {
+    json(
+        ObjectBuilder::new()
+            .property("data", ObjectBuilder::new().schema_type(Type::String))
+            .required("data"),
+    )
 }
 
-fn responses(ok: Value, error_schema: &str) -> Value {
-    let mut r = error_responses(error_schema);
-    r["200"] = ok;
+fn responses(ok: ResponseBuilder, errors: &[(u16, &str)], error_body: RefOr<Schema>) -> Responses {
+    let mut r = Responses::new();
+    r.responses.insert("200".into(), ok.build().into());
+    for (status, why) in errors {
+        let resp = ResponseBuilder::new()
+            .description(*why)
+            .content("application/json", json(error_body.clone()));
+        r.responses.insert(status.to_string(), resp.build().into());
+    }
     r
 }
 
-/// The OpenAPI document.
-pub fn document() -> Value {
-    let sse = json!({"description": "With stream=true: server-sent events, each `data:` a chunk object, then `data: [DONE]`",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}});
-    let mut chat_ok = ok_json("Chat completion", schema_ref("ChatCompletion"));
-    chat_ok["content"]["text/event-stream"] = sse["content"]["text/event-stream"].clone();
-    let mut completion_ok = ok_json("Text completion", schema_ref("Completion"));
-    completion_ok["content"]["text/event-stream"] = sse["content"]["text/event-stream"].clone();
-    let api_version = json!({"name": "api-version", "in": "query", "required": false, "schema": {"type": "string"}});
-    let extra = json!({"name": "extra-parameters", "in": "header", "required": false,
-                       "schema": {"type": "string", "enum": ["error", "drop", "pass-through"]}});
-    json!({
-        "openapi": "3.0.3",
-        "info": {"title": "amlserve", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "LLM inference server: Azure ML scoring contract and OpenAI-compatible routes."},
-        "paths": {
-            "/": {"get": {"summary": "Liveness", "operationId": "liveness",
-                "responses": {"200": {"description": "Healthy", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/health": {"get": {"summary": "Readiness", "operationId": "readiness",
-                "responses": {"200": ok_json("Model loaded, engine running", schema_ref("Health")),
-                              "503": ok_json("Not ready", schema_ref("Health"))}}},
-            "/score": {
-                "post": {"summary": "Azure ML scoring (chat, text generation or Hugging Face payload)", "operationId": "score",
-                    "requestBody": json_body(schema_ref("ScoreRequest")),
-                    "responses": responses(ok_json("Generated text", schema_ref("ScoreResponse")), "AzureMlError")},
-                "get": {"summary": "Scoring with the query parameters as the JSON input", "operationId": "scoreGet",
-                    "responses": responses(ok_json("Generated text", schema_ref("ScoreResponse")), "AzureMlError")},
-                "options": {"summary": "CORS preflight", "operationId": "scoreOptions", "responses": {"200": {"description": "OK"}}}},
-            "/swagger.json": {"get": {"summary": "This document", "operationId": "swagger",
-                "parameters": [{"name": "version", "in": "query", "required": false, "schema": {"type": "string", "enum": ["3"]}}],
-                "responses": {"200": ok_json("OpenAPI document", json!({"type": "object"})), "404": ok_json("Unsupported version", schema_ref("AzureMlError"))}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
-                "responses": {"200": {"description": "Text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/v1/chat/completions": {"post": {"summary": "OpenAI chat completions", "operationId": "createChatCompletion",
-                "requestBody": json_body(schema_ref("ChatCompletionRequest")), "responses": responses(chat_ok.clone(), "OpenAiError")}},
-            "/v1/completions": {"post": {"summary": "OpenAI text completions", "operationId": "createCompletion",
-                "requestBody": json_body(schema_ref("CompletionRequest")), "responses": responses(completion_ok, "OpenAiError")}},
-            "/v1/models": {"get": {"summary": "The served model", "operationId": "listModels",
-                "responses": responses(ok_json("Model list", schema_ref("ModelList")), "OpenAiError")}},
-            "/v1/embeddings": {"post": {"summary": "OpenAI embeddings", "operationId": "createEmbedding",
-                "requestBody": json_body(schema_ref("EmbeddingsRequest")),
-                "responses": responses(ok_json("Embeddings", schema_ref("Embeddings")), "OpenAiError")}},
-            "/embeddings": {"post": {"summary": "Azure AI embeddings", "operationId": "getEmbeddings",
-                "requestBody": json_body(schema_ref("EmbeddingsRequest")),
-                "responses": responses(ok_json("Embeddings", schema_ref("Embeddings")), "OpenAiError")}},
-            "/info": {"get": {"summary": "Azure AI model info", "operationId": "getModelInfo", "parameters": [api_version.clone()],
-                "responses": responses(ok_json("Model info", schema_ref("ModelInfo")), "OpenAiError")}},
-            "/chat/completions": {"post": {"summary": "Azure AI chat completions", "operationId": "getChatCompletions",
-                "parameters": [api_version, extra],
-                "requestBody": json_body(schema_ref("ChatCompletionRequest")), "responses": responses(chat_ok, "OpenAiError")}},
-        },
-        "components": {"schemas": schemas()},
-    })
+fn ok_json(description: &str, body: RefOr<Schema>) -> ResponseBuilder {
+    ResponseBuilder::new()
+        .description(description)
+        .content("application/json", json(body))
 }
 
-fn schemas() -> Value {
-    let sampling = json!({
-        "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0}, "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "seed": {"type": "integer"}, "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2}, "repetition_penalty": {"type": "number"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "ignore_eos": {"type": "boolean"}, "model": {"type": "string"}, "n": {"type": "integer", "enum": [1]},
-    });
-    let with = |extra: Value, required: &[&str]| {
-        let mut props = sampling.clone();
-        for (k, v) in extra.as_object().into_iter().flatten() {
-            props[k] = v.clone();
-        }
-        json!({"type": "object", "required": required, "properties": props})
+/// An operation taking a JSON body, answering in `error_body`'s shape.
+fn post(
+    id: &str,
+    summary: &str,
+    body: RefOr<Schema>,
+    ok: ResponseBuilder,
+    errors: &[(u16, &str)],
+    error_body: RefOr<Schema>,
+) -> OperationBuilder {
+    OperationBuilder::new()
+        .operation_id(Some(id))
+        .summary(Some(summary))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .required(Some(Required::True))
+                .content("application/json", json(body))
+                .build(),
+        ))
+        .responses(responses(ok, errors, error_body))
+}
+
+fn get(id: &str, summary: &str, responses: Responses) -> OperationBuilder {
+    OperationBuilder::new()
+        .operation_id(Some(id))
+        .summary(Some(summary))
+        .responses(responses)
+}
+
+fn query(name: &str, required: bool, schema: impl Into<RefOr<Schema>>) -> ParameterBuilder {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Query)
+        .required(if required { Required::True } else { Required::False })
+        .schema(Some(schema))
+}
+
+fn paths() -> Paths {
+    let openai_error = schema_ref::<OpenAiError>;
+    let azureml_error = schema_ref::<AzureMlError>;
+    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let chat_ok = || {
+        ok_json(
+            "Chat completion (JSON), or with stream=true a chat.completion.chunk event stream",
+            schema_ref::<ChatCompletion>(),
+        )
+        .content("text/event-stream", sse_event())
     };
-    let usage = json!({"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
-        "prompt_tokens_details": {"type": "object", "description": "cached_tokens: prompt tokens reused from the prefix cache",
-                                  "properties": {"cached_tokens": {"type": "integer"}}}}});
-    let finish = json!({"type": "string", "enum": ["stop", "length"]});
-    json!({
-        "Health": {"type": "object", "properties": {"status": {"type": "string"}, "model": {"type": "string"}, "message": {"type": "string"}}},
-        "Message": {"type": "object", "required": ["role"], "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
-                "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]}}},
-        "ChatCompletionRequest": with(json!({"messages": {"type": "array", "minItems": 1, "items": schema_ref("Message")}}), &["messages"]),
-        "CompletionRequest": with(json!({"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}), &["prompt"]),
-        "ChatCompletion": {"type": "object", "properties": {
-            "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"},
-                "message": schema_ref("Message"), "finish_reason": finish.clone()}}},
-            "usage": usage.clone()}},
-        "Completion": {"type": "object", "properties": {
-            "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"},
-                "text": {"type": "string"}, "finish_reason": finish}}},
-            "usage": usage}},
-        "ModelList": {"type": "object", "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {
-            "type": "object", "properties": {"id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
-            "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}}}},
-        "ModelInfo": {"type": "object", "properties": {"model_name": {"type": "string"}, "model_type": {"type": "string"},
-            "model_provider_name": {"type": "string"}}},
-        "ScoreParameters": {"type": "object", "properties": {
-            "max_new_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
-            "top_k": {"type": "integer"}, "do_sample": {"type": "boolean"}, "repetition_penalty": {"type": "number"},
-            "seed": {"type": "integer"}, "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "ignore_eos": {"type": "boolean"}, "return_full_text": {"type": "boolean"}}},
-        "ScoreRequest": {"oneOf": [
-            {"type": "object", "required": ["input_data"], "properties": {"input_data": {"type": "object", "required": ["input_string"],
-                "properties": {"input_string": {"oneOf": [
-                    {"type": "array", "items": schema_ref("Message")}, {"type": "array", "items": {"type": "string"}}]},
-                    "parameters": schema_ref("ScoreParameters")}}}},
-            {"type": "object", "required": ["inputs"], "properties": {
-                "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                "parameters": schema_ref("ScoreParameters")}}]},
-        "ScoreResponse": {"oneOf": [
-            {"type": "object", "properties": {"output": {"type": "string"}}},
-            {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "string"}}}]},
-        "EmbeddingsRequest": {"type": "object", "required": ["input"], "properties": {
-            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "model": {"type": "string"}, "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-            "dimensions": {"type": "integer"}}},
-        "Embeddings": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"type": "string"},
-            "model": {"type": "string"},
-            "data": {"type": "array", "items": {"type": "object", "properties": {"object": {"type": "string"},
-                "index": {"type": "integer"},
-                "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}},
-            "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
-        "AzureMlError": {"type": "object", "properties": {"message": {"type": "string"}}},
-        "OpenAiError": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": true},
-            "code": {"type": "integer"}}}}},
-    })
+    let completion_ok = ok_json(
+        "Text completion (JSON), or with stream=true a text_completion event stream",
+        schema_ref::<Completion>(),
+    )
+    .content("text/event-stream", sse_event());
+    let score_ok = || ok_json("Generated text", schema_ref::<ScoreResponse>());
+    let embeddings_ok = || ok_json("Embeddings", schema_ref::<EmbeddingsResponse>());
+    let mut embedding_errors = REQUEST_ERRORS.to_vec();
+    embedding_errors.push((404, "The server has no embedding model (--embedding-model)"));
+    let mut azure_errors = REQUEST_ERRORS.to_vec();
+    azure_errors.push((422, "A valid request for a feature this model lacks (tools)"));
+    let api_version = || query("api-version", false, string());
+    let extra_parameters = ParameterBuilder::new()
+        .name("extra-parameters")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "error (default): fields outside the schema are refused; drop: ignored; pass-through: given to the model",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["error", "drop", "pass-through"])),
+        ));
+
+    let mut health = Responses::new();
+    health.responses.insert(
+        "200".into(),
+        ok_json("Model loaded, engine running", schema_ref::<Health>())
+            .build()
+            .into(),
+    );
+    health.responses.insert(
+        "503".into(),
+        ok_json("Not ready (the message says why)", schema_ref::<Health>())
+            .build()
+            .into(),
+    );
+    let mut liveness = Responses::new();
+    liveness.responses.insert(
+        "200".into(),
+        ResponseBuilder::new()
+            .description("Healthy")
+            .content("text/plain", plain_text())
+            .build()
+            .into(),
+    );
+    let mut metrics = Responses::new();
+    metrics.responses.insert(
+        "200".into(),
+        ResponseBuilder::new()
+            .description("Prometheus text exposition format")
+            .content("text/plain", plain_text())
+            .build()
+            .into(),
+    );
+    let mut swagger = Responses::new();
+    swagger.responses.insert(
+        "200".into(),
+        ok_json("This OpenAPI document", ObjectBuilder::new().into())
+            .build()
+            .into(),
+    );
+    for (status, why) in [
+        (404, "That swagger version is not served"),
+        (401, "An API key is required (--api-key) and was not sent"),
+    ] {
+        swagger
+            .responses
+            .insert(status.to_string(), ok_json(why, azureml_error()).build().into());
+    }
+    let mut options = Responses::new();
+    options
+        .responses
+        .insert("200".into(), ResponseBuilder::new().description("OK").build().into());
+
+    let item = |method: HttpMethod, op: OperationBuilder| PathItem::new(method, op.build());
+    let mut score = item(
+        HttpMethod::Post,
+        post(
+            "score",
+            "Azure ML scoring (chat, text generation or Hugging Face payload)",
+            schema_ref::<ScoreRequest>(),
+            score_ok(),
+            REQUEST_ERRORS,
+            azureml_error(),
+        ),
+    );
+    score.merge_operations(item(
+        HttpMethod::Get,
+        get(
+            "scoreGet",
+            "Scoring with the query parameters as the JSON input ({\"inputs\": prompt})",
+            responses(score_ok(), REQUEST_ERRORS, azureml_error()),
+        )
+        .parameter(query(
+            "inputs",
+            true,
+            ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)),
+        )),
+    ));
+    score.merge_operations(item(
+        HttpMethod::Options,
+        get("scoreOptions", "CORS preflight", options),
+    ));
+
+    Paths::builder()
+        .path("/", item(HttpMethod::Get, get("liveness", "Liveness", liveness)))
+        .path("/health", item(HttpMethod::Get, get("readiness", "Readiness", health)))
+        .path("/score", score)
+        .path(
+            "/swagger.json",
+            item(
+                HttpMethod::Get,
+                get("swagger", "This document", swagger).parameter(query(
+                    "version",
+                    false,
+                    ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["3"])),
+                )),
+            ),
+        )
+        .path(
+            "/metrics",
+            item(HttpMethod::Get, get("metrics", "Prometheus metrics", metrics)),
+        )
+        .path(
+            "/v1/chat/completions",
+            item(
+                HttpMethod::Post,
+                post(
+                    "createChatCompletion",
+                    "OpenAI chat completions",
+                    schema_ref::<ChatRequest>(),
+                    chat_ok(),
+                    REQUEST_ERRORS,
+                    openai_error(),
+                ),
+            ),
+        )
+        .path(
+            "/v1/completions",
+            item(
+                HttpMethod::Post,
+                post(
+                    "createCompletion",
+                    "OpenAI text completions",
+                    schema_ref::<CompletionRequest>(),
+                    completion_ok,
+                    REQUEST_ERRORS,
+                    openai_error(),
+                ),
+            ),
+        )
+        .path(
+            "/v1/models",
+            item(
+                HttpMethod::Get,
+                get(
+                    "listModels",
+                    "The served model",
+                    responses(
+                        ok_json("Model list", schema_ref::<ModelList>()),
+                        READ_ERRORS,
+                        openai_error(),
+                    ),
+                ),
+            ),
+        )
+        .path(
+            "/v1/embeddings",
+            item(
+                HttpMethod::Post,
+                post(
+                    "createEmbedding",
+                    "OpenAI embeddings",
+                    schema_ref::<EmbeddingsRequest>(),
+                    embeddings_ok(),
+                    &embedding_errors,
+                    openai_error(),
+                ),
+            ),
+        )
+        .path(
+            "/embeddings",
+            item(
+                HttpMethod::Post,
+                post(
+                    "getEmbeddings",
+                    "Azure AI embeddings",
+                    schema_ref::<EmbeddingsRequest>(),
+                    embeddings_ok(),
+                    &embedding_errors,
+                    openai_error(),
+                )
+                .parameter(api_version()),
+            ),
+        )
+        .path(
+            "/info",
+            item(
+                HttpMethod::Get,
+                get(
+                    "getModelInfo",
+                    "Azure AI model info",
+                    responses(
+                        ok_json("Model info", schema_ref::<ModelInfo>()),
+                        READ_ERRORS,
+                        openai_error(),
+                    ),
+                )
+                .parameter(api_version()),
+            ),
+        )
+        .path(
+            "/chat/completions",
+            item(
+                HttpMethod::Post,
+                post(
+                    "getChatCompletions",
+                    "Azure AI chat completions",
+                    schema_ref::<AzureChatRequest>(),
+                    chat_ok(),
+                    &azure_errors,
+                    openai_error(),
+                )
+                .parameter(api_version())
+                .parameter(extra_parameters),
+            ),
+        )
+        .build()
+}
+
+/// The whole document.
+pub fn document() -> Document {
+    let mut doc = Schemas::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.paths = paths();
+    doc
+}
+
+/// The document as derived from the types (built once).
+fn derived() -> &'static serde_json::Value {
+    static DOC: OnceLock<serde_json::Value> = OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_value(document()).unwrap_or_default())
+}
+
+/// The document with what only the loaded models tell: the one `dimensions` the embedding model gives.
+pub fn served(embedding_dim: Option<usize>) -> serde_json::Value {
+    let mut doc = derived().clone();
+    if let Some(dim) = embedding_dim {
+        let d = &mut doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"];
+        if d.is_object() {
+            d["enum"] = serde_json::json!([dim, null]);
+        }
+    }
+    doc
 }
 
 /// `GET /swagger.json[?version=3]`.
-pub async fn swagger(Query(q): Query<SwaggerQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn swagger(
+    State(state): State<AppState>,
+    Query(q): Query<SwaggerQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     match q.version.as_deref() {
-        None | Some("3") => Ok(Json(document())),
+        None | Some("3") => {
+            let dim = state.ready().ok().and_then(|r| r.embedding.as_ref().map(|m| m.dim));
+            Ok(Json(served(dim)))
+        }
         Some(v) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("swagger version {v} is not available; this server serves version 3 (OpenAPI 3.0)"),
+            format!("swagger version {v} is not available; this server serves version 3 (OpenAPI 3.1)"),
         )
         .in_dialect(Dialect::AzureMl)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::types::{TEMPERATURE, TOP_P};
+
+    /// The property schema of `field` in component `component` (following one level of `allOf`).
+    fn property(doc: &serde_json::Value, component: &str, field: &str) -> serde_json::Value {
+        let c = &doc["components"]["schemas"][component];
+        if let Some(p) = c["properties"].get(field) {
+            return p.clone();
+        }
+        for part in c["allOf"].as_array().into_iter().flatten() {
+            let part = match part["$ref"].as_str() {
+                Some(r) => &doc["components"]["schemas"][r.rsplit('/').next().unwrap_or_default()],
+                None => part,
+            };
+            if let Some(p) = part["properties"].get(field) {
+                return p.clone();
+            }
+        }
+        panic!("{component}.{field} not documented");
+    }
+
+    #[test]
+    fn documented_ranges_are_the_validated_ones() {
+        let doc = serde_json::to_value(document()).expect("serializes");
+        let t = property(&doc, "ChatRequest", "temperature");
+        assert_eq!(t["minimum"], TEMPERATURE.min);
+        assert_eq!(t["maximum"], TEMPERATURE.max.expect("max"));
+        let p = property(&doc, "ScoreParameters", "top_p");
+        assert_eq!(p["exclusiveMinimum"], TOP_P.min);
+        assert!(p.get("minimum").is_none(), "{p}");
+        let r = property(&doc, "CompletionRequest", "repetition_penalty");
+        assert_eq!(r["exclusiveMinimum"], 0.0);
+        assert_eq!(r["maximum"], 10.0);
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
+
+    #[test]
+    fn the_served_document_names_the_embedding_dimension() {
+        let doc = served(Some(384));
+        let d = &doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"];
+        assert_eq!(d["enum"], serde_json::json!([384, null]));
+        assert!(
+            served(None)["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
+                .get("enum")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn every_route_is_documented() {
+        let doc = serde_json::to_value(document()).expect("serializes");
+        for route in [
+            "/",
+            "/health",
+            "/score",
+            "/swagger.json",
+            "/metrics",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/v1/embeddings",
+            "/embeddings",
+            "/info",
+            "/chat/completions",
+        ] {
+            assert!(doc["paths"].get(route).is_some(), "{route}");
+        }
     }
 }

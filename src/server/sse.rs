@@ -12,23 +12,26 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, BoxStream, Stream, StreamExt};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::error::{ApiError, Dialect};
+use super::error::ApiError;
+use super::types::{PromptTokensDetails, UsageBody};
 use crate::engine::{Completion, Event, FinishReason};
 
 /// How one dialect's stream chunks look.
 pub trait ChunkShape: Send + 'static {
+    /// The body of one `data:` event.
+    type Chunk: Serialize;
     /// The chunk opening choice `index` (chat sends the role), if any.
-    fn opening(&self, index: usize) -> Option<Value>;
+    fn opening(&self, index: usize) -> Option<Self::Chunk>;
     /// A chunk carrying `text` for choice `index`.
-    fn text(&self, index: usize, text: String) -> Value;
+    fn text(&self, index: usize, text: String) -> Self::Chunk;
     /// The chunk closing choice `index`.
-    fn finish(&self, index: usize, reason: FinishReason) -> Value;
+    fn finish(&self, index: usize, reason: FinishReason) -> Self::Chunk;
     /// The final usage chunk.
-    fn usage(&self, usage: Value) -> Value;
+    fn usage(&self, usage: UsageBody) -> Self::Chunk;
 }
 
 /// Token counts of one or more finished choices, in the OpenAI `usage` shape.
@@ -54,23 +57,31 @@ impl Usage {
         self
     }
 
-    pub fn json(&self) -> Value {
-        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-               "total_tokens": self.prompt + self.completion,
-               "prompt_tokens_details": {"cached_tokens": self.cached}})
+    /// The counts as a response body.
+    pub fn body(&self) -> UsageBody {
+        UsageBody {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            total_tokens: self.prompt + self.completion,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached,
+            },
+        }
     }
 }
 
-fn data(v: &Value) -> SseEvent {
-    SseEvent::default().data(v.to_string())
+fn data(v: &impl Serialize) -> SseEvent {
+    match serde_json::to_string(v) {
+        Ok(json) => SseEvent::default().data(json),
+        // Our own types always serialize; should one not, the client still gets a JSON error event.
+        Err(e) => error_event(ApiError::internal(e)),
+    }
 }
 
+/// An error mid-stream: the OpenAI error body with type `server_error` (the stream had started with 200).
 fn error_event(e: ApiError) -> SseEvent {
-    let mut body = json!({"error": {"message": e.message, "type": "server_error", "code": e.status.as_u16()}});
-    if e.dialect == Dialect::AzureMl {
-        body = json!({"error": {"message": body["error"]["message"].clone()}});
-    }
-    data(&body)
+    let body = e.stream_body();
+    SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default())
 }
 
 struct State<S: ChunkShape> {
@@ -115,7 +126,7 @@ impl<S: ChunkShape> State<S> {
                         "stream finished"
                     );
                     if self.include_usage {
-                        let u = self.shape.usage(self.usage.json());
+                        let u = self.shape.usage(self.usage.body());
                         self.pending.push_back(data(&u));
                     }
                     self.pending.push_back(SseEvent::default().data("[DONE]"));
