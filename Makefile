@@ -21,9 +21,10 @@ $(VENV)/.stamp: tests/python/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 	touch $@
 
-## Unit and integration tests against the real model on 127.0.0.1.
+## Unit and integration tests against the real model on 127.0.0.1 (benchmarks are built by `make lint`, run by
+## `make bench*`: `--all-targets` would run their mains here).
 test: models test-deps
-	$(CARGO) test --release --workspace --all-targets
+	$(CARGO) test --release --workspace --lib --bins --tests
 
 ## Prefill/decode tokens per second per weight format and batch size (prints a table).
 bench: models
