@@ -1,7 +1,7 @@
 //! Embedding throughput through HTTP: the same single-input requests sent one by one, then all at once, so the
 //! embedding engine can pack them into batch forwards.
 //!
-//! `make bench-embed` (or `cargo bench --bench embeddings -- [--requests 64] [--rounds 3] [--batch-tokens 2048]`).
+//! `make bench-embed` (or `cargo bench --bench embeddings -- [--requests 64] [--rounds 3] [--batch-tokens 1024]`).
 //! Starts the real `amlserve` binary on 127.0.0.1 (port 0) with the real all-MiniLM-L6-v2, and prints a markdown
 //! table: requests/s for each mode and the concurrent / sequential ratio. Modes alternate within each round, so
 //! the ratio compares like with like on a shared, noisy machine; no number passes or fails anything.
@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// --embedding-max-batch-tokens for the server.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     batch_tokens: usize,
     /// Compute threads for the server (its default when unset).
     #[arg(long)]
