@@ -1,0 +1,258 @@
+//! Response bodies of every route, as serialized.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::ranges::*;
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl From<crate::engine::FinishReason> for FinishReason {
+    fn from(r: crate::engine::FinishReason) -> Self {
+        match r {
+            crate::engine::FinishReason::Stop => Self::Stop,
+            crate::engine::FinishReason::Length | crate::engine::FinishReason::Timeout => Self::Length,
+        }
+    }
+}
+
+/// Token counts in the OpenAI shape.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageBody {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens reused from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    #[schema(value_type = String, pattern = "^assistant$")]
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    #[schema(schema_with = always_null)]
+    pub logprobs: Option<()>,
+    pub finish_reason: FinishReason,
+}
+
+/// A whole chat answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    #[schema(value_type = String, pattern = "^chat\\.completion$")]
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    #[schema(schema_with = always_null)]
+    pub system_fingerprint: Option<()>,
+    pub choices: Vec<ChatChoice>,
+    pub usage: UsageBody,
+}
+
+/// What a stream chunk adds to a choice: the role first, then pieces of content; empty at the end.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^assistant$")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    #[schema(schema_with = always_null)]
+    pub logprobs: Option<()>,
+    /// Set on a choice's last chunk.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// One `data:` event of a chat stream.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    #[schema(value_type = String, pattern = "^chat\\.completion\\.chunk$")]
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    #[schema(schema_with = always_null)]
+    pub system_fingerprint: Option<()>,
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the last chunk, with `stream_options.include_usage` (then `choices` is empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    #[schema(schema_with = always_null)]
+    pub logprobs: Option<()>,
+    /// Always set in a whole answer; in a stream, only on a choice's last chunk.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A whole text completion, and (without `usage` but the last) each `data:` event of its stream.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    #[schema(value_type = String, pattern = "^text_completion$")]
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    #[schema(value_type = String, pattern = "^model$")]
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: String,
+    /// The context window, in tokens.
+    pub max_model_len: usize,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// `GET /info` (Azure AI Model Inference).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelInfo {
+    pub model_name: String,
+    #[schema(value_type = String, pattern = "^chat-completions$")]
+    pub model_type: &'static str,
+    pub model_provider_name: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Ready,
+    Unavailable,
+}
+
+/// `GET /health`: `{"status": "ready", "model"}` or `{"status": "unavailable", "message"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: HealthStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `/score` chat answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScoreChatOutput {
+    pub output: String,
+}
+
+/// `/score` text-generation answer item.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScoreTextOutput {
+    #[serde(rename = "0")]
+    #[schema(rename = "0")]
+    pub text: String,
+}
+
+/// `/score` Hugging Face answer item.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GeneratedText {
+    pub generated_text: String,
+}
+
+/// A `/score` answer, one of the three payload kinds'.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ScoreResponse {
+    Chat(ScoreChatOutput),
+    Text(Vec<ScoreTextOutput>),
+    HuggingFace(Vec<GeneratedText>),
+}
+
+/// An embedding: floats, or base64 of little-endian f32.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EmbeddingData {
+    #[schema(value_type = String, pattern = "^embedding$")]
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: EmbeddingVector,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EmbeddingsUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Embeddings answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EmbeddingsResponse {
+    pub id: String,
+    #[schema(value_type = String, pattern = "^list$")]
+    pub object: &'static str,
+    pub data: Vec<EmbeddingData>,
+    pub model: String,
+    pub usage: EmbeddingsUsage,
+}
+
+/// The OpenAI error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenAiError {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// The HTTP status.
+    pub code: u16,
+}
+
+/// The Azure ML (azmlinfsrv) error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AzureMlError {
+    pub message: String,
+}
