@@ -66,15 +66,7 @@ async fn a_storm_of_long_prompts_gets_429s_while_the_running_stream_goes_on() {
     // The two that took the places wait behind the running stream; nothing else came back.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "the queued requests are still waiting");
-    let scrape = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let scrape = s.metrics().await;
     assert_eq!(common::sample(&scrape, "amlserve_num_requests_waiting"), PLACES as f64);
     assert_eq!(
         common::sample(&scrape, "amlserve_request_finished_total{reason=\"rejected\"}"),

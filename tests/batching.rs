@@ -25,8 +25,7 @@ async fn streamed_text_and_running(s: &Server, mut body: Value) -> (String, f64)
     body["stream"] = json!(true);
     let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
     let mut raw = String::from_utf8(stream.next().await.expect("first chunk").expect("bytes").to_vec()).expect("utf-8");
-    let scrape = s.client.get(s.url("/metrics")).send().await.expect("scrape");
-    let running = sample(&scrape.text().await.expect("text"), "amlserve_num_requests_running");
+    let running = sample(&s.metrics().await, "amlserve_num_requests_running");
     while let Some(chunk) = stream.next().await {
         raw.push_str(std::str::from_utf8(&chunk.expect("bytes")).expect("utf-8"));
     }
@@ -105,8 +104,7 @@ async fn a_cancelled_stream_frees_its_slot() {
 /// The one long request ended as cancelled, long before its 8000 tokens, and "Hi" got its 4: so the slot was
 /// freed by the cancellation, not by the long request finishing.
 async fn assert_cancelled_early(s: &Server) {
-    let m = s.client.get(s.url("/metrics")).send().await.expect("scrape");
-    let m = m.text().await.expect("text");
+    let m = s.metrics().await;
     assert_eq!(sample(&m, "amlserve_request_finished_total{reason=\"cancelled\"}"), 1.0);
     assert_eq!(sample(&m, "amlserve_request_finished_total{reason=\"length\"}"), 1.0);
     let generated = sample(&m, "amlserve_generation_tokens_total");

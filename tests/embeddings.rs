@@ -22,17 +22,6 @@ fn long_text(i: usize) -> String {
     format!("{i} ") + &"the committee reviewed every budget line before approving the annual plan ".repeat(25)
 }
 
-async fn scrape(s: &Server) -> String {
-    s.client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body")
-}
-
 fn outcome(scrape: &str, o: &str) -> f64 {
     sample(
         scrape,
@@ -44,7 +33,7 @@ fn outcome(scrape: &str, o: &str) -> f64 {
 async fn idle_scrape(s: &Server) -> String {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let m = scrape(s).await;
+        let m = s.metrics().await;
         if sample(&m, "amlserve_embedding_requests_waiting") == 0.0 || Instant::now() > until {
             return m;
         }
@@ -226,7 +215,7 @@ async fn a_client_that_disconnects_does_not_get_its_inputs_computed() {
     let client = tokio::spawn(req);
     // Wait for its first forward, then go away.
     let until = Instant::now() + Duration::from_secs(30);
-    while sample(&scrape(&s).await, "amlserve_embedding_input_tokens_total") == 0.0 {
+    while sample(&s.metrics().await, "amlserve_embedding_input_tokens_total") == 0.0 {
         assert!(Instant::now() < until, "the request started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

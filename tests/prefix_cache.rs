@@ -98,7 +98,6 @@ async fn reused_prefixes_give_the_same_outputs_as_no_cache() {
         reused += cached(usage);
     }
 
-    let m = with.client.get(with.url("/metrics")).send().await.expect("scrape");
-    let m = m.text().await.expect("text");
+    let m = with.metrics().await;
     assert_eq!(sample(&m, "amlserve_prefix_cache_hit_tokens_total"), reused as f64);
 }

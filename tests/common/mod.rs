@@ -106,6 +106,18 @@ impl Server {
             .expect("JSON body")
     }
 
+    /// The Prometheus scrape of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("scrape body")
+    }
+
     /// POSTs JSON and returns the raw body text (for SSE streams).
     pub async fn post_text(&self, path: &str, body: &serde_json::Value) -> String {
         self.client
