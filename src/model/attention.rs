@@ -157,27 +157,51 @@ fn head_row(task: &AttnTask<'_>, s: AttnShape, i: usize, h: usize, out: &mut [f3
         offset: kv_h * d,
     };
     let q = &task.q[(i * s.n_head + h) * d..][..d];
-    let mut p = vec![0f32; task.start + i + 1];
-    scores(q, rows(task.k), &mut p);
-    let sum = exp_shifted(&mut p);
-    mix_values(&p, rows(task.v), out);
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|x| *x *= inv);
+    SCORES.with_borrow_mut(|p| {
+        // `scores` overwrites every element it is given, so the buffer is only grown, never cleared.
+        if p.len() < task.start + i + 1 {
+            p.resize(task.start + i + 1, 0.0);
+        }
+        let p = &mut p[..task.start + i + 1];
+        scores(q, rows(task.k), p);
+        let sum = exp_shifted(p);
+        mix_values(p, rows(task.v), out);
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|x| *x *= inv);
+    });
+}
+
+thread_local! {
+    /// Each pool thread's score buffer, reused across (query, head) items instead of allocated for each.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Attention for every task; returns `[sum of t, n_head * head_dim]` in task order. Each (query, head) pair
 /// writes its own `head_dim` values of the output in place.
 pub fn attend(tasks: &[AttnTask<'_>], s: AttnShape) -> Vec<f32> {
-    // The task and query index of each output row.
-    let rows: Vec<(usize, usize)> = tasks
-        .iter()
-        .enumerate()
-        .flat_map(|(ti, task)| (0..task.t).map(move |i| (ti, i)))
-        .collect();
-    let mut y = vec![0f32; rows.len() * s.n_head * s.head_dim];
-    par::for_each_disjoint(y.chunks_mut(s.head_dim.max(1)), |item, out| {
-        let (ti, i) = rows[item / s.n_head];
-        head_row(&tasks[ti], s, i, item % s.n_head, out);
+    // Output rows start at each task's first row; pieces are `head_dim` values of one (row, head).
+    let width = s.n_head;
+    let mut y = vec![0f32; tasks.iter().map(|t| t.t).sum::<usize>() * s.n_head * s.head_dim];
+    let mut slots: Vec<Option<&mut [f32]>> = y.chunks_mut(s.head_dim.max(1)).map(Some).collect();
+    // Work order as the loops of a single-threaded attention would run: task by task, then head by head, then
+    // query by query. A run of items is then one head of one sequence over consecutive queries (its keys and
+    // values stay in cache through a long prefill) or, in decode, every head of one sequence (one cache).
+    // Row-major runs cycled through all heads and cost ~10% of a 512-token prefill.
+    let mut pieces = Vec::with_capacity(slots.len());
+    let mut items = Vec::with_capacity(slots.len());
+    let mut row0 = 0;
+    for (ti, task) in tasks.iter().enumerate() {
+        for h in 0..s.n_head {
+            for i in 0..task.t {
+                pieces.extend(slots[(row0 + i) * width + h].take());
+                items.push((ti, i, h));
+            }
+        }
+        row0 += task.t;
+    }
+    par::for_each_disjoint(pieces.into_iter(), |item, out| {
+        let (ti, i, h) = items[item];
+        head_row(&tasks[ti], s, i, h, out);
     });
     y
 }
