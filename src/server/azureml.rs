@@ -134,16 +134,8 @@ async fn generate_all(
     params: &ScoreParameters,
 ) -> Result<(Vec<String>, TokenCounts), ApiError> {
     let receivers = generate::start(ready, rid, prompts, &params.sampling()).await?;
-    let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
-    let mut counts = TokenCounts::default();
-    let mut texts = Vec::with_capacity(outs.len());
-    for out in outs {
-        let out = out?;
-        counts.prompt += out.done.prompt_tokens;
-        counts.completion += out.done.completion_tokens;
-        texts.push(out.text);
-    }
-    Ok((texts, counts))
+    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    Ok((outs.into_iter().map(|o| o.text).collect(), usage.token_counts()))
 }
 
 async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Response, ApiError> {

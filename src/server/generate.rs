@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
+use super::sse::Usage;
 use super::Ready;
 use crate::engine::{Completion, Event, FinishReason, GenerateRequest, GenerationParams};
 use crate::model::{ChatMessage, Model};
@@ -207,6 +208,22 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
     Err(ApiError::not_ready(
         "the inference engine stopped before the request finished",
     ))
+}
+
+/// Waits for every answer (together) and returns them in order, with their summed token counts.
+pub async fn collect_all(
+    receivers: Vec<UnboundedReceiver<Event>>,
+    ready: &Ready,
+) -> Result<(Vec<Collected>, Usage), ApiError> {
+    let outs = futures::future::join_all(receivers.into_iter().map(|rx| collect(rx, ready))).await;
+    let mut usage = Usage::default();
+    let mut collected = Vec::with_capacity(outs.len());
+    for out in outs {
+        let out = out?;
+        usage.add(&out.done);
+        collected.push(out);
+    }
+    Ok((collected, usage))
 }
 
 /// The error for a request that ran past `--request-timeout-ms`.

@@ -5,11 +5,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
-use super::access::{RequestId, TokenCounts};
+use super::access::RequestId;
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
-use super::sse::{self, ChunkShape, Usage};
+use super::sse::{self, ChunkShape};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
     Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
@@ -215,32 +215,29 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
             rid.to_string(),
         ));
     }
-    let rx = receivers
+    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    let choices = outs
         .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::internal("no receiver for the prompt"))?;
-    let out = generate::collect(rx, ready).await?;
-    let counts = TokenCounts {
-        prompt: out.done.prompt_tokens,
-        completion: out.done.completion_tokens,
-    };
-    Ok(counts.attach(
+        .enumerate()
+        .map(|(index, out)| ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: out.text,
+            },
+            logprobs: None,
+            finish_reason: out.done.reason.into(),
+        })
+        .collect();
+    Ok(usage.token_counts().attach(
         Json(ChatCompletion {
             id: shape.id,
             object: "chat.completion",
             created: shape.created,
             model: shape.model,
             system_fingerprint: None,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: out.text,
-                },
-                logprobs: None,
-                finish_reason: out.done.reason.into(),
-            }],
-            usage: Usage::default().with(&out.done).body(),
+            choices,
+            usage: usage.body(),
         })
         .into_response(),
     ))
@@ -326,20 +323,14 @@ pub async fn completions(
             rid.0.clone(),
         ));
     }
-    let outs = futures::future::join_all(receivers.into_iter().map(|rx| generate::collect(rx, ready))).await;
-    let mut choices = Vec::new();
-    let mut usage = Usage::default();
-    for (i, out) in outs.into_iter().enumerate() {
-        let out = out?;
-        usage.add(&out.done);
-        choices.push(CompletionShape::choice(i, out.text, Some(out.done.reason)));
-    }
+    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| CompletionShape::choice(i, out.text, Some(out.done.reason)))
+        .collect();
     let body = Json(shape.body(choices, Some(usage.body())));
-    Ok(TokenCounts {
-        prompt: usage.prompt,
-        completion: usage.completion,
-    }
-    .attach(body.into_response()))
+    Ok(usage.token_counts().attach(body.into_response()))
 }
 
 /// `GET /v1/models`: the one served model.

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::access::TokenCounts;
 use super::error::ApiError;
 use super::types::{PromptTokensDetails, UsageBody};
 use crate::engine::{Completion, Event, FinishReason};
@@ -51,10 +52,12 @@ impl Usage {
         self.cached += c.cached_tokens;
     }
 
-    /// These counts plus `c`'s.
-    pub fn with(mut self, c: &Completion) -> Self {
-        self.add(c);
-        self
+    /// The counts for the access log line.
+    pub fn token_counts(&self) -> TokenCounts {
+        TokenCounts {
+            prompt: self.prompt,
+            completion: self.completion,
+        }
     }
 
     /// The counts as a response body.
