@@ -20,13 +20,13 @@
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::SubmitError;
+use super::{AliveGuard, Places, SubmitError};
 use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
 
@@ -102,9 +102,9 @@ struct Job {
     enqueued: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
-    waiting: AtomicUsize,
+    places: Places,
     alive: AtomicBool,
 }
 
@@ -130,18 +130,6 @@ impl std::fmt::Debug for Embedder {
     }
 }
 
-/// Marks the engine dead when the thread ends, normally or by panic.
-struct AliveGuard(Arc<Shared>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.alive.store(false, Ordering::SeqCst);
-        if std::thread::panicking() {
-            tracing::error!("the embedding thread panicked");
-        }
-    }
-}
-
 impl Embedder {
     /// Starts the embedding thread for `model`.
     pub fn start(
@@ -162,8 +150,10 @@ impl Embedder {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let shared = Arc::new(Shared::default());
-        shared.alive.store(true, Ordering::SeqCst);
+        let shared = Arc::new(Shared {
+            places: Places::new(config.max_waiting, metrics.embedding.waiting.clone()),
+            alive: AtomicBool::new(true),
+        });
         let config = Arc::new(config);
         let worker = Worker {
             backend,
@@ -178,7 +168,11 @@ impl Embedder {
         let handle = std::thread::Builder::new()
             .name("amlserve-embedder".into())
             .spawn(move || {
-                let _guard = AliveGuard(worker.shared.clone());
+                let shared = worker.shared.clone();
+                let _guard = AliveGuard {
+                    alive: &shared.alive,
+                    thread: "embedder",
+                };
                 worker.run();
             })?;
         Ok((
@@ -208,12 +202,7 @@ impl Embedder {
         if !self.is_alive() {
             return Err(SubmitError::Stopped);
         }
-        let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.config.max_waiting {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull { waiting });
-        }
-        self.metrics.embedding.waiting.inc();
+        self.shared.places.take(1)?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             req,
@@ -221,8 +210,7 @@ impl Embedder {
             enqueued: Instant::now(),
         };
         if self.tx.send(job).is_err() {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.embedding.waiting.dec();
+            self.shared.places.release(1);
             return Err(SubmitError::Stopped);
         }
         Ok(rx)
@@ -235,7 +223,7 @@ impl Embedder {
 
     /// Requests in the engine (queued or being embedded).
     pub fn waiting(&self) -> usize {
-        self.shared.waiting.load(Ordering::SeqCst)
+        self.shared.places.taken()
     }
 
     /// The limits the engine runs with.
@@ -304,8 +292,7 @@ impl<B: EmbedBackend> Worker<B> {
             outcome
         };
         self.metrics.embedding.finish(outcome);
-        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.embedding.waiting.dec();
+        self.shared.places.release(1);
         let _ = job.reply.send(reply);
     }
 

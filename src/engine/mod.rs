@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod embedder;
 pub mod params;
+mod places;
 mod prefix_cache;
 pub mod sampler;
 mod scheduler;
@@ -30,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use backend::{Backend, Detokenizer, LlamaBackend};
 pub use params::GenerationParams;
+pub(crate) use places::{AliveGuard, Places};
 
 /// Limits of the engine.
 #[derive(Debug, Clone)]
@@ -128,54 +130,24 @@ pub enum SubmitError {
 }
 
 /// Counters shared between the engine thread and its handles. The engine thread writes `running` and
-/// `kv_reserved_bytes`; `waiting` moves on both sides, only through [`EngineStats::take_waiting`] and
-/// [`EngineStats::release_waiting`], which keep the exported gauge in step.
+/// `kv_reserved_bytes`; the waiting queue's places are taken by handles and given back by the thread.
+#[derive(Debug)]
 pub struct EngineStats {
-    waiting: AtomicUsize,
+    places: Places,
     pub running: AtomicUsize,
     pub kv_reserved_bytes: AtomicUsize,
     alive: AtomicBool,
-    metrics: Arc<Metrics>,
-}
-
-impl std::fmt::Debug for EngineStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineStats")
-            .field("waiting", &self.waiting)
-            .field("running", &self.running)
-            .field("kv_reserved_bytes", &self.kv_reserved_bytes)
-            .finish_non_exhaustive()
-    }
 }
 
 impl EngineStats {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            waiting: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
-            kv_reserved_bytes: AtomicUsize::new(0),
-            alive: AtomicBool::new(true),
-            metrics,
-        }
-    }
-
     /// Requests holding a place in the waiting queue (being prepared or queued).
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
-    /// Takes `n` places if that keeps the queue within `max`; else how many are taken already.
-    fn take_waiting(&self, n: usize, max: usize) -> Result<(), usize> {
-        self.waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n))?;
-        self.metrics.waiting.add(n as i64);
-        Ok(())
+        self.places.taken()
     }
 
     /// Gives `n` places back (a request was admitted, dropped, or never submitted).
     fn release_waiting(&self, n: usize) {
-        self.waiting.fetch_sub(n, Ordering::SeqCst);
-        self.metrics.waiting.sub(n as i64);
+        self.places.release(n);
     }
 }
 
@@ -192,6 +164,7 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     config: Arc<EngineConfig>,
     kv_bytes_per_token: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -199,18 +172,6 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-/// Marks the engine dead when the thread ends, normally or by panic.
-struct AliveGuard(Arc<EngineStats>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.alive.store(false, Ordering::SeqCst);
-        if std::thread::panicking() {
-            tracing::error!("the engine thread panicked; readiness now fails");
-        }
     }
 }
 
@@ -237,7 +198,7 @@ impl Slot {
         let engine = &self.engine;
         let needed = req.kv_bytes(engine.kv_bytes_per_token);
         if needed > engine.config.kv_cache_bytes {
-            engine.stats.metrics.finish("rejected");
+            engine.metrics.finish("rejected");
             return Err(SubmitError::TooLarge {
                 needed_mb: needed.div_ceil(1 << 20),
                 budget_mb: engine.config.kv_cache_bytes >> 20,
@@ -280,7 +241,11 @@ impl Engine {
         let handle = std::thread::Builder::new()
             .name("amlserve-engine".into())
             .spawn(move || {
-                let _guard = AliveGuard(stats.clone());
+                let guard_stats = stats.clone();
+                let _guard = AliveGuard {
+                    alive: &guard_stats.alive,
+                    thread: "engine",
+                };
                 scheduler::Scheduler::new(backend, text, config, rx, stats, metrics).run();
             })?;
         Ok((engine, handle))
@@ -295,9 +260,15 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let engine = Self {
             tx,
-            stats: Arc::new(EngineStats::new(metrics)),
+            stats: Arc::new(EngineStats {
+                places: Places::new(config.max_waiting, metrics.waiting.clone()),
+                running: AtomicUsize::new(0),
+                kv_reserved_bytes: AtomicUsize::new(0),
+                alive: AtomicBool::new(true),
+            }),
             config: Arc::new(config),
             kv_bytes_per_token,
+            metrics,
         };
         (engine, rx)
     }
@@ -305,29 +276,34 @@ impl Engine {
     /// Takes `n` places in the waiting queue, all or none: refused at once (counted as rejected) when the
     /// queue is full or the engine has stopped. Call before spending work on a request.
     pub fn reserve(&self, n: usize) -> Result<Vec<Slot>, SubmitError> {
-        let result = if !self.is_alive() {
-            Err(SubmitError::Stopped)
-        } else {
-            self.stats
-                .take_waiting(n, self.config.max_waiting)
-                .map_err(|waiting| SubmitError::QueueFull { waiting })
-        };
-        if let Err(e) = result {
-            self.stats.metrics.finish("rejected");
-            return Err(e);
-        }
-        Ok((0..n)
-            .map(|_| Slot {
-                engine: self.clone(),
-                used: false,
-            })
-            .collect())
+        self.take_places(n)?;
+        Ok((0..n).map(|_| self.slot()).collect())
     }
 
     /// Takes a place and queues `req` in it.
     pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        let slot = self.reserve(1)?.pop().ok_or(SubmitError::Stopped)?;
-        slot.submit(req)
+        self.take_places(1)?;
+        self.slot().submit(req)
+    }
+
+    fn take_places(&self, n: usize) -> Result<(), SubmitError> {
+        let taken = if self.is_alive() {
+            self.stats.places.take(n)
+        } else {
+            Err(SubmitError::Stopped)
+        };
+        if taken.is_err() {
+            self.metrics.finish("rejected");
+        }
+        taken
+    }
+
+    /// The handle of a place already taken.
+    fn slot(&self) -> Slot {
+        Slot {
+            engine: self.clone(),
+            used: false,
+        }
     }
 
     /// Whether the engine thread is running.
