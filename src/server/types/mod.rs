@@ -35,6 +35,9 @@ mod tests {
         }
         let p: ScoreParameters = serde_json::from_value(json!({"seed": null})).expect("null is unset");
         assert_eq!(p.seed, None);
+        // Parsed from text exactly (serde_json's float_roundtrip): the default parser read this as ...070.5.
+        let p: ScoreParameters = serde_json::from_str(r#"{"seed": -3819502772004070.0}"#).expect("integral");
+        assert_eq!(p.seed, Some(-3_819_502_772_004_070));
     }
 
     #[test]
