@@ -39,6 +39,12 @@ impl CommonFields {
         {
             return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
         }
+        if let Some((name, only)) = self.unsupported() {
+            return Err(ApiError::invalid_param(
+                name,
+                format!("{name} is not supported yet; omit it or send {only} (a value that changes nothing)"),
+            ));
+        }
         Ok(())
     }
 

@@ -208,6 +208,38 @@ pub(super) fn logprobs_off() -> Schema {
         .into()
 }
 
+/// A field amlserve does not implement yet: only `null` or the value that changes nothing is accepted.
+pub(super) fn only_default(default: Value, what: &str) -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::AnyValue)
+        .enum_values(Some([default, Value::Null]))
+        .description(Some(format!(
+            "{what} is not supported yet; only this value (or null) is accepted"
+        )))
+        .build()
+        .into()
+}
+
+pub(super) fn response_format_text() -> Schema {
+    only_default(serde_json::json!({"type": "text"}), "Structured output")
+}
+
+pub(super) fn no_tools() -> Schema {
+    only_default(serde_json::json!([]), "Tool calling")
+}
+
+pub(super) fn tool_choice_none() -> Schema {
+    only_default(serde_json::json!("none"), "Tool calling")
+}
+
+pub(super) fn no_logit_bias() -> Schema {
+    only_default(serde_json::json!({}), "logit_bias")
+}
+
+pub(super) fn no_top_logprobs() -> Schema {
+    only_default(serde_json::json!(0), "top_logprobs")
+}
+
 /// A field that is always `null` in responses (`logprobs`, `system_fingerprint`).
 pub(super) fn always_null() -> Schema {
     ObjectBuilder::new().schema_type(Type::Null).build().into()

@@ -76,6 +76,39 @@ pub struct CommonFields {
     pub n: Option<i64>,
     #[schema(schema_with = logprobs_off)]
     pub logprobs: Option<Value>,
+    /// Fields that change the output but are not implemented yet: refused unless they ask for nothing.
+    #[schema(schema_with = no_top_logprobs)]
+    pub top_logprobs: Option<Value>,
+    #[schema(schema_with = response_format_text)]
+    pub response_format: Option<Value>,
+    #[schema(schema_with = no_tools)]
+    pub tools: Option<Value>,
+    #[schema(schema_with = tool_choice_none)]
+    pub tool_choice: Option<Value>,
+    #[schema(schema_with = no_logit_bias)]
+    pub logit_bias: Option<Value>,
+}
+
+impl CommonFields {
+    /// The first field that asks for something amlserve does not implement yet, with its only accepted value.
+    pub fn unsupported(&self) -> Option<(&'static str, &'static str)> {
+        let asks = |v: &Option<Value>, default: Value| v.as_ref().is_some_and(|v| !v.is_null() && *v != default);
+        [
+            (&self.top_logprobs, serde_json::json!(0), "top_logprobs", "0"),
+            (
+                &self.response_format,
+                serde_json::json!({"type": "text"}),
+                "response_format",
+                "{\"type\": \"text\"}",
+            ),
+            (&self.tools, serde_json::json!([]), "tools", "[]"),
+            (&self.tool_choice, serde_json::json!("none"), "tool_choice", "\"none\""),
+            (&self.logit_bias, serde_json::json!({}), "logit_bias", "{}"),
+        ]
+        .into_iter()
+        .find(|(v, default, _, _)| asks(v, default.clone()))
+        .map(|(_, _, name, only)| (name, only))
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -327,12 +360,7 @@ impl PartialSchema for AzureChatRequest {
         let no_tools = OneOfBuilder::new()
             .item(ArrayBuilder::new().max_items(Some(0)).items(any()))
             .item(ObjectBuilder::new().schema_type(Type::Null));
-        b.property("tools", no_tools)
-            .property("tool_choice", any())
-            .property("response_format", any())
-            .property("user", any())
-            .build()
-            .into()
+        b.property("tools", no_tools).property("user", any()).build().into()
     }
 }
 
