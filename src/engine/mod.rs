@@ -8,6 +8,7 @@
 //! Knows nothing of HTTP; never runs on a tokio worker.
 
 pub mod backend;
+pub mod constraint;
 pub mod embedder;
 pub mod params;
 mod places;
