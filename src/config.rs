@@ -81,6 +81,16 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_PREFIX_CACHE_MB", default_value_t = 256)]
     pub prefix_cache_mb: usize,
 
+    /// Most choices (`n`) one chat or completion request may ask for (at most 16). The prompt is read once and
+    /// its cache copied to each choice; each choice holds its own KV reservation.
+    #[arg(long, env = "AMLSERVE_MAX_N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub max_n: u16,
+
+    /// Compiled grammars (structured outputs, forced tool calls) kept for reuse, keyed by schema; least recently
+    /// used first out. Compiling a JSON schema takes milliseconds; this makes repeated schemas free.
+    #[arg(long, env = "AMLSERVE_GRAMMAR_CACHE", default_value_t = 256)]
+    pub grammar_cache: usize,
+
     /// Most requests waiting for a place in the batch, counting those whose prompts are still being prepared; more
     /// are refused at once with 429 and Retry-After, before any template is rendered or prompt tokenized, so an
     /// overload costs the running streams next to nothing. A request with more prompts than this is a 400.
@@ -161,6 +171,8 @@ pub struct Config {
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
     pub embedder: EmbedderConfig,
+    pub max_n: usize,
+    pub grammar_cache: usize,
 }
 
 /// A setting that cannot work.
@@ -259,6 +271,8 @@ impl Args {
                 max_batch_tokens: self.embedding_max_batch_tokens,
                 max_waiting: self.embedding_max_waiting,
             },
+            max_n: usize::from(self.max_n),
+            grammar_cache: self.grammar_cache,
         })
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod grammar;
 pub mod metrics;
 pub mod model;
 pub mod server;

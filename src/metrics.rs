@@ -27,6 +27,12 @@ pub struct Metrics {
     pub kv_cache_usage: Gauge,
     pub batch_size: Histogram,
     pub finished: IntCounterVec,
+    /// Requests admitted with a grammar (structured output or a forced tool call).
+    pub constrained_requests: IntCounter,
+    /// Time to compute one grammar's token mask (beside the forward).
+    pub constraint_mask: Histogram,
+    /// Time to compile a grammar (cache misses only).
+    pub grammar_compile: Histogram,
     /// The embedding engine's metrics.
     pub embedding: EmbeddingMetrics,
 }
@@ -36,6 +42,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+];
+const MASK_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 
@@ -123,6 +132,21 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid counter"),
+            constrained_requests: IntCounter::new(
+                "amlserve_constrained_requests_total",
+                "Generation requests admitted with a grammar (structured output or a forced tool call).",
+            )
+            .expect("valid counter"),
+            constraint_mask: histogram(
+                "amlserve_constraint_mask_seconds",
+                "Time to compute one sequence's grammar mask for one token (runs beside the forward).",
+                MASK_BUCKETS,
+            ),
+            grammar_compile: histogram(
+                "amlserve_grammar_compile_seconds",
+                "Time to compile a grammar (cache misses).",
+                LATENCY_BUCKETS,
+            ),
             embedding: EmbeddingMetrics::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -141,6 +165,9 @@ impl Metrics {
             Box::new(m.kv_cache_usage.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.finished.clone()),
+            Box::new(m.constrained_requests.clone()),
+            Box::new(m.constraint_mask.clone()),
+            Box::new(m.grammar_compile.clone()),
         ];
         for c in collectors.into_iter().chain(m.embedding.collectors()) {
             m.registry.register(c).expect("unique metric names");

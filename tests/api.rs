@@ -313,38 +313,3 @@ fn missing_model_exits_non_zero_listing_what_was_searched() {
         "{err}"
     );
 }
-
-#[tokio::test(flavor = "multi_thread")]
-async fn output_fields_not_implemented_yet_are_refused_by_name() {
-    let s = Server::start(&[]).await;
-    let base = common::chat("Hi", 2);
-    for (field, value) in [
-        ("response_format", json!({"type": "json_object"})),
-        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
-        ("tool_choice", json!("auto")),
-        ("logit_bias", json!({"42": 5})),
-        ("top_logprobs", json!(2)),
-    ] {
-        for path in ["/v1/chat/completions", "/v1/completions"] {
-            let mut body = if path == "/v1/completions" {
-                json!({"prompt": "Hi", "max_tokens": 2})
-            } else {
-                base.clone()
-            };
-            body[field] = value.clone();
-            let (st, v) = s.post(path, body).await;
-            assert_eq!(st, 400, "{path} {field}: {v}");
-            assert_eq!(v["error"]["param"], field, "{v}");
-            assert!(v["error"]["message"].as_str().expect("message").contains(field), "{v}");
-        }
-    }
-    // The values that change nothing are served.
-    let mut body = base;
-    body["response_format"] = json!({"type": "text"});
-    body["tools"] = json!([]);
-    body["tool_choice"] = json!("none");
-    body["logit_bias"] = json!({});
-    body["top_logprobs"] = json!(0);
-    let (st, v) = s.post("/v1/chat/completions", body).await;
-    assert_eq!(st, 200, "{v}");
-}

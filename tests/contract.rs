@@ -234,9 +234,25 @@ async fn azure_ai_extra_parameters_are_honoured() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let mut tools = chat("Hi", 4);
+    // Tools are served on this route too (a forced call here; the SDK test checks more).
+    let mut tools = chat("Hi", 40);
     tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
-    assert_eq!(s.client.post(&url).json(&tools).send().await.unwrap().status(), 422);
+    tools["tool_choice"] = json!("required");
+    let r: serde_json::Value = s
+        .client
+        .post(&url)
+        .json(&tools)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(
+        r["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "f",
+        "{r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -58,7 +58,7 @@ async fn openai_routes_reject_bad_input_clearly() {
         ("top_p", json!(1.5), "top_p"),
         ("top_k", json!(-3), "top_k"),
         ("max_tokens", json!("ten"), "invalid request"),
-        ("n", json!(3), "n = 1"),
+        ("n", json!(17), "n must be between 1 and 16"),
     ] {
         let mut b = c.clone();
         b[field] = value;

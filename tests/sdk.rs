@@ -34,3 +34,9 @@ async fn swagger_json_is_a_valid_openapi_document() {
     let s = Server::start(&[]).await;
     run_python("openapi_check.py", &[&s.base], "openapi document valid").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn structured_outputs_and_tool_calls_validate_through_the_sdks() {
+    let s = Server::start(&[]).await;
+    run_python("output_control.py", &[&s.base], "output control checks passed").await;
+}

@@ -29,6 +29,10 @@ pub trait KvCache: Send + 'static {
     /// Starts this empty cache with the first `n` tokens of `from`, as if computed here. False when they do not
     /// fit this cache's reserved length (nothing is copied then).
     fn copy_prefix(&mut self, from: &Self, n: usize) -> bool;
+    /// An independent copy with the same stored tokens and reserved length (a choice of an `n > 1` request).
+    fn fork(&self) -> Self
+    where
+        Self: Sized;
 }
 
 /// The tokens one sequence contributes to a step.
@@ -98,6 +102,10 @@ impl KvCache for SeqKv {
 
     fn copy_prefix(&mut self, from: &Self, n: usize) -> bool {
         SeqKv::copy_prefix(self, from, n).is_ok()
+    }
+
+    fn fork(&self) -> Self {
+        self.clone()
     }
 }
 

@@ -57,7 +57,7 @@ impl TokenMask {
 
 /// A failure of the constraint itself (a grammar bug or a token it did not expect); the request ends with an
 /// error, the batch goes on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("constrained decoding failed: {0}")]
 pub struct ConstraintError(pub String);
 

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod constraint;
 pub mod embedder;
+pub mod logprobs;
 pub mod params;
 mod places;
 mod prefix_cache;
@@ -31,6 +32,8 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use backend::{Backend, Detokenizer, LlamaBackend};
+use constraint::Constraint;
+use logprobs::Sampled;
 pub use params::GenerationParams;
 pub(crate) use places::{AliveGuard, Places};
 
@@ -85,9 +88,12 @@ pub struct Completion {
     pub queue_time: Duration,
 }
 
-/// What the engine sends back for a request.
+/// What the engine sends back for a request (for each choice of an `n > 1` request, on its own receiver).
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// A sampled token with its log-probabilities, sent before the text it releases; only when the request
+    /// asked for `logprobs`. Stop tokens are not reported.
+    Token(Sampled),
     /// New output text (whole characters, never part of a stop string).
     Text(String),
     /// Generation finished; nothing follows.
@@ -97,7 +103,6 @@ pub enum Event {
 }
 
 /// A tokenized, validated request.
-#[derive(Debug, Clone)]
 pub struct GenerateRequest {
     /// Request id, for logs.
     pub id: String,
@@ -105,17 +110,58 @@ pub struct GenerateRequest {
     pub params: GenerationParams,
     /// When the request must be answered by; it is cancelled with [`FinishReason::Timeout`] after.
     pub deadline: Option<Instant>,
+    /// Choices to generate (at least 1): the prompt is read once and its cache forked to each.
+    pub n: usize,
+    /// The grammar every choice's output must follow, in its start state.
+    pub constraint: Option<Box<dyn Constraint>>,
+}
+
+impl std::fmt::Debug for GenerateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateRequest")
+            .field("id", &self.id)
+            .field("prompt_tokens", &self.prompt.len())
+            .field("params", &self.params)
+            .field("n", &self.n)
+            .field("constrained", &self.constraint.is_some())
+            .finish()
+    }
+}
+
+impl Clone for GenerateRequest {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            prompt: self.prompt.clone(),
+            params: self.params.clone(),
+            deadline: self.deadline,
+            n: self.n,
+            constraint: self.constraint.as_ref().map(|c| c.fork()),
+        }
+    }
 }
 
 impl GenerateRequest {
-    /// Most tokens the sequence can hold: its prompt plus `max_tokens`.
+    /// An unconstrained single-choice request.
+    pub fn new(id: impl Into<String>, prompt: Vec<u32>, params: GenerationParams, deadline: Option<Instant>) -> Self {
+        Self {
+            id: id.into(),
+            prompt,
+            params,
+            deadline,
+            n: 1,
+            constraint: None,
+        }
+    }
+
+    /// Most tokens one choice's sequence can hold: its prompt plus `max_tokens`.
     pub fn max_len(&self) -> usize {
         self.prompt.len() + self.params.max_tokens
     }
 
-    /// KV bytes the request reserves for its whole life, at `per_token` bytes a token.
+    /// KV bytes the request reserves for its whole life (every choice), at `per_token` bytes a token.
     pub fn kv_bytes(&self, per_token: usize) -> usize {
-        self.max_len() * per_token
+        self.max_len() * per_token * self.n.max(1)
     }
 }
 
@@ -154,8 +200,16 @@ impl EngineStats {
 
 struct Job {
     req: GenerateRequest,
-    events: mpsc::UnboundedSender<Event>,
+    /// One sender per choice; the first choice's sequence forks the others after reading the prompt.
+    events: Vec<mpsc::UnboundedSender<Event>>,
     enqueued: Instant,
+}
+
+impl Job {
+    /// Whether every choice's client has gone.
+    fn abandoned(&self) -> bool {
+        self.events.iter().all(|e| e.is_closed())
+    }
 }
 
 /// Handle to the engine thread.
@@ -193,9 +247,17 @@ impl Drop for Slot {
 }
 
 impl Slot {
-    /// Queues the prepared request in this place; events arrive on the returned receiver. Refused when its
-    /// prompt and `max_tokens` could never fit the KV cache, or when the engine has stopped.
-    pub fn submit(mut self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+    /// Queues a single-choice request in this place; see [`Slot::submit_choices`].
+    pub fn submit(self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        debug_assert_eq!(req.n, 1, "submit_choices serves n > 1");
+        let mut rx = self.submit_choices(req)?;
+        Ok(rx.swap_remove(0))
+    }
+
+    /// Queues the prepared request in this place; each choice's events arrive on its receiver, in choice
+    /// order. Refused when its prompt and `max_tokens` (times `n`) could never fit the KV cache, or when the
+    /// engine has stopped.
+    pub fn submit_choices(mut self, req: GenerateRequest) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, SubmitError> {
         let engine = &self.engine;
         let needed = req.kv_bytes(engine.kv_bytes_per_token);
         if needed > engine.config.kv_cache_bytes {
@@ -205,7 +267,7 @@ impl Slot {
                 budget_mb: engine.config.kv_cache_bytes >> 20,
             });
         }
-        let (events, rx) = mpsc::unbounded_channel();
+        let (events, rx): (Vec<_>, Vec<_>) = (0..req.n.max(1)).map(|_| mpsc::unbounded_channel()).unzip();
         let job = Job {
             req,
             events,

@@ -25,6 +25,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence token (benchmarks).
     pub ignore_eos: bool,
+    /// Added to the logits of these token ids before sampling (OpenAI `logit_bias`, each in [-100, 100]).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each sampled token's log-probability and this many most likely alternatives (None: off).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -41,6 +45,8 @@ impl Default for GenerationParams {
             frequency_penalty: 0.0,
             stop: Vec::new(),
             ignore_eos: false,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Turning one sequence's logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded RNG.
+//! Turning one sequence's logits into the next token: logit bias, penalties, temperature, top-k, top-p, min-p,
+//! seeded RNG.
 //!
 //! Written here rather than using candle's `LogitsProcessor` because that has no presence or frequency
 //! penalty and no min-p. Each sequence owns its sampler, so results never depend on what else is batched.
@@ -11,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use super::params::GenerationParams;
 
 /// Per-sequence sampling state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Sampler {
     temperature: f32,
     top_p: f32,
@@ -20,6 +21,9 @@ pub struct Sampler {
     repetition_penalty: f32,
     presence_penalty: f32,
     frequency_penalty: f32,
+    logit_bias: Vec<(u32, f32)>,
+    /// The request's seed, from which each choice's RNG is derived.
+    seed: u64,
     rng: StdRng,
     /// Tokens of the prompt (for the repetition penalty).
     prompt_seen: Vec<u32>,
@@ -46,13 +50,28 @@ impl Sampler {
             repetition_penalty: params.repetition_penalty,
             presence_penalty: params.presence_penalty,
             frequency_penalty: params.frequency_penalty,
+            logit_bias: params.logit_bias.clone(),
+            seed,
             rng: StdRng::seed_from_u64(seed),
             prompt_seen,
             generated: HashMap::new(),
         }
     }
 
+    /// The sampler of choice `index` of an `n > 1` request, before its first token: the same settings, its RNG
+    /// seeded from the request's seed plus `index` (so a seeded request gives the same choices again).
+    pub fn for_choice(&self, index: u64) -> Self {
+        let mut s = self.clone();
+        s.rng = StdRng::seed_from_u64(self.seed.wrapping_add(index));
+        s
+    }
+
     fn apply_penalties(&self, logits: &mut [f32]) {
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if self.repetition_penalty != 1.0 {
             let p = self.repetition_penalty;
             let seen = self.prompt_seen.iter().chain(self.generated.keys());
@@ -71,7 +90,8 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` (modified in place) and records it for the penalties.
+    /// Picks the next token from `logits` (modified in place: bias and penalties) and records it for the
+    /// penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
         let token = if self.temperature <= 0.0 {
@@ -224,5 +244,37 @@ mod tests {
         };
         let mut s = Sampler::new(&p, &[0]);
         assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "prompt token 0 divided by 4");
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        let p = GenerationParams {
+            temperature: 0.0,
+            logit_bias: vec![(2, 100.0), (0, -100.0)],
+            ..params()
+        };
+        let mut s = Sampler::new(&p, &[]);
+        assert_eq!(s.sample(&mut [5.0, 1.0, 0.0]), 2);
+        let p = GenerationParams {
+            temperature: 0.0,
+            logit_bias: vec![(0, -100.0)],
+            ..params()
+        };
+        assert_eq!(Sampler::new(&p, &[]).sample(&mut [5.0, 1.0, 0.0]), 1);
+    }
+
+    #[test]
+    fn choices_are_seeded_apart_and_reproducibly() {
+        let p = GenerationParams {
+            seed: Some(11),
+            ..params()
+        };
+        let logits: Vec<f32> = vec![0.0; 1000];
+        let draw = |s: &mut Sampler| (0..8).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>();
+        let base = Sampler::new(&p, &[]);
+        let (a, b) = (draw(&mut base.for_choice(1)), draw(&mut base.for_choice(1)));
+        assert_eq!(a, b);
+        assert_ne!(a, draw(&mut base.for_choice(2)));
+        assert_eq!(draw(&mut base.for_choice(0)), draw(&mut Sampler::new(&p, &[])));
     }
 }

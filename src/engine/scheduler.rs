@@ -11,9 +11,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, StepError};
+use super::constraint::{Constraint, ConstraintError, TokenMask};
 use super::prefix_cache::PrefixCache;
 use super::sequence::{Phase, Sequence};
 use super::{Completion, EngineConfig, EngineStats, Event, FinishReason, Job};
@@ -135,7 +136,7 @@ impl<B: Backend> Scheduler<B> {
         let metrics = &self.metrics;
         let mut expired = Vec::new();
         self.waiting.retain(|job| {
-            if job.events.is_closed() {
+            if job.abandoned() {
                 tracing::info!(request_id = %job.req.id, "request cancelled while queued");
                 metrics.finish("cancelled");
                 return false;
@@ -149,8 +150,10 @@ impl<B: Backend> Scheduler<B> {
                     completion_tokens: 0,
                     queue_time: job.enqueued.elapsed(),
                 };
-                metrics.finish("timeout");
-                expired.push((job.events.clone(), done));
+                for events in &job.events {
+                    metrics.finish("timeout");
+                    expired.push((events.clone(), done.clone()));
+                }
                 return false;
             }
             true
@@ -171,8 +174,13 @@ impl<B: Backend> Scheduler<B> {
 
     pub(super) fn admit(&mut self) {
         let mut admitted = false;
-        while self.running.len() < self.config.max_batch_size {
+        loop {
             let Some(job) = self.waiting.front() else { break };
+            // All of a request's choices run together (one is admitted even into a smaller batch limit).
+            let n = job.req.n.max(1);
+            if !self.running.is_empty() && self.running.len() + n > self.config.max_batch_size {
+                break;
+            }
             let bytes = job.req.kv_bytes(self.kv_bytes_per_token);
             // Cached prefixes give way to admissions; then FCFS: wait for room rather than letting later
             // requests overtake.
@@ -190,8 +198,11 @@ impl<B: Backend> Scheduler<B> {
             self.metrics.queue_time.observe(job.enqueued.elapsed().as_secs_f64());
             self.metrics.prompt_tokens.inc_by(prompt as u64);
             self.metrics.prefix_cache_hit_tokens.inc_by(cached as u64);
+            if job.req.constraint.is_some() {
+                self.metrics.constrained_requests.inc();
+            }
             tracing::debug!(request_id = %job.req.id, prompt_tokens = prompt, cached_tokens = cached, "admitted");
-            self.running.push(Sequence::new(job, kv, bytes));
+            self.running.push(Sequence::new(job, kv, bytes / n));
             admitted = true;
         }
         // Before the step that may emit their first tokens: a client that scrapes right after its first token
@@ -262,6 +273,9 @@ impl<B: Backend> Scheduler<B> {
             }
         }
         let mut sampled = Vec::new();
+        // The grammars of the sequences about to sample compute their masks on a second thread while the
+        // forward runs, so the batch does not wait for them.
+        let mut grammars: Vec<(usize, Box<dyn Constraint>)> = Vec::new();
         let mut batch = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
             if take[i] == 0 {
@@ -271,6 +285,9 @@ impl<B: Backend> Scheduler<B> {
             let want_logits = start + take[i] == seq.tokens.len();
             if want_logits {
                 sampled.push(i);
+                if let Some(c) = seq.constraint.take() {
+                    grammars.push((i, c));
+                }
             }
             batch.push(BatchEntry {
                 kv: &mut seq.kv,
@@ -279,8 +296,28 @@ impl<B: Backend> Scheduler<B> {
             });
         }
         self.metrics.batch_size.observe(batch.len() as f64);
-        let rows = self.backend.step(&mut batch)?;
+        let backend = &self.backend;
+        let (rows, masks) = std::thread::scope(|s| {
+            let masking = (!grammars.is_empty()).then(|| s.spawn(|| compute_masks(&mut grammars)));
+            let rows = backend.step(&mut batch);
+            (rows, masking.map(|h| h.join()))
+        });
         drop(batch);
+        let masks = match masks {
+            None => Vec::new(),
+            Some(Ok(masks)) => masks,
+            Some(Err(_)) => {
+                let failed = || Err(ConstraintError("the grammar's mask computation panicked".into()));
+                grammars.iter().map(|_| (failed(), Duration::ZERO)).collect()
+            }
+        };
+        let mut mask_of: Vec<Option<MaskResult>> = (0..self.running.len()).map(|_| None).collect();
+        for ((i, c), (mask, elapsed)) in grammars.into_iter().zip(masks) {
+            self.metrics.constraint_mask.observe(elapsed.as_secs_f64());
+            self.running[i].constraint = Some(c);
+            mask_of[i] = Some(mask);
+        }
+        let rows = rows?;
         if rows.len() != sampled.len() {
             return Err(StepError(format!(
                 "the backend returned {} logits rows for {} sequences",
@@ -289,11 +326,35 @@ impl<B: Backend> Scheduler<B> {
             )));
         }
         for (i, mut row) in sampled.into_iter().zip(rows) {
+            let mask = mask_of[i].take();
+            // Further choices fork off before the first token, each sampling from the same logits and mask.
+            if self.running[i].has_forks() {
+                for mut fork in self.running[i].fork_choices() {
+                    let same_mask = mask.as_ref().map(|m| m.as_ref().map_err(|e| e.clone()).cloned());
+                    fork.accept_logits(&*self.text, &self.metrics, &mut row.clone(), same_mask)
+                        .map_err(|e| StepError(e.to_string()))?;
+                    self.running.push(fork);
+                }
+            }
             self.running[i]
-                .accept_logits(&*self.text, &self.metrics, &mut row)
+                .accept_logits(&*self.text, &self.metrics, &mut row, mask)
                 .map_err(|e| StepError(e.to_string()))?;
         }
         self.reap_running();
         Ok(())
     }
+}
+
+type MaskResult = Result<TokenMask, ConstraintError>;
+
+/// Each grammar's mask for the next token, with the time it took.
+fn compute_masks(grammars: &mut [(usize, Box<dyn Constraint>)]) -> Vec<(MaskResult, Duration)> {
+    grammars
+        .iter_mut()
+        .map(|(_, c)| {
+            let t = Instant::now();
+            let mask = c.mask();
+            (mask, t.elapsed())
+        })
+        .collect()
 }

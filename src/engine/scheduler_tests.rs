@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::constraint::{Constraint, ConstraintError, TokenMask};
+use super::logprobs::Sampled;
 use super::scheduler::Scheduler;
 use super::stub::{expected, text_of, Part, StubBackend, StubText, BYTES_PER_TOKEN};
+use super::stub::{EOS, VOCAB};
 use super::{Completion, Engine, EngineConfig, Event, FinishReason, GenerateRequest, GenerationParams, SubmitError};
 use crate::metrics::Metrics;
 
@@ -25,16 +28,12 @@ fn config() -> EngineConfig {
 }
 
 fn request(id: &str, prompt: &[u32], max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        id: id.into(),
-        prompt: prompt.to_vec(),
-        params: GenerationParams {
-            max_tokens,
-            temperature: 0.0,
-            ..Default::default()
-        },
-        deadline: None,
-    }
+    let params = GenerationParams {
+        max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    GenerateRequest::new(id, prompt.to_vec(), params, None)
 }
 
 struct Harness {
@@ -72,6 +71,11 @@ impl Harness {
         self.engine.submit(req).expect("queued")
     }
 
+    fn submit_choices(&self, req: GenerateRequest) -> Vec<UnboundedReceiver<Event>> {
+        let slot = self.engine.reserve(1).expect("a place").pop().expect("one slot");
+        slot.submit_choices(req).expect("queued")
+    }
+
     fn turn(&mut self) {
         assert!(self.sched.intake(false));
         self.sched.turn();
@@ -97,6 +101,7 @@ impl Harness {
 #[derive(Debug, Default)]
 struct Seen {
     text: String,
+    tokens: Vec<Sampled>,
     done: Option<Completion>,
     error: Option<String>,
 }
@@ -106,6 +111,7 @@ fn seen(rx: &mut UnboundedReceiver<Event>) -> Seen {
     loop {
         match rx.try_recv() {
             Ok(Event::Text(t)) => s.text.push_str(&t),
+            Ok(Event::Token(t)) => s.tokens.push(t),
             Ok(Event::Done(d)) => s.done = Some(d),
             Ok(Event::Error(e)) => s.error = Some(e),
             Err(TryRecvError::Empty | TryRecvError::Disconnected) => return s,
@@ -428,6 +434,7 @@ fn the_engine_thread_serves_until_every_handle_is_gone() {
     let done = loop {
         match rx.blocking_recv().expect("an event") {
             Event::Text(t) => text.push_str(&t),
+            Event::Token(_) => {}
             Event::Done(d) => break d,
             Event::Error(e) => panic!("{e}"),
         }
@@ -449,4 +456,185 @@ fn gauges_show_an_admitted_request_running_before_its_first_token() {
     assert_eq!(h.metrics.running.get(), 1);
     assert_eq!(h.engine.stats().running.load(Ordering::SeqCst), 1);
     assert!(h.metrics.kv_cache_usage.get() > 0.0);
+}
+
+/// A grammar over the stub's vocabulary: only ids divisible by `step` (and, after `len` tokens, only EOS);
+/// fails its mask on `fail_at` tokens if set.
+#[derive(Clone)]
+struct EveryNth {
+    step: u32,
+    len: usize,
+    seen: usize,
+    fail_at: Option<usize>,
+}
+
+impl Constraint for EveryNth {
+    fn mask(&mut self) -> Result<TokenMask, ConstraintError> {
+        if self.fail_at == Some(self.seen) {
+            return Err(ConstraintError("stub grammar failure".into()));
+        }
+        let mut m = TokenMask::none(VOCAB);
+        if self.seen >= self.len {
+            m.allow(EOS);
+        } else {
+            (1..VOCAB as u32)
+                .filter(|i| i % self.step == 0)
+                .for_each(|i| m.allow(i));
+        }
+        Ok(m)
+    }
+    fn commit(&mut self, token: u32) -> Result<(), ConstraintError> {
+        if token % self.step != 0 {
+            return Err(ConstraintError(format!("token {token} was not allowed")));
+        }
+        self.seen += 1;
+        Ok(())
+    }
+    fn is_finished(&self) -> bool {
+        false
+    }
+    fn fork(&self) -> Box<dyn Constraint> {
+        Box::new(self.clone())
+    }
+}
+
+fn run_to_end(h: &mut Harness, rxs: &mut [UnboundedReceiver<Event>]) -> Vec<Seen> {
+    let mut out: Vec<Seen> = rxs.iter().map(|_| Seen::default()).collect();
+    for _ in 0..200 {
+        h.turn();
+        for (o, rx) in out.iter_mut().zip(rxs.iter_mut()) {
+            let s = seen(rx);
+            o.text.push_str(&s.text);
+            o.tokens.extend(s.tokens);
+            o.done = o.done.take().or(s.done);
+            o.error = o.error.take().or(s.error);
+        }
+        if out.iter().all(|o| o.done.is_some() || o.error.is_some()) {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn choices_share_one_prefill_and_are_seeded_per_choice() {
+    let sampled = |seed| {
+        let mut h = Harness::new(config());
+        let req = GenerateRequest {
+            n: 3,
+            params: GenerationParams {
+                max_tokens: 6,
+                temperature: 1.0,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            ..request("n3", &[1, 2, 3, 4, 5], 6)
+        };
+        let mut rxs = h.submit_choices(req);
+        assert_eq!(rxs.len(), 3);
+        let out = run_to_end(&mut h, &mut rxs);
+        let prompt_reads: usize = h
+            .stub
+            .log()
+            .iter()
+            .flatten()
+            .filter(|p| p.start == 0)
+            .map(|p| p.len)
+            .sum();
+        assert_eq!(prompt_reads, 5, "the prompt is read once for the three choices");
+        out.into_iter()
+            .map(|o| {
+                let d = o.done.expect("finished");
+                assert_eq!((d.prompt_tokens, d.completion_tokens), (5, 6));
+                o.text
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = sampled(7);
+    assert_eq!(a, sampled(7), "a seeded request gives the same choices again");
+    assert!(a[0] != a[1] || a[1] != a[2], "choices are sampled apart: {a:?}");
+    let mut h = Harness::new(config());
+    let req = GenerateRequest {
+        n: 2,
+        ..request("greedy", &[9, 8], 4)
+    };
+    let mut rxs = h.submit_choices(req);
+    let out = run_to_end(&mut h, &mut rxs);
+    for o in out {
+        assert_eq!(o.text, text_of(&expected(&[9, 8], 4)));
+    }
+    assert_eq!(h.sched.kv_reserved, 0, "every choice gave its reservation back");
+}
+
+#[test]
+fn a_grammar_limits_every_token_and_ends_where_it_accepts() {
+    let mut h = Harness::new(config());
+    let grammar = EveryNth {
+        step: 3,
+        len: 4,
+        seen: 0,
+        fail_at: None,
+    };
+    let req = GenerateRequest {
+        constraint: Some(Box::new(grammar.clone())),
+        params: GenerationParams {
+            max_tokens: 50,
+            temperature: 1.0,
+            seed: Some(1),
+            logprobs: Some(2),
+            ..Default::default()
+        },
+        ..request("g", &[1, 2], 50)
+    };
+    let failing = GenerateRequest {
+        constraint: Some(Box::new(EveryNth {
+            fail_at: Some(2),
+            ..grammar
+        })),
+        ..request("bad", &[3, 4], 50)
+    };
+    let plain = request("plain", &[5, 6], 5);
+    let mut rxs = vec![h.submit(req), h.submit(failing), h.submit(plain)];
+    let out = run_to_end(&mut h, &mut rxs);
+    let done = out[0].done.as_ref().expect("finished");
+    assert_eq!(
+        (done.reason, done.completion_tokens),
+        (FinishReason::Stop, 5),
+        "EOS (counted) once the grammar accepts"
+    );
+    assert_eq!(out[0].tokens.len(), 4, "one logprob report per token, EOS not reported");
+    assert!(out[0].tokens.iter().all(|t| t.id % 3 == 0 && t.top.len() == 2));
+    assert!(
+        out[1]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("stub grammar failure")),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(out[2].text, text_of(&expected(&[5, 6], 5)), "the batch goes on");
+    assert_eq!(h.metrics.constrained_requests.get(), 2);
+    assert!(h.metrics.constraint_mask.get_sample_count() >= 6);
+}
+
+#[test]
+fn greedy_picks_the_token_with_the_highest_logprob() {
+    let mut h = Harness::new(config());
+    let req = GenerateRequest {
+        params: GenerationParams {
+            max_tokens: 5,
+            temperature: 0.0,
+            logprobs: Some(3),
+            ..Default::default()
+        },
+        ..request("lp", &[4, 4], 5)
+    };
+    let mut rxs = vec![h.submit(req)];
+    let out = run_to_end(&mut h, &mut rxs);
+    let ids: Vec<u32> = out[0].tokens.iter().map(|t| t.id).collect();
+    assert_eq!(ids, expected(&[4, 4], 5));
+    for t in &out[0].tokens {
+        assert_eq!(t.top[0].0, t.id);
+        assert!((t.top[0].1 - t.logprob).abs() < 1e-6 && t.logprob < 0.0);
+    }
 }

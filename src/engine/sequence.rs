@@ -1,14 +1,19 @@
-//! One request inside the running batch: its tokens, cache, sampler, text state and [`Phase`].
+//! One choice of a request inside the running batch: its tokens, cache, sampler, grammar, text state and
+//! [`Phase`].
 //!
 //! A request waits in the scheduler's queue as a `Job` (nothing allocated but its prompt); admission turns it
 //! into a [`Sequence`] with its cache. From there its phase only moves forward:
-//! `Prefilling -> Decoding -> Finished(completion)`, or to `Cancelled` from either active phase.
+//! `Prefilling -> Decoding -> Finished(completion)`, or to `Cancelled` from either active phase (a client that
+//! left, or a failed grammar, which has sent its error). A request with `n > 1` choices is one sequence until
+//! its prompt is read; then [`Sequence::fork_choices`] copies it, cache included, once per further choice.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::backend::Detokenizer;
+use super::constraint::{Constraint, ConstraintError, TokenMask};
+use super::logprobs;
 use super::sampler::Sampler;
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Completion, Event, FinishReason, Job};
@@ -44,6 +49,12 @@ pub(super) struct Sequence<K> {
     ignore_eos: bool,
     deadline: Option<Instant>,
     events: mpsc::UnboundedSender<Event>,
+    /// Senders of the further choices of an `n > 1` request, until they are forked off.
+    forks: Vec<mpsc::UnboundedSender<Event>>,
+    /// The grammar the output follows; taken out while its mask is computed beside the forward.
+    pub constraint: Option<Box<dyn Constraint>>,
+    /// Alternatives to report with each token's log-probability (None: no logprobs).
+    logprobs: Option<usize>,
     queue_time: Duration,
     /// When the request was queued (TTFT and end-to-end latency count from here).
     enqueued: Instant,
@@ -56,9 +67,17 @@ pub(super) struct Sequence<K> {
 impl<K: super::backend::KvCache> Sequence<K> {
     /// A sequence whose first `kv.len()` prompt tokens are already in `kv` (from the prefix cache). The prefix
     /// cache always leaves at least the last prompt token to compute.
+    /// `kv_reserved` is one choice's share.
     pub fn new(job: Job, kv: K, kv_reserved: usize) -> Self {
         let p = &job.req.params;
+        let mut events = job.events.into_iter();
+        let first = events.next();
+        let (dead, _) = mpsc::unbounded_channel();
         Self {
+            events: first.unwrap_or(dead),
+            forks: events.collect(),
+            constraint: job.req.constraint,
+            logprobs: p.logprobs,
             sampler: Sampler::new(p, &job.req.prompt),
             stop: StopMatcher::new(&p.stop),
             decoder: IncrementalDecoder::default(),
@@ -72,11 +91,47 @@ impl<K: super::backend::KvCache> Sequence<K> {
             kv_reserved,
             phase: Phase::Prefilling,
             deadline: job.req.deadline,
-            events: job.events,
             queue_time: job.enqueued.elapsed(),
             enqueued: job.enqueued,
             last_token_at: None,
         }
+    }
+
+    /// Whether further choices wait to be forked off this one (before its first token).
+    pub fn has_forks(&self) -> bool {
+        !self.forks.is_empty()
+    }
+
+    /// The further choices of an `n > 1` request, forked off this one once its prompt is read: the same
+    /// tokens, a copy of the cache and grammar state, and each its own RNG seeded for its choice index.
+    pub fn fork_choices(&mut self) -> Vec<Self> {
+        let forks = std::mem::take(&mut self.forks);
+        forks
+            .into_iter()
+            .enumerate()
+            .map(|(i, events)| Self {
+                id: self.id.clone(),
+                tokens: self.tokens.clone(),
+                prompt_len: self.prompt_len,
+                cached_tokens: self.cached_tokens,
+                kv: self.kv.fork(),
+                kv_reserved: self.kv_reserved,
+                phase: Phase::Prefilling,
+                max_tokens: self.max_tokens,
+                ignore_eos: self.ignore_eos,
+                deadline: self.deadline,
+                events,
+                forks: Vec::new(),
+                constraint: self.constraint.as_ref().map(|c| c.fork()),
+                logprobs: self.logprobs,
+                queue_time: self.queue_time,
+                enqueued: self.enqueued,
+                last_token_at: None,
+                sampler: self.sampler.for_choice(i as u64 + 1),
+                decoder: IncrementalDecoder::default(),
+                stop: self.stop.fresh(),
+            })
+            .collect()
     }
 
     /// Tokens still to feed before the next sample: the rest of the prompt, or the last sampled token.
@@ -93,9 +148,9 @@ impl<K: super::backend::KvCache> Sequence<K> {
         self.tokens.len() - self.prompt_len
     }
 
-    /// Whether the client has dropped its receiver.
+    /// Whether the client has dropped its receiver (and those of choices still to fork).
     pub fn client_gone(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() && self.forks.iter().all(|f| f.is_closed())
     }
 
     /// Whether the request's deadline has passed.
@@ -117,6 +172,14 @@ impl<K: super::backend::KvCache> Sequence<K> {
     pub fn cancel(&mut self, metrics: &Metrics) {
         tracing::info!(request_id = %self.id, generated = self.generated(), "request cancelled: client went away");
         metrics.finish("cancelled");
+        self.phase = Phase::Cancelled;
+    }
+
+    /// Ends the sequence with an error its client is told about (a grammar that failed).
+    pub fn fail(&mut self, metrics: &Metrics, error: &ConstraintError) {
+        tracing::warn!(request_id = %self.id, error = %error, "request failed");
+        metrics.finish("error");
+        self.send(Event::Error(error.to_string()));
         self.phase = Phase::Cancelled;
     }
 
@@ -157,13 +220,24 @@ impl<K: super::backend::KvCache> Sequence<K> {
         });
     }
 
-    /// Samples the next token from `logits` and emits its text; finishes the sequence when a stop condition hits.
+    /// Samples the next token from `logits`, among those `mask` allows (the grammar's mask for this step,
+    /// computed beside the forward), and emits it; finishes the sequence when a stop condition hits.
     pub fn accept_logits(
         &mut self,
         tok: &dyn Detokenizer,
         metrics: &Metrics,
         logits: &mut [f32],
+        mask: Option<Result<TokenMask, ConstraintError>>,
     ) -> Result<(), ModelError> {
+        let raw = self.logprobs.map(|_| logits.to_vec());
+        match mask {
+            Some(Ok(mask)) => mask.apply(logits),
+            Some(Err(e)) => {
+                self.fail(metrics, &e);
+                return Ok(());
+            }
+            None => {}
+        }
         let id = self.sampler.sample(logits);
         self.tokens.push(id);
         self.phase = Phase::Decoding;
@@ -176,10 +250,25 @@ impl<K: super::backend::KvCache> Sequence<K> {
         }
         self.last_token_at = Some(now);
         metrics.generation_tokens.inc();
-        if !self.ignore_eos && tok.is_stop(id) {
+        // A grammar allows a stop token only where the output is complete, and cannot be fed one.
+        if tok.is_stop(id) && (!self.ignore_eos || self.constraint.is_some()) {
             self.finish(tok, metrics, FinishReason::Stop, true);
             return Ok(());
         }
+        if let (Some(raw), Some(top)) = (raw, self.logprobs) {
+            if !self.send(Event::Token(logprobs::sampled(&raw, id, top))) {
+                self.cancel(metrics);
+                return Ok(());
+            }
+        }
+        let grammar_done = match self.constraint.as_mut().map(|c| c.commit(id).map(|()| c.is_finished())) {
+            Some(Err(e)) => {
+                self.fail(metrics, &e);
+                return Ok(());
+            }
+            Some(Ok(done)) => done,
+            None => false,
+        };
         let text = self.decoder.next(tok, &self.tokens[self.prompt_len..])?;
         match self.stop.push(&text) {
             StopScan::Emit(t) => self.send_text(t, metrics),
@@ -191,7 +280,9 @@ impl<K: super::backend::KvCache> Sequence<K> {
                 return Ok(());
             }
         }
-        if self.is_active() && self.generated() >= self.max_tokens {
+        if self.is_active() && grammar_done {
+            self.finish(tok, metrics, FinishReason::Stop, true);
+        } else if self.is_active() && self.generated() >= self.max_tokens {
             self.finish(tok, metrics, FinishReason::Length, true);
         }
         Ok(())

@@ -29,7 +29,7 @@ pub struct Part {
 }
 
 /// A stub sequence cache: the tokens fed so far.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StubKv {
     pub tokens: Vec<u32>,
     max_len: usize,
@@ -46,6 +46,10 @@ impl KvCache for StubKv {
 
     fn shrink_to_len(&mut self) {
         self.max_len = self.tokens.len();
+    }
+
+    fn fork(&self) -> Self {
+        self.clone()
     }
 
     fn copy_prefix(&mut self, from: &Self, n: usize) -> bool {

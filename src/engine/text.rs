@@ -66,6 +66,14 @@ impl StopMatcher {
         }
     }
 
+    /// A matcher for the same stop strings with nothing held back.
+    pub fn fresh(&self) -> Self {
+        Self {
+            stops: self.stops.clone(),
+            pending: String::new(),
+        }
+    }
+
     /// Adds new text.
     pub fn push(&mut self, text: &str) -> StopScan {
         self.pending.push_str(text);

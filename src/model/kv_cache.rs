@@ -28,7 +28,7 @@ impl KvShape {
 }
 
 /// The cache of one sequence.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SeqKv {
     shape: KvShape,
     keys: Vec<Vec<f32>>,

@@ -156,6 +156,20 @@ impl TextTokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// The raw bytes of one token: its byte-level characters mapped back to bytes (GPT-2's table; special
+    /// tokens' text is plain ASCII, which maps to itself).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let text = self.token_text(id)?;
+        let mut out = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            match byte_of_char(c) {
+                Some(b) => out.push(b),
+                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        Some(out)
+    }
+
     /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let enc = self
@@ -186,4 +200,19 @@ impl TextTokenizer {
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }
+}
+
+/// The byte a GPT-2 byte-level character stands for: printable Latin-1 bytes are themselves, the other 68
+/// bytes are the characters from U+0100 up, in byte order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let cp = c as u32;
+    if printable(cp) {
+        return u8::try_from(cp).ok();
+    }
+    let k = cp.checked_sub(0x100)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(k as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }

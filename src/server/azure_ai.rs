@@ -6,7 +6,7 @@
 //! `repetition_penalty` and `ignore_eos`). `api-version` is accepted and not checked.
 
 use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
 use serde_json::Value;
@@ -83,18 +83,6 @@ pub async fn chat_completions(
             fields.remove(k);
         }),
         _ => {}
-    }
-    if fields.get("tools").is_some_and(|t| !t.is_array() && !t.is_null()) {
-        return Err(ApiError::invalid_param("tools", "tools must be a list"));
-    }
-    if fields
-        .get("tools")
-        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "this model does not support tools",
-        ));
     }
     let req = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;

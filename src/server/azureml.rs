@@ -133,8 +133,9 @@ async fn generate_all(
     prompts: Vec<PromptInput>,
     params: &ScoreParameters,
 ) -> Result<(Vec<String>, TokenCounts), ApiError> {
-    let receivers = generate::start(ready, rid, prompts, &params.sampling()).await?;
-    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    let output = generate::OutputControl::default();
+    let receivers = generate::start(ready, rid, prompts, &params.sampling(), output).await?;
+    let (outs, usage) = generate::collect_all(receivers, ready, 1).await?;
     Ok((outs.into_iter().map(|o| o.text).collect(), usage.token_counts()))
 }
 

@@ -11,6 +11,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::error::ApiError;
 use super::sse::Usage;
 use super::Ready;
+use crate::engine::constraint::Constraint;
+use crate::engine::logprobs::Sampled;
 use crate::engine::{Completion, Event, FinishReason, GenerateRequest, GenerationParams};
 use crate::model::{ChatMessage, Model};
 
@@ -33,6 +35,10 @@ pub struct SamplingInput {
     pub repetition_penalty: Option<f64>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Validated `logit_bias` entries.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Alternatives to report with each token's log-probability (None: no logprobs).
+    pub logprobs: Option<usize>,
     /// Name of the max-tokens field in this dialect, for error messages.
     pub max_tokens_name: &'static str,
 }
@@ -102,6 +108,8 @@ impl SamplingInput {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
             stop: self.stop,
             ignore_eos: self.ignore_eos,
+            logit_bias: self.logit_bias,
+            logprobs: self.logprobs,
         })
     }
 }
@@ -146,15 +154,26 @@ async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) ->
     Ok(Prepared { prompt: ids, params })
 }
 
-/// Starts one generation per prompt. Backpressure comes before work: places in the waiting queue are taken
-/// for every prompt first (or the request is refused with 429 before anything is rendered or tokenized); then
-/// all prompts are prepared, and only when every one is valid are they queued, with the server's request
-/// timeout as their deadline. Receivers come back in prompt order.
+/// What a request asks of its output besides sampling.
+#[derive(Default)]
+pub struct OutputControl {
+    /// Choices per prompt (at least 1).
+    pub n: usize,
+    /// The grammar every choice follows, in its start state (forked per prompt).
+    pub constraint: Option<Box<dyn Constraint>>,
+}
+
+/// Starts `output.n` generations per prompt. Backpressure comes before work: places in the waiting queue are
+/// taken for every prompt first (or the request is refused with 429 before anything is rendered or
+/// tokenized); then all prompts are prepared, and only when every one is valid are they queued, with the
+/// server's request timeout as their deadline. Receivers come back in prompt order, each prompt's choices
+/// together (choice index = prompt index * n + choice).
 pub async fn start(
     ready: &Ready,
     request_id: &str,
     prompts: Vec<PromptInput>,
     sampling: &SamplingInput,
+    output: OutputControl,
 ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
     let deadline = Some(Instant::now() + ready.request_timeout);
     let max_waiting = ready.engine.config().max_waiting;
@@ -172,36 +191,37 @@ pub async fn start(
     for p in prompts {
         prepared.push(prepare(ready, p, sampling.clone()).await?);
     }
-    slots
-        .into_iter()
-        .zip(prepared)
-        .map(|(slot, p)| {
-            let req = GenerateRequest {
-                id: request_id.to_string(),
-                prompt: p.prompt,
-                params: p.params,
-                deadline,
-            };
-            Ok(slot.submit(req)?)
-        })
-        .collect()
+    let mut receivers = Vec::new();
+    for (slot, p) in slots.into_iter().zip(prepared) {
+        let req = GenerateRequest {
+            n: output.n.max(1),
+            constraint: output.constraint.as_ref().map(|c| c.fork()),
+            ..GenerateRequest::new(request_id, p.prompt, p.params, deadline)
+        };
+        receivers.extend(slot.submit_choices(req)?);
+    }
+    Ok(receivers)
 }
 
 /// A whole answer.
 #[derive(Debug)]
 pub struct Collected {
     pub text: String,
+    /// The sampled tokens with their log-probabilities (with `logprobs` only).
+    pub tokens: Vec<Sampled>,
     pub done: Completion,
 }
 
 /// Waits for a request to finish and returns its full text. A timeout becomes 504.
 pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
+            Event::Token(t) => tokens.push(t),
             Event::Text(t) => text.push_str(&t),
             Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready)),
-            Event::Done(done) => return Ok(Collected { text, done }),
+            Event::Done(done) => return Ok(Collected { text, tokens, done }),
             Event::Error(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
         }
     }
@@ -210,17 +230,19 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
     ))
 }
 
-/// Waits for every answer (together) and returns them in order, with their summed token counts.
+/// Waits for every answer (together) and returns them in order, with their summed token counts (each
+/// prompt's counted once for its `choices_per_prompt` choices).
 pub async fn collect_all(
     receivers: Vec<UnboundedReceiver<Event>>,
     ready: &Ready,
+    choices_per_prompt: usize,
 ) -> Result<(Vec<Collected>, Usage), ApiError> {
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| collect(rx, ready))).await;
     let mut usage = Usage::default();
     let mut collected = Vec::with_capacity(outs.len());
-    for out in outs {
+    for (i, out) in outs.into_iter().enumerate() {
         let out = out?;
-        usage.add(&out.done);
+        usage.add(&out.done, i % choices_per_prompt.max(1) == 0);
         collected.push(out);
     }
     Ok((collected, usage))

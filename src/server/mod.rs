@@ -13,9 +13,12 @@ mod embeddings;
 pub mod error;
 mod generate;
 mod json;
+mod logprobs;
 mod openai;
 mod openapi;
+mod output;
 mod sse;
+mod tools;
 pub mod types;
 
 use std::future::Future;
@@ -35,6 +38,7 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 use crate::config::Config;
 use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
+use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
 use crate::model::Model;
@@ -51,6 +55,11 @@ pub struct Ready {
     pub default_max_tokens: usize,
     /// Unix time the model finished loading (the OpenAI `created` of the model).
     pub created: u64,
+    /// Compiled grammars of this model's vocabulary (structured outputs, forced tool calls).
+    pub grammars: Arc<Grammars>,
+    /// Most choices per request (`--max-n`).
+    pub max_n: usize,
+    pub engine_metrics: Arc<Metrics>,
 }
 
 /// Shared server state.
@@ -392,7 +401,15 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
             }
         },
     };
-    match Engine::start(model.clone(), config.engine.clone(), metrics) {
+    let grammars = match Grammars::new(&model.tokenizer, config.grammar_cache) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the grammar vocabulary");
+            state.set_load_error(e.to_string());
+            return;
+        }
+    };
+    match Engine::start(model.clone(), config.engine.clone(), metrics.clone()) {
         Ok((engine, thread)) => {
             watch_engine(thread);
             let created = std::time::SystemTime::now()
@@ -405,6 +422,9 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 request_timeout: config.request_timeout,
                 default_max_tokens: config.default_max_tokens,
                 created,
+                grammars,
+                max_n: config.max_n,
+                engine_metrics: metrics,
             });
             tracing::info!("ready");
         }

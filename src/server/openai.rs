@@ -9,15 +9,21 @@ use super::access::RequestId;
 use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
-use super::sse::{self, ChunkShape};
+use super::logprobs;
+use super::output::OutputFields;
+use super::sse::{self, ChunkShape, StreamEnd};
+use super::tools::{self, Tools};
 use super::types::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
-    Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice, Completion,
+    CompletionChoice, CompletionLogprobs, Delta, FinishReason as ApiFinish, FunctionCall, ModelCard, ModelList,
+    ToolCall, ToolCallDelta, UsageBody, COMPLETION_LOGPROBS, MAX_TOKENS,
 };
 pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::AppState;
+use crate::engine::logprobs::Sampled;
 use crate::engine::FinishReason;
-use crate::model::ChatMessage;
+use crate::model::{ChatMessage, Model};
+use std::sync::Arc;
 
 impl CommonFields {
     /// Rejects what amlserve does not implement, rather than silently ignoring it.
@@ -29,16 +35,6 @@ impl CommonFields {
         ] {
             MAX_TOKENS.check_as(name, v.map(|m| m as f64))?;
         }
-        if self.n.is_some_and(|n| n != N_SUPPORTED) {
-            return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
-        {
-            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
-        }
         if let Some((name, only)) = self.unsupported() {
             return Err(ApiError::invalid_param(
                 name,
@@ -48,7 +44,7 @@ impl CommonFields {
         Ok(())
     }
 
-    fn sampling(&self) -> SamplingInput {
+    fn sampling(&self, output: &mut OutputFields) -> SamplingInput {
         let (max_tokens, name) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => (Some(m), "max_completion_tokens"),
             (None, m) => (m, "max_tokens"),
@@ -65,7 +61,18 @@ impl CommonFields {
             repetition_penalty: self.repetition_penalty,
             stop: self.stop.clone().map(StopInput::into_vec).unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logit_bias: std::mem::take(&mut output.logit_bias),
+            logprobs: output.logprobs,
             max_tokens_name: name,
+        }
+    }
+
+    fn stream_end(&self, ready: &super::Ready, n: usize, rid: &str) -> StreamEnd {
+        StreamEnd {
+            include_usage: self.include_usage(),
+            choices_per_prompt: n,
+            timeout: generate::timeout_error(ready),
+            request_id: rid.to_string(),
         }
     }
 
@@ -77,7 +84,42 @@ impl CommonFields {
     }
 }
 
-/// Turns request messages into template messages, rejecting unknown roles and non-text content.
+/// Offers the tools in a system message (first in the conversation, after any system text already there).
+fn offer_tools(messages: &mut Vec<ChatMessage>, tools: &Tools) {
+    let offer = tools.system_prompt();
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = format!("{}\n\n{offer}", m.content),
+        _ => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".into(),
+                content: offer,
+            },
+        ),
+    }
+}
+
+/// An assistant turn's `tool_calls`, written back in the call format.
+fn history_calls(i: usize, calls: &Value) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "messages",
+            format!("messages[{i}].tool_calls must be a list of {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"),
+        )
+    };
+    let list = calls.as_array().ok_or_else(bad)?;
+    let mut out = Vec::with_capacity(list.len());
+    for c in list {
+        let f = c.get("function").ok_or_else(bad)?;
+        let name = f.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+        out.push(tools::render_call(name, args));
+    }
+    Ok(out.join("\n"))
+}
+
+/// Turns request messages into template messages, rejecting unknown roles and non-text content. Assistant
+/// calls and tool results are written in the call format (see `tools`).
 pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
@@ -90,12 +132,21 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                other => {
+                "tool" => "tool",
+                other => return Err(ApiError::invalid_param(
+                    "messages",
+                    format!(
+                        "messages[{i}].role '{other}' is not supported; use system, developer, user, assistant or tool"
+                    ),
+                )),
+            };
+            let calls = match (&m.tool_calls, role) {
+                (None | Some(Value::Null), _) => None,
+                (Some(c), "assistant") => Some(history_calls(i, c)?),
+                (Some(_), _) => {
                     return Err(ApiError::invalid_param(
                         "messages",
-                        format!(
-                            "messages[{i}].role '{other}' is not supported; use system, developer, user or assistant"
-                        ),
+                        format!("messages[{i}] has tool_calls but only assistant messages may"),
                     ))
                 }
             };
@@ -124,6 +175,12 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
                     text
                 }
             };
+            let (role, content) = match (role, calls) {
+                ("tool", _) => ("user", tools::render_result(&content)),
+                (_, Some(calls)) if content.is_empty() => (role, calls),
+                (_, Some(calls)) => (role, format!("{content}\n{calls}")),
+                (_, None) => (role, content),
+            };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
@@ -142,6 +199,53 @@ struct ChatShape {
     id: String,
     model: String,
     created: u64,
+    tokenizer: Arc<Model>,
+    /// With tools: what each choice is writing, text or calls.
+    tool_streams: Option<Vec<ToolStream>>,
+}
+
+/// A streamed choice of a request with tools: text streams as it comes, a call is held back and sent whole.
+#[derive(Debug, Clone)]
+enum ToolStream {
+    /// Nothing seen yet (`auto`: a first `<` starts calls, anything else is text).
+    Undecided,
+    Text,
+    Calls(String),
+}
+
+/// A whole answer's message: calls parsed out of the text when tools were offered.
+fn answer(text: String, tools: bool) -> (AssistantMessage, bool) {
+    if !tools {
+        return (
+            AssistantMessage {
+                role: "assistant",
+                content: Some(text),
+                tool_calls: None,
+            },
+            false,
+        );
+    }
+    let (content, calls) = tools::parse_calls(&text);
+    let has_calls = !calls.is_empty();
+    let message = AssistantMessage {
+        role: "assistant",
+        content,
+        tool_calls: has_calls.then(|| calls.into_iter().map(|c| tool_call(c).1).collect()),
+    };
+    (message, has_calls)
+}
+
+fn tool_call(c: tools::Call) -> (String, ToolCall) {
+    let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
+    let call = ToolCall {
+        id: id.clone(),
+        kind: "function",
+        function: FunctionCall {
+            name: c.name,
+            arguments: c.arguments,
+        },
+    };
+    (id, call)
 }
 
 impl ChatShape {
@@ -157,12 +261,17 @@ impl ChatShape {
         }
     }
 
-    fn choice(index: usize, delta: Delta, finish_reason: Option<FinishReason>) -> Vec<ChunkChoice> {
+    fn choice(
+        index: usize,
+        delta: Delta,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<ApiFinish>,
+    ) -> Vec<ChunkChoice> {
         vec![ChunkChoice {
             index,
             delta,
-            logprobs: None,
-            finish_reason: finish_reason.map(Into::into),
+            logprobs,
+            finish_reason,
         }]
     }
 }
@@ -173,18 +282,75 @@ impl ChunkShape for ChatShape {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(String::new()),
+            tool_calls: None,
         };
-        Some(self.chunk(Self::choice(index, delta, None), None))
+        Some(self.chunk(Self::choice(index, delta, None, None), None))
     }
-    fn text(&self, index: usize, text: String) -> ChatCompletionChunk {
+    fn text(&mut self, index: usize, text: String, tokens: Vec<Sampled>) -> Option<ChatCompletionChunk> {
+        if let Some(stream) = self.tool_streams.as_mut().and_then(|s| s.get_mut(index)) {
+            match stream {
+                ToolStream::Undecided if text.is_empty() => return None,
+                ToolStream::Undecided if text.starts_with('<') => {
+                    *stream = ToolStream::Calls(text);
+                    return None;
+                }
+                ToolStream::Undecided => *stream = ToolStream::Text,
+                ToolStream::Calls(buf) => {
+                    buf.push_str(&text);
+                    return None;
+                }
+                ToolStream::Text => {}
+            }
+        }
         let delta = Delta {
             content: Some(text),
             ..Delta::default()
         };
-        self.chunk(Self::choice(index, delta, None), None)
+        let lp = (!tokens.is_empty()).then(|| logprobs::chat(&self.tokenizer.tokenizer, &tokens));
+        Some(self.chunk(Self::choice(index, delta, lp, None), None))
     }
-    fn finish(&self, index: usize, reason: FinishReason) -> ChatCompletionChunk {
-        self.chunk(Self::choice(index, Delta::default(), Some(reason)), None)
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<ChatCompletionChunk> {
+        let held = match self.tool_streams.as_mut().and_then(|s| s.get_mut(index)) {
+            Some(ToolStream::Calls(buf)) => std::mem::take(buf),
+            _ => String::new(),
+        };
+        let mut chunks = Vec::new();
+        let (content, calls) = tools::parse_calls(&held);
+        if calls.is_empty() {
+            if !held.is_empty() {
+                let delta = Delta {
+                    content: Some(held),
+                    ..Delta::default()
+                };
+                chunks.push(self.chunk(Self::choice(index, delta, None, None), None));
+            }
+            chunks.push(self.chunk(Self::choice(index, Delta::default(), None, Some(reason.into())), None));
+            return chunks;
+        }
+        let deltas = calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (id, call) = tool_call(c);
+                ToolCallDelta {
+                    index: i,
+                    id,
+                    kind: "function",
+                    function: call.function,
+                }
+            })
+            .collect();
+        let delta = Delta {
+            content,
+            tool_calls: Some(deltas),
+            ..Delta::default()
+        };
+        chunks.push(self.chunk(Self::choice(index, delta, None, None), None));
+        chunks.push(self.chunk(
+            Self::choice(index, Delta::default(), None, Some(ApiFinish::ToolCalls)),
+            None,
+        ));
+        chunks
     }
     fn usage(&self, usage: UsageBody) -> ChatCompletionChunk {
         self.chunk(Vec::new(), Some(usage))
@@ -204,35 +370,67 @@ pub async fn chat_completions(
 pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
-    let messages = convert_messages(req.messages)?;
-    let receivers = generate::start(ready, rid, vec![PromptInput::Chat(messages)], &req.common.sampling()).await?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0).max(0) as usize),
+        (_, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        _ => None,
+    };
+    let mut output = req.common.output(ready, logprobs)?;
+    let c = &req.common;
+    let tools = Tools::parse(c.tools.as_ref(), c.tool_choice.as_ref(), c.parallel_tool_calls.as_ref())?;
+    let mut messages = convert_messages(req.messages)?;
+    if let Some(t) = &tools {
+        if output.grammar.is_some() {
+            return Err(ApiError::invalid_param(
+                "tools",
+                "tools cannot be combined with response_format json_object / json_schema or structured_outputs",
+            ));
+        }
+        output.grammar = Some((t.grammar(), "tools"));
+        offer_tools(&mut messages, t);
+    }
+    let sampling = req.common.sampling(&mut output);
+    let control = output.control(ready).await?;
+    let n = control.n;
+    let receivers = generate::start(ready, rid, vec![PromptInput::Chat(messages)], &sampling, control).await?;
     let shape = ChatShape {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         model: ready.model.name.clone(),
         created: now(),
+        tokenizer: ready.model.clone(),
+        tool_streams: tools.as_ref().map(|t| {
+            let first = match t.choice {
+                tools::Choice::Auto => ToolStream::Undecided,
+                _ => ToolStream::Calls(String::new()),
+            };
+            vec![first; n]
+        }),
     };
     if req.common.stream.unwrap_or(false) {
-        let timeout = generate::timeout_error(ready);
-        return Ok(sse::stream(
-            receivers,
-            shape,
-            req.common.include_usage(),
-            timeout,
-            rid.to_string(),
-        ));
+        let end = req.common.stream_end(ready, n, rid);
+        return Ok(sse::stream(receivers, shape, end));
     }
-    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    let (outs, usage) = generate::collect_all(receivers, ready, n).await?;
     let choices = outs
         .into_iter()
         .enumerate()
-        .map(|(index, out)| ChatChoice {
-            index,
-            message: AssistantMessage {
-                role: "assistant",
-                content: out.text,
-            },
-            logprobs: None,
-            finish_reason: out.done.reason.into(),
+        .map(|(index, out)| {
+            let (message, called) = answer(out.text, tools.is_some());
+            ChatChoice {
+                index,
+                message,
+                logprobs: logprobs.map(|_| logprobs::chat(&ready.model.tokenizer, &out.tokens)),
+                finish_reason: if called {
+                    ApiFinish::ToolCalls
+                } else {
+                    out.done.reason.into()
+                },
+            }
         })
         .collect();
     Ok(usage.token_counts().attach(
@@ -253,6 +451,9 @@ struct CompletionShape {
     id: String,
     model: String,
     created: u64,
+    tokenizer: Arc<Model>,
+    /// Bytes of text sent so far per choice (each chunk's `text_offset` continues from there).
+    offsets: Vec<usize>,
 }
 
 impl CompletionShape {
@@ -267,11 +468,16 @@ impl CompletionShape {
         }
     }
 
-    fn choice(index: usize, text: String, finish_reason: Option<FinishReason>) -> CompletionChoice {
+    fn choice(
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> CompletionChoice {
         CompletionChoice {
             index,
             text,
-            logprobs: None,
+            logprobs,
             finish_reason: finish_reason.map(Into::into),
         }
     }
@@ -282,11 +488,19 @@ impl ChunkShape for CompletionShape {
     fn opening(&self, _index: usize) -> Option<Completion> {
         None
     }
-    fn text(&self, index: usize, text: String) -> Completion {
-        self.body(vec![Self::choice(index, text, None)], None)
+    fn text(&mut self, index: usize, text: String, tokens: Vec<Sampled>) -> Option<Completion> {
+        let lp = (!tokens.is_empty()).then(|| {
+            let tok = &self.tokenizer.tokenizer;
+            let at = self.offsets.get(index).copied().unwrap_or(0);
+            if let Some(o) = self.offsets.get_mut(index) {
+                *o += logprobs::byte_len(tok, &tokens);
+            }
+            logprobs::completion(tok, &tokens, at)
+        });
+        Some(self.body(vec![Self::choice(index, text, lp, None)], None))
     }
-    fn finish(&self, index: usize, reason: FinishReason) -> Completion {
-        self.body(vec![Self::choice(index, String::new(), Some(reason))], None)
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Completion> {
+        vec![self.body(vec![Self::choice(index, String::new(), None, Some(reason))], None)]
     }
     fn usage(&self, usage: UsageBody) -> Completion {
         self.body(Vec::new(), Some(usage))
@@ -311,29 +525,36 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
+    COMPLETION_LOGPROBS.check(req.logprobs.map(|k| k as f64))?;
+    let logprobs = req.logprobs.map(|k| k.max(0) as usize);
+    let mut output = req.common.output(ready, logprobs)?;
     let texts = prompts(req.prompt)?;
+    let n_prompts = texts.len();
     let inputs = texts.into_iter().map(PromptInput::Text).collect();
-    let receivers = generate::start(ready, &rid.0, inputs, &req.common.sampling()).await?;
+    let sampling = req.common.sampling(&mut output);
+    let control = output.control(ready).await?;
+    let n = control.n;
+    let receivers = generate::start(ready, &rid.0, inputs, &sampling, control).await?;
     let shape = CompletionShape {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         model: ready.model.name.clone(),
         created: now(),
+        tokenizer: ready.model.clone(),
+        offsets: vec![0; n_prompts * n],
     };
     if req.common.stream.unwrap_or(false) {
-        let timeout = generate::timeout_error(ready);
-        return Ok(sse::stream(
-            receivers,
-            shape,
-            req.common.include_usage(),
-            timeout,
-            rid.0.clone(),
-        ));
+        let end = req.common.stream_end(ready, n, &rid.0);
+        return Ok(sse::stream(receivers, shape, end));
     }
-    let (outs, usage) = generate::collect_all(receivers, ready).await?;
+    let (outs, usage) = generate::collect_all(receivers, ready, n).await?;
+    let tok = &ready.model.tokenizer;
     let choices = outs
         .into_iter()
         .enumerate()
-        .map(|(i, out)| CompletionShape::choice(i, out.text, Some(out.done.reason)))
+        .map(|(i, out)| {
+            let lp = logprobs.map(|_| logprobs::completion(tok, &out.tokens, 0));
+            CompletionShape::choice(i, out.text, lp, Some(out.done.reason))
+        })
         .collect();
     let body = Json(shape.body(choices, Some(usage.body())));
     Ok(usage.token_counts().attach(body.into_response()))
@@ -375,8 +596,28 @@ mod tests {
         let m = |role: &str| MessageIn {
             role: role.into(),
             content: Some(ContentIn::Text("x".into())),
+            tool_calls: None,
+            tool_call_id: None,
         };
         assert!(convert_messages(vec![m("wizard")]).is_err());
+        let tool = convert_messages(vec![m("tool")]).expect("ok");
+        assert_eq!(
+            (tool[0].role.as_str(), tool[0].content.as_str()),
+            ("user", "<tool_response>\nx\n</tool_response>")
+        );
+        let call = MessageIn {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(
+                json!([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]),
+            ),
+            tool_call_id: None,
+        };
+        let out = convert_messages(vec![call]).expect("ok");
+        assert_eq!(
+            out[0].content,
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\":1}}</tool_call>"
+        );
         assert!(convert_messages(vec![]).is_err());
         assert_eq!(convert_messages(vec![m("developer")]).expect("ok")[0].role, "system");
         let img = MessageIn {
@@ -385,6 +626,8 @@ mod tests {
                 kind: "image_url".into(),
                 text: None,
             }])),
+            tool_calls: None,
+            tool_call_id: None,
         };
         assert!(convert_messages(vec![img]).is_err());
     }

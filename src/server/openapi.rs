@@ -178,8 +178,7 @@ fn paths() -> Paths {
     let embeddings_ok = || ok_json("Embeddings", schema_ref::<EmbeddingsResponse>());
     let mut embedding_errors = REQUEST_ERRORS.to_vec();
     embedding_errors.push((404, "The server has no embedding model (--embedding-model)"));
-    let mut azure_errors = REQUEST_ERRORS.to_vec();
-    azure_errors.push((422, "A valid request for a feature this model lacks (tools)"));
+    let azure_errors = REQUEST_ERRORS.to_vec();
     let api_version = || query("api-version", false, string());
     let extra_parameters = ParameterBuilder::new()
         .name("extra-parameters")

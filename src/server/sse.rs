@@ -19,6 +19,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::access::TokenCounts;
 use super::error::ApiError;
 use super::types::{PromptTokensDetails, UsageBody};
+use crate::engine::logprobs::Sampled;
 use crate::engine::{Completion, Event, FinishReason};
 
 /// How one dialect's stream chunks look.
@@ -27,10 +28,11 @@ pub trait ChunkShape: Send + 'static {
     type Chunk: Serialize;
     /// The chunk opening choice `index` (chat sends the role), if any.
     fn opening(&self, index: usize) -> Option<Self::Chunk>;
-    /// A chunk carrying `text` for choice `index`.
-    fn text(&self, index: usize, text: String) -> Self::Chunk;
-    /// The chunk closing choice `index`.
-    fn finish(&self, index: usize, reason: FinishReason) -> Self::Chunk;
+    /// A chunk carrying `text` for choice `index`, with the tokens it came from when logprobs were asked for;
+    /// None while the shape holds text back (a tool call being written).
+    fn text(&mut self, index: usize, text: String, tokens: Vec<Sampled>) -> Option<Self::Chunk>;
+    /// The chunks closing choice `index` (what was held back, then the finish reason).
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Self::Chunk>;
     /// The final usage chunk.
     fn usage(&self, usage: UsageBody) -> Self::Chunk;
 }
@@ -45,11 +47,14 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Adds a finished choice's counts.
-    pub fn add(&mut self, c: &Completion) {
-        self.prompt += c.prompt_tokens;
+    /// Adds a finished choice's counts; its prompt counts only for the first choice of its prompt (`n > 1`
+    /// choices share one read of the prompt).
+    pub fn add(&mut self, c: &Completion, first_of_prompt: bool) {
+        if first_of_prompt {
+            self.prompt += c.prompt_tokens;
+            self.cached += c.cached_tokens;
+        }
         self.completion += c.completion_tokens;
-        self.cached += c.cached_tokens;
     }
 
     /// The counts for the access log line.
@@ -92,6 +97,9 @@ struct State<S: ChunkShape> {
     pending: VecDeque<SseEvent>,
     open_choices: usize,
     finished: Vec<bool>,
+    /// Tokens whose text has not been sent yet, per choice.
+    tokens: Vec<Vec<Sampled>>,
+    choices_per_prompt: usize,
     usage: Usage,
     include_usage: bool,
     shape: S,
@@ -113,12 +121,20 @@ impl<S: ChunkShape> State<S> {
             return; // the end marker after a choice's Done
         }
         match ev {
-            Some(Event::Text(t)) => self.pending.push_back(data(&self.shape.text(index, t))),
+            Some(Event::Token(t)) => self.tokens[index].push(t),
+            Some(Event::Text(t)) => {
+                let tokens = std::mem::take(&mut self.tokens[index]);
+                if let Some(chunk) = self.shape.text(index, t, tokens) {
+                    self.pending.push_back(data(&chunk));
+                }
+            }
             Some(Event::Done(c)) if c.reason == FinishReason::Timeout => self.end_with_error(self.timeout.clone()),
             Some(Event::Done(c)) => {
-                self.pending.push_back(data(&self.shape.finish(index, c.reason)));
+                for chunk in self.shape.finish(index, c.reason) {
+                    self.pending.push_back(data(&chunk));
+                }
                 self.finished[index] = true;
-                self.usage.add(&c);
+                self.usage.add(&c, index % self.choices_per_prompt == 0);
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
                     tracing::info!(
@@ -146,16 +162,20 @@ impl<S: ChunkShape> State<S> {
     }
 }
 
+/// How a stream ends and is counted.
+pub struct StreamEnd {
+    pub include_usage: bool,
+    /// Choices per prompt (`n`): a prompt's tokens count once in the usage.
+    pub choices_per_prompt: usize,
+    /// The error sent when the request times out.
+    pub timeout: ApiError,
+    pub request_id: String,
+}
+
 /// Streams the events of `receivers` (one per choice, in index order) as SSE.
 /// The end of the stream is logged with `request_id` and the token counts (the access line is written when
 /// the stream starts).
-pub fn stream<S: ChunkShape>(
-    receivers: Vec<UnboundedReceiver<Event>>,
-    shape: S,
-    include_usage: bool,
-    timeout: ApiError,
-    request_id: String,
-) -> Response {
+pub fn stream<S: ChunkShape>(receivers: Vec<UnboundedReceiver<Event>>, shape: S, end: StreamEnd) -> Response {
     let n = receivers.len();
     // Each receiver ends with a `None` marker so a vanished engine is noticed per choice.
     let merged = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
@@ -175,12 +195,14 @@ pub fn stream<S: ChunkShape>(
         pending,
         open_choices: n,
         finished: vec![false; n],
+        tokens: vec![Vec::new(); n],
+        choices_per_prompt: end.choices_per_prompt.max(1),
         usage: Usage::default(),
-        include_usage,
+        include_usage: end.include_usage,
         shape,
-        timeout,
+        timeout: end.timeout,
         done: false,
-        request_id,
+        request_id: end.request_id,
     };
     Sse::new(events(state)).keep_alive(KeepAlive::default()).into_response()
 }

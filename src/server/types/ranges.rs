@@ -112,8 +112,25 @@ pub const MAX_TOKENS: Range = Range {
 };
 /// Most stop strings accepted.
 pub const MAX_STOPS: usize = 16;
-/// The only `n` served.
-pub const N_SUPPORTED: i64 = 1;
+/// Choices per request (`n`); the server's `--max-n` may lower the upper bound.
+pub const N: Range = Range {
+    integer: true,
+    ..Range::closed("n", 1.0, 16.0)
+};
+/// Alternatives reported per token (chat `top_logprobs`, completions `logprobs`).
+pub const TOP_LOGPROBS: Range = Range {
+    integer: true,
+    ..Range::closed("top_logprobs", 0.0, 20.0)
+};
+/// Completions' integer `logprobs` (alternatives per token).
+pub const COMPLETION_LOGPROBS: Range = Range {
+    field: "logprobs",
+    ..TOP_LOGPROBS
+};
+/// A `logit_bias` value.
+pub const LOGIT_BIAS: Range = Range::closed("logit_bias", -100.0, 100.0);
+/// Most `logit_bias` entries (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 /// Most inputs in one embeddings request.
 pub const MAX_EMBEDDING_INPUTS: usize = 256;
 
@@ -190,20 +207,42 @@ pub(super) fn stop() -> Schema {
 }
 
 pub(super) fn n() -> Schema {
+    N.schema()
+}
+
+pub(super) fn top_logprobs() -> Schema {
+    TOP_LOGPROBS.schema()
+}
+
+pub(super) fn completion_logprobs() -> Schema {
+    COMPLETION_LOGPROBS.schema()
+}
+
+/// Chat `logprobs`: a boolean.
+pub(super) fn chat_logprobs() -> Schema {
     ObjectBuilder::new()
-        .schema_type(nullable(Type::Integer))
-        .enum_values(Some([Value::from(N_SUPPORTED), Value::Null]))
-        .description(Some("Only 1 is supported"))
+        .schema_type(nullable(Type::Boolean))
+        .description(Some(
+            "Return each output token's log-probability (from the model's raw distribution) and, with top_logprobs, the most likely alternatives",
+        ))
         .build()
         .into()
 }
 
-/// `logprobs`: not supported, so only `false` or null.
-pub(super) fn logprobs_off() -> Schema {
+/// `logit_bias`: token id (as a string) -> bias.
+pub(super) fn logit_bias() -> Schema {
+    let bias = ObjectBuilder::new()
+        .schema_type(Type::Number)
+        .minimum(Some(LOGIT_BIAS.min))
+        .maximum(LOGIT_BIAS.max);
     ObjectBuilder::new()
-        .schema_type(nullable(Type::Boolean))
-        .enum_values(Some([Value::Bool(false), Value::Null]))
-        .description(Some("Log probabilities are not supported"))
+        .schema_type(nullable(Type::Object))
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^(0|[1-9][0-9]{0,3})$"))))
+        .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::RefOr(RefOr::T(bias.into()))))
+        .max_properties(Some(MAX_LOGIT_BIAS))
+        .description(Some(
+            "Token id -> bias added to its logit before sampling (-100 bans, 100 forces); ids must be in the vocabulary",
+        ))
         .build()
         .into()
 }
@@ -220,24 +259,132 @@ pub(super) fn only_default(default: Value, what: &str) -> Schema {
         .into()
 }
 
-pub(super) fn response_format_text() -> Schema {
-    only_default(serde_json::json!({"type": "text"}), "Structured output")
+/// `response_format`: text, any JSON object, or JSON following a schema.
+pub(super) fn response_format() -> Schema {
+    let kind = |k: &str| string_enum(&[k]);
+    let json_schema = ObjectBuilder::new()
+        .property("name", ObjectBuilder::new().schema_type(Type::String))
+        .property("schema", ObjectBuilder::new().schema_type(Type::Object))
+        .property("strict", ObjectBuilder::new().schema_type(nullable(Type::Boolean)))
+        .property("description", ObjectBuilder::new().schema_type(Type::String));
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().property("type", kind("text")).required("type"))
+        .item(ObjectBuilder::new().property("type", kind("json_object")).required("type"))
+        .item(
+            ObjectBuilder::new()
+                .property("type", kind("json_schema"))
+                .required("type")
+                .property("json_schema", json_schema)
+                .required("json_schema"),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "json_object: the output is a JSON object; json_schema: it follows json_schema.schema (enforced by a grammar)",
+        ))
+        .build()
+        .into()
 }
 
-pub(super) fn no_tools() -> Schema {
-    only_default(serde_json::json!([]), "Tool calling")
+/// vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar`.
+pub(super) fn structured_outputs() -> Schema {
+    let one = |name: &str, schema: Schema| ObjectBuilder::new().property(name, schema).required(name);
+    let string = || ObjectBuilder::new().schema_type(Type::String).build().into();
+    OneOfBuilder::new()
+        .item(one("json", ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::Object, Type::String])).build().into()))
+        .item(one("regex", string()))
+        .item(one(
+            "choice",
+            ArrayBuilder::new()
+                .items(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)))
+                .min_items(Some(1))
+                .build()
+                .into(),
+        ))
+        .item(one("grammar", string()))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "vLLM's structured outputs: json (a JSON schema), regex, choice (one of these strings) or grammar (llguidance Lark)",
+        ))
+        .build()
+        .into()
 }
 
-pub(super) fn tool_choice_none() -> Schema {
-    only_default(serde_json::json!("none"), "Tool calling")
+pub(super) fn best_of_one() -> Schema {
+    only_default(serde_json::json!(1), "best_of")
 }
 
-pub(super) fn no_logit_bias() -> Schema {
-    only_default(serde_json::json!({}), "logit_bias")
+/// `tools`: functions with a name (letters, digits, `_`, `-`) and a JSON Schema of their arguments.
+pub(super) fn tools() -> Schema {
+    let function = ObjectBuilder::new()
+        .property(
+            "name",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z0-9_-]{1,64}$")),
+        )
+        .required("name")
+        .property("description", ObjectBuilder::new().schema_type(Type::String))
+        .property("parameters", ObjectBuilder::new().schema_type(Type::Object))
+        .property("strict", ObjectBuilder::new().schema_type(nullable(Type::Boolean)));
+    let tool = ObjectBuilder::new()
+        .property("type", string_enum(&["function"]))
+        .required("type")
+        .property("function", function)
+        .required("function");
+    ObjectBuilder::new()
+        .schema_type(nullable(Type::Array))
+        .description(Some(
+            "Functions the model may call; names must be unique. A call's arguments are forced by a grammar to follow the function's parameters schema",
+        ))
+        .to_array_builder()
+        .items(tool)
+        .build()
+        .into()
 }
 
-pub(super) fn no_top_logprobs() -> Schema {
-    only_default(serde_json::json!(0), "top_logprobs")
+/// `tool_choice`: none, auto, required or a named function.
+pub(super) fn tool_choice() -> Schema {
+    let named = ObjectBuilder::new()
+        .property("type", string_enum(&["function"]))
+        .required("type")
+        .property(
+            "function",
+            ObjectBuilder::new()
+                .property("name", ObjectBuilder::new().schema_type(Type::String))
+                .required("name"),
+        )
+        .required("function");
+    OneOfBuilder::new()
+        .item(string_enum(&["none", "auto", "required"]))
+        .item(named)
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "Default: auto when tools are given, none otherwise; a named function must be in tools",
+        ))
+        .build()
+        .into()
+}
+
+/// An assistant turn's call in the history.
+pub(super) fn tool_call_schema() -> Schema {
+    ObjectBuilder::new()
+        .property("id", ObjectBuilder::new().schema_type(Type::String))
+        .property("type", string_enum(&["function"]))
+        .property(
+            "function",
+            ObjectBuilder::new()
+                .property("name", ObjectBuilder::new().schema_type(Type::String))
+                .required("name")
+                .property("arguments", ObjectBuilder::new().schema_type(Type::String))
+                .required("arguments"),
+        )
+        .required("function")
+        .build()
+        .into()
+}
+
+pub(super) fn nullable_bool() -> Schema {
+    ObjectBuilder::new().schema_type(nullable(Type::Boolean)).build().into()
 }
 
 /// A field that is always `null` in responses (`logprobs`, `system_fingerprint`).

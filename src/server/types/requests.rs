@@ -71,43 +71,38 @@ pub struct CommonFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
+    /// Choices to generate: the prompt is read once and its cache forked to each; with a seed, choice `i`
+    /// samples with seed + i.
     #[schema(schema_with = n)]
     #[serde(default, deserialize_with = "integral")]
     pub n: Option<i64>,
-    #[schema(schema_with = logprobs_off)]
-    pub logprobs: Option<Value>,
-    /// Fields that change the output but are not implemented yet: refused unless they ask for nothing.
-    #[schema(schema_with = no_top_logprobs)]
-    pub top_logprobs: Option<Value>,
-    #[schema(schema_with = response_format_text)]
+    /// Refused unless 1: amlserve does not rank candidates server-side.
+    #[schema(schema_with = best_of_one)]
+    pub best_of: Option<Value>,
+    #[schema(schema_with = response_format)]
     pub response_format: Option<Value>,
-    #[schema(schema_with = no_tools)]
-    pub tools: Option<Value>,
-    #[schema(schema_with = tool_choice_none)]
-    pub tool_choice: Option<Value>,
-    #[schema(schema_with = no_logit_bias)]
+    #[schema(schema_with = structured_outputs)]
+    pub structured_outputs: Option<Value>,
+    #[schema(schema_with = logit_bias)]
     pub logit_bias: Option<Value>,
+    /// Functions the model may call (chat only).
+    #[schema(schema_with = tools)]
+    pub tools: Option<Value>,
+    #[schema(schema_with = tool_choice)]
+    pub tool_choice: Option<Value>,
+    /// Whether one answer may hold several calls (default true).
+    #[schema(schema_with = nullable_bool)]
+    pub parallel_tool_calls: Option<Value>,
 }
 
 impl CommonFields {
     /// The first field that asks for something amlserve does not implement yet, with its only accepted value.
     pub fn unsupported(&self) -> Option<(&'static str, &'static str)> {
         let asks = |v: &Option<Value>, default: Value| v.as_ref().is_some_and(|v| !v.is_null() && *v != default);
-        [
-            (&self.top_logprobs, serde_json::json!(0), "top_logprobs", "0"),
-            (
-                &self.response_format,
-                serde_json::json!({"type": "text"}),
-                "response_format",
-                "{\"type\": \"text\"}",
-            ),
-            (&self.tools, serde_json::json!([]), "tools", "[]"),
-            (&self.tool_choice, serde_json::json!("none"), "tool_choice", "\"none\""),
-            (&self.logit_bias, serde_json::json!({}), "logit_bias", "{}"),
-        ]
-        .into_iter()
-        .find(|(v, default, _, _)| asks(v, default.clone()))
-        .map(|(_, _, name, only)| (name, only))
+        [(&self.best_of, serde_json::json!(1), "best_of", "1")]
+            .into_iter()
+            .find(|(v, default, _, _)| asks(v, default.clone()))
+            .map(|(_, _, name, only)| (name, only))
     }
 }
 
@@ -155,10 +150,15 @@ pub struct ContentPart {
 pub struct MessageIn {
     pub role: String,
     pub content: Option<ContentIn>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers.
+    #[allow(dead_code)]
+    pub tool_call_id: Option<String>,
 }
 
-/// Roles a prompt message may have (`developer` is read as `system`).
-pub const PROMPT_ROLES: &[&str] = &["system", "developer", "user"];
+/// Roles a prompt message may have (`developer` is read as `system`; `tool` carries a call's result).
+pub const PROMPT_ROLES: &[&str] = &["system", "developer", "user", "tool"];
 /// The role whose content may be missing or null.
 pub const ASSISTANT_ROLE: &str = "assistant";
 
@@ -185,6 +185,7 @@ impl PartialSchema for MessageIn {
         let assistant = ObjectBuilder::new()
             .property("role", string_enum(&[ASSISTANT_ROLE]))
             .required("role")
+            .property("tool_calls", array_of(RefOr::T(tool_call_schema())))
             .property(
                 "content",
                 AnyOfBuilder::new()
@@ -211,6 +212,12 @@ pub(super) fn messages() -> Schema {
 pub struct ChatRequest {
     #[schema(schema_with = messages, required = true)]
     pub messages: Vec<MessageIn>,
+    #[schema(schema_with = chat_logprobs)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: how many most likely alternatives to report per token.
+    #[schema(schema_with = top_logprobs)]
+    #[serde(default, deserialize_with = "integral")]
+    pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
@@ -221,6 +228,10 @@ pub struct CompletionRequest {
     /// A prompt or a list of prompts (one choice each).
     #[schema(schema_with = text_list, required = true)]
     pub prompt: Option<Value>,
+    /// Report each token's log-probability and this many most likely alternatives (legacy shape).
+    #[schema(schema_with = completion_logprobs)]
+    #[serde(default, deserialize_with = "integral")]
+    pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
@@ -338,7 +349,7 @@ pub const AZURE_CHAT_FIELDS: &[&str] = &[
 ];
 
 /// The Azure AI chat request (`POST /chat/completions` without `extra-parameters`): the chat fields named in
-/// [`AZURE_CHAT_FIELDS`] and no others; `tools` only empty (the model has no tool support: 422).
+/// [`AZURE_CHAT_FIELDS`] and no others.
 pub struct AzureChatRequest;
 
 impl PartialSchema for AzureChatRequest {
@@ -357,10 +368,7 @@ impl PartialSchema for AzureChatRequest {
             }
         }
         let any = || ObjectBuilder::new().schema_type(SchemaType::AnyValue);
-        let no_tools = OneOfBuilder::new()
-            .item(ArrayBuilder::new().max_items(Some(0)).items(any()))
-            .item(ObjectBuilder::new().schema_type(Type::Null));
-        b.property("tools", no_tools).property("user", any()).build().into()
+        b.property("user", any()).build().into()
     }
 }
 

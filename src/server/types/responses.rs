@@ -11,6 +11,9 @@ use super::ranges::*;
 pub enum FinishReason {
     Stop,
     Length,
+    /// The answer is one or more tool calls.
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl From<crate::engine::FinishReason> for FinishReason {
@@ -41,15 +44,82 @@ pub struct PromptTokensDetails {
 pub struct AssistantMessage {
     #[schema(value_type = String, pattern = "^assistant$")]
     pub role: &'static str,
-    pub content: String,
+    /// The text; null when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A function the model called.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments object, as a JSON string (it validates against the function's parameters schema).
+    pub arguments: String,
+}
+
+/// One tool call of an answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    #[schema(value_type = String, pattern = "^function$")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+/// A tool call in a stream chunk (whole: a call is sent once it is complete).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    pub id: String,
+    #[serde(rename = "type")]
+    #[schema(value_type = String, pattern = "^function$")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+/// One alternative token and its log-probability.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TopLogprob {
+    /// The token's text (a partial character decodes as U+FFFD; `bytes` has the exact bytes).
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// One output token, its log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// Chat log-probabilities of a choice (or of a stream chunk's tokens).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+/// Completions' legacy log-probabilities.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Per token: alternative text -> log-probability.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Byte offset of each token in the choice's text.
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    #[schema(schema_with = always_null)]
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
 }
 
@@ -75,14 +145,16 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChunkChoice {
     pub index: usize,
     pub delta: Delta,
-    #[schema(schema_with = always_null)]
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`: the tokens this chunk's content came from.
+    pub logprobs: Option<ChatLogprobs>,
     /// Set on a choice's last chunk.
     pub finish_reason: Option<FinishReason>,
 }
@@ -107,8 +179,8 @@ pub struct ChatCompletionChunk {
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
-    #[schema(schema_with = always_null)]
-    pub logprobs: Option<()>,
+    /// With `logprobs`.
+    pub logprobs: Option<CompletionLogprobs>,
     /// Always set in a whole answer; in a stream, only on a choice's last chunk.
     pub finish_reason: Option<FinishReason>,
 }
