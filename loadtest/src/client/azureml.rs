@@ -60,6 +60,7 @@ mod tests {
             temperature: None,
             model: None,
             stream: false,
+            extra_body: Default::default(),
         };
         let b = body(
             &RequestSpec {

@@ -28,6 +28,9 @@ pub(super) fn body(target: Target, spec: &RequestSpec, p: &GenParams) -> Value {
     if let Some(m) = &p.model {
         b["model"] = json!(m);
     }
+    for (k, v) in &p.extra_body {
+        b[k] = v.clone();
+    }
     b
 }
 
@@ -88,6 +91,7 @@ mod tests {
             temperature: None,
             model: None,
             stream,
+            extra_body: Default::default(),
         }
     }
 
