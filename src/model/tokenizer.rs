@@ -26,6 +26,10 @@ const TOKEN_TYPE_BYTE: u32 = 6;
 pub struct TextTokenizer {
     inner: Tokenizer,
     tokens: Vec<String>,
+    /// Per id: whether the token is special (its type is neither normal nor byte).
+    special: Vec<bool>,
+    /// Per id: whether the token is a byte token (`<0xHH>`).
+    byte: Vec<bool>,
     /// Beginning-of-sequence token, if the GGUF names one.
     pub bos_id: Option<u32>,
     /// End-of-sequence token from the GGUF.
@@ -77,6 +81,21 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
     })
 }
 
+/// The byte GPT-2's `bytes_to_unicode` table maps to `c`: printable Latin-1 bytes stand for themselves, the
+/// other 68 bytes were shifted, in order, to U+0100..U+0143.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let c = c as u32;
+    if c < 0x100 {
+        return printable(c).then_some(c as u8);
+    }
+    let n = c.checked_sub(0x100)?;
+    (0u32..0x100)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
+}
+
 impl TextTokenizer {
     /// Builds the tokenizer from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
@@ -111,6 +130,11 @@ impl TextTokenizer {
         inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
 
         let types = md.u32_array("tokenizer.ggml.token_type").unwrap_or_default();
+        let type_of = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
+        let special = (0..tokens.len())
+            .map(|i| !matches!(type_of(i), TOKEN_TYPE_NORMAL | TOKEN_TYPE_BYTE))
+            .collect();
+        let byte = (0..tokens.len()).map(|i| type_of(i) == TOKEN_TYPE_BYTE).collect();
         let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
@@ -139,6 +163,8 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             tokens,
+            special,
+            byte,
             bos_id,
             eos_id,
             add_bos,
@@ -156,18 +182,33 @@ impl TextTokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The raw bytes of one token: its byte-level characters mapped back to bytes (GPT-2's table; special
-    /// tokens' text is plain ASCII, which maps to itself).
+    /// The raw bytes one token stands for: its byte-level string mapped back through GPT-2's byte-to-unicode
+    /// table (a character outside the table keeps its UTF-8 bytes), or the byte of a `<0xHH>` byte token.
+    /// Special tokens give their text.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
-        let text = self.token_text(id)?;
+        let text = self.tokens.get(id as usize)?;
+        if self.is_special(id) {
+            return Some(text.as_bytes().to_vec());
+        }
+        if self.byte.get(id as usize).copied().unwrap_or(false) {
+            let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                return Some(vec![b]);
+            }
+        }
         let mut out = Vec::with_capacity(text.len());
         for c in text.chars() {
-            match byte_of_char(c) {
+            match byte_level_byte(c) {
                 Some(b) => out.push(b),
                 None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
             }
         }
         Some(out)
+    }
+
+    /// Whether `id` is a special token (control tokens such as `<|im_end|>`: neither normal text nor a byte).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
     }
 
     /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added.
@@ -200,19 +241,4 @@ impl TextTokenizer {
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }
-}
-
-/// The byte a GPT-2 byte-level character stands for: printable Latin-1 bytes are themselves, the other 68
-/// bytes are the characters from U+0100 up, in byte order.
-fn byte_of_char(c: char) -> Option<u8> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let cp = c as u32;
-    if printable(cp) {
-        return u8::try_from(cp).ok();
-    }
-    let k = cp.checked_sub(0x100)?;
-    (0u32..256)
-        .filter(|&b| !printable(b))
-        .nth(k as usize)
-        .and_then(|b| u8::try_from(b).ok())
 }
