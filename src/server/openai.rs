@@ -133,12 +133,14 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
                 "user" => "user",
                 "assistant" => "assistant",
                 "tool" => "tool",
-                other => return Err(ApiError::invalid_param(
-                    "messages",
-                    format!(
+                other => {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        format!(
                         "messages[{i}].role '{other}' is not supported; use system, developer, user, assistant or tool"
                     ),
-                )),
+                    ))
+                }
             };
             let calls = match (&m.tool_calls, role) {
                 (None | Some(Value::Null), _) => None,
