@@ -16,6 +16,7 @@ mod json;
 mod openai;
 mod openapi;
 mod sse;
+mod tokenize;
 pub mod types;
 
 use std::future::Future;
@@ -224,7 +225,9 @@ pub fn router(state: AppState, options: &RouterOptions) -> Router {
         .route("/info", get(azure_ai::info))
         .route("/chat/completions", post(azure_ai::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/embeddings", post(embeddings::embeddings));
+        .route("/embeddings", post(embeddings::embeddings))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize));
     if options.metrics_route {
         app = app.route("/metrics", get(metrics));
     }

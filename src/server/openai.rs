@@ -10,6 +10,7 @@ use super::error::ApiError;
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::sse::{self, ChunkShape};
+use super::types::{refuse_unrecognized, Body};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice,
     Delta, ModelCard, ModelList, UsageBody, MAX_TOKENS, N_SUPPORTED,
@@ -197,10 +198,12 @@ pub async fn chat_completions(
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    refuse_unrecognized(&req.other, Body::Chat)?;
     chat(&state, &rid.0, req).await
 }
 
-/// Serves a parsed chat request (shared with the Azure AI inference route).
+/// Serves a parsed chat request (shared with the Azure AI inference route, which checks unknown fields its
+/// own way: `req.other` is not looked at here).
 pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
@@ -309,6 +312,7 @@ pub async fn completions(
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    refuse_unrecognized(&req.other, Body::Completion)?;
     let ready = state.ready()?;
     req.common.check_supported()?;
     let texts = prompts(req.prompt)?;
