@@ -237,6 +237,14 @@ impl TextTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// Decodes ids to text with special tokens written out (`<|im_start|>`...), as Hugging Face's `decode`
+    /// does by default: what `/detokenize` answers.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// Whether this id ends generation.
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)

@@ -23,7 +23,11 @@ pub enum Dialect {
 impl Dialect {
     /// The shape for a request path.
     pub fn for_path(path: &str) -> Self {
-        if path.starts_with("/v1") || path.starts_with("/chat") || path.starts_with("/embeddings") || path == "/info" {
+        if path.starts_with("/v1")
+            || path.starts_with("/chat")
+            || path.starts_with("/embeddings")
+            || matches!(path, "/info" | "/tokenize" | "/detokenize")
+        {
             Self::OpenAi
         } else {
             Self::AzureMl

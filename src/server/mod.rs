@@ -18,6 +18,7 @@ mod openai;
 mod openapi;
 mod output;
 mod sse;
+mod tokenize;
 mod tools;
 pub mod types;
 
@@ -233,7 +234,9 @@ pub fn router(state: AppState, options: &RouterOptions) -> Router {
         .route("/info", get(azure_ai::info))
         .route("/chat/completions", post(azure_ai::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/embeddings", post(embeddings::embeddings));
+        .route("/embeddings", post(embeddings::embeddings))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize));
     if options.metrics_route {
         app = app.route("/metrics", get(metrics));
     }

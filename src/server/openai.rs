@@ -13,6 +13,7 @@ use super::logprobs;
 use super::output::OutputFields;
 use super::sse::{self, ChunkShape, StreamEnd};
 use super::tools::{self, Tools};
+use super::types::{refuse_unrecognized, Body};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice, Completion,
     CompletionChoice, CompletionLogprobs, Delta, FinishReason as ApiFinish, FunctionCall, ModelCard, ModelList,
@@ -365,10 +366,12 @@ pub async fn chat_completions(
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    refuse_unrecognized(&req.other, Body::Chat)?;
     chat(&state, &rid.0, req).await
 }
 
-/// Serves a parsed chat request (shared with the Azure AI inference route).
+/// Serves a parsed chat request (shared with the Azure AI inference route, which checks unknown fields its
+/// own way: `req.other` is not looked at here).
 pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
@@ -525,6 +528,7 @@ pub async fn completions(
     Extension(rid): Extension<RequestId>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    refuse_unrecognized(&req.other, Body::Completion)?;
     let ready = state.ready()?;
     req.common.check_supported()?;
     COMPLETION_LOGPROBS.check(req.logprobs.map(|k| k as f64))?;

@@ -23,8 +23,9 @@ use utoipa::{OpenApi, ToSchema};
 use super::error::{ApiError, Dialect};
 use super::types::{
     AzureChatRequest, AzureMlError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
-    EmbeddingsRequest, EmbeddingsResponse, Health, MessageIn, ModelInfo, ModelList, OpenAiError, ScoreParameters,
-    ScoreRequest, ScoreResponse,
+    DetokenizeRequest, DetokenizeResponse, EmbeddingsRequest, EmbeddingsResponse, Health, MessageIn, ModelInfo,
+    ModelList, OpenAiError, ScoreParameters, ScoreRequest, ScoreResponse, StreamOptions, TokenizeChatRequest,
+    TokenizePromptRequest, TokenizeRequest, TokenizeResponse,
 };
 use super::AppState;
 
@@ -43,6 +44,7 @@ pub struct SwaggerQuery {
     components(schemas(
         ChatRequest,
         MessageIn,
+        StreamOptions,
         CompletionRequest,
         AzureChatRequest,
         ChatCompletion,
@@ -58,6 +60,12 @@ pub struct SwaggerQuery {
         EmbeddingsResponse,
         OpenAiError,
         AzureMlError,
+        TokenizeRequest,
+        TokenizePromptRequest,
+        TokenizeChatRequest,
+        TokenizeResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
     ))
 )]
 struct Schemas;
@@ -74,6 +82,18 @@ const REQUEST_ERRORS: &[(u16, &str)] = &[
     (500, "An internal failure (details in the server log)"),
     (503, "The model is loading, failed, or the server is shutting down"),
     (504, "The request ran past --request-timeout-ms"),
+];
+
+/// Statuses of `/tokenize` and `/detokenize` besides 200 (no queue, no generation).
+const TOKENIZER_ERRORS: &[(u16, &str)] = &[
+    (
+        400,
+        "The request is malformed, or a token id is outside the vocabulary (the message says which)",
+    ),
+    (401, "An API key is required (--api-key) and was not sent"),
+    (413, "The body is larger than --max-body-bytes"),
+    (500, "An internal failure (details in the server log)"),
+    (503, "The model is loading, failed, or the server is shutting down"),
 ];
 
 /// Statuses of the read-only model routes besides 200.
@@ -382,6 +402,34 @@ fn paths() -> Paths {
             ),
         )
         .path(
+            "/tokenize",
+            item(
+                HttpMethod::Post,
+                post(
+                    "tokenize",
+                    "Token ids of a prompt or of chat messages rendered with the chat template (vLLM's shape)",
+                    schema_ref::<TokenizeRequest>(),
+                    ok_json("Token ids", schema_ref::<TokenizeResponse>()),
+                    TOKENIZER_ERRORS,
+                    openai_error(),
+                ),
+            ),
+        )
+        .path(
+            "/detokenize",
+            item(
+                HttpMethod::Post,
+                post(
+                    "detokenize",
+                    "The text of token ids, special tokens included (vLLM's shape)",
+                    schema_ref::<DetokenizeRequest>(),
+                    ok_json("Text", schema_ref::<DetokenizeResponse>()),
+                    TOKENIZER_ERRORS,
+                    openai_error(),
+                ),
+            ),
+        )
+        .path(
             "/chat/completions",
             item(
                 HttpMethod::Post,
@@ -414,9 +462,16 @@ fn derived() -> &'static serde_json::Value {
     DOC.get_or_init(|| serde_json::to_value(document()).unwrap_or_default())
 }
 
-/// The document with what only the loaded models tell: the one `dimensions` the embedding model gives.
-pub fn served(embedding_dim: Option<usize>) -> serde_json::Value {
+/// The document with what only the loaded models tell: the one `dimensions` the embedding model gives, and
+/// the last token id `/detokenize` takes.
+pub fn served(embedding_dim: Option<usize>, vocab_size: Option<usize>) -> serde_json::Value {
     let mut doc = derived().clone();
+    if let Some(vocab) = vocab_size {
+        let items = &mut doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"];
+        if items.is_object() {
+            items["maximum"] = serde_json::json!(vocab.saturating_sub(1));
+        }
+    }
     if let Some(dim) = embedding_dim {
         let d = &mut doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"];
         if d.is_object() {
@@ -433,8 +488,10 @@ pub async fn swagger(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match q.version.as_deref() {
         None | Some("3") => {
-            let dim = state.ready().ok().and_then(|r| r.embedding.as_ref().map(|m| m.dim));
-            Ok(Json(served(dim)))
+            let ready = state.ready().ok();
+            let dim = ready.and_then(|r| r.embedding.as_ref().map(|m| m.dim));
+            let vocab = ready.map(|r| r.model.tokenizer.vocab_size());
+            Ok(Json(served(dim, vocab)))
         }
         Some(v) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -484,11 +541,16 @@ mod tests {
 
     #[test]
     fn the_served_document_names_the_embedding_dimension() {
-        let doc = served(Some(384));
+        let doc = served(Some(384), Some(100));
+        let t = &doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"];
+        assert_eq!(
+            (t["minimum"].clone(), t["maximum"].clone()),
+            (serde_json::json!(0), serde_json::json!(99))
+        );
         let d = &doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"];
         assert_eq!(d["enum"], serde_json::json!([384, null]));
         assert!(
-            served(None)["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
+            served(None, None)["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
                 .get("enum")
                 .is_none()
         );
@@ -510,6 +572,8 @@ mod tests {
             "/embeddings",
             "/info",
             "/chat/completions",
+            "/tokenize",
+            "/detokenize",
         ] {
             assert!(doc["paths"].get(route).is_some(), "{route}");
         }

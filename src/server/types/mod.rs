@@ -11,10 +11,14 @@
 mod ranges;
 mod requests;
 mod responses;
+mod strict;
+mod tokenize;
 
 pub use ranges::*;
 pub use requests::*;
 pub use responses::*;
+pub use strict::*;
+pub use tokenize::*;
 
 #[cfg(test)]
 mod tests {

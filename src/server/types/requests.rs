@@ -1,7 +1,7 @@
 //! Request bodies of every route, as sent (lenient where the server's own message helps more than serde's).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use utoipa::openapi::schema::{
     AdditionalProperties, AnyOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
@@ -9,6 +9,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
 
 use super::ranges::*;
+use super::strict::{strict_schema, Body};
 
 /// Deserializes an optional integer field, accepting integral floats such as `5.0` too: JSON Schema's
 /// `integer` (what the document says) includes them, and clients that compute values in floating point send
@@ -106,7 +107,9 @@ impl CommonFields {
     }
 }
 
+/// Unknown keys are refused (on every route: the `extra-parameters` header is about top-level fields).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with the token counts.
     pub include_usage: Option<bool>,
@@ -207,34 +210,71 @@ pub(super) fn messages() -> Schema {
     array_of(named::<MessageIn>()).min_items(Some(1)).build().into()
 }
 
-/// `POST /v1/chat/completions` and `POST /chat/completions`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// `POST /v1/chat/completions` and `POST /chat/completions`. Strict on `/v1` (see `strict.rs`): a field
+/// outside the schema is refused, except the ignored no-ops in [`IGNORED_FIELDS`](super::IGNORED_FIELDS) (`user`, `metadata`,
+/// `store`, `service_tier`, ...); the Azure AI route decides by its `extra-parameters` header.
+#[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    #[schema(schema_with = messages, required = true)]
     pub messages: Vec<MessageIn>,
-    #[schema(schema_with = chat_logprobs)]
     pub logprobs: Option<bool>,
     /// With `logprobs`: how many most likely alternatives to report per token.
-    #[schema(schema_with = top_logprobs)]
     #[serde(default, deserialize_with = "integral")]
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
+    /// Every top-level field that no named field took (declared last: serde hands it the leftovers).
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
-/// `POST /v1/completions`.
-#[derive(Debug, Deserialize, ToSchema)]
+impl PartialSchema for ChatRequest {
+    fn schema() -> RefOr<Schema> {
+        let own = ObjectBuilder::new()
+            .property("messages", messages())
+            .required("messages")
+            .property("logprobs", chat_logprobs())
+            .property("top_logprobs", top_logprobs());
+        strict_schema(own, Body::Chat)
+    }
+}
+
+impl ToSchema for ChatRequest {}
+
+/// `POST /v1/completions`. Strict like [`ChatRequest`] (only `user` is an ignored no-op here, as on OpenAI's
+/// legacy completions).
+#[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     /// A prompt or a list of prompts (one choice each).
-    #[schema(schema_with = text_list, required = true)]
     pub prompt: Option<Value>,
     /// Report each token's log-probability and this many most likely alternatives (legacy shape).
-    #[schema(schema_with = completion_logprobs)]
     #[serde(default, deserialize_with = "integral")]
     pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
+    /// Every top-level field that no named field took.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
+
+impl PartialSchema for CompletionRequest {
+    fn schema() -> RefOr<Schema> {
+        let prompt = text_list();
+        let prompt = match prompt {
+            Schema::OneOf(mut o) => {
+                o.description = Some("A prompt or a list of prompts (one choice each).".into());
+                Schema::OneOf(o)
+            }
+            other => other,
+        };
+        let own = ObjectBuilder::new()
+            .property("prompt", prompt)
+            .required("prompt")
+            .property("logprobs", completion_logprobs());
+        strict_schema(own, Body::Completion)
+    }
+}
+
+impl ToSchema for CompletionRequest {}
 
 /// `/score` generation parameters, in the Hugging Face / model-catalog vocabulary.
 #[derive(Debug, Default, Deserialize, ToSchema)]
