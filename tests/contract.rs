@@ -235,7 +235,7 @@ async fn azure_ai_extra_parameters_are_honoured() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // Tools are served on this route too (a forced call here; the SDK test checks more).
-    let mut tools = chat("Hi", 40);
+    let mut tools = chat("Hi", 80);
     tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
     tools["tool_choice"] = json!("required");
     let r: serde_json::Value = s

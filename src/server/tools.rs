@@ -93,7 +93,7 @@ impl Tools {
                 return Err(bad("tools", format!("two tools are named '{name}'")));
             }
             let parameters = match f.get("parameters") {
-                None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+                None | Some(Value::Null) => json!({"type": "object", "properties": {}, "additionalProperties": false}),
                 Some(p) if p.is_object() => p.clone(),
                 Some(_) => {
                     return Err(bad(
@@ -178,7 +178,12 @@ impl Tools {
                 })
             })
             .collect();
-        let call_schema = json!({"anyOf": calls});
+        // Compact JSON as for response_format (no free whitespace for a small model to loop on); lenient, as
+        // clients' parameter schemas carry keywords no grammar enforces.
+        let call_schema = json!({
+            "anyOf": calls,
+            "x-guidance": {"item_separator": ",", "key_separator": ":", "whitespace_flexible": false, "lenient": true},
+        });
         let calls_rule = if self.parallel { "call (\"\\n\" call)*" } else { "call" };
         let start = match self.choice {
             Choice::Auto => "start: TEXT | calls",

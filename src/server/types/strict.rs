@@ -306,7 +306,8 @@ mod tests {
         let req: CompletionRequest =
             serde_json::from_value(json!({"prompt": "x", "metadata": {}, "echo": true})).expect("parses");
         let e = refuse_unrecognized(&req.other, Body::Completion).expect_err("two");
-        assert_eq!(e.message, "Unrecognized request arguments supplied: echo, metadata");
+        // In the order sent (serde_json keeps insertion order: llguidance enables `preserve_order`).
+        assert_eq!(e.message, "Unrecognized request arguments supplied: metadata, echo");
     }
 
     #[test]
