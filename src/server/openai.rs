@@ -17,7 +17,7 @@ use super::types::{refuse_unrecognized, Body};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice, Completion,
     CompletionChoice, CompletionLogprobs, Delta, FinishReason as ApiFinish, FunctionCall, ModelCard, ModelList,
-    ToolCall, ToolCallDelta, UsageBody, COMPLETION_LOGPROBS, MAX_TOKENS,
+    ToolCall, ToolCallDelta, UsageBody, COMPLETION_LOGPROBS, MAX_TOKENS, TOP_LOGPROBS,
 };
 pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
 use super::AppState;
@@ -111,9 +111,12 @@ fn history_calls(i: usize, calls: &Value) -> Result<String, ApiError> {
     let list = calls.as_array().ok_or_else(bad)?;
     let mut out = Vec::with_capacity(list.len());
     for c in list {
+        if c.get("type").is_some_and(|t| t != "function") || c.get("id").is_some_and(|id| !id.is_string()) {
+            return Err(bad());
+        }
         let f = c.get("function").ok_or_else(bad)?;
         let name = f.get("name").and_then(Value::as_str).ok_or_else(bad)?;
-        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+        let args = f.get("arguments").and_then(Value::as_str).ok_or_else(bad)?;
         out.push(tools::render_call(name, args));
     }
     Ok(out.join("\n"))
@@ -375,6 +378,7 @@ pub async fn chat_completions(
 pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     req.common.check_supported()?;
+    TOP_LOGPROBS.check(req.top_logprobs.map(|k| k as f64))?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), k) => Some(k.unwrap_or(0).max(0) as usize),
         (_, Some(k)) if k > 0 => {
@@ -386,8 +390,11 @@ pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Respo
         _ => None,
     };
     let mut output = req.common.output(ready, logprobs)?;
-    let c = &req.common;
-    let tools = Tools::parse(c.tools.as_ref(), c.tool_choice.as_ref(), c.parallel_tool_calls.as_ref())?;
+    let tools = Tools::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls.as_ref(),
+    )?;
     let mut messages = convert_messages(req.messages)?;
     if let Some(t) = &tools {
         if output.grammar.is_some() {

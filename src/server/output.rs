@@ -141,9 +141,19 @@ fn format_spec(v: &Value) -> Result<Option<GrammarSpec>, ApiError> {
                 .get("schema")
                 .filter(|s| s.is_object())
                 .ok_or_else(|| bad("response_format.json_schema.schema must be a JSON Schema object"))?;
+            let strict = match js.get("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(bad("response_format.json_schema.strict must be a boolean")),
+            };
+            for key in ["name", "description"] {
+                if js.get(key).is_some_and(|v| !v.is_string()) {
+                    return Err(bad("response_format.json_schema name and description must be strings"));
+                }
+            }
             Ok(Some(GrammarSpec::JsonSchema {
                 schema: schema.clone(),
-                strict: js.get("strict").and_then(Value::as_bool).unwrap_or(false),
+                strict,
             }))
         }
         _ => Err(bad("response_format.type must be text, json_object or json_schema")),

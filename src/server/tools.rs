@@ -92,6 +92,15 @@ impl Tools {
             if functions.iter().any(|g| g.name == name) {
                 return Err(bad("tools", format!("two tools are named '{name}'")));
             }
+            if f.get("strict").is_some_and(|s| !s.is_null() && !s.is_boolean()) {
+                return Err(bad("tools", format!("tools[{i}].function.strict must be a boolean")));
+            }
+            if f.get("description").is_some_and(|d| !d.is_string()) {
+                return Err(bad(
+                    "tools",
+                    format!("tools[{i}].function.description must be a string"),
+                ));
+            }
             let parameters = match f.get("parameters") {
                 None | Some(Value::Null) => json!({"type": "object", "properties": {}, "additionalProperties": false}),
                 Some(p) if p.is_object() => p.clone(),

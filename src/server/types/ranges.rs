@@ -265,6 +265,7 @@ pub(super) fn response_format() -> Schema {
     let json_schema = ObjectBuilder::new()
         .property("name", ObjectBuilder::new().schema_type(Type::String))
         .property("schema", ObjectBuilder::new().schema_type(Type::Object))
+        .required("schema")
         .property("strict", ObjectBuilder::new().schema_type(nullable(Type::Boolean)))
         .property("description", ObjectBuilder::new().schema_type(Type::String));
     OneOfBuilder::new()
@@ -287,7 +288,12 @@ pub(super) fn response_format() -> Schema {
 
 /// vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar`.
 pub(super) fn structured_outputs() -> Schema {
-    let one = |name: &str, schema: Schema| ObjectBuilder::new().property(name, schema).required(name);
+    let one = |name: &str, schema: Schema| {
+        ObjectBuilder::new()
+            .property(name, schema)
+            .required(name)
+            .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(false)))
+    };
     let string = || ObjectBuilder::new().schema_type(Type::String).build().into();
     OneOfBuilder::new()
         .item(one("json", ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::Object, Type::String])).build().into()))
@@ -324,20 +330,19 @@ pub(super) fn tools() -> Schema {
         )
         .required("name")
         .property("description", ObjectBuilder::new().schema_type(Type::String))
-        .property("parameters", ObjectBuilder::new().schema_type(Type::Object))
+        .property("parameters", ObjectBuilder::new().schema_type(nullable(Type::Object)))
         .property("strict", ObjectBuilder::new().schema_type(nullable(Type::Boolean)));
     let tool = ObjectBuilder::new()
         .property("type", string_enum(&["function"]))
         .required("type")
         .property("function", function)
         .required("function");
-    ObjectBuilder::new()
-        .schema_type(nullable(Type::Array))
+    OneOfBuilder::new()
+        .item(ArrayBuilder::new().items(tool))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
         .description(Some(
             "Functions the model may call; names must be unique. A call's arguments are forced by a grammar to follow the function's parameters schema",
         ))
-        .to_array_builder()
-        .items(tool)
         .build()
         .into()
 }

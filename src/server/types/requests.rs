@@ -86,14 +86,6 @@ pub struct CommonFields {
     pub structured_outputs: Option<Value>,
     #[schema(schema_with = logit_bias)]
     pub logit_bias: Option<Value>,
-    /// Functions the model may call (chat only).
-    #[schema(schema_with = tools)]
-    pub tools: Option<Value>,
-    #[schema(schema_with = tool_choice)]
-    pub tool_choice: Option<Value>,
-    /// Whether one answer may hold several calls (default true).
-    #[schema(schema_with = nullable_bool)]
-    pub parallel_tool_calls: Option<Value>,
 }
 
 impl CommonFields {
@@ -188,7 +180,12 @@ impl PartialSchema for MessageIn {
         let assistant = ObjectBuilder::new()
             .property("role", string_enum(&[ASSISTANT_ROLE]))
             .required("role")
-            .property("tool_calls", array_of(RefOr::T(tool_call_schema())))
+            .property(
+                "tool_calls",
+                AnyOfBuilder::new()
+                    .item(array_of(RefOr::T(tool_call_schema())))
+                    .item(ObjectBuilder::new().schema_type(Type::Null)),
+            )
             .property(
                 "content",
                 AnyOfBuilder::new()
@@ -220,6 +217,11 @@ pub struct ChatRequest {
     /// With `logprobs`: how many most likely alternatives to report per token.
     #[serde(default, deserialize_with = "integral")]
     pub top_logprobs: Option<i64>,
+    /// Functions the model may call.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    /// Whether one answer may hold several calls (default true).
+    pub parallel_tool_calls: Option<Value>,
     #[serde(flatten)]
     pub common: CommonFields,
     /// Every top-level field that no named field took (declared last: serde hands it the leftovers).
@@ -233,7 +235,10 @@ impl PartialSchema for ChatRequest {
             .property("messages", messages())
             .required("messages")
             .property("logprobs", chat_logprobs())
-            .property("top_logprobs", top_logprobs());
+            .property("top_logprobs", top_logprobs())
+            .property("tools", tools())
+            .property("tool_choice", tool_choice())
+            .property("parallel_tool_calls", nullable_bool());
         strict_schema(own, Body::Chat)
     }
 }
@@ -408,7 +413,11 @@ impl PartialSchema for AzureChatRequest {
             }
         }
         let any = || ObjectBuilder::new().schema_type(SchemaType::AnyValue);
-        b.property("user", any()).build().into()
+        b.property("user", any())
+            .property("tools", tools())
+            .property("tool_choice", tool_choice())
+            .build()
+            .into()
     }
 }
 
