@@ -174,8 +174,7 @@ impl<B: Backend> Scheduler<B> {
 
     pub(super) fn admit(&mut self) {
         let mut admitted = false;
-        loop {
-            let Some(job) = self.waiting.front() else { break };
+        while let Some(job) = self.waiting.front() {
             // All of a request's choices run together (one is admitted even into a smaller batch limit).
             let n = job.req.n.max(1);
             if !self.running.is_empty() && self.running.len() + n > self.config.max_batch_size {

@@ -478,13 +478,13 @@ impl Constraint for EveryNth {
             m.allow(EOS);
         } else {
             (1..VOCAB as u32)
-                .filter(|i| i % self.step == 0)
+                .filter(|i| i.is_multiple_of(self.step))
                 .for_each(|i| m.allow(i));
         }
         Ok(m)
     }
     fn commit(&mut self, token: u32) -> Result<(), ConstraintError> {
-        if token % self.step != 0 {
+        if !token.is_multiple_of(self.step) {
             return Err(ConstraintError(format!("token {token} was not allowed")));
         }
         self.seen += 1;
@@ -603,7 +603,7 @@ fn a_grammar_limits_every_token_and_ends_where_it_accepts() {
         "EOS (counted) once the grammar accepts"
     );
     assert_eq!(out[0].tokens.len(), 4, "one logprob report per token, EOS not reported");
-    assert!(out[0].tokens.iter().all(|t| t.id % 3 == 0 && t.top.len() == 2));
+    assert!(out[0].tokens.iter().all(|t| t.id.is_multiple_of(3) && t.top.len() == 2));
     assert!(
         out[1]
             .error

@@ -242,7 +242,7 @@ pub async fn collect_all(
     let mut collected = Vec::with_capacity(outs.len());
     for (i, out) in outs.into_iter().enumerate() {
         let out = out?;
-        usage.add(&out.done, i % choices_per_prompt.max(1) == 0);
+        usage.add(&out.done, i.is_multiple_of(choices_per_prompt.max(1)));
         collected.push(out);
     }
     Ok((collected, usage))

@@ -134,7 +134,7 @@ impl<S: ChunkShape> State<S> {
                     self.pending.push_back(data(&chunk));
                 }
                 self.finished[index] = true;
-                self.usage.add(&c, index % self.choices_per_prompt == 0);
+                self.usage.add(&c, index.is_multiple_of(self.choices_per_prompt));
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
                     tracing::info!(
