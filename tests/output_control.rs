@@ -207,4 +207,9 @@ async fn values_that_cannot_be_honoured_are_refused_by_name() {
         assert_eq!(st, 400, "{field}={value}: {v}");
         assert_eq!(v["error"]["param"], field, "{v}");
     }
+    let mut body = common::chat("Hi", 2);
+    body["ignore_eos"] = json!(true);
+    body["response_format"] = json!({"type": "json_object"});
+    let (st, v) = s.post("/v1/chat/completions", body).await;
+    assert_eq!((st, &v["error"]["param"]), (400, &json!("ignore_eos")), "{v}");
 }

@@ -17,6 +17,8 @@ pub struct OutputFields {
     pub logprobs: Option<usize>,
     pub logit_bias: Vec<(u32, f32)>,
     pub grammar: Option<(GrammarSpec, &'static str)>,
+    /// `ignore_eos` was asked for (a grammar ends where it accepts, so the two cannot be combined).
+    pub ignore_eos: bool,
 }
 
 impl CommonFields {
@@ -39,6 +41,7 @@ impl CommonFields {
             logprobs,
             logit_bias: logit_bias(self.logit_bias.as_ref(), ready.model.tokenizer.vocab_size())?,
             grammar: grammar(self.response_format.as_ref(), self.structured_outputs.as_ref())?,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
@@ -47,6 +50,12 @@ impl OutputFields {
     /// Compiles the grammar (cached) and returns what the engine needs; an invalid grammar is a 400 naming
     /// the field it came from.
     pub async fn control(&mut self, ready: &Ready) -> Result<OutputControl, ApiError> {
+        if let (true, Some((_, field))) = (self.ignore_eos, &self.grammar) {
+            return Err(ApiError::invalid_param(
+                "ignore_eos",
+                format!("ignore_eos cannot be combined with {field}: a grammar ends the output where it is complete"),
+            ));
+        }
         let constraint = match self.grammar.take() {
             None => None,
             Some((spec, field)) => {

@@ -55,6 +55,10 @@ def _grammars(body):
         rf["json_schema"]["schema"] = {"type": "object"}
     if isinstance(so, dict) and isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
         del body["structured_outputs"]
+    rf2 = body.get("response_format")
+    grammar = isinstance(body.get("structured_outputs"), dict) or (isinstance(rf2, dict) and rf2.get("type") != "text")
+    if body.get("ignore_eos") is True and (grammar or (isinstance(body.get("tools"), list) and body["tools"])):
+        body["ignore_eos"] = False  # a grammar ends where it is complete: ignore_eos with one is a 400
     top = body.get("top_logprobs")
     if type(top) is int and 0 < top <= 20 and body.get("logprobs") is not True:
         body["logprobs"] = True  # top_logprobs needs logprobs: true
