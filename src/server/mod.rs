@@ -49,7 +49,8 @@ pub struct Ready {
     pub embedding: Option<Embedder>,
     pub engine: Engine,
     pub request_timeout: Duration,
-    pub default_max_tokens: usize,
+    /// What requests get for the sampling fields they leave out (`--default-*`).
+    pub generation: types::GenerationDefaults,
     /// Unix time the model finished loading (the OpenAI `created` of the model).
     pub created: u64,
 }
@@ -406,7 +407,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 embedding,
                 engine,
                 request_timeout: config.request_timeout,
-                default_max_tokens: config.default_max_tokens,
+                generation: config.generation,
                 created,
             });
             tracing::info!("ready");
