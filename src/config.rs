@@ -14,6 +14,7 @@ use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
 use crate::model::files::{self, ModelNotFound};
 use crate::model::WeightFormat;
+use crate::server::types::{GenerationDefaults, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_P};
 
 /// Where `make models` puts the default model.
 pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -129,8 +130,34 @@ pub struct Args {
     pub cors_origins: Option<String>,
 
     /// max_tokens used when a request sets none (capped by the room left in the context window).
-    #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = GenerationDefaults::DEFAULT.max_tokens)]
     pub default_max_tokens: usize,
+
+    /// temperature used when a request sets none (OpenAI's default, 1; 0 = greedy). These --default-* values
+    /// are shown in GET /info and /v1/models; a value in the request always wins.
+    #[arg(long, env = "AMLSERVE_DEFAULT_TEMPERATURE", default_value_t = GenerationDefaults::DEFAULT.temperature)]
+    pub default_temperature: f64,
+
+    /// top_p used when a request sets none (1 = off). With top_k and min_p, llama.cpp's defaults: without any
+    /// filter a small model at temperature 1 samples from its long tail and answers garbage.
+    #[arg(long, env = "AMLSERVE_DEFAULT_TOP_P", default_value_t = GenerationDefaults::DEFAULT.top_p)]
+    pub default_top_p: f64,
+
+    /// top_k used when a request sets none (0 = off).
+    #[arg(long, env = "AMLSERVE_DEFAULT_TOP_K", default_value_t = GenerationDefaults::DEFAULT.top_k)]
+    pub default_top_k: usize,
+
+    /// min_p used when a request sets none (0 = off): drops tokens less likely than this times the likeliest.
+    #[arg(long, env = "AMLSERVE_DEFAULT_MIN_P", default_value_t = GenerationDefaults::DEFAULT.min_p)]
+    pub default_min_p: f64,
+
+    /// repetition_penalty used when a request sets none (1 = off).
+    #[arg(
+        long,
+        env = "AMLSERVE_DEFAULT_REPETITION_PENALTY",
+        default_value_t = GenerationDefaults::DEFAULT.repetition_penalty
+    )]
+    pub default_repetition_penalty: f64,
 
     /// Most padded tokens (inputs x longest input) in one embedding forward. Inputs of concurrent requests are
     /// sorted by length and packed up to this. On 2 cores, 64 concurrent short requests ran 1.6-1.7x the
@@ -165,7 +192,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub engine: EngineConfig,
     pub request_timeout: Duration,
-    pub default_max_tokens: usize,
+    /// What requests get for the sampling fields they leave out.
+    pub generation: GenerationDefaults,
     pub metrics_port: Option<u16>,
     pub shutdown_grace: Duration,
     pub api_key: Option<String>,
@@ -205,6 +233,23 @@ impl Args {
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): each running sequence needs a token per step",
                 self.max_batch_tokens, self.max_batch_size
             )));
+        }
+        for (name, range, v) in [
+            ("--default-temperature", TEMPERATURE, self.default_temperature),
+            ("--default-top-p", TOP_P, self.default_top_p),
+            ("--default-min-p", MIN_P, self.default_min_p),
+            (
+                "--default-repetition-penalty",
+                REPETITION_PENALTY,
+                self.default_repetition_penalty,
+            ),
+        ] {
+            if !v.is_finite() || !range.contains(v) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be {}; got {v}",
+                    range.rule()
+                )));
+            }
         }
         let scoring_timeout = match std::env::var("SCORING_TIMEOUT_MS") {
             Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| {
@@ -254,7 +299,14 @@ impl Args {
                 prefix_cache_bytes: self.prefix_cache_mb.min(self.kv_cache_mb) << 20,
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
-            default_max_tokens: self.default_max_tokens,
+            generation: GenerationDefaults {
+                max_tokens: self.default_max_tokens,
+                temperature: self.default_temperature,
+                top_p: self.default_top_p,
+                top_k: self.default_top_k,
+                min_p: self.default_min_p,
+                repetition_penalty: self.default_repetition_penalty,
+            },
             metrics_port: self.metrics_port,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             api_key: self.api_key.filter(|k| !k.is_empty()),

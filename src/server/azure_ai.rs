@@ -24,6 +24,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<ModelInfo>, ApiE
         model_name: ready.model.name.clone(),
         model_type: "chat-completions",
         model_provider_name: "amlserve".to_string(),
+        generation_defaults: ready.generation,
     }))
 }
 

@@ -36,10 +36,11 @@ or {\"inputs\": \"prompt\", \"parameters\": {...}} (Hugging Face)";
 impl ScoreParameters {
     fn sampling(&self) -> SamplingInput {
         // Hugging Face semantics: do_sample=false is greedy whatever the temperature; unset sampling flags with
-        // no temperature are greedy too (transformers' generate default).
+        // no temperature are greedy too (transformers' generate default). do_sample=true without a temperature
+        // samples at the server's default temperature (--default-temperature).
         let temperature = match self.do_sample {
             Some(false) => Some(0.0),
-            Some(true) => Some(self.temperature.unwrap_or(1.0)),
+            Some(true) => self.temperature,
             None => Some(self.temperature.unwrap_or(0.0)),
         };
         SamplingInput {
@@ -252,6 +253,6 @@ mod tests {
             do_sample: Some(true),
             ..Default::default()
         };
-        assert_eq!(p.sampling().temperature, Some(1.0));
+        assert_eq!(p.sampling().temperature, None, "the server default");
     }
 }

@@ -18,7 +18,8 @@ use crate::model::{ChatMessage, Model};
 
 pub use super::types::StopInput;
 use super::types::{
-    FREQUENCY_PENALTY, MAX_STOPS, MAX_TOKENS, MIN_P, PRESENCE_PENALTY, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P,
+    GenerationDefaults, FREQUENCY_PENALTY, MAX_STOPS, MAX_TOKENS, MIN_P, PRESENCE_PENALTY, REPETITION_PENALTY,
+    TEMPERATURE, TOP_K, TOP_P,
 };
 
 /// Sampling fields as sent, before validation. Both dialects fill this.
@@ -44,12 +45,13 @@ pub struct SamplingInput {
 }
 
 impl SamplingInput {
-    /// Validates the fields against the prompt length and the model's context window.
+    /// Validates the fields against the prompt length and the model's context window; a field left out gets
+    /// its server default.
     pub fn validate(
         self,
         prompt_tokens: usize,
         context: usize,
-        default_max: usize,
+        defaults: &GenerationDefaults,
     ) -> Result<GenerationParams, ApiError> {
         let mt = self.max_tokens_name;
         for (range, value) in [
@@ -94,16 +96,16 @@ impl SamplingInput {
                 }
                 m
             }
-            None => default_max.min(room),
+            None => defaults.max_tokens.min(room),
         };
         Ok(GenerationParams {
             max_tokens,
-            temperature: self.temperature.unwrap_or(1.0) as f32,
-            top_p: self.top_p.unwrap_or(1.0) as f32,
-            top_k: self.top_k.unwrap_or(0) as usize,
-            min_p: self.min_p.unwrap_or(0.0) as f32,
+            temperature: self.temperature.unwrap_or(defaults.temperature) as f32,
+            top_p: self.top_p.unwrap_or(defaults.top_p) as f32,
+            top_k: self.top_k.map_or(defaults.top_k, |k| k as usize),
+            min_p: self.min_p.unwrap_or(defaults.min_p) as f32,
             seed: self.seed.map(|s| s as u64),
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0) as f32,
+            repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty) as f32,
             presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
             stop: self.stop,
@@ -146,11 +148,7 @@ struct Prepared {
 /// Tokenizes and validates one prompt.
 async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
     let ids = tokenize(&ready.model, prompt).await?;
-    let params = sampling.validate(
-        ids.len(),
-        ready.model.llama.config.context_length,
-        ready.default_max_tokens,
-    )?;
+    let params = sampling.validate(ids.len(), ready.model.llama.config.context_length, &ready.generation)?;
     Ok(Prepared { prompt: ids, params })
 }
 
@@ -263,6 +261,30 @@ pub fn timeout_error(ready: &Ready) -> ApiError {
 mod tests {
     use super::*;
 
+    fn max(max_tokens: usize) -> GenerationDefaults {
+        GenerationDefaults {
+            max_tokens,
+            ..GenerationDefaults::DEFAULT
+        }
+    }
+
+    #[test]
+    fn left_out_fields_get_the_defaults_and_sent_ones_win() {
+        let d = GenerationDefaults::DEFAULT;
+        let p = input().validate(1, 100, &d).expect("valid");
+        assert_eq!((p.top_k, p.top_p, p.min_p, p.temperature), (40, 0.95, 0.05, 1.0));
+        let p = SamplingInput {
+            top_k: Some(0),
+            top_p: Some(1.0),
+            min_p: Some(0.0),
+            temperature: Some(0.0),
+            ..input()
+        }
+        .validate(1, 100, &d)
+        .expect("valid");
+        assert_eq!((p.top_k, p.top_p, p.min_p, p.temperature), (0, 1.0, 0.0, 0.0));
+    }
+
     fn input() -> SamplingInput {
         SamplingInput {
             max_tokens_name: "max_tokens",
@@ -276,20 +298,20 @@ mod tests {
             max_tokens: Some(100),
             ..input()
         }
-        .validate(50, 120, 16)
+        .validate(50, 120, &max(16))
         .expect_err("too long");
         assert!(
             err.message.contains("50") && err.message.contains("100") && err.message.contains("120"),
             "{}",
             err.message
         );
-        let err = input().validate(120, 120, 16).expect_err("prompt fills context");
+        let err = input().validate(120, 120, &max(16)).expect_err("prompt fills context");
         assert!(err.message.contains("120 tokens"), "{}", err.message);
     }
 
     #[test]
     fn default_max_tokens_fits_the_room_left() {
-        assert_eq!(input().validate(100, 120, 512).expect("valid").max_tokens, 20);
+        assert_eq!(input().validate(100, 120, &max(512)).expect("valid").max_tokens, 20);
     }
 
     #[test]
@@ -317,7 +339,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                bad.validate(1, 100, 10).expect_err("invalid").status,
+                bad.validate(1, 100, &max(10)).expect_err("invalid").status,
                 StatusCode::BAD_REQUEST
             );
         }

@@ -53,7 +53,8 @@ pub struct Ready {
     pub embedding: Option<Embedder>,
     pub engine: Engine,
     pub request_timeout: Duration,
-    pub default_max_tokens: usize,
+    /// What requests get for the sampling fields they leave out (`--default-*`).
+    pub generation: types::GenerationDefaults,
     /// Unix time the model finished loading (the OpenAI `created` of the model).
     pub created: u64,
     /// Compiled grammars of this model's vocabulary (structured outputs, forced tool calls).
@@ -423,7 +424,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 embedding,
                 engine,
                 request_timeout: config.request_timeout,
-                default_max_tokens: config.default_max_tokens,
+                generation: config.generation,
                 created,
                 grammars,
                 max_n: config.max_n,

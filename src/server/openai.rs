@@ -584,6 +584,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
             created: ready.created,
             owned_by: "amlserve".to_string(),
             max_model_len: ready.model.llama.config.context_length,
+            generation_defaults: ready.generation,
         }],
     }))
 }

@@ -207,6 +207,40 @@ pub struct ModelCard {
     pub owned_by: String,
     /// The context window, in tokens.
     pub max_model_len: usize,
+    pub generation_defaults: GenerationDefaults,
+}
+
+/// What a generation request gets for a field it leaves out (the `--default-*` flags); a value in the request
+/// always wins. `top_k` 0, `top_p` 1 and `min_p` 0 turn their filter off. On `/score`, `do_sample: false` (or
+/// neither `do_sample` nor `temperature`) stays greedy whatever these say.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
+pub struct GenerationDefaults {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub min_p: f64,
+    pub repetition_penalty: f64,
+}
+
+impl GenerationDefaults {
+    /// The flags' defaults: llama.cpp's sampler defaults (top_k 40, top_p 0.95, min_p 0.05) at OpenAI's default
+    /// temperature, 1. With no filter at all a small model such as SmolLM2-135M samples from its long tail and
+    /// answers garbage at temperature 1; these keep it coherent while still sampling.
+    pub const DEFAULT: Self = Self {
+        max_tokens: 512,
+        temperature: 1.0,
+        top_p: 0.95,
+        top_k: 40,
+        min_p: 0.05,
+        repetition_penalty: 1.0,
+    };
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// `GET /v1/models`.
@@ -224,6 +258,8 @@ pub struct ModelInfo {
     #[schema(value_type = String, pattern = "^chat-completions$")]
     pub model_type: &'static str,
     pub model_provider_name: String,
+    /// An amlserve extra: what requests get for the sampling fields they leave out.
+    pub generation_defaults: GenerationDefaults,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
