@@ -30,11 +30,7 @@ import json, sys
 out = sys.argv[1]
 tps = {n: json.load(open(f"{out}/{n}.json")) for n in ("plain", "json_schema")}
 def tok_s(r):
-    lv = r["levels"][0] if "levels" in r else r[0]
-    for k in ("output_tok_s", "output_tokens_per_s", "tok_s"):
-        if k in lv:
-            return lv[k]
-    return next(v for k, v in lv.items() if "tok" in k and isinstance(v, (int, float)))
+    return r["results"][0]["output_tokens_per_s"]
 a, b = tok_s(tps["plain"]), tok_s(tps["json_schema"])
 print(f"\n| run | output tok/s |\n|---|---:|\n| plain | {a:.1f} |\n| json_schema | {b:.1f} |\n| ratio | {b / a:.2f}x |")
 def quantiles(name):
