@@ -63,6 +63,38 @@ async fn greedy_tokens_are_the_most_likely_and_logprobs_do_not_depend_on_the_bat
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn constrained_greedy_output_does_not_depend_on_the_batch() {
+    let s = Server::start(&[]).await;
+    let mut body = greedy_chat("Describe a book as JSON.", 48);
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "book", "strict": true,
+        "schema": {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+                   "required": ["title", "year"], "additionalProperties": false}}});
+    body["logprobs"] = json!(true);
+    let (st, alone) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{alone}");
+    // Inside a batch of 7 others, some constrained by other grammars, some free.
+    let others = (0..7).map(|i| {
+        let s = &s;
+        async move {
+            let mut b = greedy_chat(&format!("Give me the number {i} and a word."), 40);
+            if i % 2 == 0 {
+                b["structured_outputs"] = json!({"regex": "[0-9]+ [a-z]+"});
+            }
+            s.post("/v1/chat/completions", b).await
+        }
+    });
+    let (batched, rest) = tokio::join!(s.post("/v1/chat/completions", body), futures::future::join_all(others));
+    assert!(rest.iter().all(|(st, _)| *st == 200), "{rest:?}");
+    assert_eq!(batched.1["choices"][0]["message"], alone["choices"][0]["message"]);
+    assert_eq!(batched.1["choices"][0]["logprobs"], alone["choices"][0]["logprobs"]);
+    let text = alone["choices"][0]["message"]["content"].as_str().expect("content");
+    if alone["choices"][0]["finish_reason"] == "stop" {
+        let v: Value = serde_json::from_str(text).expect("the grammar's output parses");
+        assert!(v["title"].is_string() && v["year"].is_i64(), "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn completions_logprobs_have_the_legacy_shape() {
     let s = Server::start(&[]).await;
     let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2});
