@@ -13,7 +13,7 @@ use clap::Parser;
 use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
 use crate::model::files::{self, ModelNotFound};
-use crate::model::WeightFormat;
+use crate::model::{ContentTokens, WeightFormat};
 use crate::server::types::{GenerationDefaults, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_P};
 
 /// Where `make models` puts the default model.
@@ -91,6 +91,13 @@ pub struct Args {
     /// used first out. Compiling a JSON schema takes milliseconds; this makes repeated schemas free.
     #[arg(long, env = "AMLSERVE_GRAMMAR_CACHE", default_value_t = 256)]
     pub grammar_cache: usize,
+
+    /// Tokenize special-token text inside chat message content (`<|im_end|>`, `<|im_start|>`...) as control
+    /// tokens, as llama.cpp and vLLM do. Off by default: content is text, only the chat template's own markup is
+    /// control, so a user cannot close their turn and forge an assistant or system turn. Raw prompts
+    /// (`/v1/completions`, `/score` text inputs) are always parsed for special tokens.
+    #[arg(long, env = "AMLSERVE_PARSE_SPECIAL_IN_CONTENT")]
+    pub parse_special_in_content: bool,
 
     /// Most requests waiting for a place in the batch, counting those whose prompts are still being prepared; more
     /// are refused at once with 429 and Retry-After, before any template is rendered or prompt tokenized, so an
@@ -201,6 +208,7 @@ pub struct Config {
     pub embedder: EmbedderConfig,
     pub max_n: usize,
     pub grammar_cache: usize,
+    pub content_tokens: ContentTokens,
 }
 
 /// A setting that cannot work.
@@ -325,6 +333,11 @@ impl Args {
             },
             max_n: usize::from(self.max_n),
             grammar_cache: self.grammar_cache,
+            content_tokens: if self.parse_special_in_content {
+                ContentTokens::Parsed
+            } else {
+                ContentTokens::Text
+            },
         })
     }
 }

@@ -1,5 +1,7 @@
 //! What a request asks of generation: sampling settings and stop conditions, already validated.
 
+use super::text::StopStrings;
+
 /// Validated generation settings for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
@@ -22,7 +24,7 @@ pub struct GenerationParams {
     /// OpenAI frequency penalty, scaled by how often a token was generated; 0 disables.
     pub frequency_penalty: f32,
     /// Strings that end generation; they are not part of the output.
-    pub stop: Vec<String>,
+    pub stop: StopStrings,
     /// Keep generating past the end-of-sequence token (benchmarks).
     pub ignore_eos: bool,
     /// Added to the logits of these token ids before sampling (OpenAI `logit_bias`, each in [-100, 100]).
@@ -43,7 +45,7 @@ impl Default for GenerationParams {
             repetition_penalty: 1.0,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
-            stop: Vec::new(),
+            stop: StopStrings::default(),
             ignore_eos: false,
             logit_bias: Vec::new(),
             logprobs: None,

@@ -47,7 +47,8 @@ impl Sampler {
             top_p: params.top_p,
             top_k: params.top_k,
             min_p: params.min_p,
-            repetition_penalty: params.repetition_penalty,
+            // A value that was positive as sent but underflowed to 0 in f32 stays positive.
+            repetition_penalty: params.repetition_penalty.max(f32::MIN_POSITIVE),
             presence_penalty: params.presence_penalty,
             frequency_penalty: params.frequency_penalty,
             logit_bias: params.logit_bias.clone(),
@@ -77,7 +78,8 @@ impl Sampler {
             let seen = self.prompt_seen.iter().chain(self.generated.keys());
             for &t in seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                    // A tiny penalty would push the logit to infinity (and NaN downstream): cap it.
+                    *l = if *l > 0.0 { (*l / p).min(f32::MAX) } else { *l * p };
                 }
             }
         }
@@ -104,16 +106,23 @@ impl Sampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        // A temperature so small that 1/t overflows is greedy in the limit; otherwise the logits are shifted so
+        // the largest is 0 before scaling, so no scaled logit can overflow (the rest go to -inf at worst).
         let inv_t = 1.0 / self.temperature;
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if !inv_t.is_finite() || top == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l * inv_t))
+            .map(|(i, &l)| (i as u32, (l - top) * inv_t))
             .collect();
-        if cand.is_empty() {
-            return argmax(logits);
-        }
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if self.top_k > 0 && self.top_k < cand.len() {
             cand.select_nth_unstable_by(self.top_k - 1, desc);
@@ -276,5 +285,36 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, draw(&mut base.for_choice(2)));
         assert_eq!(draw(&mut base.for_choice(0)), draw(&mut Sampler::new(&p, &[])));
+    }
+
+    #[test]
+    fn vanishing_temperatures_and_penalties_behave_as_their_limits() {
+        let logits = [1.0f32, 5.0, 3.0, -2.0];
+        for t in [1e-39f32, 1e-30, 1e-10, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(
+                &GenerationParams {
+                    temperature: t,
+                    ..params()
+                },
+                &[],
+            );
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut logits.clone()), 1, "temperature {t:e} is greedy");
+            }
+        }
+        // A vanishing repetition penalty favours the seen token without overflowing to NaN.
+        for p in [0.0f32, 1e-40, 1e-30] {
+            let mut s = Sampler::new(
+                &GenerationParams {
+                    temperature: 1.0,
+                    repetition_penalty: p,
+                    ..params()
+                },
+                &[2],
+            );
+            let mut l = logits;
+            assert_eq!(s.sample(&mut l), 2, "penalty {p:e}");
+            assert!(l.iter().all(|x| !x.is_nan()), "{l:?}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod attention;
 pub mod chat_template;
+pub mod content_text;
 pub mod embedding;
 pub mod files;
 pub mod gguf_meta;
@@ -89,10 +90,55 @@ impl Model {
         })
     }
 
-    /// Renders chat messages with the model's template and tokenizes the result.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>), ModelError> {
-        let text = self.template.render(messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
-        Ok((text, ids))
+    /// Renders chat messages with the model's template. With [`ContentTokens::Text`], special-token text inside
+    /// the messages' content is masked first (see [`content_text`]), so the result is for [`Self::encode_chat`].
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        content: ContentTokens,
+    ) -> Result<String, ModelError> {
+        if content == ContentTokens::Parsed {
+            return self.template.render(messages, add_generation_prompt);
+        }
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: self.tokenizer.mask_content(&m.content).into_owned(),
+            })
+            .collect();
+        self.template.render(&masked, add_generation_prompt)
     }
+
+    /// Tokenizes what [`Self::render_chat`] rendered: with [`ContentTokens::Text`], only the template's markup
+    /// becomes control tokens; with [`ContentTokens::Parsed`], every special-token text does.
+    pub fn encode_chat(&self, rendered: &str, content: ContentTokens) -> Result<Vec<u32>, ModelError> {
+        match content {
+            ContentTokens::Text => self.tokenizer.encode_rendered(rendered),
+            ContentTokens::Parsed => self.tokenizer.encode(rendered),
+        }
+    }
+
+    /// Renders and tokenizes a chat prompt; the text is the prompt as the model reads it.
+    pub fn chat_prompt(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        content: ContentTokens,
+    ) -> Result<(String, Vec<u32>), ModelError> {
+        let rendered = self.render_chat(messages, add_generation_prompt, content)?;
+        let ids = self.encode_chat(&rendered, content)?;
+        Ok((self.tokenizer.unmask(&rendered).into_owned(), ids))
+    }
+}
+
+/// How special-token text inside chat message content is tokenized (`--parse-special-in-content`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentTokens {
+    /// As text: a user cannot close their turn or forge another role's (the default).
+    #[default]
+    Text,
+    /// As control tokens, like the template's own markup (llama.cpp's and vLLM's behaviour).
+    Parsed,
 }

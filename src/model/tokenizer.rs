@@ -4,7 +4,8 @@
 //! `tokenizer.ggml.pre` to match llama.cpp (which produced the golden ids in `shared/testdata`): for `smollm`
 //! every digit is split off on its own before the GPT-2 regex runs, and no prefix space is added.
 //! Special tokens (every token whose type is neither normal nor byte) are parsed out of input text, as
-//! llama.cpp does with `parse_special`, and skipped when decoding.
+//! llama.cpp does with `parse_special`, and skipped when decoding. Chat content is the exception: see
+//! [`super::content_text`] and [`TextTokenizer::encode_rendered`].
 
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -14,6 +15,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
+use super::content_text::ContentShield;
 use super::gguf_meta::Metadata;
 use super::ModelError;
 
@@ -21,10 +23,19 @@ use super::ModelError;
 const TOKEN_TYPE_NORMAL: u32 = 1;
 const TOKEN_TYPE_BYTE: u32 = 6;
 
+/// Bytes encoded at a time by [`TextTokenizer::surely_exceeds`].
+const COUNT_CHUNK: usize = 16 * 1024;
+/// Tokens a cut between two pieces may add, at most.
+const CUT_SLACK: usize = 8;
+
 /// A tokenizer plus the ids the engine needs to know about.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// `inner` with special-token parsing off: special-token text is encoded as ordinary text.
+    plain: Tokenizer,
+    /// The special tokens, for keeping typed control-token text in chat content as text.
+    shield: ContentShield,
     tokens: Vec<String>,
     /// Per id: whether the token is special (its type is neither normal nor byte).
     special: Vec<bool>,
@@ -131,7 +142,7 @@ impl TextTokenizer {
 
         let types = md.u32_array("tokenizer.ggml.token_type").unwrap_or_default();
         let type_of = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
-        let special = (0..tokens.len())
+        let special: Vec<bool> = (0..tokens.len())
             .map(|i| !matches!(type_of(i), TOKEN_TYPE_NORMAL | TOKEN_TYPE_BYTE))
             .collect();
         let byte = (0..tokens.len()).map(|i| type_of(i) == TOKEN_TYPE_BYTE).collect();
@@ -145,6 +156,16 @@ impl TextTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let shield = ContentShield::new(
+            tokens
+                .iter()
+                .zip(&special)
+                .enumerate()
+                .filter(|(_, (_, &s))| s)
+                .map(|(i, (t, _))| (t.clone(), i as u32)),
+        )?;
 
         let bos_id = md.opt_u32("tokenizer.ggml.bos_token_id");
         let eos_id = md.u32("tokenizer.ggml.eos_token_id")?;
@@ -162,6 +183,8 @@ impl TextTokenizer {
         stop_ids.dedup();
         Ok(Self {
             inner,
+            plain,
+            shield,
             tokens,
             special,
             byte,
@@ -218,6 +241,57 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Chat content with its special-token text masked, to be rendered and then encoded by
+    /// [`Self::encode_rendered`].
+    pub fn mask_content<'a>(&self, content: &'a str) -> std::borrow::Cow<'a, str> {
+        self.shield.mask(content)
+    }
+
+    /// Encodes a prompt rendered from masked content: the template's markup becomes special ids, the content
+    /// (masked texts put back) is encoded as text. No BOS is added.
+    pub fn encode_rendered(&self, rendered: &str) -> Result<Vec<u32>, ModelError> {
+        self.shield.encode(rendered, |text| {
+            let enc = self
+                .plain
+                .encode_fast(text, false)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            Ok(enc.get_ids().to_vec())
+        })
+    }
+
+    /// The text of a prompt rendered from masked content, as the model reads it.
+    pub fn unmask<'a>(&self, rendered: &'a str) -> std::borrow::Cow<'a, str> {
+        self.shield.unmask(rendered)
+    }
+
+    /// Whether `text` surely encodes to more than `limit` tokens, found without encoding a long text whole
+    /// (which costs far more memory than the text): pieces of [`COUNT_CHUNK`] bytes are encoded one at a time
+    /// and counting stops once past the limit. A cut can add a token or two where it splits a word, so each cut
+    /// is allowed [`CUT_SLACK`] tokens; a text within the slack of the limit is reported as fitting, and its
+    /// whole encoding decides.
+    pub fn surely_exceeds(&self, text: &str, limit: usize) -> Result<bool, ModelError> {
+        // Every token spans at least one byte; a short text is encoded whole anyway.
+        if text.len() <= limit || text.len() <= COUNT_CHUNK {
+            return Ok(false);
+        }
+        let (mut count, mut cuts, mut rest) = (0usize, 0usize, text);
+        while !rest.is_empty() {
+            let mut end = rest.len().min(COUNT_CHUNK);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            count += self.encode(&rest[..end])?.len();
+            rest = &rest[end..];
+            if !rest.is_empty() {
+                cuts += 1;
+            }
+            if count.saturating_sub(cuts * CUT_SLACK) > limit {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Encodes a raw completion prompt: like [`Self::encode`], with BOS first when the model asks for it.

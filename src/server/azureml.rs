@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::access::{RequestId, TokenCounts};
 use super::error::{ApiError, Dialect};
-use super::generate::{self, PromptInput, SamplingInput, StopInput};
+use super::generate::{self, PromptInput, SamplingInput, StopInput, StopStrings};
 use super::json::{string_list, ApiJson};
 use super::openai::{convert_messages, MessageIn};
 use super::types::{
@@ -50,7 +50,7 @@ impl ScoreParameters {
             top_k: self.top_k,
             seed: self.seed,
             repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone().map(StopInput::into_vec).unwrap_or_default(),
+            stop: StopStrings::new(self.stop.clone().map(StopInput::into_vec).unwrap_or_default()),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             max_tokens_name: "max_new_tokens",
             ..Default::default()

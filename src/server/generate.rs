@@ -2,7 +2,6 @@
 //! their validation, prompt preparation off the async runtime, submission to the engine, and collecting a
 //! whole answer.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::StatusCode;
@@ -13,13 +12,14 @@ use super::sse::Usage;
 use super::Ready;
 use crate::engine::constraint::Constraint;
 use crate::engine::logprobs::Sampled;
+pub use crate::engine::text::StopStrings;
 use crate::engine::{Completion, Event, FinishReason, GenerateRequest, GenerationParams};
-use crate::model::{ChatMessage, Model};
+use crate::model::ChatMessage;
 
 pub use super::types::StopInput;
 use super::types::{
-    GenerationDefaults, FREQUENCY_PENALTY, MAX_STOPS, MAX_TOKENS, MIN_P, PRESENCE_PENALTY, REPETITION_PENALTY,
-    TEMPERATURE, TOP_K, TOP_P,
+    GenerationDefaults, FREQUENCY_PENALTY, MAX_STOPS, MAX_STOP_CHARS, MAX_TOKENS, MIN_P, PRESENCE_PENALTY,
+    REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P,
 };
 
 /// Sampling fields as sent, before validation. Both dialects fill this.
@@ -34,7 +34,7 @@ pub struct SamplingInput {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
-    pub stop: Vec<String>,
+    pub stop: StopStrings,
     pub ignore_eos: bool,
     /// Validated `logit_bias` entries.
     pub logit_bias: Vec<(u32, f32)>,
@@ -69,6 +69,15 @@ impl SamplingInput {
             return Err(ApiError::invalid_param(
                 "stop",
                 format!("at most {MAX_STOPS} stop strings are accepted; got {}", self.stop.len()),
+            ));
+        }
+        if let Some(long) = self.stop.texts().find(|s| s.chars().count() > MAX_STOP_CHARS) {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!(
+                    "each stop string may have at most {MAX_STOP_CHARS} characters; got one of {}",
+                    long.chars().count()
+                ),
             ));
         }
         if prompt_tokens >= context {
@@ -123,16 +132,36 @@ pub enum PromptInput {
     Text(String),
 }
 
-/// Renders and tokenizes a prompt on the blocking pool (templates and long prompts take real CPU time).
-pub async fn tokenize(model: &Arc<Model>, prompt: PromptInput) -> Result<Vec<u32>, ApiError> {
-    let model = model.clone();
-    let ids = tokio::task::spawn_blocking(move || match prompt {
-        PromptInput::Chat(messages) => model.chat_prompt(&messages).map(|(_, ids)| ids),
-        PromptInput::Text(text) => model.tokenizer.encode_prompt(&text),
+/// Renders and tokenizes a prompt on the blocking pool (templates and long prompts take real CPU time). A
+/// prompt that surely has more tokens than the context window is refused before it is encoded whole.
+pub async fn tokenize(ready: &Ready, prompt: PromptInput) -> Result<Vec<u32>, ApiError> {
+    let model = ready.model.clone();
+    let content = ready.content_tokens;
+    let context = model.llama.config.context_length;
+    let too_long = move || {
+        ApiError::bad_request(format!(
+            "the prompt has more tokens than the model's context window of {context} tokens; shorten the prompt"
+        ))
+    };
+    let ids = tokio::task::spawn_blocking(move || {
+        let (text, chat) = match prompt {
+            PromptInput::Chat(messages) => (model.render_chat(&messages, true, content)?, true),
+            PromptInput::Text(text) => (text, false),
+        };
+        if model.tokenizer.surely_exceeds(&text, context)? {
+            return Ok(None);
+        }
+        if chat {
+            model.encode_chat(&text, content).map(Some)
+        } else {
+            model.tokenizer.encode_prompt(&text).map(Some)
+        }
     })
     .await
     .map_err(ApiError::internal)?;
-    let ids = ids.map_err(|e| ApiError::bad_request(format!("cannot prepare the prompt: {e}")))?;
+    let ids = ids
+        .map_err(|e| ApiError::bad_request(format!("cannot prepare the prompt: {e}")))?
+        .ok_or_else(too_long)?;
     if ids.is_empty() {
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
     }
@@ -147,7 +176,7 @@ struct Prepared {
 
 /// Tokenizes and validates one prompt.
 async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
-    let ids = tokenize(&ready.model, prompt).await?;
+    let ids = tokenize(ready, prompt).await?;
     let params = sampling.validate(ids.len(), ready.model.llama.config.context_length, &ready.generation)?;
     Ok(Prepared { prompt: ids, params })
 }

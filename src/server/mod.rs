@@ -42,7 +42,7 @@ use crate::engine::Engine;
 use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
-use crate::model::Model;
+use crate::model::{ContentTokens, Model};
 use error::{ApiError, Dialect};
 use types::{Health, HealthStatus};
 
@@ -61,6 +61,8 @@ pub struct Ready {
     pub grammars: Arc<Grammars>,
     /// Most choices per request (`--max-n`).
     pub max_n: usize,
+    /// How special-token text in chat content is tokenized (`--parse-special-in-content`).
+    pub content_tokens: ContentTokens,
     pub engine_metrics: Arc<Metrics>,
 }
 
@@ -428,6 +430,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 created,
                 grammars,
                 max_n: config.max_n,
+                content_tokens: config.content_tokens,
                 engine_metrics: metrics,
             });
             tracing::info!("ready");

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::access::RequestId;
 use super::error::ApiError;
-use super::generate::{self, PromptInput, SamplingInput, StopInput};
+use super::generate::{self, PromptInput, SamplingInput, StopInput, StopStrings};
 use super::json::{string_list, ApiJson};
 use super::logprobs;
 use super::output::OutputFields;
@@ -60,7 +60,7 @@ impl CommonFields {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone().map(StopInput::into_vec).unwrap_or_default(),
+            stop: StopStrings::new(self.stop.clone().map(StopInput::into_vec).unwrap_or_default()),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logit_bias: std::mem::take(&mut output.logit_bias),
             logprobs: output.logprobs,

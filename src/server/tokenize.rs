@@ -52,19 +52,15 @@ pub async fn tokenize(
         (Source::Prompt(req.prompt), special, req.return_token_strs)
     };
     let model = ready.model.clone();
+    let content = ready.content_tokens;
     let job = move || {
-        let text = match source {
-            Source::Prompt(text) => text,
-            Source::Chat(messages, generation_prompt) => model
-                .template
-                .render(&messages, generation_prompt)
-                .map_err(|e| e.to_string())?,
-        };
         let t = &model.tokenizer;
-        if special {
-            t.encode_prompt(&text)
-        } else {
-            t.encode(&text)
+        match source {
+            Source::Prompt(text) if special => t.encode_prompt(&text),
+            Source::Prompt(text) => t.encode(&text),
+            Source::Chat(messages, generation_prompt) => model
+                .chat_prompt(&messages, generation_prompt, content)
+                .map(|(_, ids)| ids),
         }
         .map_err(|e| e.to_string())
     };

@@ -112,6 +112,9 @@ pub const MAX_TOKENS: Range = Range {
 };
 /// Most stop strings accepted.
 pub const MAX_STOPS: usize = 16;
+/// Longest stop string accepted, in characters: real stops are short (`"\n\n"`, `"User:"`), and a stop's length
+/// is what every stream's output is held back by.
+pub const MAX_STOP_CHARS: usize = 1000;
 /// Choices per request (`n`); the server's `--max-n` may lower the upper bound.
 pub const N: Range = Range {
     integer: true,
@@ -195,9 +198,13 @@ pub(super) fn embedding_inputs() -> Schema {
     text_or_list(Some(MAX_EMBEDDING_INPUTS))
 }
 
-/// `stop`: a string or at most [`MAX_STOPS`] strings, or null.
+/// `stop`: a string or at most [`MAX_STOPS`] strings of at most [`MAX_STOP_CHARS`] characters, or null.
 pub(super) fn stop() -> Schema {
-    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let string = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(MAX_STOP_CHARS))
+    };
     OneOfBuilder::new()
         .item(string())
         .item(ArrayBuilder::new().items(string()).max_items(Some(MAX_STOPS)))
