@@ -12,12 +12,16 @@ use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::access::{RequestId, TokenCounts};
 use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput, StopStrings};
-use super::json::{string_list, ApiJson};
+use super::json::ApiJson;
 use super::openai::{convert_messages, MessageIn};
 use super::types::{
     GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, MAX_TOKENS, TEMPERATURE,
@@ -69,60 +73,158 @@ fn bad(msg: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("{msg}; {EXPECTED}"))
 }
 
-fn parameters(v: Option<Value>) -> Result<ScoreParameters, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(ScoreParameters::default()),
-        Some(p) => {
-            let p: ScoreParameters = serde_json::from_value(p).map_err(|e| bad(format!("invalid parameters: {e}")))?;
-            // `do_sample: false` replaces the temperature with 0, so check the one that was sent here.
-            // Likewise only one of the token limits is used; a wrong value is refused whichever it is.
-            TEMPERATURE.check(p.temperature).map_err(|e| bad(e.message))?;
-            for (name, v) in [("max_new_tokens", p.max_new_tokens), ("max_tokens", p.max_tokens)] {
-                MAX_TOKENS
-                    .check_as(name, v.map(|m| m as f64))
-                    .map_err(|e| bad(e.message))?;
+fn parameters(raw: Option<Box<RawValue>>) -> Result<ScoreParameters, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(ScoreParameters::default());
+    };
+    let p: Option<ScoreParameters> =
+        serde_json::from_str(raw.get()).map_err(|e| bad(format!("invalid parameters: {e}")))?;
+    let p = p.unwrap_or_default();
+    // `do_sample: false` replaces the temperature with 0, so check the one that was sent here.
+    // Likewise only one of the token limits is used; a wrong value is refused whichever it is.
+    TEMPERATURE.check(p.temperature).map_err(|e| bad(e.message))?;
+    for (name, v) in [("max_new_tokens", p.max_new_tokens), ("max_tokens", p.max_tokens)] {
+        MAX_TOKENS
+            .check_as(name, v.map(|m| m as f64))
+            .map_err(|e| bad(e.message))?;
+    }
+    Ok(p)
+}
+
+/// The top level of a `/score` body. Its parts are kept as raw JSON text and parsed straight into their
+/// types, so no JSON tree is built: a tree of many small objects costs tens of times the body's size.
+#[derive(Deserialize)]
+struct ScoreBody {
+    input_data: Option<Box<RawValue>>,
+    inputs: Option<Box<RawValue>>,
+    parameters: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct InputData {
+    input_string: Option<Box<RawValue>>,
+    parameters: Option<Box<RawValue>>,
+}
+
+/// One `input_string` item: a prompt or a chat message (anything else is kept only as "other").
+enum ScoreItem {
+    Text(String),
+    Message(Box<MessageIn>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for ScoreItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Item;
+        impl<'de> Visitor<'de> for Item {
+            type Value = ScoreItem;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a prompt string or a chat message object")
             }
-            Ok(p)
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Text(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ScoreItem, A::Error> {
+                MessageIn::deserialize(MapAccessDeserializer::new(map)).map(|m| ScoreItem::Message(Box::new(m)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ScoreItem, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ScoreItem::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Other)
+            }
+            fn visit_unit<E>(self) -> Result<ScoreItem, E> {
+                Ok(ScoreItem::Other)
+            }
         }
+        d.deserialize_any(Item)
     }
 }
 
-fn strings(v: Value, what: &str) -> Result<Vec<String>, ApiError> {
-    string_list(v).ok_or_else(|| {
+/// Prompts from `items`: `None` unless every one is a non-empty string.
+fn prompts(items: Vec<ScoreItem>) -> Option<Vec<String>> {
+    let texts: Vec<String> = items
+        .into_iter()
+        .map(|i| match i {
+            ScoreItem::Text(t) if !t.is_empty() => Some(t),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    (!texts.is_empty()).then_some(texts)
+}
+
+fn starts_with(raw: &RawValue, c: char) -> bool {
+    raw.get().trim_start().starts_with(c)
+}
+
+fn strings(raw: &RawValue, what: &str) -> Result<Vec<String>, ApiError> {
+    let list = if starts_with(raw, '"') {
+        serde_json::from_str::<String>(raw.get())
+            .ok()
+            .map(|s| vec![ScoreItem::Text(s)])
+    } else {
+        serde_json::from_str::<Vec<ScoreItem>>(raw.get()).ok()
+    };
+    list.and_then(prompts).ok_or_else(|| {
         bad(format!(
             "{what} must be a non-empty string or a list of non-empty strings"
         ))
     })
 }
 
-fn parse_payload(body: Value) -> Result<Payload, ApiError> {
-    let Value::Object(mut obj) = body else {
+fn parse_payload(body: &RawValue) -> Result<Payload, ApiError> {
+    if !starts_with(body, '{') {
         return Err(bad("the body must be a JSON object"));
-    };
-    if let Some(input_data) = obj.remove("input_data") {
-        let Value::Object(mut input) = input_data else {
+    }
+    let body: ScoreBody = serde_json::from_str(body.get()).map_err(|e| bad(format!("invalid body: {e}")))?;
+    if let Some(input_data) = body.input_data {
+        if !starts_with(&input_data, '{') {
             return Err(bad("input_data must be an object"));
+        }
+        let input: InputData =
+            serde_json::from_str(input_data.get()).map_err(|e| bad(format!("invalid input_data: {e}")))?;
+        let params = parameters(input.parameters)?;
+        let Some(raw) = input.input_string.filter(|r| r.get() != "null") else {
+            return Err(bad("input_data.input_string is missing"));
         };
-        let params = parameters(input.remove("parameters"))?;
-        let items = match input.remove("input_string") {
-            Some(Value::Array(items)) if !items.is_empty() => items,
-            Some(Value::Array(_)) => return Err(bad("input_data.input_string must not be empty")),
-            Some(_) => return Err(bad("input_data.input_string must be a list")),
-            None => return Err(bad("input_data.input_string is missing")),
-        };
-        if items.iter().all(Value::is_object) {
-            let messages =
-                serde_json::from_value(Value::Array(items)).map_err(|e| bad(format!("invalid chat message: {e}")))?;
+        if !starts_with(&raw, '[') {
+            return Err(bad("input_data.input_string must be a list"));
+        }
+        let items: Vec<ScoreItem> =
+            serde_json::from_str(raw.get()).map_err(|e| bad(format!("invalid chat message: {e}")))?;
+        if items.is_empty() {
+            return Err(bad("input_data.input_string must not be empty"));
+        }
+        if items.iter().all(|i| matches!(i, ScoreItem::Message(_))) {
+            let messages = items
+                .into_iter()
+                .filter_map(|i| match i {
+                    ScoreItem::Message(m) => Some(*m),
+                    _ => None,
+                })
+                .collect();
             return Ok(Payload::Chat(messages, params));
         }
-        return Ok(Payload::Text(
-            strings(Value::Array(items), "input_data.input_string")?,
-            params,
-        ));
+        return prompts(items)
+            .map(|p| Payload::Text(p, params))
+            .ok_or_else(|| bad("input_data.input_string must be a non-empty string or a list of non-empty strings"));
     }
-    if let Some(inputs) = obj.remove("inputs") {
-        let params = parameters(obj.remove("parameters"))?;
-        return Ok(Payload::HuggingFace(strings(inputs, "inputs")?, params));
+    if let Some(inputs) = body.inputs {
+        let params = parameters(body.parameters)?;
+        return Ok(Payload::HuggingFace(strings(&inputs, "inputs")?, params));
     }
     Err(bad("unrecognised payload"))
 }
@@ -140,9 +242,9 @@ async fn generate_all(
     Ok((outs.into_iter().map(|o| o.text).collect(), usage.token_counts()))
 }
 
-async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Response, ApiError> {
+async fn score_inner(state: &AppState, rid: &str, body: Box<RawValue>) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    let (body, counts) = match parse_payload(body)? {
+    let (body, counts) = match parse_payload(&body)? {
         Payload::Chat(messages, params) => {
             let messages = convert_messages(messages).map_err(|e| bad(e.message))?;
             let (mut out, counts) = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
@@ -173,7 +275,7 @@ async fn score_inner(state: &AppState, rid: &str, body: Value) -> Result<Respons
 }
 
 /// Runs a scoring call and adds azmlinfsrv's `x-ms-run-function-failed` and `x-ms-run-fn-exec-ms` headers.
-async fn run_scoring(state: &AppState, rid: &str, body: Result<Value, ApiError>) -> Response {
+async fn run_scoring(state: &AppState, rid: &str, body: Result<Box<RawValue>, ApiError>) -> Response {
     let started = std::time::Instant::now();
     let result = match body {
         Ok(body) => score_inner(state, rid, body).await,
@@ -198,7 +300,7 @@ async fn run_scoring(state: &AppState, rid: &str, body: Result<Value, ApiError>)
 pub async fn score(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
-    body: Result<ApiJson<Value>, ApiError>,
+    body: Result<ApiJson<Box<RawValue>>, ApiError>,
 ) -> Response {
     run_scoring(&state, &rid.0, body.map(|ApiJson(v)| v)).await
 }
@@ -209,7 +311,8 @@ pub async fn score_get(
     Extension(rid): Extension<RequestId>,
     Query(params): Query<serde_json::Map<String, Value>>,
 ) -> Response {
-    run_scoring(&state, &rid.0, Ok(Value::Object(params))).await
+    let body = RawValue::from_string(Value::Object(params).to_string()).map_err(ApiError::internal);
+    run_scoring(&state, &rid.0, body).await
 }
 
 /// `OPTIONS /score`: 200 (CORS headers come from the CORS layer when `AML_CORS_ORIGINS` is set).
@@ -221,6 +324,10 @@ pub async fn score_options() -> StatusCode {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn parse_payload(v: Value) -> Result<Payload, ApiError> {
+        super::parse_payload(&RawValue::from_string(v.to_string()).expect("json"))
+    }
 
     #[test]
     fn payload_kinds_are_told_apart() {
@@ -235,6 +342,10 @@ mod tests {
             json!([1]),
             json!({"input_data": {"input_string": []}}),
             json!({"inputs": 3}),
+            json!({"input_data": {"input_string": [1, [2], null]}}),
+            json!({"input_data": {"input_string": ["a", {"role": "user", "content": "b"}]}}),
+            json!({"input_data": {"input_string": [{"role": 3}]}}),
+            json!({"input_data": 3}),
         ] {
             let e = parse_payload(b).err().expect("rejected");
             assert!(e.message.contains("expected one of"), "{}", e.message);
