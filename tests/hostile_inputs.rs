@@ -150,6 +150,26 @@ async fn bodies_that_would_amplify_memory_are_refused_within_bounded_memory() {
             b.extend_from_slice(b"]}}");
             b
         }),
+        ("2M token ids as a prompt", "/v1/completions", {
+            let mut b = b"{\"max_tokens\": 1, \"prompt\": [1".to_vec();
+            b.extend(std::iter::repeat_n(b",1".iter().copied(), 2_000_000).flatten());
+            b.extend_from_slice(b"]}");
+            b
+        }),
+        ("100k objects in a message's tool_calls", "/v1/chat/completions", {
+            let mut b = b"{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\", \"tool_calls\": [{}".to_vec();
+            b.extend(std::iter::repeat_n(b",{}".iter().copied(), 100_000).flatten());
+            b.extend_from_slice(b"]}, {\"role\": \"user\", \"content\": \"hi\"}]}");
+            b
+        }),
+        ("3 MB of unknown keys on the Azure AI route", "/chat/completions", {
+            let mut b = b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]".to_vec();
+            for i in 0..300_000 {
+                b.extend_from_slice(format!(",\"k{i}\":1").as_bytes());
+            }
+            b.extend_from_slice(b"}");
+            b
+        }),
         ("3 MB object of unknown /score keys", "/score", {
             let mut b = b"{".to_vec();
             for i in 0..300_000 {

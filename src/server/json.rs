@@ -28,10 +28,50 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Parses a JSON body, telling malformed JSON apart from a well-formed body with wrong fields.
+/// Most JSON objects one body may hold. Parsed into a tree, a small object costs a few hundred bytes however
+/// few bytes it was sent in; real bodies (messages, content parts, tool schemas) hold hundreds.
+pub const MAX_JSON_OBJECTS: usize = 50_000;
+/// Most JSON values (numbers, strings, containers...) one body may hold: enough for 128 prompts of 8k token ids.
+pub const MAX_JSON_VALUES: usize = 1_200_000;
+
+/// Counts the objects and values in a JSON text in one pass without parsing it (an upper bound for invalid
+/// JSON, which the parser then refuses anyway).
+fn count_values(bytes: &[u8]) -> (usize, usize) {
+    let (mut objects, mut values) = (0usize, 1usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' => objects += 1,
+            b',' | b'[' => values += 1,
+            _ => {}
+        }
+    }
+    (objects, values)
+}
+
+/// Parses a JSON body, telling malformed JSON apart from a well-formed body with wrong fields. A body with
+/// more than [`MAX_JSON_OBJECTS`] objects or [`MAX_JSON_VALUES`] values is refused before it is parsed, so
+/// no body costs much more memory than its size.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty; send a JSON object"));
+    }
+    let (objects, values) = count_values(bytes);
+    if objects > MAX_JSON_OBJECTS || values > MAX_JSON_VALUES {
+        return Err(ApiError::bad_request(format!(
+            "the request body holds too many JSON values ({objects} objects, about {values} values; at most \
+             {MAX_JSON_OBJECTS} objects and {MAX_JSON_VALUES} values are accepted)"
+        )));
     }
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::bad_request(format!("invalid request: {e}")),
@@ -55,4 +95,28 @@ pub fn string_list(v: serde_json::Value) -> Option<Vec<String>> {
         _ => return None,
     };
     (!list.is_empty() && list.iter().all(|s| !s.is_empty())).then_some(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_inside_strings_are_not_counted() {
+        assert_eq!(count_values(br#"{"a": [1, 2, {"b": "x,{[\"}"}]}"#), (2, 4));
+        assert_eq!(
+            count_values(b"\"\\\\\" , {"),
+            (1, 2),
+            "an escaped backslash ends before the quote"
+        );
+    }
+
+    #[test]
+    fn too_many_objects_are_refused_before_parsing() {
+        let body = format!("[{}]", vec!["{}"; MAX_JSON_OBJECTS + 1].join(","));
+        let err = parse::<serde_json::Value>(body.as_bytes()).expect_err("refused");
+        assert!(err.message.contains("too many JSON values"), "{}", err.message);
+        let ok = format!("[{}]", vec!["{}"; 100].join(","));
+        assert!(parse::<serde_json::Value>(ok.as_bytes()).is_ok());
+    }
 }
