@@ -5,6 +5,7 @@
 //!
 //! Dependencies point one way: `server` -> `engine` -> `model`.
 //!
+//! - [`allocator`]: glibc malloc settings that give freed large buffers back to the system.
 //! - [`config`]: command line and environment, validated into one [`config::Config`].
 //! - [`model`]: synchronous candle code: GGUF loading, tokenizer, chat template, batched llama forward, KV cache.
 //! - [`engine`]: the engine thread: queue, admission, continuous batching, sampling, stop conditions, cancellation.
@@ -12,6 +13,7 @@
 //!   into the engine's `Constraint`s.
 //! - [`server`]: axum routes (Azure ML and OpenAI), errors, request ids, SSE, readiness, shutdown.
 
+pub mod allocator;
 pub mod config;
 pub mod engine;
 pub mod grammar;

@@ -19,6 +19,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    amlserve::allocator::configure();
     let args = amlserve::config::Args::parse();
     init_tracing(args.log_format);
     let config = match args.validate() {
