@@ -200,6 +200,12 @@ pub struct SoakArgs {
     #[arg(long, value_name = "SECS")]
     pub rss_warmup: Option<f64>,
 
+    /// Requests that must have ended before the RSS warm-up ends too (the later of the two ends it): RSS rises
+    /// until the batch, the waiting queue and the server's caches have filled, which takes a number of
+    /// requests, not of seconds. When the load ends first, the RSS rule is skipped.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub rss_warmup_requests: u64,
+
     /// Most RSS may grow from the end of the warm-up to the end of the load, in percent of its value at the
     /// end of the warm-up.
     #[arg(long, default_value_t = 10.0, value_name = "PCT")]
@@ -292,6 +298,7 @@ pub struct SoakConfig {
     pub sample_every: Duration,
     #[serde(serialize_with = "secs_req")]
     pub rss_warmup: Duration,
+    pub rss_warmup_requests: u64,
     /// Percent.
     pub max_rss_growth: f64,
     #[serde(serialize_with = "secs_req")]
@@ -460,6 +467,7 @@ impl SoakArgs {
             metrics_url,
             sample_every: seconds("sample-every", self.sample_every)?,
             rss_warmup,
+            rss_warmup_requests: self.rss_warmup_requests,
             max_rss_growth: self.max_rss_growth,
             drain_timeout: seconds("drain-timeout", self.drain_timeout)?,
         }))

@@ -329,3 +329,23 @@ fn growing_rss_and_a_request_that_never_leaves_the_batch_fail() {
     assert!(g["warmup_end_s"].as_f64().unwrap() >= 0.5);
     assert!(seen.scrapes.load(Ordering::SeqCst) as usize >= readings.len());
 }
+
+#[test]
+fn rss_is_not_judged_before_enough_requests_have_ended() {
+    let (url, _) = start_server();
+    let (code, s) = soak(
+        &url,
+        "/clean/v1/chat/completions",
+        "/metrics/leaky",
+        &["--rss-warmup-requests", "100000"],
+    );
+    assert_eq!(code, 1, "the leaked slot still fails: {s:#}");
+    assert_eq!(failed_rules(&s), ["no_leaked_slot"]);
+    let rss = &s["verdict"]["rules"][5];
+    assert_eq!(
+        (rss["name"].as_str(), rss["check"].as_str()),
+        (Some("rss_flat"), Some("skipped"))
+    );
+    assert!(rss["detail"].as_str().unwrap().contains("100000 answered"), "{rss}");
+    assert!(s["rss_growth"].is_null());
+}

@@ -28,7 +28,7 @@ use crate::workload::Workload;
 use probe::{Phase, Probe, Reading};
 use tally::{Class, Counts};
 use traffic::{Kind, Mix};
-use verdict::{Drain, Evidence, RssGrowth, Verdict};
+use verdict::{Drain, Evidence, RssGrowth, Verdict, Warmup};
 
 /// How often the drain looks at the gauges.
 const DRAIN_POLL: Duration = Duration::from_millis(250);
@@ -169,11 +169,23 @@ pub async fn run(
     shared.bar.finish();
     let state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
     let elapsed = state.last_answer.saturating_duration_since(start);
-    let rss_growth = verdict::rss_growth(&readings, soak.rss_warmup.as_secs_f64());
+    let warmup = Warmup {
+        seconds: soak.rss_warmup.as_secs_f64(),
+        answered: soak.rss_warmup_requests,
+    };
+    let rss_growth = verdict::rss_growth(&readings, warmup);
     let verdict = verdict::verdict(Evidence {
         counts: &state.counts,
         server_5xx,
         rss: rss_growth.as_ref(),
+        warmup,
+        answered_under_load: readings
+            .iter()
+            .filter(|r| r.phase == Phase::Load)
+            .map(|r| r.answered)
+            .max()
+            .unwrap_or(0),
+        rss_measured: readings.iter().any(|r| r.rss_bytes.is_some()),
         max_rss_growth: soak.max_rss_growth,
         drain: &drain,
     });

@@ -185,7 +185,7 @@ fn summary_lines(r: &SoakResult) -> Vec<String> {
             g.peak_bytes as f64 / MIB,
             r.drain.rss_bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / MIB)),
         ),
-        None => "RSS: not measured on both sides of the warm-up.".into(),
+        None => "RSS: no readings on both sides of the warm-up (see rss_flat below).".into(),
     });
     let d = &r.drain;
     out.push(format!(
@@ -218,10 +218,21 @@ fn verdict_line(r: &SoakResult) -> String {
         .filter(|x| x.check == Check::Fail)
         .map(|x| x.name)
         .collect();
+    let skipped: Vec<&str> = r
+        .verdict
+        .rules
+        .iter()
+        .filter(|x| x.check == Check::Skipped)
+        .map(|x| x.name)
+        .collect();
+    let skipped = match skipped.is_empty() {
+        true => String::new(),
+        false => format!("; not judged: {}", skipped.join(", ")),
+    };
     if r.verdict.pass {
-        "Verdict: PASS".into()
+        format!("Verdict: PASS{skipped}")
     } else {
-        format!("Verdict: FAIL ({})", failed.join(", "))
+        format!("Verdict: FAIL ({}){skipped}", failed.join(", "))
     }
 }
 

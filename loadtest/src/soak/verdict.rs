@@ -23,12 +23,20 @@ pub struct RssGrowth {
     pub peak_bytes: u64,
 }
 
-/// RSS growth from the end of the warm-up (`warmup_s` into the load) to the last reading under load; `None`
-/// without RSS readings on both sides.
-pub fn rss_growth(readings: &[Reading], warmup_s: f64) -> Option<RssGrowth> {
+/// When the warm-up ends: at `seconds` into the load, or once `answered` requests have ended, whichever is
+/// later.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Warmup {
+    pub seconds: f64,
+    pub answered: u64,
+}
+
+/// RSS growth from the end of the warm-up to the last reading under load; `None` without RSS readings on
+/// both sides (the warm-up ended too late, or there is no RSS source).
+pub fn rss_growth(readings: &[Reading], warmup: Warmup) -> Option<RssGrowth> {
     let under_load: Vec<(f64, u64)> = readings
         .iter()
-        .filter(|r| r.phase == Phase::Load && r.t_s >= warmup_s)
+        .filter(|r| r.phase == Phase::Load && r.t_s >= warmup.seconds && r.answered >= warmup.answered)
         .filter_map(|r| r.rss_bytes.map(|b| (r.t_s, b)))
         .collect();
     let (&(warmup_end_s, warmup_end_bytes), &(end_s, end_bytes)) = (under_load.first()?, under_load.last()?);
@@ -99,6 +107,10 @@ pub struct Evidence<'a> {
     /// 5xx answers the server itself counted during the soak (its HTTP counter's increase).
     pub server_5xx: Option<u64>,
     pub rss: Option<&'a RssGrowth>,
+    pub warmup: Warmup,
+    /// Requests answered by the last reading under load, and whether any reading had RSS.
+    pub answered_under_load: u64,
+    pub rss_measured: bool,
     /// Percent.
     pub max_rss_growth: f64,
     pub drain: &'a Drain,
@@ -193,7 +205,13 @@ pub fn verdict(e: Evidence) -> Verdict {
         None => Rule {
             name: "rss_flat",
             check: Check::Skipped,
-            detail: "no RSS readings on both sides of the warm-up (give --server-pid)".into(),
+            detail: match e.rss_measured {
+                false => "no RSS readings (give --server-pid)".into(),
+                true => format!(
+                    "the warm-up ({} s and {} answered requests) did not end while the load was on (last reading: {} answered)",
+                    e.warmup.seconds, e.warmup.answered, e.answered_under_load
+                ),
+            },
         },
     });
     let d = e.drain;
@@ -239,15 +257,33 @@ mod tests {
             reading(25.0, Phase::Tail, 900),
             reading(30.0, Phase::Drain, 300),
         ];
-        let g = rss_growth(&readings, 8.0).unwrap();
+        let at = |seconds: f64, answered: u64| Warmup { seconds, answered };
+        let g = rss_growth(&readings, at(8.0, 0)).unwrap();
         assert_eq!((g.warmup_end_s, g.end_s), (10.0, 20.0));
         assert_eq!(g.growth_bytes, 25 << 20);
         assert!((g.growth_pct - 5.0).abs() < 1e-9);
         assert_eq!(g.peak_bytes, 530 << 20);
-        assert_eq!(rss_growth(&readings, 20.0), None, "one reading after the warm-up");
+        assert_eq!(
+            rss_growth(&readings, at(20.0, 0)),
+            None,
+            "one reading after the warm-up"
+        );
+        // The warm-up also waits for answers: reading i has answered 10 * i.
+        let mut counted = readings;
+        counted
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, r)| r.answered = 10 * i as u64);
+        let g = rss_growth(&counted, at(0.0, 25)).unwrap();
+        assert_eq!((g.warmup_end_s, g.end_s), (15.0, 20.0));
+        assert_eq!(
+            rss_growth(&counted, at(0.0, 41)),
+            None,
+            "never warm while the load was on"
+        );
         let mut none = readings;
         none.iter_mut().for_each(|r| r.rss_bytes = None);
-        assert_eq!(rss_growth(&none, 0.0), None);
+        assert_eq!(rss_growth(&none, at(0.0, 0)), None);
     }
 
     fn drain(running: f64) -> Drain {
@@ -293,6 +329,12 @@ mod tests {
             counts: &counts,
             server_5xx: Some(0),
             rss: Some(&g),
+            warmup: Warmup {
+                seconds: 10.0,
+                answered: 0,
+            },
+            answered_under_load: 10,
+            rss_measured: true,
             max_rss_growth: 25.0,
             drain: &drain(0.0),
         };
@@ -361,5 +403,6 @@ mod tests {
             2,
             "{v:#?}"
         );
+        assert!(v.rules[5].detail.contains("did not end"), "{}", v.rules[5].detail);
     }
 }
