@@ -176,8 +176,8 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 4, value_name = "K")]
     pub disconnect_after: u64,
 
-    /// Fraction of all requests that are bad on purpose, cycling through malformed JSON, an out-of-range
-    /// temperature, an unknown field and a max_tokens beyond any context window; each must get a 400 (or a
+    /// Fraction of all requests that are bad on purpose, each one of malformed JSON, an out-of-range
+    /// temperature, an unknown field or a max_tokens beyond any context window; each must get a 400 (or a
     /// 429 when the server refuses before reading the body).
     #[arg(long, default_value_t = 0.02, value_name = "F")]
     pub bad_fraction: f64,
