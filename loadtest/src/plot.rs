@@ -1,4 +1,5 @@
-//! SVG charts of a run: latency percentiles and throughput against the load level, and the TTFT distribution.
+//! SVG charts of a run: latency percentiles and throughput against the load level, the TTFT distribution, and
+//! a soak's RSS over time.
 //!
 //! Reads finished [`LevelResult`]s only. Every chart is drawn by one panel routine (load levels evenly spaced
 //! on x, or a linear x for the CDF; linear y), so the files differ only in which numbers they plot. Text is
@@ -178,6 +179,24 @@ pub fn write_all(dir: &Path, results: &[LevelResult]) -> Result<Vec<PathBuf>, Pl
     Ok(written)
 }
 
+/// Writes `rss.svg` into `dir`: resident memory (MiB) against time (s), e.g. over a soak; returns the file.
+pub fn write_rss(dir: &Path, points: Vec<(f64, f64)>) -> Result<PathBuf, PlotError> {
+    std::fs::create_dir_all(dir).map_err(|e| PlotError::Dir(dir.to_path_buf(), e))?;
+    let panel = Panel {
+        title: "server resident memory",
+        x_label: "time (s)",
+        y_label: "RSS (MiB)",
+        series: vec![Series {
+            name: "RSS".into(),
+            color: COLORS[0],
+            marker: Marker::Circle,
+            points,
+        }],
+        levels: None,
+    };
+    draw(&dir.join("rss.svg"), vec![panel])
+}
+
 /// The same hue, halfway to white: the p99 line next to its p50.
 fn lighter(c: RGBColor) -> RGBColor {
     let mix = |v: u8| v + (255 - v) / 2;
@@ -353,6 +372,7 @@ mod tests {
                 output_tokens: 8,
                 token_source: TokenSource::Usage,
                 prompt_tokens: None,
+                disconnected: false,
             }));
             results.push(s.result("A", "u", Load::Concurrency(c), Duration::from_secs(1)));
         }
@@ -363,5 +383,7 @@ mod tests {
             let svg = std::fs::read_to_string(&f).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{}", f.display());
         }
+        let rss = write_rss(dir.path(), vec![(0.0, 400.0), (5.0, 410.0), (10.0, 411.0)]).unwrap();
+        assert!(std::fs::read_to_string(rss).unwrap().contains("polyline"));
     }
 }

@@ -1,7 +1,8 @@
 //! The run's report: the JSON document, and one table rendered as terminal text or Markdown.
 //!
 //! Builds rows once from [`LevelResult`]s and renders them two ways; compare mode adds a ratio table
-//! (second endpoint / first). Writes nothing itself except through the `write_*` functions.
+//! (second endpoint / first). Writes nothing itself except through the `write_*` functions. The table
+//! renderers are shared with the soak report (`soak/report.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,9 +74,11 @@ fn comparisons(results: &[LevelResult]) -> Vec<Comparison> {
 }
 
 /// A table as header + rows of cells.
-struct Table {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
+pub(crate) struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    /// Columns whose text is left-aligned (labels, prose); the others are numbers, right-aligned.
+    pub left: Vec<usize>,
 }
 
 fn ms(v: f64) -> String {
@@ -94,7 +97,7 @@ fn pct(s: &Summary, get: fn(&Summary) -> f64) -> String {
     }
 }
 
-fn results_table(results: &[LevelResult]) -> Table {
+pub(crate) fn results_table(results: &[LevelResult]) -> Table {
     let compare = results.iter().any(|r| r.endpoint != "A");
     let mut header: Vec<String> = if compare { vec!["endpoint".into()] } else { vec![] };
     header.extend(
@@ -139,7 +142,11 @@ fn results_table(results: &[LevelResult]) -> Table {
             row
         })
         .collect();
-    Table { header, rows }
+    Table {
+        header,
+        rows,
+        left: Vec::new(),
+    }
 }
 
 fn ratio_table(comparisons: &[Comparison]) -> Option<Table> {
@@ -163,11 +170,15 @@ fn ratio_table(comparisons: &[Comparison]) -> Option<Table> {
             row
         })
         .collect();
-    Some(Table { header, rows })
+    Some(Table {
+        header,
+        rows,
+        left: Vec::new(),
+    })
 }
 
-/// Terminal rendering: right-aligned columns.
-fn render_text(t: &Table) -> String {
+/// Terminal rendering: columns right-aligned, except those in `left`.
+pub(crate) fn render_text(t: &Table) -> String {
     let mut widths: Vec<usize> = t.header.iter().map(String::len).collect();
     for row in &t.rows {
         for (w, c) in widths.iter_mut().zip(row) {
@@ -178,7 +189,11 @@ fn render_text(t: &Table) -> String {
         cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:>w$}"))
+            .enumerate()
+            .map(|(i, (c, w))| match t.left.contains(&i) {
+                true => format!("{c:<w$}"),
+                false => format!("{c:>w$}"),
+            })
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
@@ -192,11 +207,15 @@ fn render_text(t: &Table) -> String {
     out
 }
 
-fn render_markdown(t: &Table) -> String {
+/// Markdown rendering: the first column and those in `left` left-aligned, the others right-aligned.
+pub(crate) fn render_markdown(t: &Table) -> String {
     let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
     let mut out = line(&t.header);
     let align: Vec<String> = (0..t.header.len())
-        .map(|i| if i == 0 { "---".into() } else { "---:".into() })
+        .map(|i| match i == 0 || t.left.contains(&i) {
+            true => "---".into(),
+            false => "---:".into(),
+        })
         .collect();
     out += &line(&align);
     for row in &t.rows {
@@ -294,7 +313,7 @@ pub enum WriteError {
     Json(#[from] serde_json::Error),
 }
 
-fn write(path: &Path, text: &str) -> Result<(), WriteError> {
+pub(crate) fn write(path: &Path, text: &str) -> Result<(), WriteError> {
     std::fs::write(path, text).map_err(|e| WriteError::Io(path.display().to_string(), e))
 }
 
@@ -323,7 +342,10 @@ mod tests {
         let mut results = Vec::new();
         for (ep, secs) in [("A", 1), ("B", 2)] {
             let mut s = LevelStats::default();
-            s.record(&Err(crate::client::RequestError::Status(503)));
+            s.record(&Err(crate::client::RequestError::Status {
+                code: 503,
+                retry_after: None,
+            }));
             results.push(s.result(ep, "u", Load::Concurrency(1), Duration::from_secs(secs)));
         }
         results[0].requests_per_s = 2.0;

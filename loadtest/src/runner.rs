@@ -1,11 +1,15 @@
 //! Load shapes: closed loop at a concurrency, open loop at a Poisson rate, warm-up, and the sweep over levels
 //! and endpoints (interleaved level by level in compare mode, so drift hits both alike).
 //!
+//! The shapes ([`drive`]) only decide when request `i` starts; what it does is a closure, so soak mode
+//! (`crate::soak`) runs the same shapes with its own requests and accounting.
+//!
 //! Each request's outcome goes into the level's [`LevelStats`]; errors are counted there, never returned.
 //! Every request is bounded by the client's timeout, so a level ends at most one timeout after it stops sending.
 //! An [`Interrupt`] (Ctrl-C) ends the level at once, drops its in-flight requests uncounted, marks the level
 //! `interrupted` and skips the rest, so the report still shows what was measured.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -93,6 +97,40 @@ impl Shared {
     }
 }
 
+/// Sends warm-up requests to each endpoint, not counted (model load, caches, connections); returns whether the
+/// run was interrupted.
+pub async fn warm_up(config: &Config, endpoints: &[Endpoint], workload: &Arc<Workload>, interrupt: &Interrupt) -> bool {
+    if config.warmup == 0 {
+        return false;
+    }
+    let concurrency = match config.loads.first() {
+        Some(Load::Concurrency(c)) => (*c).min(config.warmup as usize),
+        _ => 1,
+    };
+    let stop = Stop {
+        requests: Some(config.warmup),
+        duration: None,
+    };
+    for ep in endpoints {
+        let bar = progress(config.quiet, &format!("{} warm-up", ep.label), Some(config.warmup));
+        let shared = Shared::new(bar);
+        let cut = drive(
+            Load::Concurrency(concurrency),
+            stop,
+            config.seed,
+            shared.start,
+            measure(&ep.client, workload, WARMUP_BASE, &shared),
+            interrupt,
+        )
+        .await;
+        shared.finish();
+        if cut {
+            return true;
+        }
+    }
+    false
+}
+
 /// Runs the whole sweep: warm-up per endpoint, then each level against each endpoint in turn.
 pub async fn run(
     config: &Config,
@@ -100,32 +138,10 @@ pub async fn run(
     workload: Arc<Workload>,
     interrupt: &Interrupt,
 ) -> Vec<LevelResult> {
-    if config.warmup > 0 {
-        let concurrency = match config.loads.first() {
-            Some(Load::Concurrency(c)) => (*c).min(config.warmup as usize),
-            _ => 1,
-        };
-        let stop = Stop {
-            requests: Some(config.warmup),
-            duration: None,
-        };
-        for ep in endpoints {
-            let bar = progress(config.quiet, &format!("{} warm-up", ep.label), Some(config.warmup));
-            let shared = Shared::new(bar);
-            closed(
-                &ep.client,
-                &workload,
-                concurrency,
-                stop,
-                WARMUP_BASE,
-                &shared,
-                interrupt,
-            )
-            .await;
-            shared.finish();
-        }
-    }
     let mut results = Vec::new();
+    if warm_up(config, endpoints, &workload, interrupt).await {
+        return results;
+    }
     for (index, &load) in config.loads.iter().enumerate() {
         let stop = config.stop(index);
         for ep in endpoints {
@@ -134,10 +150,8 @@ pub async fn run(
             }
             let bar = progress(config.quiet, &format!("{} {load}", ep.label), stop.requests);
             let shared = Shared::new(bar);
-            let cut = match load {
-                Load::Concurrency(c) => closed(&ep.client, &workload, c, stop, 0, &shared, interrupt).await,
-                Load::Rate(r) => open(&ep.client, &workload, r, stop, config.seed, &shared, interrupt).await,
-            };
+            let fire = measure(&ep.client, &workload, 0, &shared);
+            let cut = drive(load, stop, config.seed, shared.start, fire, interrupt).await;
             let (stats, elapsed) = shared.finish();
             let mut result = stats.result(&ep.label, ep.client.url(), load, elapsed);
             result.interrupted = cut;
@@ -147,7 +161,25 @@ pub async fn run(
     results
 }
 
-fn progress(quiet: bool, prefix: &str, len: Option<u64>) -> ProgressBar {
+/// Sends request `base + i` of `workload` at its scheduled time and records the outcome in `shared`.
+fn measure(
+    client: &Client,
+    workload: &Arc<Workload>,
+    base: u64,
+    shared: &Arc<Shared>,
+) -> impl Fn(u64, Instant) -> BoxFuture + Clone + Send + Sync + 'static {
+    let (client, workload, shared) = (client.clone(), workload.clone(), shared.clone());
+    move |i, at| {
+        let (client, workload, shared) = (client.clone(), workload.clone(), shared.clone());
+        Box::pin(async move {
+            let outcome = client.send(&workload.request(base + i), at).await;
+            shared.record(&outcome);
+        })
+    }
+}
+
+/// A progress bar on stderr (hidden when `quiet`): a bar for `len` requests, or a spinner.
+pub fn progress(quiet: bool, prefix: &str, len: Option<u64>) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
@@ -169,21 +201,31 @@ fn progress(quiet: bool, prefix: &str, len: Option<u64>) -> ProgressBar {
     bar
 }
 
+/// One request in flight: sends it and records its outcome (what a [`drive`] closure returns).
+pub type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Generates `load` from `start` until `stop`, calling `fire(i, scheduled)` for request `i`; returns whether
+/// it was interrupted (in-flight requests are then dropped).
+pub async fn drive<F>(load: Load, stop: Stop, seed: u64, start: Instant, fire: F, interrupt: &Interrupt) -> bool
+where
+    F: Fn(u64, Instant) -> BoxFuture + Clone + Send + Sync + 'static,
+{
+    match load {
+        Load::Concurrency(c) => closed(c, stop, start, fire, interrupt).await,
+        Load::Rate(r) => open(r, stop, seed, start, fire, interrupt).await,
+    }
+}
+
 /// Closed loop: `concurrency` workers, each sending its next request as soon as its last one ends.
-async fn closed(
-    client: &Client,
-    workload: &Arc<Workload>,
-    concurrency: usize,
-    stop: Stop,
-    base: u64,
-    shared: &Arc<Shared>,
-    interrupt: &Interrupt,
-) -> bool {
+async fn closed<F>(concurrency: usize, stop: Stop, start: Instant, fire: F, interrupt: &Interrupt) -> bool
+where
+    F: Fn(u64, Instant) -> BoxFuture + Clone + Send + Sync + 'static,
+{
     let next = Arc::new(AtomicU64::new(0));
-    let deadline = stop.duration.map(|d| shared.start + d);
+    let deadline = stop.duration.map(|d| start + d);
     let mut tasks = JoinSet::new();
     for _ in 0..concurrency {
-        let (client, workload, next, shared) = (client.clone(), workload.clone(), next.clone(), shared.clone());
+        let (next, fire) = (next.clone(), fire.clone());
         tasks.spawn(async move {
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -193,8 +235,7 @@ async fn closed(
                 if stop.requests.is_some_and(|n| i >= n) {
                     break;
                 }
-                let outcome = client.send(&workload.request(base + i), Instant::now()).await;
-                shared.record(&outcome);
+                fire(i, Instant::now()).await;
             }
         });
     }
@@ -203,19 +244,14 @@ async fn closed(
 
 /// Open loop: Poisson arrivals at `rate` per second; each request is timed from its scheduled time, so a
 /// sender that falls behind (or a server that stalls it) shows up in the latencies instead of hiding.
-async fn open(
-    client: &Client,
-    workload: &Arc<Workload>,
-    rate: f64,
-    stop: Stop,
-    seed: u64,
-    shared: &Arc<Shared>,
-    interrupt: &Interrupt,
-) -> bool {
+async fn open<F>(rate: f64, stop: Stop, seed: u64, start: Instant, fire: F, interrupt: &Interrupt) -> bool
+where
+    F: Fn(u64, Instant) -> BoxFuture + Clone + Send + Sync + 'static,
+{
     // Same seed and rate -> same arrival times, for every endpoint of a comparison.
     let mut rng = StdRng::seed_from_u64(seed ^ rate.to_bits());
-    let deadline = stop.duration.map(|d| shared.start + d);
-    let mut at = shared.start;
+    let deadline = stop.duration.map(|d| start + d);
+    let mut at = start;
     let mut tasks = JoinSet::new();
     for i in 0u64.. {
         if stop.requests.is_some_and(|n| i >= n) {
@@ -233,11 +269,7 @@ async fn open(
         if cancelled {
             break;
         }
-        let (client, workload, shared) = (client.clone(), workload.clone(), shared.clone());
-        tasks.spawn(async move {
-            let outcome = client.send(&workload.request(i), at).await;
-            shared.record(&outcome);
-        });
+        tasks.spawn(fire(i, at));
         while tasks.try_join_next().is_some() {}
     }
     drain(&mut tasks, interrupt).await

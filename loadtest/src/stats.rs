@@ -215,6 +215,7 @@ mod tests {
             output_tokens: tokens,
             token_source: TokenSource::Usage,
             prompt_tokens: Some(20),
+            disconnected: false,
         }
     }
 
@@ -223,9 +224,15 @@ mod tests {
         let mut s = LevelStats::default();
         s.record(&Ok(sample(100, 170, 8)));
         s.record(&Ok(sample(300, 370, 8)));
-        s.record(&Err(RequestError::Status(500)));
+        s.record(&Err(RequestError::Status {
+            code: 500,
+            retry_after: None,
+        }));
         s.record(&Err(RequestError::Timeout));
-        s.record(&Err(RequestError::Status(500)));
+        s.record(&Err(RequestError::Status {
+            code: 500,
+            retry_after: None,
+        }));
         let r = s.result("A", "http://x", Load::Concurrency(2), Duration::from_secs(2));
         assert_eq!((r.requests, r.ok, r.errors), (5, 2, 3));
         assert_eq!(r.errors_by_kind.get("http_500"), Some(&2));

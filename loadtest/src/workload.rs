@@ -136,7 +136,7 @@ impl Workload {
 }
 
 /// A well-spread per-request seed (splitmix64 of seed and index).
-fn mix(seed: u64, index: u64) -> u64 {
+pub(crate) fn mix(seed: u64, index: u64) -> u64 {
     let mut z = seed
         ^ index
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)

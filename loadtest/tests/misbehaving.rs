@@ -3,44 +3,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-
-/// Reads one request (headers and a content-length body); returns its path.
-async fn read_request(sock: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    head.split_whitespace().nth(1).map(str::to_string)
-}
 
 /// A good stream: role chunk, three text chunks (the first split mid-JSON and mid-character across writes),
 /// a usage-only chunk, [DONE].
@@ -66,7 +38,7 @@ async fn good_stream(sock: &mut TcpStream) -> std::io::Result<()> {
 
 /// Behaviours cycled by arrival order on `/mixed`; `/good` is always good, `/slow` always slow.
 async fn respond(mut sock: TcpStream, n: usize) -> std::io::Result<()> {
-    let Some(path) = read_request(&mut sock).await else {
+    let Some(common::Request { path, .. }) = common::read_request(&mut sock).await else {
         return Ok(());
     };
     if path == "/keepalive" {
@@ -124,7 +96,7 @@ async fn keep_alive_then_drop(mut sock: TcpStream) -> std::io::Result<()> {
     );
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(body.as_bytes()).await?;
-    let _ = read_request(&mut sock).await;
+    let _ = common::read_request(&mut sock).await;
     Ok(()) // dropped: closed with the second request unanswered
 }
 

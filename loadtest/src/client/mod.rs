@@ -3,13 +3,14 @@
 //! The target modules ([`openai`], [`azureml`]) only build request bodies and read response JSON; this module
 //! owns the connection, the timeout, the status check and the SSE loop, and turns every failure into a
 //! [`RequestError`] with a stable kind, so a bad server is counted, never fatal. It keeps no statistics.
+//! [`Client::send_raw`] sends any body as it is and can hang up mid-stream, for soak mode's hostile clients.
 
 mod azureml;
 mod openai;
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -43,6 +44,19 @@ pub struct Sample {
     pub token_source: TokenSource,
     /// The server's `usage.prompt_tokens`, when given.
     pub prompt_tokens: Option<u64>,
+    /// The client closed the stream on purpose after [`RawRequest::disconnect_after`] text chunks; the
+    /// times and the token count (text chunks then) end there.
+    pub disconnected: bool,
+}
+
+/// One request as sent: its body (any bytes, so a malformed body can be sent too), whether the answer is
+/// read as a stream, and whether the client hangs up mid-stream.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub body: String,
+    pub stream: bool,
+    /// Close the connection once this many text chunks have arrived (a client that goes away mid-stream).
+    pub disconnect_after: Option<u64>,
 }
 
 /// A failed request. [`RequestError::kind`] is the label reports count by.
@@ -52,8 +66,12 @@ pub enum RequestError {
     Connect(String),
     #[error("no complete answer within the timeout")]
     Timeout,
-    #[error("HTTP {0}")]
-    Status(u16),
+    #[error("HTTP {code}")]
+    Status {
+        code: u16,
+        /// The answer's `Retry-After` header, when it had one.
+        retry_after: Option<String>,
+    },
     #[error("malformed response: {0}")]
     Malformed(String),
     #[error("stream ended before [DONE]")]
@@ -71,7 +89,7 @@ impl RequestError {
         match self {
             RequestError::Connect(_) => "connect".into(),
             RequestError::Timeout => "timeout".into(),
-            RequestError::Status(s) => format!("http_{s}"),
+            RequestError::Status { code, .. } => format!("http_{code}"),
             RequestError::Malformed(_) => "malformed".into(),
             RequestError::Incomplete => "incomplete_stream".into(),
             RequestError::ErrorEvent(_) => "error_event".into(),
@@ -184,25 +202,39 @@ impl Client {
         &self.url
     }
 
-    /// Sends `spec` and times it from `scheduled` (its planned send time, which may be earlier than now when
-    /// the sender fell behind: that delay is the server's too). Never panics on a bad answer.
+    /// The target's request body for `spec`, streamed or not (`/score` never streams).
+    pub fn body(&self, spec: &RequestSpec, stream: bool) -> Value {
+        match self.target {
+            Target::OpenaiChat | Target::OpenaiCompletions => openai::body(self.target, spec, &self.params, stream),
+            Target::AzuremlScore => azureml::body(spec, &self.params),
+        }
+    }
+
+    /// Sends `spec` as the run's parameters say and times it from `scheduled` (its planned send time, which
+    /// may be earlier than now when the sender fell behind: that delay is the server's too). Never panics on a
+    /// bad answer.
     pub async fn send(&self, spec: &RequestSpec, scheduled: Instant) -> Result<Sample, RequestError> {
+        let request = RawRequest {
+            body: self.body(spec, self.params.stream).to_string(),
+            stream: self.params.stream,
+            disconnect_after: None,
+        };
+        self.send_raw(&request, scheduled).await
+    }
+
+    /// Sends `request` as it is, timed like [`Client::send`].
+    pub async fn send_raw(&self, request: &RawRequest, scheduled: Instant) -> Result<Sample, RequestError> {
         let deadline = Instant::now() + self.timeout;
-        match tokio::time::timeout_at(deadline, self.exchange(spec, scheduled)).await {
+        match tokio::time::timeout_at(deadline, self.exchange(request, scheduled)).await {
             Ok(r) => r,
             Err(_) => Err(RequestError::Timeout),
         }
     }
 
-    async fn exchange(&self, spec: &RequestSpec, scheduled: Instant) -> Result<Sample, RequestError> {
-        let body = match self.target {
-            Target::OpenaiChat | Target::OpenaiCompletions => openai::body(self.target, spec, &self.params),
-            Target::AzuremlScore => azureml::body(spec, &self.params),
-        };
-        let body = body.to_string();
+    async fn exchange(&self, request: &RawRequest, scheduled: Instant) -> Result<Sample, RequestError> {
         let mut retried = false;
         let resp = loop {
-            match self.http.post(&self.url).body(body.clone()).send().await {
+            match self.http.post(&self.url).body(request.body.clone()).send().await {
                 Ok(resp) => break resp,
                 // A pooled keep-alive connection the server had just closed (llama.cpp's server does this): the
                 // request never reached it, so it is sent once more on a fresh connection, as browsers do.
@@ -213,10 +245,17 @@ impl Client {
             }
         };
         if !resp.status().is_success() {
-            return Err(RequestError::Status(resp.status().as_u16()));
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            return Err(RequestError::Status {
+                code: resp.status().as_u16(),
+                retry_after,
+            });
         }
-        if self.params.stream {
-            self.read_stream(resp, scheduled).await
+        if request.stream {
+            self.read_stream(resp, scheduled, request.disconnect_after).await
         } else {
             self.read_whole(resp, scheduled).await
         }
@@ -242,10 +281,18 @@ impl Client {
             output_tokens,
             token_source,
             prompt_tokens: piece.usage.and_then(|u| u.prompt_tokens),
+            disconnected: false,
         })
     }
 
-    async fn read_stream(&self, mut resp: reqwest::Response, scheduled: Instant) -> Result<Sample, RequestError> {
+    /// Reads an SSE answer to `[DONE]`, or, with `disconnect_after`, until that many text chunks have come and
+    /// then drops the response, which closes the connection under the server's feet.
+    async fn read_stream(
+        &self,
+        mut resp: reqwest::Response,
+        scheduled: Instant,
+        disconnect_after: Option<u64>,
+    ) -> Result<Sample, RequestError> {
         let mut parser = sse::Parser::new();
         let mut timing = StreamTiming::default();
         let mut usage = None;
@@ -282,6 +329,10 @@ impl Client {
                     timing.token_chunk(now);
                 }
             }
+            if !done && disconnect_after.is_some_and(|k| timing.chunks >= k) {
+                drop(resp);
+                return Ok(timing.sample(scheduled, None, true));
+            }
             if ended || done {
                 break;
             }
@@ -289,19 +340,7 @@ impl Client {
         if !done {
             return Err(RequestError::Incomplete);
         }
-        let e2e = scheduled.elapsed();
-        let (output_tokens, token_source) = match usage.and_then(|u| u.completion_tokens) {
-            Some(n) => (n, TokenSource::Usage),
-            None => (timing.chunks, TokenSource::Chunks),
-        };
-        Ok(Sample {
-            ttft: timing.first.map(|t| t.duration_since(scheduled)),
-            itl: timing.gaps,
-            e2e,
-            output_tokens,
-            token_source,
-            prompt_tokens: usage.and_then(|u| u.prompt_tokens),
-        })
+        Ok(timing.sample(scheduled, usage, false))
     }
 }
 
@@ -322,6 +361,23 @@ impl StreamTiming {
         self.first.get_or_insert(at);
         self.last = Some(at);
         self.chunks += 1;
+    }
+
+    /// The stream's sample, ending now; token counts from `usage` when the server gave them.
+    fn sample(self, scheduled: Instant, usage: Option<Usage>, disconnected: bool) -> Sample {
+        let (output_tokens, token_source) = match usage.and_then(|u| u.completion_tokens) {
+            Some(n) => (n, TokenSource::Usage),
+            None => (self.chunks, TokenSource::Chunks),
+        };
+        Sample {
+            ttft: self.first.map(|t| t.duration_since(scheduled)),
+            itl: self.gaps,
+            e2e: scheduled.elapsed(),
+            output_tokens,
+            token_source,
+            prompt_tokens: usage.and_then(|u| u.prompt_tokens),
+            disconnected,
+        }
     }
 }
 

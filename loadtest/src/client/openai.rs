@@ -9,14 +9,14 @@ use crate::cli::{GenParams, Target};
 use crate::workload::RequestSpec;
 
 /// The request body; streaming asks for the usage chunk so token counts come from the server.
-pub(super) fn body(target: Target, spec: &RequestSpec, p: &GenParams) -> Value {
+pub(super) fn body(target: Target, spec: &RequestSpec, p: &GenParams, stream: bool) -> Value {
     let mut b = match target {
         Target::OpenaiCompletions => json!({"prompt": spec.prompt.text()}),
         _ => json!({"messages": spec.prompt.messages()}),
     };
     b["max_tokens"] = json!(spec.max_tokens);
-    b["stream"] = json!(p.stream);
-    if p.stream {
+    b["stream"] = json!(stream);
+    if stream {
         b["stream_options"] = json!({"include_usage": true});
     }
     if p.ignore_eos {
@@ -84,13 +84,13 @@ mod tests {
     use super::*;
     use crate::workload::Prompt;
 
-    fn params(stream: bool) -> GenParams {
+    fn params() -> GenParams {
         GenParams {
             max_tokens: 8,
             ignore_eos: true,
             temperature: None,
             model: None,
-            stream,
+            stream: true,
             extra_body: Default::default(),
         }
     }
@@ -101,12 +101,12 @@ mod tests {
             prompt: Prompt::Text("hi".into()),
             max_tokens: 8,
         };
-        let b = body(Target::OpenaiChat, &spec, &params(true));
+        let b = body(Target::OpenaiChat, &spec, &params(), true);
         assert_eq!(b["messages"][0]["content"], "hi");
         assert_eq!(b["stream_options"]["include_usage"], true);
         assert_eq!(b["ignore_eos"], true);
         assert!(b.get("model").is_none());
-        let b = body(Target::OpenaiCompletions, &spec, &params(false));
+        let b = body(Target::OpenaiCompletions, &spec, &params(), false);
         assert_eq!(b["prompt"], "hi");
         assert!(b.get("stream_options").is_none());
     }
