@@ -8,7 +8,7 @@
 //! `parameters` maps `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`, `repetition_penalty`,
 //! `seed` (plus `stop`, `ignore_eos`, `return_full_text` for inputs); `do_sample: false` means greedy.
 
-use axum::extract::{Extension, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,6 +19,7 @@ use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput};
 use super::json::{string_list, ApiJson};
 use super::openai::{convert_messages, MessageIn};
+use super::query::ApiQuery;
 use super::types::{
     GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, MAX_TOKENS, TEMPERATURE,
 };
@@ -195,19 +196,15 @@ async fn run_scoring(state: &AppState, rid: &str, body: Result<Value, ApiError>)
 }
 
 /// `POST /score`.
-pub async fn score(
-    State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
-    body: Result<ApiJson<Value>, ApiError>,
-) -> Response {
+pub async fn score(State(state): State<AppState>, rid: RequestId, body: Result<ApiJson<Value>, ApiError>) -> Response {
     run_scoring(&state, &rid.0, body.map(|ApiJson(v)| v)).await
 }
 
 /// `GET /score?k=v...`: the query parameters become the JSON input, as in azmlinfsrv.
 pub async fn score_get(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
-    Query(params): Query<serde_json::Map<String, Value>>,
+    rid: RequestId,
+    ApiQuery(params): ApiQuery<serde_json::Map<String, Value>>,
 ) -> Response {
     run_scoring(&state, &rid.0, Ok(Value::Object(params))).await
 }
