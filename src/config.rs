@@ -14,6 +14,7 @@ use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
 use crate::model::files::{self, ModelNotFound};
 use crate::model::{ContentTokens, WeightFormat};
+use crate::server::transport::Limits;
 use crate::server::types::{GenerationDefaults, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_P};
 
 /// Where `make models` puts the default model.
@@ -55,9 +56,45 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_THREADS")]
     pub threads: Option<usize>,
 
-    /// Largest request body accepted, in bytes; larger bodies get 413.
+    /// Largest request body accepted, in bytes; larger bodies get 413 (at once, by their Content-Length, when
+    /// they declare one: an `Expect: 100-continue` client is not invited to upload).
     #[arg(long, env = "AMLSERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Seconds a client has to send a complete request head (request line and headers): counted from the
+    /// accept for a connection's first request, from the first byte for later ones; then the connection is
+    /// closed. Protects against clients that open connections and send their heads slowly or never
+    /// (slowloris), each holding a connection slot (--max-connections).
+    #[arg(long, env = "AMLSERVE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a request body has to arrive in full, counted from its head; then the request is answered 408
+    /// and its connection closed. Protects against bodies that trickle in, stop short of their Content-Length,
+    /// or are chunked and never end: each would hold a request open, and shutdown waits for open requests.
+    /// Only request bodies are timed, never responses (a long stream is not cut). At 30 s a body of 16 MiB
+    /// (the default --max-body-bytes) needs about 0.6 MB/s.
+    #[arg(long, env = "AMLSERVE_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+
+    /// Seconds a kept-alive connection may sit with no request in flight before the server closes it.
+    /// Protects against clients that hold idle connections, and connection slots, forever. Keep it above the
+    /// idle timeout of the proxy in front (Azure ML's gateway and load balancers reuse connections; 60 s is
+    /// common), so the proxy closes first and never sends a request down a connection being closed.
+    #[arg(long, env = "AMLSERVE_IDLE_TIMEOUT_SECS", default_value_t = 75)]
+    pub idle_timeout_secs: u64,
+
+    /// Most client connections open at once (the --metrics-port listener has as many of its own). Further
+    /// connections wait in the listen backlog until one closes (a proxy sees latency, not a refused
+    /// connection). Protects memory and file descriptors against connection floods; the timeouts above free
+    /// slots that stalled clients hold.
+    #[arg(long, env = "AMLSERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Most requests (streams) at once on one HTTP/2 connection; a client opening more waits. HTTP/2 is served
+    /// to clients that open with its preface (h2c, no TLS). Protects against one connection multiplexing
+    /// unbounded work onto the server.
+    #[arg(long, env = "AMLSERVE_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
 
     /// Most sequences generated together in one batched step. More raises throughput and per-token latency.
     #[arg(long, env = "AMLSERVE_MAX_BATCH_SIZE", default_value_t = 16)]
@@ -117,9 +154,15 @@ pub struct Args {
     pub log_format: LogFormat,
 
     /// Serve /metrics on this port too (e.g. one not exposed outside the cluster). When set, /metrics is
-    /// served only there.
+    /// served only there, on --metrics-host.
     #[arg(long, env = "AMLSERVE_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+
+    /// Address the --metrics-port listener binds. Loopback by default, so a separate metrics port is not
+    /// reachable from outside the host (or pod) unless asked for; in Kubernetes, where Prometheus scrapes the
+    /// pod IP, set 0.0.0.0 (deploy/kubernetes does).
+    #[arg(long, env = "AMLSERVE_METRICS_HOST", default_value = "127.0.0.1")]
+    pub metrics_host: IpAddr,
 
     /// On SIGTERM or Ctrl-C: readiness fails at once and new work is refused, in-flight requests (streams too)
     /// get this many seconds to finish, then the process exits 0. Match the platform's termination grace period.
@@ -127,7 +170,8 @@ pub struct Args {
     pub shutdown_grace_secs: u64,
 
     /// Require this key on every route except /, /health and /metrics, as `Authorization: Bearer <key>` or
-    /// `api-key: <key>`. For use outside Azure ML, whose gateway checks keys itself.
+    /// `api-key: <key>`. For use outside Azure ML, whose gateway checks keys itself. An empty key (or one with
+    /// spaces around it, which no header can carry) is refused at start rather than leaving the routes open.
     #[arg(long, env = "AMLSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -202,6 +246,9 @@ pub struct Config {
     /// What requests get for the sampling fields they leave out.
     pub generation: GenerationDefaults,
     pub metrics_port: Option<u16>,
+    pub metrics_host: IpAddr,
+    /// Connection limits and timeouts (`--header-read-timeout-secs` ... `--max-concurrent-streams`).
+    pub transport: Limits,
     pub shutdown_grace: Duration,
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
@@ -220,6 +267,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The API key as given, unless it is set but could never be matched: an empty value (e.g. an unfilled
+/// `AMLSERVE_API_KEY=`) would otherwise leave every route open without a word.
+fn checked_api_key(key: Option<String>) -> Result<Option<String>, ConfigError> {
+    let refuse = |why: &str| Err(ConfigError::Invalid(format!("--api-key / AMLSERVE_API_KEY {why}")));
+    match key {
+        Some(k) if k.trim().is_empty() => {
+            refuse("is set but empty, which would leave every route open: set a key, or unset it to serve without one")
+        }
+        Some(k) if k.trim() != k => refuse("has spaces around it, which no client can send in a header: remove them"),
+        k => Ok(k),
+    }
+}
+
 impl Args {
     /// Checks the settings and resolves the model path.
     pub fn validate(self) -> Result<Config, ConfigError> {
@@ -232,10 +292,22 @@ impl Args {
             ("--max-waiting", self.max_waiting),
             ("--embedding-max-batch-tokens", self.embedding_max_batch_tokens),
             ("--embedding-max-waiting", self.embedding_max_waiting),
+            ("--max-connections", self.max_connections),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
         }
+        // A zero timeout would close every connection at once; there is no "off".
+        let positive_u64 = [
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--body-read-timeout-secs", self.body_read_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
+            ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
+        ];
+        if let Some((name, _)) = positive_u64.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+        }
+        let api_key = checked_api_key(self.api_key)?;
         if self.max_batch_tokens < self.max_batch_size {
             return Err(ConfigError::Invalid(format!(
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): each running sequence needs a token per step",
@@ -316,8 +388,16 @@ impl Args {
                 repetition_penalty: self.default_repetition_penalty,
             },
             metrics_port: self.metrics_port,
+            metrics_host: self.metrics_host,
+            transport: Limits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                max_connections: self.max_connections,
+                max_concurrent_streams: self.max_concurrent_streams,
+            },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key,
             cors_origins: self
                 .cors_origins
                 .map(|o| {

@@ -1,8 +1,10 @@
 //! Prometheus metrics for HTTP traffic and generation, named after vLLM's with an `amlserve_` prefix.
 //!
 //! One [`Metrics`] is made at start and shared by the server (HTTP metrics, scrape) and the engine thread
-//! (token timings, queue, batch sizes, outcomes). Histograms have explicit buckets. Routes are labelled by the
-//! matched route template, never the raw URI, so label cardinality stays bounded.
+//! (token timings, queue, batch sizes, outcomes). Histograms have explicit buckets. Every label takes values
+//! from a fixed set, whatever clients send: routes are the matched route template (`unmatched` otherwise, never
+//! the raw URI), methods the standard ones (`other` otherwise, `server::access::method_label`), statuses the ones the
+//! server answers, reasons and outcomes the constants below.
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -35,6 +37,8 @@ pub struct Metrics {
     pub grammar_compile: Histogram,
     /// The embedding engine's metrics.
     pub embedding: EmbeddingMetrics,
+    /// The HTTP connection loop's metrics.
+    pub connections: ConnectionMetrics,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -148,6 +152,7 @@ impl Metrics {
                 LATENCY_BUCKETS,
             ),
             embedding: EmbeddingMetrics::new(),
+            connections: ConnectionMetrics::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.http_requests.clone()),
@@ -169,7 +174,8 @@ impl Metrics {
             Box::new(m.constraint_mask.clone()),
             Box::new(m.grammar_compile.clone()),
         ];
-        for c in collectors.into_iter().chain(m.embedding.collectors()) {
+        let more = m.embedding.collectors().into_iter().chain(m.connections.collectors());
+        for c in collectors.into_iter().chain(more) {
             m.registry.register(c).expect("unique metric names");
         }
         for reason in OUTCOMES {
@@ -188,6 +194,48 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Why the connection loop closed a connection, as the `timeout` label of
+/// `amlserve_http_connections_timed_out_total`.
+pub const CONNECTION_TIMEOUTS: &[&str] = &["header_read", "idle"];
+
+/// Metrics of the HTTP connection loop (the main listener and `--metrics-port` together).
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections open.
+    pub open: IntGauge,
+    /// Connections closed because the client sent no complete request head in time, or sat idle.
+    pub timed_out: IntCounterVec,
+}
+
+impl ConnectionMetrics {
+    fn new() -> Self {
+        let m = Self {
+            open: IntGauge::new(
+                "amlserve_http_connections_open",
+                "Client connections open (bounded by --max-connections per listener).",
+            )
+            .expect("valid gauge"),
+            timed_out: IntCounterVec::new(
+                Opts::new(
+                    "amlserve_http_connections_timed_out_total",
+                    "Connections closed by the server because the client stalled: no complete request head in time \
+                     (header_read) or idle past --idle-timeout-secs (idle).",
+                ),
+                &["timeout"],
+            )
+            .expect("valid counter"),
+        };
+        for t in CONNECTION_TIMEOUTS {
+            m.timed_out.with_label_values(&[t]);
+        }
+        m
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.open.clone()), Box::new(self.timed_out.clone())]
     }
 }
 

@@ -3,13 +3,19 @@
 //! `x-request-id` is read (or a uuid4 generated) and echoed; `x-ms-client-request-id` is echoed;
 //! `x-ms-request-id` carries the client request id if sent, else the request id. An id over 100 characters
 //! is refused with 431, as azmlinfsrv does. The ids are logged on the access line so the endpoint's traffic
-//! log can be joined with the console log.
+//! log can be joined with the console log; since they come from clients, only ids of letters, digits and
+//! `-_.:/+` are taken (GUIDs, trace ids): any other character (a space, `=`, a quote) could forge `key=value`
+//! fields in the text log, so such an id counts as not sent (a fresh `x-request-id` is generated).
+//!
+//! Metric labels are bounded whatever clients send: the matched route template (`unmatched` for no route)
+//! and [`method_label`].
 
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -41,16 +47,55 @@ impl TokenCounts {
     }
 }
 
-/// The ids of the request being served; handlers read it from the request extensions.
+/// The id of the request being served; handlers take it as an extractor (the middleware below sets it).
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .filter(|s| !s.is_empty())
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<RequestId>().cloned().ok_or_else(|| {
+            ApiError::internal("the request has no id: the access middleware is not installed")
+                .in_dialect(Dialect::for_path(parts.uri.path()))
+        })
+    }
+}
+
+/// The `method` label of a request: the standard methods by name, any other (a client may send any token) as
+/// `other`, so traffic cannot grow the label set.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// Whether a client-sent id can be logged and echoed as it is.
+fn is_safe_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:/+".contains(b))
+}
+
+/// A client-sent id header: 431 when too long, `None` when absent or not [`is_safe_id`].
+fn sent_id(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    if v.len() > MAX_ID_LEN {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("header {name} is longer than {MAX_ID_LEN} characters"),
+        ));
+    }
+    Ok(is_safe_id(v.as_bytes()).then(|| String::from_utf8_lossy(v.as_bytes()).into_owned()))
 }
 
 /// Keeps `work` (shutdown's count of open requests) alive until a streamed response has been sent or dropped;
@@ -74,24 +119,21 @@ fn hold_until_sent(resp: Response, work: TaskTrackerToken) -> Response {
 /// Middleware: request ids, server version header, HTTP metrics, access log.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let dialect = Dialect::for_path(req.uri().path());
     let headers = req.headers();
-    for name in [&X_REQUEST_ID, &X_MS_CLIENT_REQUEST_ID] {
-        if headers.get(name).is_some_and(|v| v.len() > MAX_ID_LEN) {
-            let err = ApiError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("header {name} is longer than {MAX_ID_LEN} characters"),
-            );
-            return err.in_dialect(dialect).into_response();
-        }
-    }
-    let request_id = header_str(headers, &X_REQUEST_ID).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let client_id = header_str(headers, &X_MS_CLIENT_REQUEST_ID);
+    let (request_id, client_id) = match (
+        sent_id(headers, &X_REQUEST_ID),
+        sent_id(headers, &X_MS_CLIENT_REQUEST_ID),
+    ) {
+        (Ok(r), Ok(c)) => (r, c),
+        (Err(e), _) | (_, Err(e)) => return e.in_dialect(dialect).into_response(),
+    };
+    let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
     let metrics = state.metrics();
@@ -103,11 +145,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let elapsed = started.elapsed().as_secs_f64();
     metrics
         .http_duration
-        .with_label_values(&[route.as_str(), method.as_str()])
+        .with_label_values(&[route.as_str(), method])
         .observe(elapsed);
     metrics
         .http_requests
-        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .with_label_values(&[route.as_str(), method, resp.status().as_str()])
         .inc();
     let h = resp.headers_mut();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
@@ -126,11 +168,33 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         prompt_tokens = tokens.map(|t| t.prompt),
         generated_tokens = tokens.map(|t| t.completion),
         client_request_id = client_id.as_deref().unwrap_or(""),
-        %method,
+        method = %method,
         route = %route,
         status = resp.status().as_u16(),
         latency_ms = elapsed * 1000.0,
         "request"
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_forge_log_fields_are_not_taken() {
+        for ok in ["abc", "0f8fad5b-d9cb-469f-a165-70867728950e", "trace:1/2+x_y.z"] {
+            assert!(is_safe_id(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "a b", "x status=200", "a\"b", "k=v", "tab\there", "ünï"] {
+            assert!(!is_safe_id(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_safe_id("x".repeat(MAX_ID_LEN + 1).as_bytes()));
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        assert_eq!(method_label(&Method::from_bytes(b"XYZZY").unwrap()), "other");
+    }
 }

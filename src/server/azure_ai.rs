@@ -5,7 +5,7 @@
 //! `drop` removes them; `pass-through` hands them to the model (amlserve honours `top_k`, `min_p`,
 //! `repetition_penalty` and `ignore_eos`). `api-version` is accepted and not checked.
 
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
@@ -57,7 +57,7 @@ fn extra_parameters(headers: &HeaderMap) -> Result<ExtraParameters, ApiError> {
 /// `POST /chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
+    rid: RequestId,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {

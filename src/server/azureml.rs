@@ -8,7 +8,7 @@
 //! `parameters` maps `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`, `repetition_penalty`,
 //! `seed` (plus `stop`, `ignore_eos`, `return_full_text` for inputs); `do_sample: false` means greedy.
 
-use axum::extract::{Extension, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -23,6 +23,7 @@ use super::error::{ApiError, Dialect};
 use super::generate::{self, PromptInput, SamplingInput, StopInput, StopStrings};
 use super::json::ApiJson;
 use super::openai::{convert_messages, MessageIn};
+use super::query::ApiQuery;
 use super::types::{
     GeneratedText, ScoreChatOutput, ScoreParameters, ScoreResponse, ScoreTextOutput, MAX_TOKENS, TEMPERATURE,
 };
@@ -299,7 +300,7 @@ async fn run_scoring(state: &AppState, rid: &str, body: Result<Box<RawValue>, Ap
 /// `POST /score`.
 pub async fn score(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
+    rid: RequestId,
     body: Result<ApiJson<Box<RawValue>>, ApiError>,
 ) -> Response {
     run_scoring(&state, &rid.0, body.map(|ApiJson(v)| v)).await
@@ -308,8 +309,8 @@ pub async fn score(
 /// `GET /score?k=v...`: the query parameters become the JSON input, as in azmlinfsrv.
 pub async fn score_get(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
-    Query(params): Query<serde_json::Map<String, Value>>,
+    rid: RequestId,
+    ApiQuery(params): ApiQuery<serde_json::Map<String, Value>>,
 ) -> Response {
     let body = RawValue::from_string(Value::Object(params).to_string()).map_err(ApiError::internal);
     run_scoring(&state, &rid.0, body).await

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::{Extension, Json};
+use axum::Json;
 use base64::Engine as _;
 use serde_json::Value;
 
@@ -42,7 +42,7 @@ fn inputs(v: Value) -> Result<Vec<String>, ApiError> {
 /// Both embeddings routes.
 pub async fn embeddings(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
+    rid: RequestId,
     ApiJson(req): ApiJson<EmbeddingsRequest>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
     let ready = state.ready()?;

@@ -71,6 +71,14 @@ impl ApiError {
         }
     }
 
+    /// 413 for a body over `--max-body-bytes` (declared by its Content-Length, or counted while read).
+    pub fn body_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the server accepts (--max-body-bytes)",
+        )
+    }
+
     /// 503 while the model is loading or the engine is down.
     pub fn not_ready(message: impl Into<String>) -> Self {
         Self {
@@ -119,7 +127,7 @@ impl ApiError {
             400 | 404 | 405 | 413 | 415 | 422 | 431 => "invalid_request_error",
             401 => "authentication_error",
             429 => "rate_limit_error",
-            504 => "timeout_error",
+            408 | 504 => "timeout_error",
             _ => "server_error",
         }
     }

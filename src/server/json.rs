@@ -1,12 +1,22 @@
 //! A JSON body extractor whose rejections are [`ApiError`]s in the route's dialect, so malformed JSON, wrong
-//! field types and oversized bodies get a clear 400 / 413 in the same shape as every other error.
+//! field types and oversized bodies get a clear 400 / 413 in the same shape as every other error, a body that
+//! does not arrive in time a 408, and a body not declared as JSON a 415.
+//!
+//! The content type is required so that a browser cannot post to a generation route cross-site without a
+//! CORS preflight: a form or a `no-cors` fetch can only send `text/plain`, `multipart/form-data`,
+//! `application/x-www-form-urlencoded` or no content type at all.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, Dialect};
+use super::transport::body::timed_out;
+
+/// Longest content type quoted back in a 415.
+const MAX_QUOTED: usize = 100;
 
 /// `Json<T>` with our error responses.
 pub struct ApiJson<T>(pub T);
@@ -16,17 +26,51 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let dialect = Dialect::for_path(req.uri().path());
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            let msg = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                "request body is larger than the server accepts (--max-body-bytes)".to_string()
-            } else {
-                r.body_text()
-            };
-            ApiError::new(r.status(), msg).in_dialect(dialect)
-        })?;
+        require_json(req.headers()).map_err(|e| e.in_dialect(dialect))?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| unread(&r).in_dialect(dialect))?;
         parse(&bytes).map(ApiJson).map_err(|e| e.in_dialect(dialect))
     }
 }
+
+/// 415 unless the request says its body is JSON: `application/json` or `application/<anything>+json`, with
+/// any parameters (`; charset=utf-8`).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let unsupported = |msg: String| Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg));
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return unsupported(
+            "the request has no Content-Type; send the JSON body with Content-Type: application/json".into(),
+        );
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .and_then(|sub| sub.strip_suffix("+json"))
+            .is_some_and(|s| !s.is_empty() && !s.contains('/'));
+    if json {
+        return Ok(());
+    }
+    let quoted: String = text.chars().take(MAX_QUOTED).collect();
+    let more = if text.chars().count() > MAX_QUOTED { "..." } else { "" };
+    unsupported(format!(
+        "Content-Type '{quoted}{more}' is not JSON; send the JSON body with Content-Type: application/json"
+    ))
+}
+
+/// The error for a body that could not be read whole.
+fn unread(r: &BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::body_too_large();
+    }
+    if let Some(t) = timed_out(r) {
+        return ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string());
+    }
+    ApiError::new(r.status(), r.body_text())
+}
+
 
 /// Most JSON objects one body may hold. Parsed into a tree, a small object costs a few hundred bytes however
 /// few bytes it was sent in; real bodies (messages, content parts, tool schemas) hold hundreds.
@@ -118,5 +162,46 @@ mod tests {
         assert!(err.message.contains("too many JSON values"), "{}", err.message);
         let ok = format!("[{}]", vec!["{}"; 100].join(","));
         assert!(parse::<serde_json::Value>(ok.as_bytes()).is_ok());
+    }
+
+    fn with_type(ct: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn json_content_types_are_accepted() {
+        for ct in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON;charset=UTF-8",
+            "application/vnd.api+json",
+            "application/merge-patch+json ; q=1",
+        ] {
+            assert!(require_json(&with_type(ct)).is_ok(), "{ct}");
+        }
+    }
+
+    #[test]
+    fn other_content_types_are_415_naming_what_was_sent() {
+        for ct in [
+            "text/plain",
+            "text/plain;charset=UTF-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/+json",
+            "text/json",
+            "application/jsonp",
+        ] {
+            let e = require_json(&with_type(ct)).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+            assert!(e.message.contains(ct), "{}", e.message);
+        }
+        let e = require_json(&HeaderMap::new()).unwrap_err();
+        assert!(e.message.contains("no Content-Type"), "{}", e.message);
+        let long = format!("text/{}", "x".repeat(500));
+        let e = require_json(&with_type(&long)).unwrap_err();
+        assert!(e.message.len() < 250, "{}", e.message);
     }
 }

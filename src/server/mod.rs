@@ -1,7 +1,8 @@
 //! The HTTP side: the Azure ML scoring contract and OpenAI-compatible routes in front of the engine.
 //!
 //! [`router`] builds the axum app from an [`AppState`]; [`serve`] runs it on a listener until a shutdown
-//! future resolves; [`run`] is the whole server (bind first, load the model in the background, then serve).
+//! future resolves (the connection loop, its limits and timeouts are in `transport`); [`run`] is the whole
+//! server (bind first, load the model in the background, then serve).
 //! The server listens while the model loads: liveness (`/`) answers at once, readiness (`/health`) only once
 //! the model is loaded and the engine thread is alive.
 
@@ -9,6 +10,7 @@ pub mod access;
 mod auth;
 mod azure_ai;
 mod azureml;
+mod body_limit;
 mod embeddings;
 pub mod error;
 mod generate;
@@ -17,12 +19,13 @@ mod logprobs;
 mod openai;
 mod openapi;
 mod output;
+mod query;
 mod sse;
 mod tokenize;
 mod tools;
+pub mod transport;
 pub mod types;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -44,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
 use crate::model::{ContentTokens, Model};
 use error::{ApiError, Dialect};
+pub use transport::{serve, Limits};
 use types::{Health, HealthStatus};
 
 /// What exists once the model is loaded.
@@ -247,6 +251,10 @@ pub fn router(state: AppState, options: &RouterOptions) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            options.max_body_bytes,
+            body_limit::layer,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer));
     if let Some(cors) = cors_layer(&options.cors_origins) {
         app = app.layer(cors);
@@ -258,15 +266,6 @@ pub fn router(state: AppState, options: &RouterOptions) -> Router {
 /// A router serving only `/metrics` (for `--metrics-port`).
 pub fn metrics_router(state: AppState) -> Router {
     Router::new().route("/metrics", get(metrics)).with_state(state)
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -298,14 +297,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "listening");
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(metrics.clone(), config.api_key.clone());
+    let connections = metrics.connections.clone();
     if let Some(port) = config.metrics_port {
-        let maddr = SocketAddr::new(config.host, port);
+        let maddr = SocketAddr::new(config.metrics_host, port);
         let ml = TcpListener::bind(maddr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {maddr}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot listen on {maddr} (--metrics-host, --metrics-port): {e}"))?;
         tracing::info!(address = %ml.local_addr()?, "metrics listening");
         let app = metrics_router(state.clone());
-        tokio::spawn(async move { axum::serve(ml, app).await });
+        // Its own connection slots, so traffic on the main port cannot keep scrapes out; it stops with the process.
+        let serving = serve(ml, app, config.transport, connections.clone(), std::future::pending());
+        tokio::spawn(serving);
     }
     let loader_state = state.clone();
     let loader_config = config.clone();
@@ -317,7 +319,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let app = router(state.clone(), &options);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, app, async move {
+    let server = tokio::spawn(serve(listener, app, config.transport, connections, async move {
         let _ = stop_rx.await;
     }));
     shutdown_signal().await;

@@ -1,6 +1,6 @@
 //! OpenAI-compatible routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
@@ -366,7 +366,7 @@ impl ChunkShape for ChatShape {
 /// `POST /v1/chat/completions` (JSON or SSE).
 pub async fn chat_completions(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
+    rid: RequestId,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     refuse_unrecognized(&req.other, Body::Chat)?;
@@ -532,7 +532,7 @@ fn prompts(v: Option<Value>) -> Result<Vec<String>, ApiError> {
 /// `POST /v1/completions` (JSON or SSE); a list of prompts gives one choice each.
 pub async fn completions(
     State(state): State<AppState>,
-    Extension(rid): Extension<RequestId>,
+    rid: RequestId,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     refuse_unrecognized(&req.other, Body::Completion)?;

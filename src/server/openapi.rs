@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -21,6 +21,7 @@ use utoipa::openapi::{Content, OpenApi as Document, Paths, Ref, RefOr, Required,
 use utoipa::{OpenApi, ToSchema};
 
 use super::error::{ApiError, Dialect};
+use super::query::ApiQuery;
 use super::types::{
     AzureChatRequest, AzureMlError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest,
     DetokenizeRequest, DetokenizeResponse, EmbeddingsRequest, EmbeddingsResponse, Health, MessageIn, ModelInfo,
@@ -142,6 +143,12 @@ fn ok_json(description: &str, body: RefOr<Schema>) -> ResponseBuilder {
         .content("application/json", json(body))
 }
 
+/// Statuses every JSON-body operation may answer besides its own (see `json.rs` and the transport).
+const BODY_ERRORS: &[(u16, &str)] = &[
+    (408, "The body did not arrive within --body-read-timeout-secs"),
+    (415, "The body is not declared as JSON (Content-Type: application/json)"),
+];
+
 /// An operation taking a JSON body, answering in `error_body`'s shape.
 fn post(
     id: &str,
@@ -160,7 +167,7 @@ fn post(
                 .content("application/json", json(body))
                 .build(),
         ))
-        .responses(responses(ok, errors, error_body))
+        .responses(responses(ok, &[errors, BODY_ERRORS].concat(), error_body))
 }
 
 fn get(id: &str, summary: &str, responses: Responses) -> OperationBuilder {
@@ -252,6 +259,7 @@ fn paths() -> Paths {
             .into(),
     );
     for (status, why) in [
+        (400, "The query string is malformed (e.g. version given twice)"),
         (404, "That swagger version is not served"),
         (401, "An API key is required (--api-key) and was not sent"),
     ] {
@@ -484,7 +492,7 @@ pub fn served(embedding_dim: Option<usize>, vocab_size: Option<usize>) -> serde_
 /// `GET /swagger.json[?version=3]`.
 pub async fn swagger(
     State(state): State<AppState>,
-    Query(q): Query<SwaggerQuery>,
+    ApiQuery(q): ApiQuery<SwaggerQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match q.version.as_deref() {
         None | Some("3") => {

@@ -31,10 +31,13 @@ impl Server {
         s
     }
 
-    /// Starts the server without waiting for readiness.
+    /// Starts the server without waiting for readiness (on 127.0.0.1 unless `extra` has `--host`).
     pub fn spawn(extra: &[&str]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_amlserve"));
-        cmd.args(["--host", "127.0.0.1", "--port", "0"]);
+        cmd.args(["--port", "0"]);
+        if !extra.contains(&"--host") {
+            cmd.args(["--host", "127.0.0.1"]);
+        }
         if !extra.contains(&"--model") {
             cmd.arg("--model").arg(model_path());
         }

@@ -204,6 +204,17 @@ def check_k8s(docs):
             check(c[p].get("timeoutSeconds", 1) < c[p].get("periodSeconds", 10), f"{p}: timeout >= period")
     pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    if env.get("AMLSERVE_METRICS_PORT"):
+        # The metrics listener binds loopback unless AMLSERVE_METRICS_HOST says otherwise; Prometheus scrapes the pod IP.
+        host = env.get("AMLSERVE_METRICS_HOST", "127.0.0.1")
+        check(host not in ("127.0.0.1", "::1", "localhost"),
+              f"AMLSERVE_METRICS_PORT is set but the metrics listener binds {host}: set AMLSERVE_METRICS_HOST=0.0.0.0 "
+              "so Prometheus can scrape the pod IP")
+        mport = int(env["AMLSERVE_METRICS_PORT"])
+        check(mport in ports.values(), f"AMLSERVE_METRICS_PORT {mport} is not a declared container port: {ports}")
+        annotated = dep["spec"]["template"]["metadata"].get("annotations", {}).get("prometheus.io/port")
+        check(annotated is None or int(annotated) == mport,
+              f"prometheus.io/port {annotated} is not AMLSERVE_METRICS_PORT {mport}")
     grace = int(env.get("AMLSERVE_SHUTDOWN_GRACE_SECS", SERVER_SHUTDOWN_GRACE_SECS))
     tgp = pod.get("terminationGracePeriodSeconds", 30)
     check(tgp > pre_stop + grace,
