@@ -175,13 +175,8 @@ fn summary_lines(r: &SoakResult) -> Vec<String> {
     let mut out = Vec::new();
     out.push(match &r.rss_growth {
         Some(g) => format!(
-            "RSS: {:.1} MiB at the end of the warm-up ({:.0} s), {:.1} MiB at the end of the load ({:.0} s): {:+.1} MiB ({:+.2}%); peak {:.1} MiB; after the drain {}.",
-            g.warmup_end_bytes as f64 / MIB,
-            g.warmup_end_s,
-            g.end_bytes as f64 / MIB,
-            g.end_s,
-            g.growth_bytes as f64 / MIB,
-            g.growth_pct,
+            "RSS from the end of the warm-up to the end of the load: {}; peak {:.1} MiB; after the drain {}.",
+            g.describe(),
             g.peak_bytes as f64 / MIB,
             r.drain.rss_bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / MIB)),
         ),

@@ -33,6 +33,21 @@ pub struct Warmup {
 
 /// RSS growth from the end of the warm-up to the last reading under load; `None` without RSS readings on
 /// both sides (the warm-up ended too late, or there is no RSS source).
+impl RssGrowth {
+    /// "A MiB at t0 s -> B MiB at t1 s: +C MiB (+D%)".
+    pub fn describe(&self) -> String {
+        format!(
+            "{:.1} MiB at {:.0} s -> {:.1} MiB at {:.0} s: {:+.1} MiB ({:+.1}%)",
+            self.warmup_end_bytes as f64 / MIB,
+            self.warmup_end_s,
+            self.end_bytes as f64 / MIB,
+            self.end_s,
+            self.growth_bytes as f64 / MIB,
+            self.growth_pct
+        )
+    }
+}
+
 pub fn rss_growth(readings: &[Reading], warmup: Warmup) -> Option<RssGrowth> {
     let under_load: Vec<(f64, u64)> = readings
         .iter()
@@ -191,16 +206,7 @@ pub fn verdict(e: Evidence) -> Verdict {
         Some(g) => rule(
             "rss_flat",
             g.growth_pct <= e.max_rss_growth,
-            format!(
-                "{:.1} MiB at {:.0} s -> {:.1} MiB at {:.0} s: {:+.1} MiB ({:+.1}%, limit +{}%)",
-                g.warmup_end_bytes as f64 / MIB,
-                g.warmup_end_s,
-                g.end_bytes as f64 / MIB,
-                g.end_s,
-                g.growth_bytes as f64 / MIB,
-                g.growth_pct,
-                e.max_rss_growth
-            ),
+            format!("{} (limit +{}%)", g.describe(), e.max_rss_growth),
         ),
         None => Rule {
             name: "rss_flat",
