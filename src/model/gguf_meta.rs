@@ -33,6 +33,11 @@ impl Metadata<'_> {
         ModelError::Metadata(format!("GGUF metadata '{key}' is not {want}"))
     }
 
+    /// Whether the table has `key` at all (whatever its type).
+    pub fn has(&self, key: &str) -> bool {
+        self.0.metadata.contains_key(key)
+    }
+
     /// A required string value.
     pub fn string(&self, key: &str) -> Result<String, ModelError> {
         match self.get(key)? {

@@ -17,6 +17,13 @@ use super::rope::RopeTable;
 use super::weights::{self, FusedLinear, Linear, WeightFormat};
 use super::ModelError;
 
+/// Longest context accepted from a GGUF: the rotary table built at load holds `context_length x head_dim`
+/// f32s (512 MiB at head_dim 128), so a corrupt length must not size it. Million-token models fit.
+pub const MAX_CONTEXT_LENGTH: usize = 1 << 20;
+
+/// Tensors each transformer block needs (norms, q, k, v, output, gate, up, down).
+const TENSORS_PER_LAYER: usize = 9;
+
 /// Hyper-parameters read from the GGUF.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -45,13 +52,7 @@ impl LlamaConfig {
         let n_head = md.u32(&key("attention.head_count"))? as usize;
         let hidden = md.u32(&key("embedding_length"))? as usize;
         let head_dim = hidden / n_head.max(1);
-        let rope_dim = md.opt_u32(&key("rope.dimension_count")).map(|d| d as usize);
-        if rope_dim.is_some_and(|d| d != head_dim) {
-            return Err(ModelError::Metadata(
-                "partial rotary embeddings are not supported".into(),
-            ));
-        }
-        Ok(Self {
+        let config = Self {
             n_layer: md.u32(&key("block_count"))? as usize,
             n_head,
             n_kv_head: md
@@ -63,7 +64,61 @@ impl LlamaConfig {
             rope_base: md.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
             rms_eps: f64::from(md.f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5)),
             vocab_size: md.string_array("tokenizer.ggml.tokens")?.len(),
-        })
+        };
+        config
+            .check()
+            .map_err(|m| ModelError::Metadata(format!("{arch}.*: {m}")))?;
+        let rope_dim = md.opt_u32(&key("rope.dimension_count")).map(|d| d as usize);
+        if rope_dim.is_some_and(|d| d != head_dim) {
+            return Err(ModelError::Metadata(
+                "partial rotary embeddings are not supported".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// What makes these hyper-parameters unusable, if anything: the forward pass and the tables built at
+    /// load rely on every one of these.
+    fn check(&self) -> Result<(), String> {
+        let (heads, kv_heads, hidden) = (self.n_head, self.n_kv_head, self.hidden);
+        if heads == 0 || hidden == 0 || !hidden.is_multiple_of(heads) {
+            return Err(format!(
+                "embedding_length {hidden} does not split into {heads} attention heads"
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "the head size {} is odd: rotary embeddings rotate pairs",
+                self.head_dim
+            ));
+        }
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(format!(
+                "{heads} attention heads do not share {kv_heads} key/value heads evenly"
+            ));
+        }
+        if self.n_layer == 0 {
+            return Err("block_count is 0".into());
+        }
+        if self.context_length == 0 || self.context_length > MAX_CONTEXT_LENGTH {
+            return Err(format!(
+                "context_length {} is outside 1..={MAX_CONTEXT_LENGTH}",
+                self.context_length
+            ));
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
+            return Err(format!("rope.freq_base {} is not a positive number", self.rope_base));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return Err(format!(
+                "attention.layer_norm_rms_epsilon {} is not a non-negative number",
+                self.rms_eps
+            ));
+        }
+        if self.vocab_size == 0 {
+            return Err("the vocabulary is empty".into());
+        }
+        Ok(())
     }
 
     /// Shape of the per-token KV entries.
@@ -87,6 +142,60 @@ struct Layer {
     /// Width of each of gate and up.
     ffn_width: usize,
     w_down: Linear,
+}
+
+/// Fails unless tensor `name` is in the file with shape `dims` (candle's order: rows, then columns).
+fn expect_shape(content: &gguf_file::Content, name: &str, dims: &[usize]) -> Result<(), ModelError> {
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| ModelError::Metadata(format!("the GGUF has no tensor '{name}'")))?;
+    if info.shape.dims() != dims {
+        return Err(ModelError::Metadata(format!(
+            "tensor '{name}' has shape {:?}, the hyper-parameters need {dims:?}",
+            info.shape.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every weight's shape against the hyper-parameters before any is read, so a file whose tensors
+/// disagree with its metadata fails at load with the tensor named, not inside a matmul at the first request.
+fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<(), ModelError> {
+    let tensors = content.tensor_infos.len();
+    if cfg.n_layer > tensors / TENSORS_PER_LAYER {
+        return Err(ModelError::Metadata(format!(
+            "block_count {} needs {TENSORS_PER_LAYER} tensors per block; the file has {tensors} tensors",
+            cfg.n_layer
+        )));
+    }
+    let (hidden, vocab) = (cfg.hidden, cfg.vocab_size);
+    let (q_rows, kv_rows) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+    expect_shape(content, "token_embd.weight", &[vocab, hidden])?;
+    if content.tensor_infos.contains_key("output.weight") {
+        expect_shape(content, "output.weight", &[vocab, hidden])?;
+    }
+    expect_shape(content, "output_norm.weight", &[hidden])?;
+    for i in 0..cfg.n_layer {
+        let t = |name: &str| format!("blk.{i}.{name}.weight");
+        for norm in ["attn_norm", "ffn_norm"] {
+            expect_shape(content, &t(norm), &[hidden])?;
+        }
+        expect_shape(content, &t("attn_q"), &[q_rows, hidden])?;
+        expect_shape(content, &t("attn_k"), &[kv_rows, hidden])?;
+        expect_shape(content, &t("attn_v"), &[kv_rows, hidden])?;
+        expect_shape(content, &t("attn_output"), &[hidden, q_rows])?;
+        let ffn = content
+            .tensor_infos
+            .get(&t("ffn_gate"))
+            .and_then(|info| info.shape.dims().first().copied())
+            .filter(|&w| w > 0)
+            .ok_or_else(|| ModelError::Metadata(format!("tensor '{}' is missing or empty", t("ffn_gate"))))?;
+        expect_shape(content, &t("ffn_gate"), &[ffn, hidden])?;
+        expect_shape(content, &t("ffn_up"), &[ffn, hidden])?;
+        expect_shape(content, &t("ffn_down"), &[hidden, ffn])?;
+    }
+    Ok(())
 }
 
 /// The tokens one sequence contributes to a step.
@@ -127,6 +236,7 @@ impl Llama {
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
+        check_shapes(content, &config)?;
         let hd = config.head_dim;
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(config.n_layer);
@@ -141,9 +251,6 @@ impl Llama {
             let (gate, up) = (format!("{p}.ffn_gate.weight"), format!("{p}.ffn_up.weight"));
             let gate_up = FusedLinear::load(content, reader, &[(&gate, false), (&up, false)], hd, format)?;
             let ffn_width = gate_up.widths()[0];
-            if gate_up.widths() != [ffn_width, ffn_width] {
-                return Err(ModelError::Metadata(format!("{gate} and {up} differ in output width")));
-            }
             let wo = weights::load_linear(content, reader, &format!("{p}.attn_output.weight"), format)?;
             let w_down = weights::load_linear(content, reader, &format!("{p}.ffn_down.weight"), format)?;
             weight_bytes += qkv.bytes() + gate_up.bytes() + wo.bytes() + w_down.bytes();

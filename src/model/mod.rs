@@ -8,6 +8,7 @@ pub mod chat_template;
 pub mod content_text;
 pub mod embedding;
 pub mod files;
+pub mod gguf_header;
 pub mod gguf_meta;
 pub mod kv_cache;
 pub mod llama;
@@ -18,8 +19,6 @@ pub mod vnni_q8;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
-
-use candle_core::quantized::gguf_file;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use kv_cache::{KvShape, SeqKv};
@@ -61,8 +60,8 @@ impl Model {
             source,
         };
         let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
+        let content =
+            gguf_header::read(&mut file).map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
         let tokenizer = TextTokenizer::from_gguf(&content)?;
         let llama = Llama::load(&content, &mut file, format)?;
         if tokenizer.vocab_size() != llama.config.vocab_size {

@@ -6,6 +6,13 @@
 //! Special tokens (every token whose type is neither normal nor byte) are parsed out of input text, as
 //! llama.cpp does with `parse_special`, and skipped when decoding. Chat content is the exception: see
 //! [`super::content_text`] and [`TextTokenizer::encode_rendered`].
+//!
+//! A vocabulary may lack the token of a byte (SmolLM2 has none for 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, nor for
+//! 0xf1 and 0xf2, the lead bytes of U+40000..U+BFFFF); BPE then drops that byte silently, and a character
+//! would become stray continuation bytes. A character the vocabulary cannot spell is therefore encoded as
+//! U+FFFD, so decoding gives back every other character exactly and the loss is visible.
+
+use std::borrow::Cow;
 
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -41,6 +48,8 @@ pub struct TextTokenizer {
     special: Vec<bool>,
     /// Per id: whether the token is a byte token (`<0xHH>`).
     byte: Vec<bool>,
+    /// Per byte value: whether one normal token spells it, so text made of such bytes encodes without loss.
+    spellable: [bool; 256],
     /// Beginning-of-sequence token, if the GGUF names one.
     pub bos_id: Option<u32>,
     /// End-of-sequence token from the GGUF.
@@ -107,6 +116,42 @@ fn byte_level_byte(c: char) -> Option<u8> {
         .map(|b| b as u8)
 }
 
+/// The bytes a normal token's text stands for ([`TextTokenizer::token_bytes`]); `byte_token` for `<0xHH>`.
+fn raw_bytes(text: &str, byte_token: bool) -> Vec<u8> {
+    if byte_token {
+        let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
+        if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            return vec![b];
+        }
+    }
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match byte_level_byte(c) {
+            Some(b) => out.push(b),
+            None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+    }
+    out
+}
+
+/// `text` with every character that has a byte no token spells replaced by U+FFFD (dropped, should U+FFFD
+/// itself be unspellable); borrowed when there is none, the common case.
+fn spellable_text<'a>(text: &'a str, spellable: &[bool; 256]) -> Cow<'a, str> {
+    if text.bytes().all(|b| spellable[b as usize]) {
+        return Cow::Borrowed(text);
+    }
+    let ok = |c: char| c.encode_utf8(&mut [0; 4]).bytes().all(|b| spellable[b as usize]);
+    let replacement = if ok('\u{fffd}') { "\u{fffd}" } else { "" };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match ok(c) {
+            true => out.push(c),
+            false => out.push_str(replacement),
+        }
+    }
+    Cow::Owned(out)
+}
+
 impl TextTokenizer {
     /// Builds the tokenizer from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
@@ -118,6 +163,9 @@ impl TextTokenizer {
             )));
         }
         let tokens = md.string_array("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() {
+            return Err(ModelError::Tokenizer("tokenizer.ggml.tokens is empty".into()));
+        }
         let merges = md
             .string_array("tokenizer.ggml.merges")?
             .into_iter()
@@ -140,12 +188,33 @@ impl TextTokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
 
-        let types = md.u32_array("tokenizer.ggml.token_type").unwrap_or_default();
+        // Optional, but when present it must type every token: a mistyped table would silently turn special
+        // tokens into text.
+        let types = match md.has("tokenizer.ggml.token_type") {
+            true => md.u32_array("tokenizer.ggml.token_type")?,
+            false => Vec::new(),
+        };
+        if !types.is_empty() && types.len() != tokens.len() {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
         let type_of = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
         let special: Vec<bool> = (0..tokens.len())
             .map(|i| !matches!(type_of(i), TOKEN_TYPE_NORMAL | TOKEN_TYPE_BYTE))
             .collect();
-        let byte = (0..tokens.len()).map(|i| type_of(i) == TOKEN_TYPE_BYTE).collect();
+        let byte: Vec<bool> = (0..tokens.len()).map(|i| type_of(i) == TOKEN_TYPE_BYTE).collect();
+        // Byte tokens (`<0xHH>`) do not count: the BPE model here never falls back to them.
+        let mut spellable = [false; 256];
+        for (i, t) in tokens.iter().enumerate() {
+            if type_of(i) == TOKEN_TYPE_NORMAL {
+                if let [b] = raw_bytes(t, false)[..] {
+                    spellable[b as usize] = true;
+                }
+            }
+        }
         let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
@@ -167,12 +236,22 @@ impl TextTokenizer {
                 .map(|(i, (t, _))| (t.clone(), i as u32)),
         )?;
 
-        let bos_id = md.opt_u32("tokenizer.ggml.bos_token_id");
-        let eos_id = md.u32("tokenizer.ggml.eos_token_id")?;
+        let in_vocab = |key: &str, id: u32| match (id as usize) < tokens.len() {
+            true => Ok(id),
+            false => Err(ModelError::Tokenizer(format!(
+                "{key} is {id}, outside the vocabulary of {} tokens",
+                tokens.len()
+            ))),
+        };
+        let bos_id = md
+            .opt_u32("tokenizer.ggml.bos_token_id")
+            .map(|id| in_vocab("tokenizer.ggml.bos_token_id", id))
+            .transpose()?;
+        let eos_id = in_vocab("tokenizer.ggml.eos_token_id", md.u32("tokenizer.ggml.eos_token_id")?)?;
         let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
         let mut stop_ids = vec![eos_id];
         if let Some(eot) = md.opt_u32("tokenizer.ggml.eot_token_id") {
-            stop_ids.push(eot);
+            stop_ids.push(in_vocab("tokenizer.ggml.eot_token_id", eot)?);
         }
         for name in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
@@ -188,6 +267,7 @@ impl TextTokenizer {
             tokens,
             special,
             byte,
+            spellable,
             bos_id,
             eos_id,
             add_bos,
@@ -213,20 +293,7 @@ impl TextTokenizer {
         if self.is_special(id) {
             return Some(text.as_bytes().to_vec());
         }
-        if self.byte.get(id as usize).copied().unwrap_or(false) {
-            let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                return Some(vec![b]);
-            }
-        }
-        let mut out = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            match byte_level_byte(c) {
-                Some(b) => out.push(b),
-                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-            }
-        }
-        Some(out)
+        Some(raw_bytes(text, self.byte.get(id as usize).copied().unwrap_or(false)))
     }
 
     /// Whether `id` is a special token (control tokens such as `<|im_end|>`: neither normal text nor a byte).
@@ -234,11 +301,18 @@ impl TextTokenizer {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
-    /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added.
+    /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added. A character
+    /// the vocabulary cannot spell is encoded as U+FFFD (see the module docs).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
+        self.encode_with(&self.inner, text)
+    }
+
+    /// Encodes with `tokenizer` (`inner`, or `plain` that does not parse special tokens), characters the
+    /// vocabulary cannot spell replaced first.
+    fn encode_with(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+        let text = spellable_text(text, &self.spellable);
+        let enc = tokenizer
+            .encode_fast(text.as_ref(), false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -252,13 +326,7 @@ impl TextTokenizer {
     /// Encodes a prompt rendered from masked content: the template's markup becomes special ids, the content
     /// (masked texts put back) is encoded as text. No BOS is added.
     pub fn encode_rendered(&self, rendered: &str) -> Result<Vec<u32>, ModelError> {
-        self.shield.encode(rendered, |text| {
-            let enc = self
-                .plain
-                .encode_fast(text, false)
-                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            Ok(enc.get_ids().to_vec())
-        })
+        self.shield.encode(rendered, |text| self.encode_with(&self.plain, text))
     }
 
     /// The text of a prompt rendered from masked content, as the model reads it.
