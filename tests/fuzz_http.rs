@@ -25,16 +25,6 @@ const MAX_ANSWER: Duration = Duration::from_secs(60);
 /// Cases per route in `make test`.
 const CI_CASES: u32 = 128;
 
-/// Server bugs found by this fuzzing and reported, not yet fixed (the server code is others' to change): an
-/// answer whose body holds one of these is let through here, and pinned by an ignored test below instead.
-/// Remove an entry once its fix lands, and un-ignore its test.
-const KNOWN_SERVER_BUGS: &[&str] = &[
-    // A grammar whose lexer runs out of budget during decoding (e.g. the regex "(a{1000}){1000}") is the
-    // client's fault, but ends as a 500 / a `server_error` stream event: see
-    // `a_grammar_that_exhausts_the_lexer_is_a_client_error`.
-    "constrained decoding failed: lexer error",
-];
-
 /// How a route answers errors.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Shape {
@@ -541,9 +531,6 @@ async fn check(s: &Server, route: &Route, body: &Body, extra: Option<&str>) -> R
             text.chars().take(600).collect::<String>()
         ))
     };
-    if KNOWN_SERVER_BUGS.iter().any(|b| text.contains(b)) {
-        return Ok(());
-    }
     if !(200..300).contains(&status) && !(400..500).contains(&status) || status == 429 {
         return fail("is neither 2xx nor 4xx (or is a 429 to a lone client)");
     }
@@ -602,14 +589,10 @@ fn fuzz_route(path: &str) {
     assert_eq!(health.ok(), Some(200), "{path}: /health after the run");
 }
 
-/// Found by this fuzzing (see [`KNOWN_SERVER_BUGS`]): the regex compiles (llguidance builds its lexer lazily), then
-/// exhausts the lexer's budget on the first tokens, and the request ends with
-/// `500 {"error": {"message": "constrained decoding failed: lexer error: too many expressions constructed",
-/// "type": "server_error"}}` (a `server_error` event when streamed). The engine reports every sequence failure as
-/// one untyped `Event::Error`, and `generate::collect` / `sse` map it to 500. Un-ignore once a constraint failure
-/// is a 4xx.
+/// Found by this fuzzing: the regex compiles (llguidance builds its lexer lazily), then exhausts the lexer's
+/// budget on the first tokens. That ended as a 500 (a `server_error` event when streamed); a grammar that fails
+/// mid-generation is now the request's fault: a 400, or an `invalid_request_error` event.
 #[test]
-#[ignore = "server bug: a grammar that exhausts the lexer mid-decoding is a 500"]
 fn a_grammar_that_exhausts_the_lexer_is_a_client_error() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
@@ -619,6 +602,7 @@ fn a_grammar_that_exhausts_the_lexer_is_a_client_error() {
                 "structured_outputs": {"regex": "(a{1000}){1000}"}});
             let text = s.post_text("/v1/chat/completions", &body).await;
             assert!(!text.contains("server_error"), "stream {stream}: {text}");
+            assert!(text.contains("invalid_request_error"), "stream {stream}: {text}");
         }
     });
 }

@@ -98,8 +98,11 @@ pub enum Event {
     Text(String),
     /// Generation finished; nothing follows.
     Done(Completion),
-    /// Generation failed; nothing follows.
+    /// Generation failed on the server's side; nothing follows.
     Error(String),
+    /// The request cannot be carried on as asked (its grammar failed mid-generation: a lexer or parser limit,
+    /// a token it refuses); a client error. Nothing follows.
+    Refused(String),
 }
 
 /// A tokenized, validated request.

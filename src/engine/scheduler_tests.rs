@@ -113,7 +113,7 @@ fn seen(rx: &mut UnboundedReceiver<Event>) -> Seen {
             Ok(Event::Text(t)) => s.text.push_str(&t),
             Ok(Event::Token(t)) => s.tokens.push(t),
             Ok(Event::Done(d)) => s.done = Some(d),
-            Ok(Event::Error(e)) => s.error = Some(e),
+            Ok(Event::Error(e) | Event::Refused(e)) => s.error = Some(e),
             Err(TryRecvError::Empty | TryRecvError::Disconnected) => return s,
         }
     }
@@ -436,7 +436,7 @@ fn the_engine_thread_serves_until_every_handle_is_gone() {
             Event::Text(t) => text.push_str(&t),
             Event::Token(_) => {}
             Event::Done(d) => break d,
-            Event::Error(e) => panic!("{e}"),
+            Event::Error(e) | Event::Refused(e) => panic!("{e}"),
         }
     };
     assert_eq!((done.reason, done.completion_tokens), (FinishReason::Length, 6));

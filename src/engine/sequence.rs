@@ -175,11 +175,14 @@ impl<K: super::backend::KvCache> Sequence<K> {
         self.phase = Phase::Cancelled;
     }
 
-    /// Ends the sequence with an error its client is told about (a grammar that failed).
+    /// Ends the sequence with an error its client is told about (a grammar that failed): the request's
+    /// fault, so a client error.
     pub fn fail(&mut self, metrics: &Metrics, error: &ConstraintError) {
-        tracing::warn!(request_id = %self.id, error = %error, "request failed");
+        tracing::warn!(request_id = %self.id, error = %error, "request refused: its grammar failed");
         metrics.finish("error");
-        self.send(Event::Error(error.to_string()));
+        self.send(Event::Refused(format!(
+            "the request's grammar cannot be followed: {error}"
+        )));
         self.phase = Phase::Cancelled;
     }
 

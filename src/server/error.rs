@@ -114,12 +114,10 @@ impl ApiError {
         }
     }
 
-    /// The body of an error event inside an SSE stream (always OpenAI-shaped, type `server_error`: the
-    /// stream's 200 has already been sent).
+    /// The body of an error event inside an SSE stream (always OpenAI-shaped, whatever the route: the
+    /// stream's 200 has already been sent, and `type` and `code` say what the status would have been).
     pub fn stream_body(&self) -> OpenAiError {
-        let mut body = self.openai_body();
-        body.error.kind = "server_error";
-        body
+        self.openai_body()
     }
 
     fn type_name(&self) -> &'static str {

@@ -250,6 +250,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
             Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready)),
             Event::Done(done) => return Ok(Collected { text, tokens, done }),
             Event::Error(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
+            Event::Refused(msg) => return Err(ApiError::bad_request(msg)),
         }
     }
     Err(ApiError::not_ready(

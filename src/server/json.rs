@@ -71,7 +71,6 @@ fn unread(r: &BytesRejection) -> ApiError {
     ApiError::new(r.status(), r.body_text())
 }
 
-
 /// Most JSON objects one body may hold. Parsed into a tree, a small object costs a few hundred bytes however
 /// few bytes it was sent in; real bodies (messages, content parts, tool schemas) hold hundreds.
 pub const MAX_JSON_OBJECTS: usize = 50_000;

@@ -170,6 +170,12 @@ pub fn convert_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, Ap
                     for p in parts {
                         match (p.kind.as_str(), p.text) {
                             ("text", Some(t)) => text.push_str(&t),
+                            ("text", None) => {
+                                return Err(ApiError::invalid_param(
+                                    "messages",
+                                    format!("messages[{i}] has a text content part without a 'text' string"),
+                                ))
+                            }
                             (kind, _) => {
                                 return Err(ApiError::invalid_param(
                                     "messages",

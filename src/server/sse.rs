@@ -155,6 +155,7 @@ impl<S: ChunkShape> State<S> {
             Some(Event::Error(m)) => {
                 self.end_with_error(ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, m))
             }
+            Some(Event::Refused(m)) => self.end_with_error(ApiError::bad_request(m)),
             None => self.end_with_error(ApiError::not_ready(
                 "the inference engine stopped before the request finished",
             )),

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use amlserve::grammar::Grammars;
 use amlserve::model::gguf_header;
-use amlserve::model::{ChatMessage, LlamaConfig, Model, ModelError, SeqChunk, SeqKv, TextTokenizer, WeightFormat};
+use amlserve::model::{
+    ChatMessage, ContentTokens, LlamaConfig, Model, ModelError, SeqChunk, SeqKv, TextTokenizer, WeightFormat,
+};
 use builder::Gguf;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::GgmlDType;
@@ -45,7 +47,7 @@ fn exercise(model: &Model) {
         content: "hello there".into(),
     }];
     // A template from the file may refuse the messages (raise_exception); that is an error, not a panic.
-    let ids = match model.chat_prompt(&messages) {
+    let ids = match model.chat_prompt(&messages, true, ContentTokens::Text) {
         Ok((_, ids)) => ids,
         Err(_) => model.tokenizer.encode("hello there").expect("encodes"),
     };
@@ -301,7 +303,9 @@ fn a_runaway_template_fails_within_its_fuel() {
     std::fs::write(&path, bytes).expect("write");
     let model = Model::load(&path, WeightFormat::Q8_0).expect("loads: the template compiles");
     let started = Instant::now();
-    let err = model.chat_prompt(&[]).expect_err("runs out of fuel");
+    let err = model
+        .chat_prompt(&[], true, ContentTokens::Text)
+        .expect_err("runs out of fuel");
     assert!(err.to_string().contains("fuel"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
 }

@@ -178,7 +178,9 @@ fn summary_lines(r: &SoakResult) -> Vec<String> {
             "RSS from the end of the warm-up to the end of the load: {}; peak {:.1} MiB; after the drain {}.",
             g.describe(),
             g.peak_bytes as f64 / MIB,
-            r.drain.rss_bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / MIB)),
+            r.drain
+                .rss_bytes
+                .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / MIB)),
         ),
         None => "RSS: no readings on both sides of the warm-up (see rss_flat below).".into(),
     });
