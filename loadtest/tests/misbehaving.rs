@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
 
@@ -102,27 +102,7 @@ async fn keep_alive_then_drop(mut sock: TcpStream) -> std::io::Result<()> {
 
 /// Starts the misbehaving server on its own runtime thread; returns its base URL.
 fn start_server() -> String {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", std_listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = TcpListener::from_std(std_listener).unwrap();
-            let mut n = 0;
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(respond(sock, n));
-                n += 1;
-            }
-        });
-    });
-    url
+    common::start_fake_server(respond)
 }
 
 /// Runs the tool with `args`; returns the JSON report and the wall time.

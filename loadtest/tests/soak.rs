@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Text chunks in every fake stream (a disconnecting client reads 2 of them).
 const CHUNKS: u64 = 6;
@@ -134,25 +134,9 @@ async fn respond(mut sock: TcpStream, seen: Arc<Seen>) -> std::io::Result<()> {
 
 /// Starts the fake server on its own runtime thread; returns its base URL and what it sees.
 fn start_server() -> (String, Arc<Seen>) {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", std_listener.local_addr().unwrap());
     let seen = Arc::new(Seen::default());
     let shared = seen.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = TcpListener::from_std(std_listener).unwrap();
-            loop {
-                if let Ok((sock, _)) = listener.accept().await {
-                    tokio::spawn(respond(sock, shared.clone()));
-                }
-            }
-        });
-    });
+    let url = common::start_fake_server(move |sock, _| respond(sock, shared.clone()));
     (url, seen)
 }
 

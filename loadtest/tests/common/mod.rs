@@ -1,4 +1,4 @@
-//! What the fake-server tests share: reading one HTTP/1.1 request off a raw socket.
+//! What the fake-server tests share: reading one HTTP/1.1 request off a raw socket, and a server thread.
 
 #![allow(dead_code)] // each test crate uses its own part
 
@@ -47,4 +47,35 @@ pub async fn read_request(sock: &mut TcpStream) -> Option<Request> {
         path,
         body: buf[head_end..head_end + len].to_vec(),
     })
+}
+
+/// Starts a fake server on its own runtime thread; `serve(socket, n)` answers the n-th connection (0-based;
+/// what it returns is dropped).
+/// Returns its base URL.
+pub fn start_fake_server<F, Fut>(serve: F) -> String
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", std_listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let mut n = 0;
+            loop {
+                if let Ok((sock, _)) = listener.accept().await {
+                    tokio::spawn(serve(sock, n));
+                    n += 1;
+                }
+            }
+        });
+    });
+    url
 }
