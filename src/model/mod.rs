@@ -18,6 +18,7 @@ pub mod tokenizer;
 pub mod vnni_q8;
 pub mod weights;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
@@ -97,14 +98,23 @@ impl Model {
         add_generation_prompt: bool,
         content: ContentTokens,
     ) -> Result<String, ModelError> {
-        if content == ContentTokens::Parsed {
+        let masked: Vec<Cow<str>> = match content {
+            ContentTokens::Parsed => Vec::new(),
+            ContentTokens::Text => messages
+                .iter()
+                .map(|m| self.tokenizer.mask_content(&m.content))
+                .collect(),
+        };
+        // Content without special-token text (nearly all) is rendered as it is, without a copy.
+        if !masked.iter().any(|c| matches!(c, Cow::Owned(_))) {
             return self.template.render(messages, add_generation_prompt);
         }
         let masked: Vec<ChatMessage> = messages
             .iter()
-            .map(|m| ChatMessage {
+            .zip(masked)
+            .map(|(m, c)| ChatMessage {
                 role: m.role.clone(),
-                content: self.tokenizer.mask_content(&m.content).into_owned(),
+                content: c.into_owned(),
             })
             .collect();
         self.template.render(&masked, add_generation_prompt)

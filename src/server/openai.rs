@@ -242,22 +242,20 @@ fn answer(text: String, tools: bool) -> (AssistantMessage, bool) {
     let message = AssistantMessage {
         role: "assistant",
         content,
-        tool_calls: has_calls.then(|| calls.into_iter().map(|c| tool_call(c).1).collect()),
+        tool_calls: has_calls.then(|| calls.into_iter().map(tool_call).collect()),
     };
     (message, has_calls)
 }
 
-fn tool_call(c: tools::Call) -> (String, ToolCall) {
-    let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
-    let call = ToolCall {
-        id: id.clone(),
+fn tool_call(c: tools::Call) -> ToolCall {
+    ToolCall {
+        id: format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]),
         kind: "function",
         function: FunctionCall {
             name: c.name,
             arguments: c.arguments,
         },
-    };
-    (id, call)
+    }
 }
 
 impl ChatShape {
@@ -342,14 +340,9 @@ impl ChunkShape for ChatShape {
         let deltas = calls
             .into_iter()
             .enumerate()
-            .map(|(i, c)| {
-                let (id, call) = tool_call(c);
-                ToolCallDelta {
-                    index: i,
-                    id,
-                    kind: "function",
-                    function: call.function,
-                }
+            .map(|(index, c)| ToolCallDelta {
+                index,
+                call: tool_call(c),
             })
             .collect();
         let delta = Delta {

@@ -68,15 +68,12 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
-/// A tool call in a stream chunk (whole: a call is sent once it is complete).
+/// A tool call in a stream chunk (whole: a call is sent once it is complete): the call and its index.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ToolCallDelta {
     pub index: usize,
-    pub id: String,
-    #[serde(rename = "type")]
-    #[schema(value_type = String, pattern = "^function$")]
-    pub kind: &'static str,
-    pub function: FunctionCall,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 /// One alternative token and its log-probability.
