@@ -192,6 +192,13 @@ fn parse_payload(body: &RawValue) -> Result<Payload, ApiError> {
     }
     let body: ScoreBody = serde_json::from_str(body.get()).map_err(|e| bad(format!("invalid body: {e}")))?;
     if let Some(input_data) = body.input_data {
+        // What would be ignored beside input_data is refused, not dropped.
+        if body.inputs.is_some() {
+            return Err(bad("send either input_data or inputs, not both"));
+        }
+        if body.parameters.is_some() {
+            return Err(bad("with input_data, parameters go inside it (input_data.parameters)"));
+        }
         if !starts_with(&input_data, '{') {
             return Err(bad("input_data must be an object"));
         }
@@ -347,6 +354,8 @@ mod tests {
             json!({"input_data": {"input_string": ["a", {"role": "user", "content": "b"}]}}),
             json!({"input_data": {"input_string": [{"role": 3}]}}),
             json!({"input_data": 3}),
+            json!({"input_data": {"input_string": ["a"]}, "parameters": {"max_new_tokens": 5}}),
+            json!({"input_data": {"input_string": ["a"]}, "inputs": "b"}),
         ] {
             let e = parse_payload(b).err().expect("rejected");
             assert!(e.message.contains("expected one of"), "{}", e.message);

@@ -332,18 +332,31 @@ impl PartialSchema for ScoreRequest {
             .property("input_string", input_string)
             .required("input_string")
             .property("parameters", score_parameters());
+        // A field that would be ignored in a shape is refused (400): its schema there matches no value but
+        // null (which, as everywhere in these bodies, is the same as leaving the field out).
+        let refused = |why: &str| -> Schema {
+            ObjectBuilder::new()
+                .schema_type(nullable(Type::String))
+                .min_length(Some(1))
+                .max_length(Some(0))
+                .description(Some(why.to_string()))
+                .build()
+                .into()
+        };
         let model_catalog = ObjectBuilder::new()
             .description(Some(
                 "Model catalog: chat messages -> {\"output\": text}; prompts -> [{\"0\": text}, ...]",
             ))
             .property("input_data", input_data)
-            .required("input_data");
+            .required("input_data")
+            .property("parameters", refused("refused here: parameters go inside input_data"))
+            .property("inputs", refused("refused beside input_data: send one of the two"));
         let hugging_face = ObjectBuilder::new()
             .description(Some("Hugging Face: -> [{\"generated_text\": text}, ...]"))
             .property("inputs", text_list())
             .required("inputs")
-            .property("parameters", score_parameters());
-        // anyOf: a body with both `input_data` and `inputs` is served (input_data wins).
+            .property("parameters", score_parameters())
+            .property("input_data", refused("refused beside inputs: send one of the two"));
         Schema::AnyOf(AnyOfBuilder::new().item(model_catalog).item(hugging_face).build()).into()
     }
 }
