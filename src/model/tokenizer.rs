@@ -364,12 +364,15 @@ impl TextTokenizer {
 
     /// Encodes a raw completion prompt: like [`Self::encode`], with BOS first when the model asks for it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let mut ids = Vec::new();
+        Ok(self.with_bos(self.encode(text)?))
+    }
+
+    /// `ids` with BOS first when the model asks for it (`tokenizer.ggml.add_bos_token`).
+    pub fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
-            ids.push(bos);
+            ids.insert(0, bos);
         }
-        ids.extend(self.encode(text)?);
-        Ok(ids)
+        ids
     }
 
     /// Decodes ids to text, leaving special tokens out. Invalid UTF-8 (a partial character) becomes U+FFFD.

@@ -60,7 +60,7 @@ pub async fn tokenize(
             Source::Prompt(text) => t.encode(&text),
             Source::Chat(messages, generation_prompt) => model
                 .chat_prompt(&messages, generation_prompt, content)
-                .map(|(_, ids)| ids),
+                .map(|(_, ids)| if special { t.with_bos(ids) } else { ids }),
         }
         .map_err(|e| e.to_string())
     };
