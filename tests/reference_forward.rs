@@ -3,8 +3,8 @@
 //!
 //! The reference runs with every weight dequantized to f32 (`CANDLE_DEQUANTIZE_ALL=1`, which candle reads
 //! once per thread, before the first matmul weight is built: hence this test binary of its own, with one
-//! test). Ours runs with `--weights f32` (the same f32 values, so only summation order differs: a tight
-//! tolerance) and with the default `q8_0` (weights requantized to Q8_0 and activations quantized per
+//! test). Ours runs with `--weights f32` (the same f32 values; summation order and our bf16 KV cache differ: a
+//! tight tolerance) and with the default `q8_0` (weights requantized to Q8_0 and activations quantized per
 //! 32-value block: a looser one). Both are fed the same tokens: the prompt, then ~32 tokens the reference
 //! picks greedily. Ours runs the prompt whole and, separately, in two chunks with another sequence packed
 //! into the same steps, as the engine's chunked prefill does.
@@ -175,15 +175,19 @@ fn our_forward_matches_candles_quantized_llama_logit_by_logit() {
         .expect("encode");
     let split = [prompt.len() / 2];
 
-    // Same f32 weights: only the order of additions differs (gemm vs our attention and SwiGLU loops). Seen:
-    // max |diff| 3e-5 whole, 1.3e-4 chunked and packed; relative RMS under 1e-5.
+    // Same f32 weights; ours keeps the KV cache in bf16 and rounds queries and attention weights to bf16 for
+    // the dot products (the reference is f32 throughout). Seen (2026-12-02): max |diff| 0.15 whole, 0.25
+    // chunked and packed (candle's f32 gemm sums in another order at another row count, and the bf16 rounding
+    // of a key can flip with it); relative RMS 0.014 / 0.034; the same greedy token at all 33 steps. Before the
+    // bf16 cache (f32 throughout) it was 3e-5 / 1.3e-4: the tolerance is for the cache's rounding, 8x under
+    // what Q8_0 weights cost below.
     let tight = Tolerance {
-        max_abs: 2e-3,
-        max_rel_rms: 1e-4,
+        max_abs: 0.5,
+        max_rel_rms: 0.07,
     };
     // Q8_0: Q4_1 weights requantized (a Q8_0 step per weight) and activations quantized per 32 values. Seen
     // on this machine (2026-12-02): max |diff| 1.39, relative RMS 0.133, 27 of 33 greedy tokens the same (the
-    // others near ties); a wrong rope position or a skipped layer gives diffs of several units and RMS near 1.
+    // others near ties); with the bf16 cache 1.59, 0.111, 30 of 33, whole and chunked alike; a wrong rope position or a skipped layer gives diffs of several units and RMS near 1.
     let q8_model = Model::load(&path, WeightFormat::Q8_0).expect("q8_0 model");
     let loose = Tolerance {
         max_abs: 3.0,

@@ -148,10 +148,11 @@ mod tests {
         assert_eq!(cache.reuse(&[1, 2, 3, 4, 5, 8, 8], &mut kv), 5);
         assert_eq!(kv.len(), 5);
         for layer in 0..SHAPE.n_layer {
-            let (k, v) = kv.layer(layer, 5);
-            let want: Vec<f32> = [1u32, 2, 3, 4, 5].iter().flat_map(|&t| [t as f32; 4]).collect();
-            assert_eq!(k, want.as_slice());
-            assert!(v.iter().zip(&want).all(|(a, b)| *a == -b));
+            for (pos, t) in [1u32, 2, 3, 4, 5].into_iter().enumerate() {
+                let (k, v) = kv.token(layer, pos);
+                assert_eq!(k, [t as f32; 4], "layer {layer} token {pos}");
+                assert_eq!(v, [-(t as f32); 4], "layer {layer} token {pos}");
+            }
         }
     }
 
@@ -171,8 +172,9 @@ mod tests {
 
     #[test]
     fn stays_within_its_bytes_dropping_the_least_recently_used() {
-        let per_token = SHAPE.bytes_per_token();
-        let mut cache = PrefixCache::new(10 * per_token);
+        // A cache holds whole blocks: each 4-token entry takes one, and room is left for two and a half.
+        let entry = SHAPE.bytes_for(4);
+        let mut cache = PrefixCache::new(2 * entry + entry / 2);
         cache.insert(vec![1, 1, 1, 1], computed(&[1, 1, 1, 1]));
         cache.insert(vec![2, 2, 2, 2], computed(&[2, 2, 2, 2]));
         assert_eq!(
@@ -181,16 +183,16 @@ mod tests {
             "touches 1s: now most recent"
         );
         cache.insert(vec![3, 3, 3, 3], computed(&[3, 3, 3, 3]));
-        assert_eq!(cache.bytes(), 8 * per_token);
+        assert_eq!(cache.bytes(), 2 * entry);
         assert_eq!(
             cache.reuse(&[2, 2, 2, 2, 0], &mut fresh()),
             0,
             "2s were least recently used"
         );
         assert_eq!(cache.reuse(&[1, 1, 1, 1, 0], &mut fresh()), 4);
-        cache.insert((0..11).collect(), computed(&(0..11).collect::<Vec<_>>()));
-        assert_eq!(cache.bytes(), 8 * per_token, "larger than the whole cache: not kept");
-        assert_eq!(cache.evict_oldest(), 4 * per_token);
+        cache.insert((0..40).collect(), computed(&(0..40).collect::<Vec<_>>()));
+        assert_eq!(cache.bytes(), 2 * entry, "larger than the whole cache: not kept");
+        assert_eq!(cache.evict_oldest(), entry);
         assert_eq!(PrefixCache::<SeqKv>::new(0).reuse(&[1, 2], &mut fresh()), 0);
     }
 
@@ -200,7 +202,7 @@ mod tests {
         cache.insert(vec![1, 2], computed(&[1, 2]));
         cache.insert(vec![1, 2, 3, 4], computed(&[1, 2, 3, 4]));
         cache.insert(vec![1, 2, 3], computed(&[1, 2, 3]));
-        assert_eq!(cache.bytes(), 4 * SHAPE.bytes_per_token(), "only [1, 2, 3, 4] is kept");
+        assert_eq!(cache.bytes(), SHAPE.bytes_for(4), "only [1, 2, 3, 4] is kept");
         // Tokens beyond what the cache holds (the last sampled token never ran) are ignored.
         let mut partial = computed(&[5, 6]);
         partial.shrink_to_len();

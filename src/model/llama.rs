@@ -361,13 +361,11 @@ impl Llama {
                 .zip(&starts)
                 .map(|(c, &start)| {
                     let t = c.tokens.len();
-                    let (k, v) = c.kv.layer(li, start + t);
                     let task = AttnTask {
                         q: &q[off * q_row..(off + t) * q_row],
                         t,
                         start,
-                        k,
-                        v,
+                        kv: c.kv.layer(li, start + t),
                     };
                     off += t;
                     task
