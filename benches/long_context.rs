@@ -96,7 +96,11 @@ fn main() {
         for &chunk in &args.chunks {
             let mut kv = SeqKv::new(shape, ids.len(), ids.len());
             let secs = prefill(&model, &mut kv, &ids, chunk);
-            println!("| {} | {chunk} | {secs:.2} | {:.0} |", ids.len(), ids.len() as f64 / secs);
+            println!(
+                "| {} | {chunk} | {secs:.2} | {:.0} |",
+                ids.len(),
+                ids.len() as f64 / secs
+            );
         }
     }
 

@@ -107,6 +107,13 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_MAX_BATCH_TOKENS", default_value_t = 64)]
     pub max_batch_tokens: usize,
 
+    /// Most prompt tokens in one step while no stream is generating (no running stream's latency to protect):
+    /// larger chunks keep the matrix kernels busier on long prompts. Measured on a 4k-token prompt alone: 562
+    /// tok/s in chunks of 64, 674 in chunks of 512. A request arriving meanwhile waits at most one such step.
+    /// Values below --max-batch-tokens act as --max-batch-tokens.
+    #[arg(long, env = "AMLSERVE_MAX_PREFILL_TOKENS_ALONE", default_value_t = 512)]
+    pub max_prefill_tokens_alone: usize,
+
     /// Memory for the KV cache, in MiB. A request reserves room for its prompt plus max_tokens; requests wait
     /// for admission until their reservation fits.
     #[arg(long, env = "AMLSERVE_KV_CACHE_MB", default_value_t = 2048)]
@@ -374,6 +381,7 @@ impl Args {
             engine: EngineConfig {
                 max_batch_size: self.max_batch_size,
                 max_batch_tokens: self.max_batch_tokens,
+                max_prefill_tokens_alone: self.max_prefill_tokens_alone,
                 kv_cache_bytes: self.kv_cache_mb << 20,
                 max_waiting: self.max_waiting,
                 prefix_cache_bytes: self.prefix_cache_mb.min(self.kv_cache_mb) << 20,

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Most tokens (decode tokens plus prefill chunks) in one step.
     pub max_batch_tokens: usize,
+    /// Most prompt tokens in one step when no sequence is decoding (no stream's latency to protect); at least
+    /// `max_batch_tokens`.
+    pub max_prefill_tokens_alone: usize,
     /// Bytes of KV cache the running sequences may reserve in total.
     pub kv_cache_bytes: usize,
     /// Most requests waiting for admission; more are refused.

@@ -256,7 +256,12 @@ impl<B: Backend> Scheduler<B> {
 
     /// Plans and runs one step, then samples for every sequence that reached the end of its input.
     fn step(&mut self) -> Result<(), StepError> {
-        let mut budget = self.config.max_batch_tokens;
+        let alone = !self.running.iter().any(|s| matches!(s.phase, Phase::Decoding));
+        let mut budget = if alone {
+            self.config.max_batch_tokens.max(self.config.max_prefill_tokens_alone)
+        } else {
+            self.config.max_batch_tokens
+        };
         // Decode tokens first (one each), then prefill chunks in admission order.
         let mut take = vec![0usize; self.running.len()];
         for (i, seq) in self.running.iter().enumerate() {

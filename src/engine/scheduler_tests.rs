@@ -21,6 +21,7 @@ fn config() -> EngineConfig {
     EngineConfig {
         max_batch_size: 8,
         max_batch_tokens: 64,
+        max_prefill_tokens_alone: 64,
         kv_cache_bytes: 1000 * BYTES_PER_TOKEN,
         max_waiting: 16,
         prefix_cache_bytes: 0,
@@ -174,6 +175,7 @@ fn admits_first_come_first_served_and_outputs_follow_the_model() {
 fn decodes_first_then_chunks_a_long_prompt_within_the_token_budget() {
     let mut h = Harness::new(EngineConfig {
         max_batch_tokens: 6,
+        max_prefill_tokens_alone: 6,
         ..config()
     });
     let mut short: Vec<_> = [[1u32, 2], [3, 4]]
@@ -206,6 +208,42 @@ fn decodes_first_then_chunks_a_long_prompt_within_the_token_budget() {
     for (p, rx) in [[1u32, 2], [3, 4]].iter().zip(&mut short) {
         assert_eq!(seen(rx).text, text_of(&expected(p, 12)));
     }
+}
+
+#[test]
+fn a_prompt_alone_is_read_in_larger_chunks_than_beside_running_streams() {
+    let mut h = Harness::new(EngineConfig {
+        max_batch_tokens: 6,
+        max_prefill_tokens_alone: 16,
+        ..config()
+    });
+    let long: Vec<u32> = (1..=40).collect();
+    let mut rx = h.submit(request("alone", &long, 3));
+    h.run_idle();
+    let lens: Vec<Vec<usize>> = h.stub.log().iter().map(|s| s.iter().map(|p| p.len).collect()).collect();
+    assert_eq!(
+        lens[..3],
+        [vec![16], vec![16], vec![8]],
+        "no stream decodes: chunks of 16"
+    );
+    assert_eq!(seen(&mut rx).text, text_of(&expected(&long, 3)));
+    // Beside a decoding stream the same prompt goes back to the step budget of 6 tokens.
+    let mut short = h.submit(request("short", &[1, 2], 12));
+    h.turn();
+    let mut again = h.submit(request("beside", &long, 3));
+    let before = h.stub.log().len();
+    h.run_idle();
+    let steps = h.stub.log();
+    let reading: Vec<&Vec<Part>> = steps[before..]
+        .iter()
+        .take_while(|s| s.iter().any(|p| p.len > 1))
+        .collect();
+    assert!(
+        !reading.is_empty() && reading.iter().all(|s| total_tokens(s) <= 6),
+        "{reading:?}"
+    );
+    assert_eq!(seen(&mut again).text, text_of(&expected(&long, 3)));
+    assert_eq!(seen(&mut short).text, text_of(&expected(&[1, 2], 12)));
 }
 
 #[test]

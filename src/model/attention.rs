@@ -125,13 +125,12 @@ fn bf16_pairs(x: &[f32], words: usize, out: &mut Vec<u32>) {
     }
 }
 
-/// Up to 4 blocks of `words` words from block `first` on, block `b` at `b * stride + offset`; empty past
-/// `blocks`.
-fn blocks_of(data: &[u32], first: usize, blocks: usize, stride: usize, offset: usize, words: usize) -> [&[u32]; 4] {
+/// Up to 4 blocks of `words` words each from block `first` on; empty past `blocks`.
+fn blocks_of(data: &[u32], first: usize, blocks: usize, words: usize) -> [&[u32]; 4] {
     std::array::from_fn(|j| {
         let b = first + j;
         if b < blocks {
-            &data[b * stride + offset..][..words]
+            &data[b * words..][..words]
         } else {
             &[]
         }
@@ -169,8 +168,8 @@ fn run_item(
         let first_key = kb * KEY_BLOCK;
         let first_block = first_key / BLOCK_TOKENS;
         let cache_blocks = task.kv.len.div_ceil(BLOCK_TOKENS);
-        let slices = |data| blocks_of(data, first_block, cache_blocks, s.n_kv_head * bw, kv_head * bw, bw);
-        let (keys, values) = (slices(task.kv.keys), slices(task.kv.values));
+        let keys = blocks_of(&task.kv.keys[kv_head], first_block, cache_blocks, bw);
+        let values = blocks_of(&task.kv.values[kv_head], first_block, cache_blocks, bw);
         for t0 in (0..rows).step_by(TILE_ROWS) {
             let t1 = (t0 + TILE_ROWS).min(rows);
             // Rows that see no key of this block are a prefix of the tile (limits rise along it): skip them.
@@ -318,7 +317,10 @@ mod kernel_avx512 {
                 && state.m.len() == rows
                 && tile.limits.len() == rows
                 && (1..=4).contains(&blocks)
-                && tile.keys[..blocks].iter().chain(&tile.values[..blocks]).all(|b| b.len() == pd * 8)
+                && tile.keys[..blocks]
+                    .iter()
+                    .chain(&tile.values[..blocks])
+                    .all(|b| b.len() == pd * 8)
         );
         macro_rules! dispatch {
             ($($r:literal),*) => {
@@ -403,7 +405,14 @@ mod kernel_avx512 {
             let p: [__m512; B] = std::array::from_fn(|b| _mm512_maskz_mov_ps(mask[b], exp(_mm512_sub_ps(s[r][b], mv))));
             let mut sum = _mm512_setzero_ps();
             for pair in 0..B.div_ceil(2) {
-                let (a, b) = (p[2 * pair], if 2 * pair + 1 < B { p[2 * pair + 1] } else { _mm512_setzero_ps() });
+                let (a, b) = (
+                    p[2 * pair],
+                    if 2 * pair + 1 < B {
+                        p[2 * pair + 1]
+                    } else {
+                        _mm512_setzero_ps()
+                    },
+                );
                 let bh = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
                 _mm512_storeu_si512(pw[r][pair * 16..].as_mut_ptr().cast(), bh);
                 let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bh));
@@ -441,7 +450,12 @@ mod kernel_avx512 {
         c0: usize,
     ) {
         let mut acc: [[__m512; C]; R] = std::array::from_fn(|r| {
-            std::array::from_fn(|c| _mm512_mul_ps(_mm512_loadu_ps(op.add(r * pd + (c0 + c) * 16)), _mm512_set1_ps(scale[r])))
+            std::array::from_fn(|c| {
+                _mm512_mul_ps(
+                    _mm512_loadu_ps(op.add(r * pd + (c0 + c) * 16)),
+                    _mm512_set1_ps(scale[r]),
+                )
+            })
         });
         for b in 0..B {
             for pair in 0..BLOCK_TOKENS / 2 {
@@ -590,7 +604,10 @@ mod tests {
             n_kv_head: 3,
             head_dim: 64,
         };
-        for (i, len) in [1usize, 2, 15, 16, 17, 63, 64, 65, 129, 1000, 4999].into_iter().enumerate() {
+        for (i, len) in [1usize, 2, 15, 16, 17, 63, 64, 65, 129, 1000, 4999]
+            .into_iter()
+            .enumerate()
+        {
             // The last few queries of a long prefill, and a decode step at the end.
             let t = len.min(19);
             check(s, &[(len - t, t), (len - 1, 1)], 7 + i as u64, 1e-2);

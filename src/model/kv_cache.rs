@@ -53,9 +53,9 @@ impl KvShape {
         tokens.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS * self.bytes_per_token()
     }
 
-    /// Words of one layer's keys (or values) for `blocks` blocks.
-    fn layer_words(&self, blocks: usize) -> usize {
-        blocks * self.n_kv_head * self.block_words()
+    /// Words of one kv head's keys (or values) in one layer for `blocks` blocks.
+    fn head_words(&self, blocks: usize) -> usize {
+        blocks * self.block_words()
     }
 }
 
@@ -80,12 +80,12 @@ fn set_half(word: &mut u32, high: bool, b: u16) {
     *word = (*word & !(0xffff << shift)) | (u32::from(b) << shift);
 }
 
-/// One layer of one sequence's cache as attention reads it: `len` tokens in whole blocks, block `b` of kv
-/// head `h` at words `(b * n_kv_head + h) * block_words` of each slice.
+/// One layer of one sequence's cache as attention reads it: per kv head, `len` tokens in whole blocks, block
+/// `b` at words `b * block_words`.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub keys: &'a [u32],
-    pub values: &'a [u32],
+    pub keys: &'a [Vec<u32>],
+    pub values: &'a [Vec<u32>],
     pub len: usize,
 }
 
@@ -93,6 +93,7 @@ pub struct KvView<'a> {
 #[derive(Debug, Clone)]
 pub struct SeqKv {
     shape: KvShape,
+    /// `[layer * n_kv_head + kv head]`: each head's blocks contiguous, so attention streams them in order.
     keys: Vec<Vec<u32>>,
     values: Vec<Vec<u32>>,
     len: usize,
@@ -113,8 +114,12 @@ impl SeqKv {
     /// A cache that will hold at most `max_len` tokens, with room for `initial` allocated now.
     pub fn new(shape: KvShape, initial: usize, max_len: usize) -> Self {
         let capacity = initial.clamp(1, max_len.max(1));
-        let words = shape.layer_words(capacity.div_ceil(BLOCK_TOKENS));
-        let buf = || (0..shape.n_layer).map(|_| vec![0u32; words]).collect();
+        let words = shape.head_words(capacity.div_ceil(BLOCK_TOKENS));
+        let buf = || {
+            (0..shape.n_layer * shape.n_kv_head)
+                .map(|_| vec![0u32; words])
+                .collect()
+        };
         Self {
             shape,
             keys: buf(),
@@ -146,7 +151,7 @@ impl SeqKv {
         }
         if needed > self.capacity {
             let new_cap = needed.max(self.capacity * 2).min(self.max_len);
-            let words = self.shape.layer_words(new_cap.div_ceil(BLOCK_TOKENS));
+            let words = self.shape.head_words(new_cap.div_ceil(BLOCK_TOKENS));
             for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
                 b.resize(words, 0);
             }
@@ -162,12 +167,13 @@ impl SeqKv {
         let s = self.shape;
         let (d, bw) = (s.head_dim, s.block_words());
         let pd = s.padded_dim();
-        let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        let heads = layer * s.n_kv_head..(layer + 1) * s.n_kv_head;
+        let (keys, values) = (&mut self.keys[heads.clone()], &mut self.values[heads]);
         for (i, (kt, vt)) in k.chunks_exact(s.row()).zip(v.chunks_exact(s.row())).enumerate() {
             let pos = self.len + i;
             let (block, slot) = (pos / BLOCK_TOKENS, pos % BLOCK_TOKENS);
-            for h in 0..s.n_kv_head {
-                let base = (block * s.n_kv_head + h) * bw;
+            let base = block * bw;
+            for (h, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
                 let (kh, vh) = (&kt[h * d..(h + 1) * d], &vt[h * d..(h + 1) * d]);
                 for (x, (&kx, &vx)) in kh.iter().zip(vh).enumerate() {
                     set_half(&mut keys[base + x / 2 * BLOCK_TOKENS + slot], x % 2 == 1, to_bf16(kx));
@@ -179,10 +185,11 @@ impl SeqKv {
 
     /// Layer `layer` as attention reads it, for the first `n` tokens.
     pub(crate) fn layer(&self, layer: usize, n: usize) -> KvView<'_> {
-        let words = self.shape.layer_words(n.div_ceil(BLOCK_TOKENS));
+        debug_assert!(n <= self.capacity);
+        let heads = layer * self.shape.n_kv_head..(layer + 1) * self.shape.n_kv_head;
         KvView {
-            keys: &self.keys[layer][..words],
-            values: &self.values[layer][..words],
+            keys: &self.keys[heads.clone()],
+            values: &self.values[heads],
             len: n,
         }
     }
@@ -196,10 +203,13 @@ impl SeqKv {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for h in 0..s.n_kv_head {
-            let base = (block * s.n_kv_head + h) * bw;
+            let (keys, values) = (
+                &self.keys[layer * s.n_kv_head + h],
+                &self.values[layer * s.n_kv_head + h],
+            );
             for x in 0..s.head_dim {
-                k.push(half(self.keys[layer][base + x / 2 * BLOCK_TOKENS + slot], x % 2 == 1));
-                v.push(half(self.values[layer][base + slot / 2 * pd + x], slot % 2 == 1));
+                k.push(half(keys[block * bw + x / 2 * BLOCK_TOKENS + slot], x % 2 == 1));
+                v.push(half(values[block * bw + slot / 2 * pd + x], slot % 2 == 1));
             }
         }
         (k, v)
@@ -216,7 +226,7 @@ impl SeqKv {
     pub fn copy_prefix(&mut self, from: &SeqKv, n: usize) -> Result<(), KvOverflow> {
         debug_assert!(self.is_empty() && n <= from.len);
         self.reserve(n)?;
-        let words = self.shape.layer_words(n.div_ceil(BLOCK_TOKENS));
+        let words = self.shape.head_words(n.div_ceil(BLOCK_TOKENS));
         for (dst, src) in self.keys.iter_mut().zip(&from.keys) {
             dst[..words].copy_from_slice(&src[..words]);
         }
@@ -229,7 +239,7 @@ impl SeqKv {
 
     /// Frees the room beyond the stored tokens' blocks (for a cache kept only to be read).
     pub fn shrink_to_len(&mut self) {
-        let words = self.shape.layer_words(self.len.div_ceil(BLOCK_TOKENS));
+        let words = self.shape.head_words(self.len.div_ceil(BLOCK_TOKENS));
         for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
             b.truncate(words);
             b.shrink_to_fit();
@@ -278,7 +288,9 @@ mod tests {
         for (chunk, layer_t) in [5usize, 1, 17, 30].into_iter().enumerate() {
             kv.reserve(layer_t).expect("room");
             for layer in 0..2 {
-                let k: Vec<f32> = (0..layer_t * shape.row()).map(|j| value(kv.len() + j / shape.row(), j % shape.row(), 1.0)).collect();
+                let k: Vec<f32> = (0..layer_t * shape.row())
+                    .map(|j| value(kv.len() + j / shape.row(), j % shape.row(), 1.0))
+                    .collect();
                 let v: Vec<f32> = k.iter().map(|x| -x - layer as f32).collect();
                 kv.append(layer, &k, &v);
             }
