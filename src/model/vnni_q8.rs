@@ -14,7 +14,7 @@
 //! (each span for every activation row) on candle's barrier pool ([`super::par`]), so a thread reuses each
 //! weight tile for all rows while it is in cache.
 //!
-//! The only `unsafe` in amlserve: the SIMD intrinsics, called only after [`vnni`] has found the features they
+//! One of the few `unsafe` places in amlserve (with the attention kernel and the allocator settings): the SIMD intrinsics, called only after [`vnni`] has found the features they
 //! are compiled for. Their stores go to bounds-checked 16-value slices of the output.
 #![allow(unsafe_code)]
 
