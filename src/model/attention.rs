@@ -378,10 +378,10 @@ mod kernel_avx512 {
         let qp = tile.q.as_ptr();
         for k in 0..half {
             let kv: [__m512bh; B] = std::array::from_fn(|b| load_bh(kp[b].add(k * BLOCK_TOKENS)));
-            for r in 0..R {
+            for (r, row) in s.iter_mut().enumerate() {
                 let q = bcast(*qp.add(r * half + k));
-                for b in 0..B {
-                    s[r][b] = _mm512_dpbf16_ps(s[r][b], q, kv[b]);
+                for (acc, keys) in row.iter_mut().zip(&kv) {
+                    *acc = _mm512_dpbf16_ps(*acc, q, *keys);
                 }
             }
         }
