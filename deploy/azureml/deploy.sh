@@ -9,7 +9,7 @@
 #   deploy.sh shift PERCENT         scale the new slot like the live one, then send it PERCENT% of live traffic
 #   deploy.sh promote               100% to the new slot, autoscale moved to it; the old slot stays at 0% for the bake
 #   deploy.sh rollback              all traffic back to the other slot (before promote, or during the bake after it)
-#   deploy.sh retire                delete the slot at 0% once the bake is over (FORCE=1: now)
+#   deploy.sh retire                delete the slot at 0% once the bake is over (FORCE=1: now, e.g. a rolled-back release)
 #   deploy.sh status                slots, traffic, release of each
 #   deploy.sh test [SLOT]           /score, a streamed /v1/chat/completions, /v1/models (optionally pinned to one slot)
 #   deploy.sh autoscale [SLOT]      Azure Monitor autoscale for one slot (autoscale.sh; default: the live slot)
@@ -23,7 +23,7 @@
 #      promote); MODEL_PATH (a .gguf, default SmolLM2); LOG_ANALYTICS_WORKSPACE (diagnostics: name or resource id).
 set -euo pipefail
 
-if [ -z "${1:-}" ] || [ "$1" = -h ] || [ "$1" = --help ]; then sed -n '2,24p' "$0"; exit 2; fi
+if [ -z "${1:-}" ] || [ "$1" = -h ] || [ "$1" = --help ]; then sed -n '2,23p' "$0"; exit 2; fi
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 : "${RESOURCE_GROUP:?set RESOURCE_GROUP}" "${WORKSPACE:?set WORKSPACE}"
@@ -63,7 +63,11 @@ image_by_digest() {
 scoring_uri() { az ml online-endpoint show --name "$ENDPOINT_NAME" "${aml[@]}" --query scoring_uri -o tsv; }
 key() { az ml online-endpoint get-credentials --name "$ENDPOINT_NAME" "${aml[@]}" --query primaryKey -o tsv; }
 endpoint_tag() { az ml online-endpoint show --name "$ENDPOINT_NAME" "${aml[@]}" --query "tags.$1" -o tsv 2>/dev/null || true; }
-traffic_of() { az ml online-endpoint show --name "$ENDPOINT_NAME" "${aml[@]}" --query "traffic.$1" -o tsv; }
+traffic_of() { # a slot's share in percent (0 when it has none)
+  local t
+  t=$(az ml online-endpoint show --name "$ENDPOINT_NAME" "${aml[@]}" --query "traffic.$1" -o tsv)
+  echo "${t:-0}"
+}
 slot_exists() { az ml online-deployment show --name "$1" --endpoint-name "$ENDPOINT_NAME" "${aml[@]}" -o none 2>/dev/null; }
 other() { if [ "$1" = blue ]; then echo green; else echo blue; fi; }
 instances() { az ml online-deployment show --name "$1" --endpoint-name "$ENDPOINT_NAME" "${aml[@]}" --query instance_count -o tsv; }
@@ -275,5 +279,5 @@ shift
 case "$step" in
   image | create | release | shift | promote | rollback | retire | status | test | autoscale | diagnostics | logs | delete)
     "cmd_$step" "$@" ;;
-  *) echo "unknown step '$step'" >&2; sed -n '2,24p' "$0"; exit 2 ;;
+  *) echo "unknown step '$step'" >&2; sed -n '2,23p' "$0"; exit 2 ;;
 esac
