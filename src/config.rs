@@ -171,10 +171,41 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_METRICS_HOST", default_value = "127.0.0.1")]
     pub metrics_host: IpAddr,
 
-    /// On SIGTERM or Ctrl-C: readiness fails at once and new work is refused, in-flight requests (streams too)
-    /// get this many seconds to finish, then the process exits 0. Match the platform's termination grace period.
+    /// On SIGTERM or Ctrl-C: readiness fails at once and, after --drain-delay-secs, new work is refused;
+    /// in-flight requests (streams too) get this many seconds to finish, then the process exits 0. The
+    /// platform's termination grace period must cover the drain delay plus this.
     #[arg(long, env = "AMLSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// On SIGTERM, keep serving new requests for this many seconds while readiness (/health) already answers
+    /// 503, so the gateway or load balancer in front can take the instance out of rotation before requests are
+    /// refused (clients would otherwise see errors until it notices). Then new work is refused and in-flight
+    /// requests get --shutdown-grace-secs. Set it above the time the readiness probe takes to fail
+    /// (period x failure threshold); 0 (the default) refuses at once, as fits a local run or a platform with a
+    /// preStop hook. A second SIGTERM ends the delay early.
+    #[arg(long, env = "AMLSERVE_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub drain_delay_secs: u64,
+
+    /// Liveness (GET /) and readiness fail when the engine has had work (sequences running or requests
+    /// waiting) but completed no forward step for this many seconds: a wedged engine is restarted by the
+    /// platform's liveness probe. Sampled twice a second; an idle engine never counts as stalled. Keep it well
+    /// above the longest single step (a step is at most --max-batch-tokens tokens: milliseconds on a small
+    /// model, seconds on a large one on CPU).
+    #[arg(long, env = "AMLSERVE_ENGINE_STALL_SECS", default_value_t = 60)]
+    pub engine_stall_secs: u64,
+
+    /// Test-only fault injection: the engine thread's first forward step this many seconds after it starts
+    /// never returns (the engine wedges), to test the --engine-stall-secs watchdog. Never set in production.
+    #[arg(long, env = "AMLSERVE_DEBUG_WEDGE_ENGINE_AFTER_SECS", hide = true)]
+    pub debug_wedge_engine_after_secs: Option<u64>,
+
+    /// Most tokens one request may generate: a request asking for more (max_tokens, max_completion_tokens,
+    /// /score max_new_tokens) is a 400 naming the field and this limit, and a request that sets none gets at
+    /// most this (--default-max-tokens is lowered to it). Size it so a generation fits the platform's request
+    /// timeout (Azure ML request_timeout_ms, at most 180 s) and the shutdown grace: limit / per-stream decode
+    /// speed at a full batch. Shown in GET /info and /v1/models. Unset: only the context window limits it.
+    #[arg(long, env = "AMLSERVE_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<usize>,
 
     /// Require this key on every route except /, /health and /metrics, as `Authorization: Bearer <key>` or
     /// `api-key: <key>`. For use outside Azure ML, whose gateway checks keys itself. An empty key (or one with
@@ -187,7 +218,8 @@ pub struct Args {
     #[arg(long, env = "AML_CORS_ORIGINS")]
     pub cors_origins: Option<String>,
 
-    /// max_tokens used when a request sets none (capped by the room left in the context window).
+    /// max_tokens used when a request sets none (capped by the room left in the context window and by
+    /// --max-tokens-limit).
     #[arg(long, env = "AMLSERVE_DEFAULT_MAX_TOKENS", default_value_t = GenerationDefaults::DEFAULT.max_tokens)]
     pub default_max_tokens: usize,
 
@@ -257,6 +289,12 @@ pub struct Config {
     /// Connection limits and timeouts (`--header-read-timeout-secs` ... `--max-concurrent-streams`).
     pub transport: Limits,
     pub shutdown_grace: Duration,
+    /// How long new requests are still served after SIGTERM (`--drain-delay-secs`).
+    pub drain_delay: Duration,
+    /// Busy without progress for this long fails liveness (`--engine-stall-secs`).
+    pub engine_stall: Duration,
+    /// Test-only: when the engine wedges (`--debug-wedge-engine-after-secs`).
+    pub debug_wedge_engine_after: Option<Duration>,
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
     pub embedder: EmbedderConfig,
@@ -300,6 +338,7 @@ impl Args {
             ("--embedding-max-batch-tokens", self.embedding_max_batch_tokens),
             ("--embedding-max-waiting", self.embedding_max_waiting),
             ("--max-connections", self.max_connections),
+            ("--max-tokens-limit", self.max_tokens_limit.unwrap_or(1)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -310,6 +349,7 @@ impl Args {
             ("--body-read-timeout-secs", self.body_read_timeout_secs),
             ("--idle-timeout-secs", self.idle_timeout_secs),
             ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
+            ("--engine-stall-secs", self.engine_stall_secs),
         ];
         if let Some((name, _)) = positive_u64.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -388,7 +428,10 @@ impl Args {
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             generation: GenerationDefaults {
-                max_tokens: self.default_max_tokens,
+                max_tokens: self
+                    .max_tokens_limit
+                    .map_or(self.default_max_tokens, |l| self.default_max_tokens.min(l)),
+                max_tokens_limit: self.max_tokens_limit,
                 temperature: self.default_temperature,
                 top_p: self.default_top_p,
                 top_k: self.default_top_k,
@@ -405,6 +448,9 @@ impl Args {
                 max_concurrent_streams: self.max_concurrent_streams,
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
+            engine_stall: Duration::from_secs(self.engine_stall_secs),
+            debug_wedge_engine_after: self.debug_wedge_engine_after_secs.map(Duration::from_secs),
             api_key,
             cors_origins: self
                 .cors_origins

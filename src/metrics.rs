@@ -35,6 +35,8 @@ pub struct Metrics {
     pub constraint_mask: Histogram,
     /// Time to compile a grammar (cache misses only).
     pub grammar_compile: Histogram,
+    /// 1 while the engine has work but makes no progress (`--engine-stall-secs`; liveness fails), else 0.
+    pub engine_stalled: IntGauge,
     /// The embedding engine's metrics.
     pub embedding: EmbeddingMetrics,
     /// The HTTP connection loop's metrics.
@@ -151,6 +153,11 @@ impl Metrics {
                 "Time to compile a grammar (cache misses).",
                 LATENCY_BUCKETS,
             ),
+            engine_stalled: IntGauge::new(
+                "amlserve_engine_stalled",
+                "1 while the engine has work but has made no progress for --engine-stall-secs (liveness fails).",
+            )
+            .expect("valid gauge"),
             embedding: EmbeddingMetrics::new(),
             connections: ConnectionMetrics::new(),
         };
@@ -173,6 +180,7 @@ impl Metrics {
             Box::new(m.constrained_requests.clone()),
             Box::new(m.constraint_mask.clone()),
             Box::new(m.grammar_compile.clone()),
+            Box::new(m.engine_stalled.clone()),
         ];
         let more = m.embedding.collectors().into_iter().chain(m.connections.collectors());
         for c in collectors.into_iter().chain(more) {

@@ -271,28 +271,32 @@ async fn request_id_headers_follow_azmlinfsrv() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_model_that_fails_to_load_keeps_liveness_and_fails_readiness() {
+async fn a_model_that_fails_to_load_fails_liveness_and_readiness() {
+    // Only a restart can bring a failed load back (a mount that was not ready, a truncated download): liveness
+    // fails too, so the platform's liveness probe restarts the container.
     let dir = std::env::temp_dir().join(format!("amlserve-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("broken.gguf");
     std::fs::write(&bad, b"not a gguf file").unwrap();
     let s = Server::spawn(&["--model", bad.to_str().unwrap()]);
-    let live = s.client.get(s.url("/")).send().await.unwrap();
-    assert_eq!(live.status(), 200);
     let mut last = (0, Value::Null);
     for _ in 0..100 {
-        let r = s.client.get(s.url("/health")).send().await.unwrap();
-        last = (r.status().as_u16(), r.json().await.unwrap());
-        if last.1["message"].as_str().is_some_and(|m| m.contains("failed to load")) {
+        let r = s.client.get(s.url("/")).send().await.unwrap();
+        last = (r.status().as_u16(), r.json().await.unwrap_or(Value::Null));
+        if last.0 != 200 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(last.0, 503, "{}", last.1);
+    assert_eq!(last.0, 503, "liveness after a failed load: {}", last.1);
+    let live = last.1["message"].as_str().unwrap_or_default();
+    assert!(live.contains("failed to load"), "{}", last.1);
+    let r = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.unwrap();
     assert!(
-        last.1["message"].as_str().unwrap().contains("failed to load"),
-        "{}",
-        last.1
+        health["message"].as_str().unwrap().contains("failed to load"),
+        "{health}"
     );
     let (st, v) = s.post("/v1/chat/completions", chat("hi", 2)).await;
     assert_eq!(st, 503, "{v}");

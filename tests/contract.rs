@@ -261,12 +261,7 @@ async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     let body = json!({"prompt": "Count:", "max_tokens": 150, "ignore_eos": true, "stream": true, "temperature": 0});
     let mut stream = Box::pin(s.post_stream("/v1/completions", &body).await);
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
-    let pid = s.pid();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    s.sigterm();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let fresh = reqwest::Client::new();
     let health = fresh

@@ -18,8 +18,8 @@ async fn answer(s: &Server, body: Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn defaults_keep_temperature_one_coherent_and_requests_override_them() {
     let s = Server::start(&[]).await;
-    let expected = json!({"max_tokens": 512, "temperature": 1.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
-        "repetition_penalty": 1.0});
+    let expected = json!({"max_tokens": 512, "max_tokens_limit": null, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
+        "min_p": 0.05, "repetition_penalty": 1.0});
     let info = s.get_json("/info").await;
     assert_eq!(info["generation_defaults"], expected, "{info}");
     let models = s.get_json("/v1/models").await;

@@ -29,9 +29,13 @@ use super::types::{
 };
 use super::{AppState, Ready};
 
-/// `GET /`: liveness, true as soon as the process listens.
-pub async fn liveness() -> &'static str {
-    "Healthy"
+/// `GET /`: liveness. `200 Healthy` as soon as the process listens, while the model loads and while shutting
+/// down; 503 with the reason once only a restart can help (a failed load, a stopped or stalled engine).
+pub async fn liveness(State(state): State<AppState>) -> Response {
+    match state.broken() {
+        None => "Healthy".into_response(),
+        Some(why) => ApiError::not_ready(why).in_dialect(Dialect::AzureMl).into_response(),
+    }
 }
 
 const EXPECTED: &str = "expected one of: {\"input_data\": {\"input_string\": [{\"role\": \"user\", \"content\": \"...\"}], \"parameters\": {...}}} (chat), \

@@ -95,6 +95,12 @@ impl SamplingInput {
             }
             Some(m) => {
                 let m = usize::try_from(m).unwrap_or(usize::MAX);
+                if let Some(limit) = defaults.max_tokens_limit.filter(|&l| m > l) {
+                    return Err(ApiError::invalid_param(
+                        mt,
+                        format!("{mt} is {m} but this deployment generates at most {limit} tokens per request (--max-tokens-limit)"),
+                    ));
+                }
                 if m > room {
                     return Err(ApiError::invalid_param(
                         mt,
@@ -337,6 +343,38 @@ mod tests {
         );
         let err = input().validate(120, 120, &max(16)).expect_err("prompt fills context");
         assert!(err.message.contains("120 tokens"), "{}", err.message);
+    }
+
+    #[test]
+    fn max_tokens_over_the_limit_is_refused_naming_field_and_limit() {
+        let limited = GenerationDefaults {
+            max_tokens_limit: Some(64),
+            ..max(64)
+        };
+        for name in ["max_tokens", "max_completion_tokens", "max_new_tokens"] {
+            let err = SamplingInput {
+                max_tokens: Some(65),
+                max_tokens_name: name,
+                ..input()
+            }
+            .validate(1, 1000, &limited)
+            .expect_err("over the limit");
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(err.param.as_deref(), Some(name));
+            assert!(
+                err.message.contains("65") && err.message.contains("at most 64"),
+                "{}",
+                err.message
+            );
+        }
+        let at_limit = SamplingInput {
+            max_tokens: Some(64),
+            ..input()
+        };
+        assert_eq!(
+            at_limit.validate(1, 1000, &limited).expect("at the limit").max_tokens,
+            64
+        );
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! future resolves (the connection loop, its limits and timeouts are in `transport`); [`run`] is the whole
 //! server (bind first, load the model in the background, then serve).
 //! The server listens while the model loads: liveness (`/`) answers at once, readiness (`/health`) only once
-//! the model is loaded and the engine thread is alive.
+//! the model is loaded and the engine thread is alive. Liveness fails only when a restart is the way back: the
+//! model failed to load, the engine thread ended, or it has work and makes no progress (`watchdog`).
+//!
+//! Shutdown ([`run`]): at SIGTERM readiness fails at once, but new requests are still served for
+//! `--drain-delay-secs` (the platform's gateway or load balancer needs a few probe periods to take the
+//! instance out of rotation); then new work is refused with 503 and in-flight requests, streams included, get
+//! `--shutdown-grace-secs` to finish before the process exits 0.
 
 pub mod access;
 mod auth;
@@ -25,9 +31,10 @@ mod tokenize;
 mod tools;
 pub mod transport;
 pub mod types;
+pub mod watchdog;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -40,6 +47,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
+use crate::engine::backend::{Detokenizer, LlamaBackend};
 use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
 use crate::grammar::Grammars;
@@ -68,6 +76,19 @@ pub struct Ready {
     /// How special-token text in chat content is tokenized (`--parse-special-in-content`).
     pub content_tokens: ContentTokens,
     pub engine_metrics: Arc<Metrics>,
+    /// Whether the engine thread still makes progress (liveness fails when it does not).
+    pub watchdog: Arc<watchdog::Watchdog>,
+}
+
+/// Where the server stands with shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Serving = 0,
+    /// SIGTERM arrived: readiness fails, requests are still served (`--drain-delay-secs`).
+    Draining = 1,
+    /// New work is refused; in-flight requests finish.
+    Refusing = 2,
 }
 
 /// Shared server state.
@@ -79,7 +100,7 @@ pub struct AppState {
 struct Inner {
     ready: OnceLock<Ready>,
     load_error: OnceLock<String>,
-    shutting_down: AtomicBool,
+    phase: AtomicU8,
     /// Every request being handled or streamed holds a token of this until its response has ended.
     work: TaskTracker,
     metrics: Arc<Metrics>,
@@ -93,7 +114,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 ready: OnceLock::new(),
                 load_error: OnceLock::new(),
-                shutting_down: AtomicBool::new(false),
+                phase: AtomicU8::new(Phase::Serving as u8),
                 work: TaskTracker::new(),
                 metrics,
                 api_key,
@@ -121,9 +142,22 @@ impl AppState {
         let _ = self.inner.load_error.set(msg);
     }
 
-    /// Starts shutting down: readiness fails and new work is refused.
+    /// Starts draining: readiness fails, requests are still served.
+    pub fn begin_drain(&self) {
+        self.inner.phase.fetch_max(Phase::Draining as u8, Ordering::SeqCst);
+    }
+
+    /// Starts refusing: new work gets 503, in-flight requests go on.
     pub fn begin_shutdown(&self) {
-        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.phase.store(Phase::Refusing as u8, Ordering::SeqCst);
+    }
+
+    fn phase(&self) -> Phase {
+        match self.inner.phase.load(Ordering::SeqCst) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Refusing,
+        }
     }
 
     /// A token that keeps shutdown waiting until it is dropped (at the end of a request's response).
@@ -137,25 +171,50 @@ impl AppState {
         self.inner.work.wait().await;
     }
 
-    /// The loaded model and engine, or a 503 saying why there is none.
+    /// The loaded model and engine for a request, or a 503 saying why there is none. Still served while
+    /// draining.
     pub fn ready(&self) -> Result<&Ready, ApiError> {
-        if self.inner.shutting_down.load(Ordering::SeqCst) {
+        if self.phase() == Phase::Refusing {
             return Err(ApiError::not_ready("the server is shutting down"));
         }
         match self.inner.ready.get() {
-            Some(r) if r.engine.is_alive() => Ok(r),
-            Some(_) => Err(ApiError::not_ready("the inference engine has stopped")),
+            Some(r) => match self.broken() {
+                Some(why) => Err(ApiError::not_ready(why)),
+                None => Ok(r),
+            },
             None => match self.inner.load_error.get() {
                 Some(e) => Err(ApiError::not_ready(format!("the model failed to load: {e}"))),
                 None => Err(ApiError::not_ready("the model is still loading")),
             },
         }
     }
+
+    /// What readiness (`/health`) answers: [`Self::ready`], and 503 from SIGTERM on.
+    fn readiness(&self) -> Result<&Ready, ApiError> {
+        if self.phase() != Phase::Serving {
+            return Err(ApiError::not_ready("the server is shutting down"));
+        }
+        self.ready()
+    }
+
+    /// Why the process should be restarted, if it should: the model failed to load, or the engine thread
+    /// stopped or is stalled. Loading and shutting down are not reasons (liveness stays 200).
+    pub fn broken(&self) -> Option<String> {
+        match self.inner.ready.get() {
+            Some(r) if !r.engine.is_alive() => Some("the inference engine has stopped".into()),
+            Some(r) => r.watchdog.stall(),
+            None => self
+                .inner
+                .load_error
+                .get()
+                .map(|e| format!("the model failed to load: {e}")),
+        }
+    }
 }
 
-/// `GET /health`: 200 once the model serves, 503 before, after failures and while shutting down.
+/// `GET /health`: 200 once the model serves, 503 before, after failures and from SIGTERM on.
 async fn health(State(state): State<AppState>) -> Response {
-    match state.ready() {
+    match state.readiness() {
         Ok(r) => Json(Health {
             status: HealthStatus::Ready,
             model: Some(r.model.name.clone()),
@@ -324,10 +383,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }));
     shutdown_signal().await;
     let grace = config.shutdown_grace;
+    let delay = config.drain_delay;
     tracing::info!(
+        drain_delay_secs = delay.as_secs(),
         grace_secs = grace.as_secs(),
-        "shutdown requested: readiness fails, new work is refused, in-flight requests finish"
+        "shutdown requested: readiness fails; new requests are served for the drain delay, then refused"
     );
+    state.begin_drain();
+    if !delay.is_zero() {
+        // A second SIGTERM / Ctrl-C cuts the delay short.
+        tokio::select! { () = tokio::time::sleep(delay) => {}, () = shutdown_signal() => {} }
+        tracing::info!("drain delay over: new work is refused, in-flight requests finish");
+    }
     state.begin_shutdown();
     // Keep accepting connections while draining, so probes see 503 rather than a refused connection. Every
     // generation belongs to a request (a dropped one cancels its generation), so no request open means no
@@ -417,9 +484,25 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
             return;
         }
     };
-    match Engine::start(model.clone(), config.engine.clone(), metrics.clone()) {
+    let progress = Arc::new(watchdog::Progress::default());
+    let backend = watchdog::Watched {
+        inner: LlamaBackend(model.clone()),
+        progress: progress.clone(),
+        wedge_at: config.debug_wedge_engine_after.map(|d| std::time::Instant::now() + d),
+    };
+    let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
+    match Engine::start_with(backend, text, config.engine.clone(), metrics.clone()) {
         Ok((engine, thread)) => {
             watch_engine(thread);
+            let gauge = metrics.engine_stalled.clone();
+            let watchdog = match watchdog::Watchdog::start(engine.clone(), progress, config.engine_stall, gauge) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the engine watchdog thread");
+                    state.set_load_error(e.to_string());
+                    return;
+                }
+            };
             let created = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
@@ -434,6 +517,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
                 max_n: config.max_n,
                 content_tokens: config.content_tokens,
                 engine_metrics: metrics,
+                watchdog,
             });
             tracing::info!("ready");
         }

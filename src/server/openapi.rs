@@ -242,6 +242,15 @@ fn paths() -> Paths {
             .build()
             .into(),
     );
+    liveness.responses.insert(
+        "503".into(),
+        ok_json(
+            "Only a restart helps: the model failed to load, or the engine stopped or stalled (the message says which)",
+            azureml_error(),
+        )
+        .build()
+        .into(),
+    );
     let mut metrics = Responses::new();
     metrics.responses.insert(
         "200".into(),

@@ -209,10 +209,12 @@ pub struct ModelCard {
 
 /// What a generation request gets for a field it leaves out (the `--default-*` flags); a value in the request
 /// always wins. `top_k` 0, `top_p` 1 and `min_p` 0 turn their filter off. On `/score`, `do_sample: false` (or
-/// neither `do_sample` nor `temperature`) stays greedy whatever these say.
+/// neither `do_sample` nor `temperature`) stays greedy whatever these say. `max_tokens_limit` is the one
+/// ceiling: a request asking for more tokens is a 400 (`--max-tokens-limit`; null: the context window only).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
 pub struct GenerationDefaults {
     pub max_tokens: usize,
+    pub max_tokens_limit: Option<usize>,
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
@@ -226,6 +228,7 @@ impl GenerationDefaults {
     /// answers garbage at temperature 1; these keep it coherent while still sampling.
     pub const DEFAULT: Self = Self {
         max_tokens: 512,
+        max_tokens_limit: None,
         temperature: 1.0,
         top_p: 0.95,
         top_k: 40,
