@@ -79,9 +79,12 @@ image:
 	$(DOCKER) build -f docker/Dockerfile --build-arg VCS_REF=$(GIT_SHA) \
 		--build-arg VERSION=$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev) -t $(IMAGE) .
 
-## The demo image: $(IMAGE) with the default SmolLM2 GGUF baked in (opt-in; needs `make models`).
+## The demo image: $(IMAGE) with the default SmolLM2 GGUF baked in (opt-in; needs `make models`), built from a
+## context holding only the GGUF.
 image-demo: image models
-	$(DOCKER) build -f docker/Dockerfile.model --build-arg BASE_IMAGE=$(IMAGE) -t $(IMAGE)-smollm2 .
+	rm -rf target/demo-context && mkdir -p target/demo-context/models/smollm2
+	cp -L models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf target/demo-context/models/smollm2/
+	$(DOCKER) build -f docker/Dockerfile.model --build-arg BASE_IMAGE=$(IMAGE) -t $(IMAGE)-smollm2 target/demo-context
 
 ## CycloneDX SBOM of the crates in the amlserve binary: target/sbom/amlserve.cdx.json (from cargo metadata; no build).
 sbom:

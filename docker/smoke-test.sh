@@ -216,7 +216,7 @@ fi
 # SIGTERM with 3 streams in flight, each sized to outlast the drain delay at the speed just measured (24 tokens in
 # stream_secs, one stream alone; three share the batch), and well inside the grace on a loaded machine.
 streams=3
-inflight_tokens=$(python3 -c "print(max(32, min(1000, int(24 / max(float('$stream_secs'), 0.01) * ($DRAIN_SECS + 4)))))")
+inflight_tokens=$(python3 -c "print(max(32, min(400, int(24 / max(float('$stream_secs'), 0.01) * ($DRAIN_SECS + 4)))))")
 for i in $(seq 1 $streams); do
   curl -sN -o "$tmp/inflight-$i" --max-time 120 "$base/v1/chat/completions" -H 'content-type: application/json' \
     -d '{"messages": [{"role": "user", "content": "Write a long story about a lighthouse, part '"$i"'."}],
