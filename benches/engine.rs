@@ -4,11 +4,12 @@
 //! Prints a markdown table. Measures the batched forward + greedy argmax, as the engine runs them, without
 //! HTTP. Numbers are for comparison within one run (the machine is shared and noisy).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use amlserve::engine::sampler::argmax;
 use amlserve::model::{Model, SeqChunk, SeqKv, WeightFormat};
+mod common;
+
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser)]
@@ -25,14 +26,8 @@ struct Args {
     /// Decode steps per measurement.
     #[arg(long, default_value_t = 64)]
     decode: usize,
-    /// Compute threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Ignored (cargo bench passes it).
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    common: common::ModelArgs,
 }
 
 fn prompt(model: &Model, n: usize) -> Vec<u32> {
@@ -64,13 +59,7 @@ fn step(model: &Model, kvs: &mut [SeqKv], tokens: &[Vec<u32>]) -> Vec<u32> {
 
 fn main() {
     let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    amlserve::set_compute_threads(threads);
-    let path = args
-        .model
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(amlserve::config::DEFAULT_MODEL));
+    let (threads, path) = args.common.apply();
     println!(
         "model: {} | threads: {threads} | prefill {} tokens | decode {} steps\n",
         path.display(),

@@ -7,10 +7,11 @@
 //! `LLAMA_BATCHED_BENCH` set, `scripts/bench-long.sh` runs llama.cpp's own benchmarks on a Q8_0 file of the
 //! same model beside it, one after the other.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use amlserve::model::{Model, SeqChunk, SeqKv, WeightFormat};
+mod common;
+
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser)]
@@ -33,14 +34,8 @@ struct Args {
     /// Weight format.
     #[arg(long, default_value = "q8_0")]
     weights: String,
-    /// Compute threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Ignored (cargo bench passes it).
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    common: common::ModelArgs,
 }
 
 /// `n` prompt tokens of varied text.
@@ -70,13 +65,7 @@ fn prefill(model: &Model, kv: &mut SeqKv, ids: &[u32], chunk: usize) -> f64 {
 
 fn main() {
     let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    amlserve::set_compute_threads(threads);
-    let path = args
-        .model
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(amlserve::config::DEFAULT_MODEL));
+    let (threads, path) = args.common.apply();
     let format = WeightFormat::from_str(&args.weights, true).unwrap_or_else(|e| panic!("--weights: {e}"));
     let model = Model::load(&path, format).expect("model loads");
     let shape = model.llama.config.kv_shape();
