@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{chat, sample, sse_data, Server};
+use common::{assert_stream_ran_to_length, chat, sample, sse_data, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -275,14 +275,7 @@ async fn sigterm_lets_a_stream_finish_while_readiness_fails_then_exits_zero() {
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    let events = sse_data(&text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "the stream completed"
-    );
-    let finish: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_stream_ran_to_length(&text, "the stream completed");
     // Well inside the 60 s grace: it exits once the stream is done, not when the grace runs out.
     assert_eq!(s.wait_exit(Duration::from_secs(20)), Some(0));
 }

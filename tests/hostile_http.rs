@@ -10,7 +10,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chat, model_path, sample, sse_data, Server};
+use common::{assert_stream_ran_to_length, chat, model_path, sample, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -557,14 +557,7 @@ async fn long_streams_and_queued_requests_are_not_cut_by_the_timeouts() {
         (st, v, started.elapsed())
     };
     let ((text, stream_took), (st, v, queued_took)) = tokio::join!(stream, queued);
-    let events = sse_data(&text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "the stream ran to its end"
-    );
-    let finish: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_stream_ran_to_length(&text, "the stream ran to its end");
     // Only meaningful if the stream outlasted every timeout by a margin.
     assert!(
         stream_took > secs(1.5),

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{chat, sample, sse_data, Server};
+use common::{assert_stream_ran_to_length, chat, sample, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -126,14 +126,7 @@ async fn drain_delay_serves_new_requests_while_readiness_fails_then_refuses() {
     while let Some(chunk) = stream.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    let events = sse_data(&text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "the stream completed"
-    );
-    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(usage["choices"][0]["finish_reason"], "length", "{usage}");
+    assert_stream_ran_to_length(&text, "the stream completed");
     assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
     eprintln!("exited {:?} after SIGTERM (drain delay {delay:?})", term.elapsed());
 }

@@ -255,6 +255,15 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that an SSE body ran to its end: `[DONE]` after a last chunk whose finish_reason is `length`.
+#[allow(dead_code)] // not every test binary streams
+pub fn assert_stream_ran_to_length(body: &str, what: &str) {
+    let events = sse_data(body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{what}");
+    let finish: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).expect("last chunk is JSON");
+    assert_eq!(finish["choices"][0]["finish_reason"], "length", "{what}: {finish}");
+}
+
 /// A greedy chat request body.
 pub fn chat(content: &str, max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
