@@ -19,7 +19,7 @@
 //! from ~20 small tensor ops per sequence and layer, the op overhead dominated the step at batch 16. It runs on
 //! candle's pool ([`super::par`]) because a second pool (rayon) spinning beside it starved it on 2 cores.
 
-use super::kv_cache::{KvView, BLOCK_TOKENS};
+use super::kv_cache::{block_words, padded_dim, KvView, BLOCK_TOKENS};
 use super::par;
 
 /// One sequence's part of a step: `t` new queries at positions `start..start + t`, attending to the first
@@ -39,18 +39,6 @@ pub struct AttnShape {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
-}
-
-impl AttnShape {
-    /// Head size as the cache stores it (a multiple of 16).
-    fn padded_dim(&self) -> usize {
-        self.head_dim.div_ceil(16) * 16
-    }
-
-    /// Words one block of one kv head takes in the cache.
-    fn block_words(&self) -> usize {
-        BLOCK_TOKENS / 2 * self.padded_dim()
-    }
 }
 
 /// Keys per online-softmax update: four cache blocks.
@@ -147,7 +135,7 @@ fn run_item(
     (q0, q1): (usize, usize),
     out: &mut [&mut [f32]],
 ) {
-    let (d, pd, bw) = (s.head_dim, s.padded_dim(), s.block_words());
+    let (d, pd, bw) = (s.head_dim, padded_dim(s.head_dim), block_words(s.head_dim));
     let group = s.n_head / s.n_kv_head;
     let rows = (q1 - q0) * group;
     let mut q = Vec::with_capacity(rows * pd / 2);

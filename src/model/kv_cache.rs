@@ -35,12 +35,12 @@ impl KvShape {
 
     /// The head size as stored: a multiple of 16, the padding zero.
     pub fn padded_dim(&self) -> usize {
-        self.head_dim.div_ceil(16) * 16
+        padded_dim(self.head_dim)
     }
 
     /// 32-bit words one block of one kv head occupies, for keys (or values).
     pub(crate) fn block_words(&self) -> usize {
-        BLOCK_TOKENS / 2 * self.padded_dim()
+        block_words(self.head_dim)
     }
 
     /// Bytes one token occupies across all layers, keys and values (bf16).
@@ -57,6 +57,16 @@ impl KvShape {
     fn head_words(&self, blocks: usize) -> usize {
         blocks * self.block_words()
     }
+}
+
+/// A head size as the cache stores it: rounded up to a multiple of 16 (one register of values).
+pub(crate) fn padded_dim(head_dim: usize) -> usize {
+    head_dim.div_ceil(16) * 16
+}
+
+/// 32-bit words one block of one kv head occupies, for keys (or values), at head size `head_dim`.
+pub(crate) fn block_words(head_dim: usize) -> usize {
+    BLOCK_TOKENS / 2 * padded_dim(head_dim)
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as its 16 bits. NaN stays NaN.
