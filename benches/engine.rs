@@ -48,7 +48,11 @@ fn step(model: &Model, kvs: &mut [SeqKv], tokens: &[Vec<u32>]) -> Vec<u32> {
             want_logits: true,
         })
         .collect();
-    let logits = model.llama.forward(&mut chunks).expect("forward");
+    let logits = model
+        .cpu()
+        .expect("the CPU forward")
+        .forward(&mut chunks)
+        .expect("forward");
     logits
         .to_vec2::<f32>()
         .expect("logits")
@@ -71,7 +75,7 @@ fn main() {
     for w in &args.weights {
         let format = WeightFormat::from_str(w, true).unwrap_or_else(|e| panic!("--weights {w}: {e}"));
         let model = Model::load(&path, format).expect("model loads");
-        let shape = model.llama.config.kv_shape();
+        let shape = model.config.kv_shape();
         let ids = prompt(&model, args.prefill);
         // Warm-up, then prefill timing (best of 3).
         let mut best_prefill = f64::MAX;
@@ -79,7 +83,8 @@ fn main() {
             let mut kv = SeqKv::new(shape, ids.len(), ids.len());
             let t = Instant::now();
             model
-                .llama
+                .cpu()
+                .expect("the CPU forward")
                 .forward(&mut [SeqChunk {
                     kv: &mut kv,
                     tokens: &ids,
@@ -104,7 +109,7 @@ fn main() {
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "| {w} | {} | {prefill_tps:.0} | {b} | {:.1} | {:.2} |",
-                model.llama.weight_bytes >> 20,
+                model.weight_bytes() >> 20,
                 (b * args.decode) as f64 / secs,
                 secs * 1000.0 / args.decode as f64
             );

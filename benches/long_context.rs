@@ -52,7 +52,8 @@ fn prefill(model: &Model, kv: &mut SeqKv, ids: &[u32], chunk: usize) -> f64 {
     for (i, part) in ids.chunks(chunk).enumerate() {
         let last = (i + 1) * chunk >= ids.len();
         model
-            .llama
+            .cpu()
+            .expect("the CPU forward")
             .forward(&mut [SeqChunk {
                 kv,
                 tokens: part,
@@ -68,7 +69,7 @@ fn main() {
     let (threads, path) = args.common.apply();
     let format = WeightFormat::from_str(&args.weights, true).unwrap_or_else(|e| panic!("--weights: {e}"));
     let model = Model::load(&path, format).expect("model loads");
-    let shape = model.llama.config.kv_shape();
+    let shape = model.config.kv_shape();
     println!(
         "model: {} | weights {} | threads {threads} | KV cache {} bytes/token\n",
         path.display(),
@@ -118,7 +119,11 @@ fn main() {
                 want_logits: true,
             })
             .collect();
-        let logits = model.llama.forward(&mut chunks).expect("decode");
+        let logits = model
+            .cpu()
+            .expect("the CPU forward")
+            .forward(&mut chunks)
+            .expect("decode");
         next = logits
             .to_vec2::<f32>()
             .expect("logits")

@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
+use crate::model::device::{self, DeviceChoice};
 use crate::model::files::{self, ModelNotFound};
 use crate::model::{ContentTokens, WeightFormat};
 use crate::server::transport::Limits;
@@ -51,6 +52,13 @@ pub struct Args {
     /// f32 / f16 dequantize for gemm (4x / 2x the memory).
     #[arg(long, env = "AMLSERVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
     pub weights: WeightFormat,
+
+    /// Where the model computes: `auto` (the GPU when this build has CUDA and the machine a GPU, else the CPU),
+    /// `cpu`, or `cuda` / `cuda:N` (`candle-cpu` runs the GPU's forward on the CPU, for tests). On a GPU, weights are uploaded once as quantized tensors, the KV cache is a
+    /// pool of 16-token blocks in GPU memory (sized by --kv-cache-mb) and attention runs on the GPU. A build
+    /// without CUDA refuses `cuda` at start.
+    #[arg(long, env = "AMLSERVE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
 
     /// Compute threads for matrix kernels. Defaults to the CPUs available to the process.
     #[arg(long, env = "AMLSERVE_THREADS")]
@@ -278,6 +286,8 @@ pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     pub weights: WeightFormat,
+    /// Where the model computes (`--device`).
+    pub device: DeviceChoice,
     pub threads: usize,
     pub max_body_bytes: usize,
     pub engine: EngineConfig,
@@ -328,6 +338,11 @@ fn checked_api_key(key: Option<String>) -> Result<Option<String>, ConfigError> {
 impl Args {
     /// Checks the settings and resolves the model path.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        if matches!(self.device, DeviceChoice::Cuda(_)) && !device::cuda_built() {
+            return Err(ConfigError::Invalid(
+                device::DeviceError::NoCudaBuild(self.device).to_string(),
+            ));
+        }
         let positive = [
             ("--max-batch-size", self.max_batch_size),
             ("--max-batch-tokens", self.max_batch_tokens),
@@ -416,6 +431,7 @@ impl Args {
             host: self.host,
             port: self.port,
             weights: self.weights,
+            device: self.device,
             threads,
             max_body_bytes: self.max_body_bytes,
             engine: EngineConfig {

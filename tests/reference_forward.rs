@@ -108,7 +108,7 @@ fn reference(path: &std::path::Path, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<u32>
 /// Our logits for the same steps: the prompt in forward calls split at `split` (logits from the last), then
 /// one call per generated token. With `neighbour`, another sequence's tokens share every call.
 fn ours(model: &Model, prompt: &[u32], split: &[usize], generated: &[u32], neighbour: Option<&[u32]>) -> Vec<Vec<f32>> {
-    let shape = model.llama.config.kv_shape();
+    let shape = model.config.kv_shape();
     let total = prompt.len() + generated.len();
     let mut kv = SeqKv::new(shape, 8, total);
     let mut other = SeqKv::new(shape, 8, 4096);
@@ -134,7 +134,8 @@ fn ours(model: &Model, prompt: &[u32], split: &[usize], generated: &[u32], neigh
             want_logits: want,
         });
         let logits = model
-            .llama
+            .cpu()
+            .expect("the CPU forward")
             .forward(&mut chunks)
             .expect("forward")
             .to_vec2::<f32>()

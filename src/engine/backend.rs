@@ -12,7 +12,9 @@
 
 use std::sync::Arc;
 
-use crate::model::{Model, ModelError, SeqChunk, SeqKv, TextTokenizer};
+use crate::model::device::forward::DeviceChunk;
+use crate::model::device::{KvPool, PagedKv};
+use crate::model::{Forward, Model, ModelError, SeqChunk, SeqKv, TextTokenizer};
 
 /// One sequence's cache as the scheduler and the prefix cache see it.
 pub trait KvCache: Send + 'static {
@@ -109,21 +111,24 @@ impl KvCache for SeqKv {
     }
 }
 
-/// The batched llama forward on the CPU, over a loaded [`Model`].
+/// The batched llama forward on the CPU, over a loaded [`Model`] whose forward is [`Forward::Cpu`].
 pub struct LlamaBackend(pub Arc<Model>);
 
 impl Backend for LlamaBackend {
     type Kv = SeqKv;
 
     fn kv_bytes_per_token(&self) -> usize {
-        self.0.llama.config.kv_shape().bytes_per_token()
+        self.0.config.kv_shape().bytes_per_token()
     }
 
     fn new_kv(&self, initial: usize, max_len: usize) -> SeqKv {
-        SeqKv::new(self.0.llama.config.kv_shape(), initial, max_len)
+        SeqKv::new(self.0.config.kv_shape(), initial, max_len)
     }
 
     fn step(&self, batch: &mut [BatchEntry<'_, SeqKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+        let Some(llama) = self.0.cpu() else {
+            return Err(StepError("the model is not on the CPU forward".into()));
+        };
         let mut chunks: Vec<SeqChunk<'_>> = batch
             .iter_mut()
             .map(|e| SeqChunk {
@@ -132,7 +137,88 @@ impl Backend for LlamaBackend {
                 want_logits: e.want_logits,
             })
             .collect();
-        let logits = self.0.llama.forward(&mut chunks)?;
+        let logits = llama.forward(&mut chunks)?;
+        if logits.dim(0)? == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(logits.to_vec2()?)
+    }
+}
+
+impl KvCache for PagedKv {
+    fn len(&self) -> usize {
+        PagedKv::len(self)
+    }
+
+    fn stored_bytes(&self) -> usize {
+        PagedKv::stored_bytes(self)
+    }
+
+    fn shrink_to_len(&mut self) {
+        PagedKv::shrink_to_len(self);
+    }
+
+    fn copy_prefix(&mut self, from: &Self, n: usize) -> bool {
+        PagedKv::copy_prefix(self, from, n)
+    }
+
+    fn fork(&self) -> Self {
+        PagedKv::fork(self)
+    }
+}
+
+/// The device-generic forward ([`Forward::Device`]) with its paged KV pool.
+pub struct DeviceBackend {
+    model: Arc<Model>,
+    pool: Arc<KvPool>,
+}
+
+impl DeviceBackend {
+    /// The backend of a device model, with a pool of at least `kv_bytes` (plus a margin for partly filled blocks
+    /// and copies on write: an eighth, and 4 blocks per sequence for up to `max_sequences` sequences).
+    pub fn new(model: Arc<Model>, kv_bytes: usize, max_sequences: usize) -> Result<Self, StepError> {
+        let Forward::Device(llama, _) = &model.forward else {
+            return Err(StepError("the model is not on a device forward".into()));
+        };
+        let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
+        let margin = kv_bytes / 8 + 4 * max_sequences * crate::model::device::paged::BLOCK * per_token;
+        let pool = llama.new_pool(kv_bytes + margin)?;
+        Ok(Self { model, pool })
+    }
+
+    /// The pool's blocks, free and in all.
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+}
+
+impl Backend for DeviceBackend {
+    type Kv = PagedKv;
+
+    fn kv_bytes_per_token(&self) -> usize {
+        match &self.model.forward {
+            Forward::Device(l, _) => KvPool::bytes_per_token(self.model.config.kv_shape(), l.kv_dtype()),
+            Forward::Cpu(_) => 0,
+        }
+    }
+
+    fn new_kv(&self, _initial: usize, max_len: usize) -> PagedKv {
+        PagedKv::new(self.pool.clone(), max_len)
+    }
+
+    fn step(&self, batch: &mut [BatchEntry<'_, PagedKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+        let Forward::Device(llama, _) = &self.model.forward else {
+            return Err(StepError("the model is not on a device forward".into()));
+        };
+        let mut chunks: Vec<DeviceChunk<'_>> = batch
+            .iter_mut()
+            .map(|e| DeviceChunk {
+                kv: &mut *e.kv,
+                tokens: e.tokens,
+                want_logits: e.want_logits,
+            })
+            .collect();
+        let logits = llama.forward(&mut chunks, &self.pool)?;
         if logits.dim(0)? == 0 {
             return Ok(Vec::new());
         }

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::model::Model;
-use backend::{Backend, Detokenizer, LlamaBackend};
+use crate::model::{Forward, Model};
+use backend::{Backend, Detokenizer, DeviceBackend, LlamaBackend};
 use constraint::Constraint;
 use logprobs::Sampled;
 pub use params::GenerationParams;
@@ -287,14 +287,21 @@ impl Slot {
 }
 
 impl Engine {
-    /// Starts the engine thread over the CPU llama forward of `model`.
+    /// Starts the engine thread over `model`'s forward (the CPU one, or the device one with its KV pool).
     pub fn start(
         model: Arc<Model>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
-        Self::start_with(LlamaBackend(model), text, config, metrics)
+        match &model.forward {
+            Forward::Cpu(_) => Self::start_with(LlamaBackend(model), text, config, metrics),
+            Forward::Device(..) => {
+                let backend = DeviceBackend::new(model, config.kv_cache_bytes, config.max_batch_size)
+                    .map_err(std::io::Error::other)?;
+                Self::start_with(backend, text, config, metrics)
+            }
+        }
     }
 
     /// Starts the engine thread over any backend.

@@ -161,7 +161,7 @@ fn expect_shape(content: &gguf_file::Content, name: &str, dims: &[usize]) -> Res
 
 /// Checks every weight's shape against the hyper-parameters before any is read, so a file whose tensors
 /// disagree with its metadata fails at load with the tensor named, not inside a matmul at the first request.
-fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<(), ModelError> {
+pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<(), ModelError> {
     let tensors = content.tensor_infos.len();
     if cfg.n_layer > tensors / TENSORS_PER_LAYER {
         return Err(ModelError::Metadata(format!(

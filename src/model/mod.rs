@@ -6,6 +6,7 @@ pub mod activation;
 pub mod attention;
 pub mod chat_template;
 pub mod content_text;
+pub mod device;
 pub mod embedding;
 pub mod files;
 pub mod gguf_header;
@@ -42,20 +43,64 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The weights and forward pass a model runs on.
+#[derive(Debug)]
+pub enum Forward {
+    /// The fast CPU forward ([`Llama`]).
+    Cpu(Llama),
+    /// The device-generic forward on a candle device ([`device::DeviceLlama`]), with the device's description.
+    Device(device::DeviceLlama, device::DeviceInfo),
+}
+
 /// Everything loaded from one GGUF file.
 #[derive(Debug)]
 pub struct Model {
     /// Name reported to clients (the file stem).
     pub name: String,
     pub path: PathBuf,
-    pub llama: Llama,
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    pub forward: Forward,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
 }
 
 impl Model {
-    /// Loads the model, tokenizer and chat template from a GGUF file.
+    /// Loads the model, tokenizer and chat template from a GGUF file, for the fast CPU forward.
     pub fn load(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        Self::load_on(path, format, None)
+    }
+
+    /// The fast CPU forward, when this model runs on it.
+    pub fn cpu(&self) -> Option<&Llama> {
+        match &self.forward {
+            Forward::Cpu(l) => Some(l),
+            Forward::Device(..) => None,
+        }
+    }
+
+    /// Where the model computes.
+    pub fn device_info(&self) -> device::DeviceInfo {
+        match &self.forward {
+            Forward::Cpu(_) => device::DeviceInfo::cpu(),
+            Forward::Device(_, info) => info.clone(),
+        }
+    }
+
+    /// Bytes the weights take.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.forward {
+            Forward::Cpu(l) => l.weight_bytes,
+            Forward::Device(d, _) => d.weight_bytes,
+        }
+    }
+
+    /// Loads the model as [`Self::load`] does; with a device, onto the device-generic forward there.
+    pub fn load_on(
+        path: &Path,
+        format: WeightFormat,
+        on: Option<(&candle_core::Device, device::DeviceInfo)>,
+    ) -> Result<Self, ModelError> {
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -64,8 +109,17 @@ impl Model {
         let content =
             gguf_header::read(&mut file).map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
         let tokenizer = TextTokenizer::from_gguf(&content)?;
-        let llama = Llama::load(&content, &mut file, format)?;
-        if tokenizer.vocab_size() != llama.config.vocab_size {
+        let (config, forward) = match on {
+            None => {
+                let llama = Llama::load(&content, &mut file, format)?;
+                (llama.config.clone(), Forward::Cpu(llama))
+            }
+            Some((dev, info)) => {
+                let llama = device::DeviceLlama::load(&content, &mut file, format, dev)?;
+                (llama.config.clone(), Forward::Device(llama, info))
+            }
+        };
+        if tokenizer.vocab_size() != config.vocab_size {
             return Err(ModelError::Metadata(
                 "vocabulary size disagrees with the tokenizer".into(),
             ));
@@ -84,7 +138,8 @@ impl Model {
         Ok(Self {
             name,
             path: path.to_path_buf(),
-            llama,
+            config,
+            forward,
             tokenizer,
             template,
         })

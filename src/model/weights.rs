@@ -34,7 +34,7 @@ pub enum WeightFormat {
 /// half-split layout (pairs `i, i + d/2`), so the projection output can be rotated in place with
 /// `rope_thd` on `[tokens, heads, head_dim]` without transposes. Queries and keys are permuted the same way, so
 /// every dot product between them, and thus attention, is unchanged. Works on raw blocks: exact for any type.
-fn unpermute_rope_rows(t: QTensor, head_dim: usize) -> Result<QTensor, ModelError> {
+pub(crate) fn unpermute_rope_rows(t: QTensor, head_dim: usize) -> Result<QTensor, ModelError> {
     let (rows, cols) = t.shape().dims2()?;
     let dtype = t.dtype();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
@@ -68,7 +68,7 @@ pub fn load_linear<R: std::io::Read + std::io::Seek>(
 
 /// Stacks the rows of same-typed 2-D tensors with equal row width into one tensor (raw blocks: exact).
 /// `None` when the types or widths differ.
-fn concat_rows(parts: &[QTensor]) -> Result<Option<QTensor>, ModelError> {
+pub(crate) fn concat_rows(parts: &[QTensor]) -> Result<Option<QTensor>, ModelError> {
     let dtype = parts[0].dtype();
     let cols = parts[0].shape().dims2()?.1;
     let mut rows = 0;
@@ -170,6 +170,19 @@ fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
         }
         WeightFormat::F32 => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::F16 => QMatMul::TensorF16(t.dequantize_f16(&Device::Cpu)?),
+    })
+}
+
+/// Converts a loaded tensor to the matmul form for `format`, on `device` (weights are converted on the host and
+/// uploaded once).
+pub fn to_device_matmul(t: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul, ModelError> {
+    Ok(match to_matmul(t, format)? {
+        QMatMul::QTensor(q) => {
+            let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+            QMatMul::QTensor(QTensor::new(storage, q.shape())?.into())
+        }
+        QMatMul::Tensor(t) => QMatMul::Tensor(t.to_device(device)?),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(t.to_device(device)?),
     })
 }
 

@@ -25,6 +25,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<ModelInfo>, ApiE
         model_type: "chat-completions",
         model_provider_name: "amlserve".to_string(),
         generation_defaults: ready.generation,
+        device: ready.model.device_info(),
     }))
 }
 

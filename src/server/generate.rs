@@ -143,7 +143,7 @@ pub enum PromptInput {
 pub async fn tokenize(ready: &Ready, prompt: PromptInput) -> Result<Vec<u32>, ApiError> {
     let model = ready.model.clone();
     let content = ready.content_tokens;
-    let context = model.llama.config.context_length;
+    let context = model.config.context_length;
     let too_long = move || {
         ApiError::bad_request(format!(
             "the prompt has more tokens than the model's context window of {context} tokens; shorten the prompt"
@@ -183,7 +183,7 @@ struct Prepared {
 /// Tokenizes and validates one prompt.
 async fn prepare(ready: &Ready, prompt: PromptInput, sampling: SamplingInput) -> Result<Prepared, ApiError> {
     let ids = tokenize(ready, prompt).await?;
-    let params = sampling.validate(ids.len(), ready.model.llama.config.context_length, &ready.generation)?;
+    let params = sampling.validate(ids.len(), ready.model.config.context_length, &ready.generation)?;
     Ok(Prepared { prompt: ids, params })
 }
 

@@ -47,13 +47,13 @@ use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
-use crate::engine::backend::{Detokenizer, LlamaBackend};
+use crate::engine::backend::{Detokenizer, DeviceBackend, LlamaBackend};
 use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
 use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::model::embedding::EmbeddingModel;
-use crate::model::{ContentTokens, Model};
+use crate::model::{device, ContentTokens, Forward, Model};
 use error::{ApiError, Dialect};
 pub use transport::{serve, Limits};
 use types::{Health, HealthStatus};
@@ -430,11 +430,57 @@ fn watch_engine(thread: std::thread::JoinHandle<()>) {
     }
 }
 
+/// Starts the engine thread over `model`'s forward, watched for progress.
+fn start_engine(
+    model: &Arc<Model>,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    progress: &Arc<watchdog::Progress>,
+) -> std::io::Result<(Engine, std::thread::JoinHandle<()>)> {
+    let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
+    let wedge_at = config.debug_wedge_engine_after.map(|d| std::time::Instant::now() + d);
+    let (engine, metrics) = (config.engine.clone(), metrics.clone());
+    match &model.forward {
+        Forward::Cpu(_) => {
+            let inner = LlamaBackend(model.clone());
+            let progress = progress.clone();
+            Engine::start_with(
+                watchdog::Watched {
+                    inner,
+                    progress,
+                    wedge_at,
+                },
+                text,
+                engine,
+                metrics,
+            )
+        }
+        Forward::Device(..) => {
+            let inner = DeviceBackend::new(model.clone(), engine.kv_cache_bytes, engine.max_batch_size)
+                .map_err(std::io::Error::other)?;
+            let progress = progress.clone();
+            Engine::start_with(
+                watchdog::Watched {
+                    inner,
+                    progress,
+                    wedge_at,
+                },
+                text,
+                engine,
+                metrics,
+            )
+        }
+    }
+}
+
 /// Loads the model and starts the engine, marking the state ready (or recording the failure).
 fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
     let started = std::time::Instant::now();
     tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
-    let model = match Model::load(&config.model_path, config.weights) {
+    let model = match device::open(config.device).map_err(|e| e.to_string()).and_then(|on| {
+        let on = on.as_ref().map(|(dev, info)| (dev, info.clone()));
+        Model::load_on(&config.model_path, config.weights, on).map_err(|e| e.to_string())
+    }) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::error!(error = %e, "model failed to load");
@@ -442,13 +488,14 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
             return;
         }
     };
-    let c = &model.llama.config;
+    let c = &model.config;
     tracing::info!(
         model = %model.name,
         layers = c.n_layer,
         hidden = c.hidden,
         context = c.context_length,
-        weight_mb = model.llama.weight_bytes >> 20,
+        weight_mb = model.weight_bytes() >> 20,
+        device = %model.device_info().device,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -485,13 +532,7 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         }
     };
     let progress = Arc::new(watchdog::Progress::default());
-    let backend = watchdog::Watched {
-        inner: LlamaBackend(model.clone()),
-        progress: progress.clone(),
-        wedge_at: config.debug_wedge_engine_after.map(|d| std::time::Instant::now() + d),
-    };
-    let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
-    match Engine::start_with(backend, text, config.engine.clone(), metrics.clone()) {
+    match start_engine(&model, config, &metrics, &progress) {
         Ok((engine, thread)) => {
             watch_engine(thread);
             let gauge = metrics.engine_stalled.clone();

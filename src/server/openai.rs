@@ -582,7 +582,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
             object: "model",
             created: ready.created,
             owned_by: "amlserve".to_string(),
-            max_model_len: ready.model.llama.config.context_length,
+            max_model_len: ready.model.config.context_length,
             generation_defaults: ready.generation,
         }],
     }))

@@ -77,7 +77,7 @@ pub async fn tokenize(
     });
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
-        max_model_len: ready.model.llama.config.context_length,
+        max_model_len: ready.model.config.context_length,
         tokens,
         token_strs,
     }))

@@ -51,18 +51,19 @@ fn exercise(model: &Model) {
         Ok((_, ids)) => ids,
         Err(_) => model.tokenizer.encode("hello there").expect("encodes"),
     };
-    let ids: Vec<u32> = ids.into_iter().take(model.llama.config.context_length).collect();
+    let ids: Vec<u32> = ids.into_iter().take(model.config.context_length).collect();
     if !ids.is_empty() {
-        let mut kv = SeqKv::new(model.llama.config.kv_shape(), ids.len(), ids.len());
+        let mut kv = SeqKv::new(model.config.kv_shape(), ids.len(), ids.len());
         let logits = model
-            .llama
+            .cpu()
+            .expect("the CPU forward")
             .forward(&mut [SeqChunk {
                 kv: &mut kv,
                 tokens: &ids,
                 want_logits: true,
             }])
             .expect("forward runs on an accepted file");
-        assert_eq!(logits.dims(), [1, model.llama.config.vocab_size], "one row of logits");
+        assert_eq!(logits.dims(), [1, model.config.vocab_size], "one row of logits");
     }
     let _ = model.tokenizer.decode(&ids).expect("decodes");
     // Refusing the vocabulary is the server's clear load error; a panic here would be a hang at startup.

@@ -260,6 +260,8 @@ pub struct ModelInfo {
     pub model_provider_name: String,
     /// An amlserve extra: what requests get for the sampling fields they leave out.
     pub generation_defaults: GenerationDefaults,
+    /// An amlserve extra: where the model computes (`--device`).
+    pub device: crate::model::device::DeviceInfo,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]

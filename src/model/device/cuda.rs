@@ -1,0 +1,224 @@
+//! CUDA side of the device forward: opening a GPU, and launching the kernels of `kernels.cu` for the custom ops
+//! in [`super::ops`]. The kernels are compiled once per process by NVRTC for the device's own architecture
+//! (the CUDA runtime images carry NVRTC), so the build needs nothing beyond candle's own CUDA step.
+// Launching a kernel is unsafe: each launch below passes buffers whose sizes the op checked first.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Device, Layout};
+
+use super::ops::{PagedAttention, Rope, StoreKv};
+use super::DeviceInfo;
+
+const SOURCE: &str = include_str!("kernels.cu");
+const MODULE: &str = "amlserve_kernels";
+/// Threads per attention block and the most head dimensions a block covers (kernels.cu's constants).
+const ATTN_THREADS: u32 = 128;
+const ATTN_TILE: u32 = 256;
+const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
+
+/// Opens CUDA device `ordinal` and describes it.
+pub(super) fn open(ordinal: usize) -> Result<(Device, DeviceInfo), String> {
+    let device = Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?;
+    let Device::Cuda(cuda) = &device else {
+        return Err("candle returned a non-CUDA device".into());
+    };
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    let name = ctx.name().map_err(|e| e.to_string())?;
+    let memory = ctx.total_mem().map_err(|e| e.to_string())?;
+    let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
+    // Compile the kernels now, so a broken toolchain fails at start and not at the first request.
+    ptx(major, minor)?;
+    Ok((
+        device,
+        DeviceInfo {
+            device: format!("cuda:{ordinal}"),
+            name: Some(name),
+            memory_mb: Some(memory >> 20),
+            compute_capability: Some(format!("{major}.{minor}")),
+        },
+    ))
+}
+
+/// The kernels' PTX, compiled on first use for compute capability `major.minor`.
+fn ptx(major: i32, minor: i32) -> Result<&'static str, String> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let opts = nvrtc::CompileOptions {
+            arch: Some(arch),
+            use_fast_math: Some(false),
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile amlserve's kernels: {e}"))
+    })
+    .as_ref()
+    .map(String::as_str)
+    .map_err(Clone::clone)
+}
+
+/// The kernels' PTX for `dev` (compiled on first use).
+fn ptx_for(dev: &CudaDevice) -> candle_core::Result<&'static str> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    ptx(major, minor).map_err(candle_core::Error::Msg)
+}
+
+/// Start offset of a contiguous layout, or an error.
+fn start(l: &Layout, what: &str) -> candle_core::Result<usize> {
+    l.contiguous_offsets()
+        .map(|(a, _)| a)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} is not contiguous")))
+}
+
+pub(super) fn rope(
+    op: &Rope,
+    qkv: &mut CudaStorage,
+    ql: &Layout,
+    meta: &CudaStorage,
+    ml: &Layout,
+    table: &CudaStorage,
+    tl: &Layout,
+) -> candle_core::Result<()> {
+    let h = op.heads;
+    if ql.shape().elem_count() != op.meta.tokens * h.width() {
+        candle_core::bail!(
+            "rope: qkv has {} values for {} tokens",
+            ql.shape().elem_count(),
+            op.meta.tokens
+        )
+    }
+    let dev = qkv.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_rope", MODULE, ptx_for(&dev)?)?;
+    let (qs, ms, ts) = (start(ql, "qkv")?, start(ml, "meta")?, start(tl, "rope table")?);
+    let mut x = qkv.as_cuda_slice_mut::<f32>()?.slice_mut(qs..);
+    let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
+    let t = table.as_cuda_slice::<f32>()?.slice(ts..);
+    let (width, n_q, hd) = (h.width() as i32, h.n_head as i32, h.head_dim as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (op.meta.tokens as u32, (h.n_head + h.n_kv_head) as u32, 1),
+        block_dim: ((h.head_dim as u32 / 2).clamp(32, 128), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = f.builder();
+    b.arg(&mut x)
+        .arg(&m)
+        .arg(&t)
+        .arg(&width)
+        .arg(&n_q)
+        .arg(&hd)
+        .arg(&op.q_scale);
+    // SAFETY: qkv holds tokens * width floats (checked above); positions index the table, built for the
+    // context, and the engine validated them against it.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+pub(super) fn store_kv(
+    op: &StoreKv,
+    pool: &mut CudaStorage,
+    pl: &Layout,
+    qkv: &CudaStorage,
+    ql: &Layout,
+    meta: &CudaStorage,
+    ml: &Layout,
+) -> candle_core::Result<()> {
+    let h = op.heads;
+    if ql.shape().elem_count() != op.meta.tokens * h.width() {
+        candle_core::bail!(
+            "store-kv: qkv has {} values for {} tokens",
+            ql.shape().elem_count(),
+            op.meta.tokens
+        )
+    }
+    let dev = pool.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_store_kv_bf16", MODULE, ptx_for(&dev)?)?;
+    let (ps, qs, ms) = (start(pl, "pool")?, start(ql, "qkv")?, start(ml, "meta")?);
+    let mut p = pool.as_cuda_slice_mut::<half::bf16>()?.slice_mut(ps..);
+    let x = qkv.as_cuda_slice::<f32>()?.slice(qs..);
+    let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
+    let (tokens, width, k_col, row2) = (
+        op.meta.tokens as i32,
+        h.width() as i32,
+        h.k_col() as i32,
+        2 * h.kv_row() as i32,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (op.meta.tokens as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = f.builder();
+    b.arg(&mut p)
+        .arg(&x)
+        .arg(&m)
+        .arg(&tokens)
+        .arg(&width)
+        .arg(&k_col)
+        .arg(&row2);
+    // SAFETY: slots come from blocks of this pool (PagedKv::prepare), so every write is inside it.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+pub(super) fn paged_attention(
+    op: &PagedAttention,
+    qkv: &CudaStorage,
+    ql: &Layout,
+    pool: &CudaStorage,
+    pl: &Layout,
+    meta: &CudaStorage,
+    ml: &Layout,
+) -> candle_core::Result<CudaStorage> {
+    let h = op.heads;
+    if h.head_dim > MAX_HEAD_DIM || h.n_kv_head == 0 || h.n_head % h.n_kv_head != 0 {
+        candle_core::bail!("paged attention: unsupported heads {h:?}")
+    }
+    if ql.shape().elem_count() != op.meta.tokens * h.width() {
+        candle_core::bail!(
+            "paged attention: qkv has {} values for {} tokens",
+            ql.shape().elem_count(),
+            op.meta.tokens
+        )
+    }
+    let dev = qkv.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_paged_attention_bf16", MODULE, ptx_for(&dev)?)?;
+    let (qs, ps, ms) = (start(ql, "qkv")?, start(pl, "pool")?, start(ml, "meta")?);
+    let x = qkv.as_cuda_slice::<f32>()?.slice(qs..);
+    let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
+    let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
+    let n_out = op.meta.tokens * h.n_head * h.head_dim;
+    // SAFETY: the kernel writes every element: each (token, head) block writes its head_dim outputs.
+    let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
+    let (tokens, width, nh, nkv, hd) = (
+        op.meta.tokens as i32,
+        h.width() as i32,
+        h.n_head as i32,
+        h.n_kv_head as i32,
+        h.head_dim as i32,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (op.meta.tokens as u32, h.n_head as u32, 1),
+        block_dim: (ATTN_THREADS, 1, 1),
+        shared_mem_bytes: (h.head_dim as u32 + ATTN_TILE + 32) * 4,
+    };
+    let mut b = f.builder();
+    b.arg(&mut out)
+        .arg(&x)
+        .arg(&p)
+        .arg(&m)
+        .arg(&tokens)
+        .arg(&width)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&hd);
+    // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the caches.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

@@ -1,0 +1,301 @@
+//! The kernels the device forward needs beyond candle's own ops, as candle custom ops with a CPU and a CUDA
+//! implementation each (the CUDA ones in `super::cuda`).
+//!
+//! Every op reads one step's metadata from a single `u32` tensor ([`StepMeta`]): each token's position, the
+//! cache slot its key and value go to, and where its sequence's block table starts, followed by the block
+//! tables. It is uploaded once per step, so a step costs one host-to-device copy besides the token ids.
+//!
+//! Layouts: `qkv` is `[tokens, width]` f32, each row a token's query heads, then key heads, then value heads
+//! (the fused projection's output, rotary pairs half-split as the loader permutes them). A layer's cache pool is
+//! `[slots, 2 * kv_row]`, a slot holding one token's keys then values, in bf16 (or f32). Slot `s` of a
+//! sequence's position `p` is `table[p / BLOCK] * BLOCK + p % BLOCK`.
+
+use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Shape};
+use half::bf16;
+
+use super::paged::BLOCK;
+
+/// One step's metadata, as the ops read it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepMeta {
+    /// Tokens in the step.
+    pub tokens: usize,
+}
+
+impl StepMeta {
+    /// Index of token `i`'s position.
+    fn pos(&self, meta: &[u32], i: usize) -> usize {
+        meta[i] as usize
+    }
+    /// Token `i`'s write slot.
+    fn slot(&self, meta: &[u32], i: usize) -> usize {
+        meta[self.tokens + i] as usize
+    }
+    /// Token `i`'s block table.
+    fn table<'m>(&self, meta: &'m [u32], i: usize) -> &'m [u32] {
+        &meta[3 * self.tokens + meta[2 * self.tokens + i] as usize..]
+    }
+
+    /// Builds the metadata: `positions` and `slots` per token, `seq_of` each token's sequence, and each
+    /// sequence's block table.
+    pub fn build(positions: &[u32], slots: &[u32], seq_of: &[usize], tables: &[&[u32]]) -> Vec<u32> {
+        let mut starts = Vec::with_capacity(tables.len());
+        let mut flat = Vec::new();
+        for t in tables {
+            starts.push(flat.len() as u32);
+            flat.extend_from_slice(t);
+        }
+        let mut meta = Vec::with_capacity(3 * positions.len() + flat.len());
+        meta.extend_from_slice(positions);
+        meta.extend_from_slice(slots);
+        meta.extend(seq_of.iter().map(|&s| starts[s]));
+        meta.extend_from_slice(&flat);
+        meta
+    }
+}
+
+/// The head layout of the fused `qkv` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    /// Floats per `qkv` row.
+    pub fn width(&self) -> usize {
+        (self.n_head + 2 * self.n_kv_head) * self.head_dim
+    }
+    /// Floats of one token's keys (or values).
+    pub fn kv_row(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    /// Column where the keys start.
+    pub fn k_col(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// A contiguous slice of a CPU storage, or an error naming the op.
+fn cpu_slice<'a, T: candle_core::WithDType>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Rotates every query and key head of `qkv` in place to its token's position and scales the queries (an
+/// [`InplaceOp3`] on `qkv`, with the step metadata and the rotary table `[positions, head_dim]`: the cosines
+/// of a position, then its sines).
+pub struct Rope {
+    pub meta: StepMeta,
+    pub heads: Heads,
+    pub q_scale: f32,
+}
+
+impl InplaceOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "amlserve-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &mut CpuStorage,
+        ql: &Layout,
+        meta: &CpuStorage,
+        ml: &Layout,
+        table: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<()> {
+        let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
+        let table = cpu_slice::<f32>(self.name(), table, tl)?;
+        let (a, b) = ql
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rope: qkv is not contiguous".into()))?;
+        let CpuStorage::F32(qkv) = qkv else {
+            candle_core::bail!("rope: qkv must be f32")
+        };
+        let h = self.heads;
+        let (hd, half) = (h.head_dim, h.head_dim / 2);
+        for (i, row) in qkv[a..b].chunks_exact_mut(h.width()).enumerate() {
+            let cs = &table[self.meta.pos(meta, i) * hd..][..hd];
+            let rotated = &mut row[..(h.n_head + h.n_kv_head) * hd];
+            for (head, x) in rotated.chunks_exact_mut(hd).enumerate() {
+                let s = if head < h.n_head { self.q_scale } else { 1.0 };
+                let (lo, hi) = x.split_at_mut(half);
+                for j in 0..half {
+                    let (x1, x2) = (lo[j] * s, hi[j] * s);
+                    lo[j] = x1 * cs[j] - x2 * cs[half + j];
+                    hi[j] = x1 * cs[half + j] + x2 * cs[j];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &mut candle_core::CudaStorage,
+        ql: &Layout,
+        meta: &candle_core::CudaStorage,
+        ml: &Layout,
+        table: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::rope(self, qkv, ql, meta, ml, table, tl)
+    }
+}
+
+/// Writes each token's keys and values from `qkv` to its slot of a layer's pool (an [`InplaceOp3`] on the
+/// pool, with `qkv` and the step metadata), rounding to the pool's type.
+pub struct StoreKv {
+    pub meta: StepMeta,
+    pub heads: Heads,
+}
+
+impl InplaceOp3 for StoreKv {
+    fn name(&self) -> &'static str {
+        "amlserve-store-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pl: &Layout,
+        qkv: &CpuStorage,
+        ql: &Layout,
+        meta: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<()> {
+        let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
+        let qkv = cpu_slice::<f32>(self.name(), qkv, ql)?;
+        let h = self.heads;
+        let row2 = 2 * h.kv_row();
+        let start = pl.start_offset();
+        for (i, row) in qkv.chunks_exact(h.width()).enumerate() {
+            let src = &row[h.k_col()..][..row2];
+            let at = start + self.meta.slot(meta, i) * row2;
+            match pool {
+                CpuStorage::BF16(p) => {
+                    for (d, s) in p[at..at + row2].iter_mut().zip(src) {
+                        *d = bf16::from_f32(*s);
+                    }
+                }
+                CpuStorage::F32(p) => p[at..at + row2].copy_from_slice(src),
+                _ => candle_core::bail!("store-kv: the pool must be bf16 or f32"),
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        qkv: &candle_core::CudaStorage,
+        ql: &Layout,
+        meta: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::store_kv(self, pool, pl, qkv, ql, meta, ml)
+    }
+}
+
+/// Causal attention of each token's query heads over its own sequence's cached keys and values, up to and
+/// including its own position (a [`CustomOp3`] of `qkv`, a layer's pool and the step metadata), giving
+/// `[tokens, n_head * head_dim]` f32. Queries arrive rotated and scaled. A query head reads the kv head of its
+/// group (grouped-query attention). Softmax is computed online over the keys in order, in f32.
+pub struct PagedAttention {
+    pub meta: StepMeta,
+    pub heads: Heads,
+}
+
+impl PagedAttention {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.meta.tokens, self.heads.n_head * self.heads.head_dim))
+    }
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "amlserve-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        ql: &Layout,
+        pool: &CpuStorage,
+        pl: &Layout,
+        meta: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
+        let qkv = cpu_slice::<f32>(self.name(), qkv, ql)?;
+        let h = self.heads;
+        let row2 = 2 * h.kv_row();
+        let hd = h.head_dim;
+        let group = h.n_head / h.n_kv_head;
+        let read: Box<dyn Fn(usize) -> f32 + '_> = match candle_core::backend::BackendStorage::dtype(pool) {
+            DType::BF16 => {
+                let p = cpu_slice::<bf16>(self.name(), pool, pl)?;
+                Box::new(move |i| p[i].to_f32())
+            }
+            DType::F32 => {
+                let p = cpu_slice::<f32>(self.name(), pool, pl)?;
+                Box::new(move |i| p[i])
+            }
+            other => candle_core::bail!("paged attention: a {other:?} pool"),
+        };
+        let mut out = vec![0f32; self.meta.tokens * h.n_head * hd];
+        let mut scores = Vec::new();
+        for (i, row) in qkv.chunks_exact(h.width()).enumerate() {
+            let n_keys = self.meta.pos(meta, i) + 1;
+            let table = self.meta.table(meta, i);
+            let slot = |key: usize| table[key / BLOCK] as usize * BLOCK + key % BLOCK;
+            for head in 0..h.n_head {
+                let q = &row[head * hd..][..hd];
+                let (k_at, v_at) = ((head / group) * hd, h.kv_row() + (head / group) * hd);
+                scores.clear();
+                scores.extend((0..n_keys).map(|key| {
+                    let base = slot(key) * row2 + k_at;
+                    q.iter().enumerate().map(|(d, x)| x * read(base + d)).sum::<f32>()
+                }));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[(i * h.n_head + head) * hd..][..hd];
+                for (key, p) in scores.iter().enumerate() {
+                    let base = slot(key) * row2 + v_at;
+                    for (d, x) in o.iter_mut().enumerate() {
+                        *x += p * read(base + d);
+                    }
+                }
+                for x in o.iter_mut() {
+                    *x /= sum;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        ql: &Layout,
+        pool: &candle_core::CudaStorage,
+        pl: &Layout,
+        meta: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = super::cuda::paged_attention(self, qkv, ql, pool, pl, meta, ml)?;
+        Ok((out, self.out_shape()))
+    }
+}
