@@ -260,3 +260,198 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
     let want_last = step(llama, &pool, &mut [(&mut fresh, &prompt)]);
     assert_eq!(last, want_last, "a shared prefix changed the logits");
 }
+
+/// On a GPU (a `--features cuda` build on a machine with one; `scripts/gpu-check.sh` runs these there): the
+/// CUDA kernels against their CPU implementations, and the whole forward on the GPU against candle's CPU
+/// backend. Without a GPU each test says so and passes.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv};
+    use amlserve::model::device::paged::BLOCK;
+    use candle_core::{DType, Tensor};
+
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                println!("no CUDA device ({e}): skipped");
+                None
+            }
+        }
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("a");
+        let b: Vec<f32> = b
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("b");
+        let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        assert!(num.is_finite(), "non-finite values");
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    /// Runs rope, store and attention on `dev` over the same random inputs; returns (qkv, pool, out).
+    fn run_ops(dev: &Device, heads: Heads, seqs: &[(usize, usize)], seed: u64) -> (Tensor, Tensor, Tensor) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let ctx = seqs.iter().map(|(s, t)| s + t).max().unwrap_or(1);
+        let n_blocks: usize = seqs.iter().map(|(s, t)| (s + t).div_ceil(BLOCK)).sum::<usize>() + 3;
+        let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let (mut positions, mut slots, mut seq_of, mut tables) = (vec![], vec![], vec![], vec![]);
+        let mut next = 0;
+        for (si, &(start, t)) in seqs.iter().enumerate() {
+            let blocks = ids[next..next + (start + t).div_ceil(BLOCK)].to_vec();
+            next += blocks.len();
+            for p in start..start + t {
+                positions.push(p as u32);
+                slots.push(blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32);
+                seq_of.push(si);
+            }
+            tables.push(blocks);
+        }
+        let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+        let meta = StepMeta::build(&positions, &slots, &seq_of, &table_refs);
+        let tokens = positions.len();
+        let step = StepMeta { tokens };
+        let rand =
+            |n: usize, rng: &mut rand::rngs::StdRng| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
+        let qkv = Tensor::from_vec(rand(tokens * heads.width(), &mut rng), (tokens, heads.width()), dev).expect("qkv");
+        let table = Tensor::from_vec(rand(ctx * heads.head_dim, &mut rng), (ctx, heads.head_dim), dev).expect("rope");
+        let pool = Tensor::from_vec(
+            rand(n_blocks * BLOCK * 2 * heads.kv_row(), &mut rng),
+            (n_blocks * BLOCK, 2 * heads.kv_row()),
+            dev,
+        )
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .expect("pool");
+        let meta_len = meta.len();
+        let meta = Tensor::from_vec(meta, meta_len, dev).expect("meta");
+        qkv.inplace_op3(
+            &meta,
+            &table,
+            &Rope {
+                meta: step,
+                heads,
+                q_scale: 0.125,
+            },
+        )
+        .expect("rope");
+        pool.inplace_op3(&qkv, &meta, &StoreKv { meta: step, heads })
+            .expect("store");
+        let out = qkv
+            .apply_op3_no_bwd(&pool, &meta, &PagedAttention { meta: step, heads })
+            .expect("attention");
+        (qkv, pool, out)
+    }
+
+    #[test]
+    fn the_cuda_kernels_match_their_cpu_implementations() {
+        let Some(dev) = gpu() else { return };
+        let shapes = [
+            Heads {
+                n_head: 9,
+                n_kv_head: 3,
+                head_dim: 64,
+            }, // SmolLM2
+            Heads {
+                n_head: 4,
+                n_kv_head: 1,
+                head_dim: 256,
+            }, // Gemma 3 270M
+            Heads {
+                n_head: 8,
+                n_kv_head: 8,
+                head_dim: 96,
+            }, // odd multiple, no GQA
+        ];
+        // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions.
+        let seqs = [(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
+        for (i, heads) in shapes.into_iter().enumerate() {
+            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, &seqs, i as u64);
+            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, &seqs, i as u64);
+            let (eq, ep, eo) = (
+                rel_err(&q_gpu, &q_cpu),
+                rel_err(&p_gpu, &p_cpu),
+                rel_err(&o_gpu, &o_cpu),
+            );
+            println!("{heads:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)");
+            assert!(eq < 1e-5, "rope {eq}");
+            assert!(ep < 1e-3, "store {ep}");
+            assert!(eo < 1e-4, "attention {eo}");
+        }
+    }
+
+    #[test]
+    fn the_forward_on_the_gpu_matches_candle_cpu() {
+        let Some(dev) = gpu() else { return };
+        let path = common::model_path();
+        let info = |d: &str| DeviceInfo {
+            device: d.into(),
+            ..DeviceInfo::cpu()
+        };
+        let cpu = Model::load_on(&path, WeightFormat::Q8_0, Some((&Device::Cpu, info("candle-cpu")))).expect("cpu");
+        let gpu_model = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info("cuda:0")))).expect("gpu");
+        let (c, g) = (device_llama(&cpu), device_llama(&gpu_model));
+        let (cpool, gpool) = (c.new_pool(64 << 20).expect("pool"), g.new_pool(64 << 20).expect("pool"));
+        let prompt = cpu
+            .tokenizer
+            .encode("The history of the Roman Empire begins with the founding of the city, which")
+            .expect("encode");
+        // Greedy on the GPU, then the CPU fed the same tokens.
+        let mut kv = PagedKv::new(gpool.clone(), 256);
+        let mut tokens = prompt.clone();
+        let mut generated = Vec::new();
+        let mut gpu_rows = Vec::new();
+        for _ in 0..=STEPS {
+            let row = step(g, &gpool, &mut [(&mut kv, &tokens)]).remove(0);
+            let next = argmax(&row);
+            gpu_rows.push(row);
+            generated.push(next);
+            tokens = vec![next];
+        }
+        generated.pop();
+        let cpu_rows = device_run(c, &cpool, &prompt, &[], &generated, None);
+        let mut same = 0;
+        for (i, (gr, cr)) in gpu_rows.iter().zip(&cpu_rows).enumerate() {
+            let (abs, rel) = diff(gr, cr);
+            println!("step {i}: max |diff| {abs:.3}, relative RMS {rel:.4}");
+            assert!(
+                abs.is_finite() && rel < 0.35,
+                "step {i}: max |diff| {abs}, relative RMS {rel}"
+            );
+            same += usize::from(argmax(gr) == argmax(cr));
+        }
+        assert!(
+            same * 10 >= gpu_rows.len() * 8,
+            "{same} of {} greedy tokens agree",
+            gpu_rows.len()
+        );
+        // Packed and chunked on the GPU: the matmul kernel changes with the row count (vector kernels up to 8
+        // rows, tiled above), so rows agree closely rather than bit for bit; print how closely.
+        let neighbour = cpu.tokenizer.encode("Tell me about the sea.").expect("encode");
+        let alone = device_run(g, &gpool, &prompt, &[], &generated, None);
+        let packed = device_run(g, &gpool, &prompt, &[prompt.len() / 2], &generated, Some(&neighbour));
+        let worst = alone
+            .iter()
+            .zip(&packed)
+            .map(|(a, p)| diff(p, a).0)
+            .fold(0f32, f32::max);
+        let exact = alone == packed;
+        println!(
+            "GPU packed vs alone: max |diff| {worst} (bit for bit: {exact}); {same}/{} greedy tokens as candle-cpu",
+            gpu_rows.len()
+        );
+        assert!(worst < 3.0, "packing moved a logit by {worst}");
+    }
+}

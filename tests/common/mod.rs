@@ -8,9 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The default model, fetched by `make models`.
+/// The default model, fetched by `make models` (or the file `AMLSERVE_TEST_MODEL` names, for test binaries
+/// carried to another machine, as `scripts/gpu-check.sh` does).
 pub fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = std::env::var_os("AMLSERVE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     assert!(p.is_file(), "{} is missing: run `make models` first", p.display());
     p
 }

@@ -194,6 +194,8 @@ impl DeviceLlama {
         weight_bytes += weights::matmul_bytes(&lm_head) + embed.elem_count() * 4;
         let norm = f32_on("output_norm.weight", reader)?;
         let rope = rope_table(&config, device)?;
+        // The engine thread computes on its own stream: let every upload finish first.
+        device.synchronize()?;
         Ok(Self {
             config,
             device: device.clone(),
@@ -220,7 +222,9 @@ impl DeviceLlama {
     pub fn new_pool(&self, bytes: usize) -> candle_core::Result<Arc<KvPool>> {
         let shape = self.config.kv_shape();
         let per_block = KvPool::bytes_per_token(shape, self.kv_dtype()) * super::paged::BLOCK;
-        KvPool::new(shape, self.kv_dtype(), bytes.div_ceil(per_block.max(1)), &self.device)
+        let pool = KvPool::new(shape, self.kv_dtype(), bytes.div_ceil(per_block.max(1)), &self.device)?;
+        self.device.synchronize()?;
+        Ok(pool)
     }
 
     fn heads(&self) -> Heads {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check, run ON a GPU machine that has the NVIDIA driver and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) but
+# no Rust toolchain: it uses binaries built elsewhere with `scripts/gpu-pack.sh` (a `--features cuda` amlserve,
+# the device_forward test binary, the load tester) and the SmolLM2 GGUF, all under $GPU_DIR (default .gpu):
+#
+#   $GPU_DIR/bin.tar.xz               the three binaries
+#   $GPU_DIR/model.part-a, .part-b    the GGUF in two pieces (a call to a lent machine carries at most 64 MiB)
+#
+#   scripts/gpu-check.sh stage   unpack the binaries and keep what model pieces are here under $WORK (/tmp/gpu),
+#                                then run the kernel tests (no model needed)
+#   scripts/gpu-check.sh         the rest: join the model, run the CUDA tests (kernels against their CPU versions,
+#                                the GPU forward against candle's CPU backend) and the serving benchmark with the
+#                                load tester (single stream and 64 concurrent streams), and print a table
+#
+# Logs and reports go to ${OUT:-$WORK/out}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=${GPU_DIR:-.gpu}
+work=${WORK:-/tmp/gpu}
+out=${OUT:-$work/out}
+mkdir -p "$work" "$out"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
+
+if [ ! -x "$work/amlserve" ] && [ -f "$src/bin.tar.xz" ]; then
+  tar -xJf "$src/bin.tar.xz" -C "$work"
+fi
+for part in a b; do
+  [ -f "$src/model.part-$part" ] && cp "$src/model.part-$part" "$work/"
+done
+[ -x "$work/amlserve" ] || { echo "gpu-check: no binaries in $work (carry $src/bin.tar.xz)" >&2; exit 2; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
+
+if [ "${1:-}" = stage ]; then
+  "$work/device_forward" --test-threads 1 --nocapture cuda::the_cuda_kernels 2>&1 | tee "$out/kernels.log"
+  exit 0
+fi
+
+model=$work/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$model" ]; then
+  [ -f "$work/model.part-a" ] && [ -f "$work/model.part-b" ] || { echo "gpu-check: model pieces missing in $work" >&2; exit 3; }
+  cat "$work/model.part-a" "$work/model.part-b" > "$model"
+fi
+echo "model sha256: $(sha256sum "$model" | cut -c1-16)"
+
+AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
+
+port=5001
+"$work/amlserve" --device cuda --model "$model" --host 127.0.0.1 --port $port --embedding-model none \
+  --max-batch-size 64 --max-batch-tokens 2048 --max-prefill-tokens-alone 4096 --kv-cache-mb 8192 \
+  --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+curl -sf "http://127.0.0.1:$port/info" | tee "$out/info.json"; echo
+curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+  -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}' | tee "$out/greedy.json"; echo
+
+"$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
+  --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
+  --json "$out/serve.json" --markdown "$out/serve.md" ${BENCH_ARGS:-} > "$out/loadtest.log" 2>&1 || { tail -20 "$out/loadtest.log"; exit 4; }
+curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics.txt" || true
+python3 - "$out/serve.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+print("\n| load | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for x in r:
+    print(f"| c={x['load']['value']} | {x['output_tokens_per_s']:.0f} | {x['ttft_ms']['p50']:.1f} | {x['ttft_ms']['p99']:.1f} "
+          f"| {x['itl_ms']['p50']:.2f} | {x['itl_ms']['p99']:.2f} | {x.get('errors', 0)} |")
+PY
