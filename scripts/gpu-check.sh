@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, run ON a GPU machine that has the NVIDIA driver and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) but
 # no Rust toolchain: it uses binaries built elsewhere with `scripts/gpu-pack.sh` (a `--features cuda` amlserve,
-# the device_forward test binary, the load tester) and the SmolLM2 GGUF, all under $GPU_DIR (default .gpu):
+# the device_forward test binary, the device bench, the load tester) and the SmolLM2 GGUF, all under $GPU_DIR (default .gpu):
 #
-#   $GPU_DIR/bin.tar.xz               the three binaries
+#   $GPU_DIR/bin.tar.xz               the four binaries
 #   $GPU_DIR/model.part-a, .part-b    the GGUF in two pieces (a call to a lent machine carries at most 64 MiB)
 #
 #   scripts/gpu-check.sh stage   unpack the binaries and keep what model pieces are here under $WORK (/tmp/gpu),
@@ -44,6 +44,11 @@ fi
 echo "model sha256: $(sha256sum "$model" | cut -c1-16)"
 
 AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
+
+# Step times of the forward alone (host issue, device wait, logits copy), then with cudarc's event tracking on.
+"$work/device_bench" --device cuda --model "$model" 2>&1 | tee "$out/device-bench.log"
+AMLSERVE_CUDA_EVENT_TRACKING=1 "$work/device_bench" --device cuda --model "$model" --prompts 512 2>&1 \
+  | tee "$out/device-bench-events.log"
 
 port=5001
 "$work/amlserve" --device cuda --model "$model" --host 127.0.0.1 --port $port --embedding-model none \

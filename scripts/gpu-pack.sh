@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU machine and packs it under .gpu (git-ignored): the CUDA amlserve
 # and device_forward test binary (`make check-cuda`'s toolchain: CUDA 13.0 from PyPI wheels, see docker/README.md),
-# the load tester, and the SmolLM2 GGUF in two pieces of at most ~50 MB. CUDA_ENV names a file that sets CUDA_HOME,
+# the device bench, the load tester, and the SmolLM2 GGUF in two pieces (the first sized to fit beside the binaries in one 64 MiB call). CUDA_ENV names a file that sets CUDA_HOME,
 # CUDA_COMPUTE_CAP, CUDARC_CUDA_VERSION, PATH, LIBRARY_PATH (with a libcuda stub) and CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1090
 . "${CUDA_ENV:?set CUDA_ENV to the CUDA build environment file}"
 cargo build --release --features cuda --bin amlserve
-test_bin=$(cargo test --release --features cuda --test device_forward --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and "device_forward" in m["executable"]][0])')
+# executable NAME ARGS...: builds with ARGS and prints the path of the executable called NAME-<hash>.
+executable() {
+  local name=$1; shift
+  cargo "$@" --message-format=json 2>/dev/null | python3 -c 'import json,sys; n=sys.argv[1]; print([m["executable"] for m in map(json.loads, sys.stdin) if (m.get("executable") or "").rsplit("/",1)[-1].startswith(n + "-")][0])' "$name"
+}
+test_bin=$(executable device_forward test --release --features cuda --test device_forward --no-run)
+bench_bin=$(executable device bench --features cuda --bench device --no-run)
 (unset CARGO_TARGET_DIR; cargo build --release -p amlserve-loadtest)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 strip -o "$tmp/amlserve" "$CARGO_TARGET_DIR/release/amlserve"
 strip -o "$tmp/device_forward" "$test_bin"
+strip -o "$tmp/device_bench" "$bench_bin"
 strip -o "$tmp/amlserve-loadtest" target/release/amlserve-loadtest
 mkdir -p .gpu
 tar -cf - -C "$tmp" . | xz -T0 -6 > .gpu/bin.tar.xz
 model=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-half=$(( $(stat -c %s "$model") * 9 / 20 ))
+# Each call carries the working tree too (~2 MB): the first piece fills the first call beside the binaries.
+half=$(( 63000000 - $(stat -c %s .gpu/bin.tar.xz) ))
 head -c "$half" "$model" > .gpu/model.part-a
 tail -c +"$((half + 1))" "$model" > .gpu/model.part-b
 ls -l .gpu

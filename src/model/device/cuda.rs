@@ -23,10 +23,15 @@ const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
 
 /// Opens CUDA device `ordinal` and describes it.
 pub(super) fn open(ordinal: usize) -> Result<(Device, DeviceInfo), String> {
-    let device = Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?;
-    let Device::Cuda(cuda) = &device else {
-        return Err("candle returned a non-CUDA device".into());
-    };
+    // One stream of our own for every thread (candle's default is each thread's own default stream): the
+    // loader uploads and the engine thread computes on the same stream, in order.
+    let cuda = CudaDevice::new_with_stream(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?;
+    if std::env::var_os("AMLSERVE_CUDA_EVENT_TRACKING").is_none_or(|v| v != "1") {
+        // SAFETY: every buffer is used on the one stream above, so the events cudarc would record to order
+        // uses across streams are never needed (they cost driver calls on every launch).
+        unsafe { cuda.disable_event_tracking() };
+    }
+    let device = Device::Cuda(cuda.clone());
     let stream = cuda.cuda_stream();
     let ctx = stream.context();
     let name = ctx.name().map_err(|e| e.to_string())?;
