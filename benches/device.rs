@@ -58,7 +58,7 @@ fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &
     let t1 = Instant::now();
     llama.device().synchronize().expect("sync");
     let t2 = Instant::now();
-    let rows = logits.to_vec2::<f32>().expect("logits");
+    let rows = llama.rows_to_host(&logits).expect("logits");
     let t3 = Instant::now();
     assert_eq!(rows.len(), tokens.len());
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
@@ -77,21 +77,40 @@ fn median(mut v: Vec<Split>) -> Split {
 fn main() {
     let args = Args::parse();
     let (_, path) = args.model.apply();
-    let (dev, info) = device::open(args.device).expect("device").expect("a device, not the fast CPU forward");
+    let (dev, info) = device::open(args.device)
+        .expect("device")
+        .expect("a device, not the fast CPU forward");
     let model = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info.clone()))).expect("model");
-    let Forward::Device(llama, _) = &model.forward else { unreachable!() };
+    let Forward::Device(llama, _) = &model.forward else {
+        unreachable!()
+    };
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
-    let longest = args.prompts.iter().copied().max().unwrap_or(1).max(args.context + args.steps + 8);
+    let longest = args
+        .prompts
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(args.context + args.steps + 8);
     let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
-    let pool = llama.new_pool(per_token * (max_batch + 1) * (longest + 64)).expect("pool");
+    let pool = llama
+        .new_pool(per_token * (max_batch + 1) * (longest + 64))
+        .expect("pool");
     let vocab = model.config.vocab_size as u32;
     let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
-    println!("device {} ({}), model {}", info.device, info.name.unwrap_or_default(), model.name);
+    println!(
+        "device {} ({}), model {}",
+        info.device,
+        info.name.unwrap_or_default(),
+        model.name
+    );
     println!("\n| step | tokens | step ms | issue ms | device wait ms | logits copy ms | tok/s |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
         let mut kvs: Vec<PagedKv> = (0..b).map(|_| PagedKv::new(pool.clone(), longest + 64)).collect();
-        let prompt: Vec<Vec<u32>> = (0..b).map(|s| (0..args.context).map(|i| token(i + s)).collect()).collect();
+        let prompt: Vec<Vec<u32>> = (0..b)
+            .map(|s| (0..args.context).map(|i| token(i + s)).collect())
+            .collect();
         timed_step(llama, &pool, &mut kvs, &prompt);
         let mut times = Vec::new();
         for i in 0..args.steps + 3 {

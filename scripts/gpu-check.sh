@@ -29,10 +29,10 @@ for part in a b; do
 done
 [ -x "$work/amlserve" ] || { echo "gpu-check: no binaries in $work (carry $src/bin.tar.xz)" >&2; exit 2; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
 
 if [ "${1:-}" = stage ]; then
-  "$work/device_forward" --test-threads 1 --nocapture cuda::the_cuda_kernels 2>&1 | tee "$out/kernels.log"
+  "$work/device_forward" --test-threads 1 --nocapture cuda::the_cuda_kernels
   exit 0
 fi
 
@@ -45,10 +45,8 @@ echo "model sha256: $(sha256sum "$model" | cut -c1-16)"
 
 AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
 
-# Step times of the forward alone (host issue, device wait, logits copy), then with cudarc's event tracking on.
+# Step times of the forward alone: host issue, device wait, logits copy.
 "$work/device_bench" --device cuda --model "$model" 2>&1 | tee "$out/device-bench.log"
-AMLSERVE_CUDA_EVENT_TRACKING=1 "$work/device_bench" --device cuda --model "$model" --prompts 512 2>&1 \
-  | tee "$out/device-bench-events.log"
 
 port=5001
 "$work/amlserve" --device cuda --model "$model" --host 127.0.0.1 --port $port --embedding-model none \
@@ -57,14 +55,16 @@ port=5001
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
-curl -sf "http://127.0.0.1:$port/info" | tee "$out/info.json"; echo
-curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
-  -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}' | tee "$out/greedy.json"; echo
+{ curl -sf "http://127.0.0.1:$port/info"; echo
+  curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+    -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks.txt"
 
 "$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
   --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
-  --json "$out/serve.json" --markdown "$out/serve.md" ${BENCH_ARGS:-} > "$out/loadtest.log" 2>&1 || { tail -20 "$out/loadtest.log"; exit 4; }
+  --json "$out/serve.json" ${BENCH_ARGS:-} > "$out/loadtest.log" 2>&1 || { tail -20 "$out/loadtest.log"; exit 4; }
 curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics.txt" || true
+grep -E '^amlserve_(forward|step)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \
+  "$out/metrics.txt" || true
 python3 - "$out/serve.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub waiting: IntGauge,
     pub kv_cache_usage: Gauge,
     pub batch_size: Histogram,
+    /// Time of each forward step (the backend's work, logits back on the host).
+    pub forward_time: Histogram,
+    /// Time of each whole engine step: the forward, then sampling and sending for every sequence.
+    pub step_time: Histogram,
     pub finished: IntCounterVec,
     /// Requests admitted with a grammar (structured output or a forced tool call).
     pub constrained_requests: IntCounter,
@@ -130,6 +134,16 @@ impl Metrics {
             )
             .expect("valid gauge"),
             batch_size: histogram("amlserve_batch_size", "Sequences in each forward step.", BATCH_BUCKETS),
+            forward_time: histogram(
+                "amlserve_forward_seconds",
+                "Time of each forward step, logits back on the host.",
+                ITL_BUCKETS,
+            ),
+            step_time: histogram(
+                "amlserve_step_seconds",
+                "Time of each engine step: the forward, then sampling and sending for every sequence.",
+                ITL_BUCKETS,
+            ),
             finished: IntCounterVec::new(
                 Opts::new(
                     "amlserve_request_finished_total",
@@ -176,6 +190,8 @@ impl Metrics {
             Box::new(m.waiting.clone()),
             Box::new(m.kv_cache_usage.clone()),
             Box::new(m.batch_size.clone()),
+            Box::new(m.forward_time.clone()),
+            Box::new(m.step_time.clone()),
             Box::new(m.finished.clone()),
             Box::new(m.constrained_requests.clone()),
             Box::new(m.constraint_mask.clone()),

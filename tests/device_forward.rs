@@ -267,7 +267,7 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv};
+    use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
     use amlserve::model::device::paged::BLOCK;
     use candle_core::{DType, Tensor};
 
@@ -390,6 +390,17 @@ mod cuda {
             assert!(ep < 1e-3, "store {ep}");
             assert!(eo < 1e-4, "attention {eo}");
         }
+        let x: Vec<f32> = (0..37 * 2 * 1536)
+            .map(|i| ((i * 7919) % 1000) as f32 / 125.0 - 4.0)
+            .collect();
+        let on = |d: &Device| {
+            Tensor::from_vec(x.clone(), (37, 2 * 1536), d)
+                .and_then(|t| t.apply_op1_no_bwd(&SwiGlu { width: 1536 }))
+                .expect("swiglu")
+        };
+        let es = rel_err(&on(&dev), &on(&Device::Cpu));
+        println!("swiglu {es:.2e}");
+        assert!(es < 1e-5, "swiglu {es}");
     }
 
     #[test]

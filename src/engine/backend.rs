@@ -219,9 +219,6 @@ impl Backend for DeviceBackend {
             })
             .collect();
         let logits = llama.forward(&mut chunks, &self.pool)?;
-        if logits.dim(0)? == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(logits.to_vec2()?)
+        Ok(llama.rows_to_host(&logits)?)
     }
 }

@@ -301,9 +301,11 @@ impl<B: Backend> Scheduler<B> {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let backend = &self.backend;
+        let started = Instant::now();
         let (rows, masks) = std::thread::scope(|s| {
             let masking = (!grammars.is_empty()).then(|| s.spawn(|| compute_masks(&mut grammars)));
             let rows = backend.step(&mut batch);
+            self.metrics.forward_time.observe(started.elapsed().as_secs_f64());
             (rows, masking.map(|h| h.join()))
         });
         drop(batch);
@@ -345,6 +347,7 @@ impl<B: Backend> Scheduler<B> {
                 .map_err(|e| StepError(e.to_string()))?;
         }
         self.reap_running();
+        self.metrics.step_time.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }

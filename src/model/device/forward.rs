@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv};
+use super::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
 use super::paged::{KvPool, PagedKv};
 use crate::model::llama::{check_shapes, LlamaConfig};
 use crate::model::weights::{self, WeightFormat};
@@ -71,6 +71,9 @@ pub struct DeviceLlama {
     rope: Tensor,
     /// Bytes held by weights on the device.
     pub weight_bytes: usize,
+    /// Where logits are copied to on the host (CUDA).
+    #[cfg(feature = "cuda")]
+    pinned: super::cuda::PinnedLogits,
 }
 
 impl std::fmt::Debug for DeviceLlama {
@@ -205,7 +208,21 @@ impl DeviceLlama {
             lm_head,
             rope,
             weight_bytes,
+            #[cfg(feature = "cuda")]
+            pinned: Default::default(),
         })
+    }
+
+    /// Logits `[n, vocab]` from [`Self::forward`] as host rows (through a page-locked buffer on CUDA).
+    pub fn rows_to_host(&self, logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        if logits.dim(0)? == 0 {
+            return Ok(Vec::new());
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(rows) = super::cuda::rows_to_host(logits, &self.pinned)? {
+            return Ok(rows);
+        }
+        logits.to_vec2()
     }
 
     /// The device the model runs on.
@@ -292,8 +309,7 @@ impl DeviceLlama {
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
-            let w = layer.ffn_width;
-            let act = (gu.narrow(1, 0, w)?.silu()? * gu.narrow(1, w, w)?)?;
+            let act = gu.contiguous()?.apply_op1_no_bwd(&SwiGlu { width: layer.ffn_width })?;
             x = (x + layer.down.forward(&act)?)?;
         }
         for c in chunks.iter_mut() {

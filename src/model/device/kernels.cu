@@ -44,6 +44,16 @@ extern "C" __global__ void amlserve_store_kv_bf16(unsigned short* pool, const fl
     for (int j = threadIdx.x; j < row2; j += blockDim.x) dst[j] = f32_to_bf16(src[j]);
 }
 
+// Grid-stride over tokens x width: out = silu(gate) * up, rows holding gate then up.
+extern "C" __global__ void amlserve_swiglu(float* out, const float* x, int rows, int width) {
+    size_t n = (size_t)rows * width;
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
+        size_t r = k / width, c = k % width;
+        float g = x[r * 2 * width + c], u = x[r * 2 * width + width + c];
+        out[k] = g / (1.0f + __expf(-g)) * u;
+    }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
@@ -66,16 +76,22 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 }
 
 // Grid (tokens, query heads), ATTN_THREADS threads. Online softmax over the sequence's keys 0..=pos in tiles of
-// ATTN_TILE: scores of a tile in shared memory (a thread per key), then each thread accumulates its output
-// dimensions over the tile's values (threads side by side read a value row side by side).
+// ATTN_TILE. Scores: a warp per key, its lanes over dimension pairs (one 32-bit load of two bf16 each, side by
+// side), summed across the warp. Values: when a head is narrower than the block, the threads form `groups`
+// groups of head_dim threads, each group taking every groups-th key (a group reads a value row side by side),
+// and the groups' sums are added at the end; a wider head gives each thread several dimensions.
 extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float* qkv, const unsigned short* pool,
                                                          const unsigned int* meta, int tokens, int width,
                                                          int n_head, int n_kv_head, int head_dim) {
     extern __shared__ float smem[];
+    int groups = max(1, (int)blockDim.x / head_dim);
     float* q = smem;
     float* s = q + head_dim;
     float* red = s + ATTN_TILE;
+    float* part = red + 32;
+    unsigned int* slots = (unsigned int*)(part + groups * head_dim);
     int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    int lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
     int kvh = h / (n_head / n_kv_head);
     int row2 = 2 * n_kv_head * head_dim;
     int k_at = kvh * head_dim, v_at = n_kv_head * head_dim + kvh * head_dim;
@@ -85,19 +101,29 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
     for (int d = tid; d < head_dim; d += blockDim.x) q[d] = qsrc[d];
     __syncthreads();
 
+    int g = tid / head_dim, gd = tid % head_dim;
     float acc[MAX_DIMS_PER_THREAD];
     for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) acc[c] = 0.0f;
     float m = NEG_INF, l = 0.0f;
+    int half_dim = head_dim / 2;
     for (int t0 = 0; t0 < n_keys; t0 += ATTN_TILE) {
         int n = min(ATTN_TILE, n_keys - t0);
-        for (int j = tid; j < n; j += blockDim.x) {
+        for (int j = warp; j < n; j += n_warps) {
             int key = t0 + j;
-            size_t slot = (size_t)table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
-            const unsigned short* k = pool + slot * row2 + k_at;
+            unsigned int slot = table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
+            const unsigned int* k2 = (const unsigned int*)(pool + (size_t)slot * row2 + k_at);
             float dot = 0.0f;
-            for (int d = 0; d < head_dim; d++) dot += q[d] * bf16_to_f32(k[d]);
-            s[j] = dot;
+            for (int p = lane; p < half_dim; p += 32) {
+                unsigned int w = k2[p];
+                dot += q[2 * p] * __uint_as_float(w << 16) + q[2 * p + 1] * __uint_as_float(w & 0xffff0000u);
+            }
+            dot = warp_sum(dot);
+            if (lane == 0) {
+                s[j] = dot;
+                slots[j] = slot;
+            }
         }
+        __syncthreads();
         float tmax = NEG_INF;
         for (int j = tid; j < n; j += blockDim.x) tmax = fmaxf(tmax, s[j]);
         tmax = block_reduce(tmax, red, true);
@@ -111,24 +137,40 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
         }
         tsum = block_reduce(tsum, red, false);
         l = l * corr + tsum;
-        for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) {
-            int d = tid + c * blockDim.x;
-            if (d < head_dim) {
-                float a = acc[c] * corr;
-                for (int j = 0; j < n; j++) {
-                    int key = t0 + j;
-                    size_t slot = (size_t)table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
-                    a += s[j] * bf16_to_f32(pool[slot * row2 + v_at + d]);
+        if (groups > 1) {
+            if (g < groups) {
+                float a = acc[0] * corr;
+                const unsigned short* v = pool + v_at + gd;
+                for (int j = g; j < n; j += groups) a += s[j] * bf16_to_f32(v[(size_t)slots[j] * row2]);
+                acc[0] = a;
+            }
+        } else {
+            for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) {
+                int d = tid + c * blockDim.x;
+                if (d < head_dim) {
+                    float a = acc[c] * corr;
+                    const unsigned short* v = pool + v_at + d;
+                    for (int j = 0; j < n; j++) a += s[j] * bf16_to_f32(v[(size_t)slots[j] * row2]);
+                    acc[c] = a;
                 }
-                acc[c] = a;
             }
         }
         m = new_m;
         __syncthreads();
     }
     float* o = out + (size_t)i * n_head * head_dim + (size_t)h * head_dim;
-    for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) {
-        int d = tid + c * blockDim.x;
-        if (d < head_dim) o[d] = acc[c] / l;
+    if (groups > 1) {
+        if (g < groups) part[g * head_dim + gd] = acc[0];
+        __syncthreads();
+        for (int d = tid; d < head_dim; d += blockDim.x) {
+            float a = 0.0f;
+            for (int k = 0; k < groups; k++) a += part[k * head_dim + d];
+            o[d] = a / l;
+        }
+    } else {
+        for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) {
+            int d = tid + c * blockDim.x;
+            if (d < head_dim) o[d] = acc[c] / l;
+        }
     }
 }
