@@ -17,7 +17,7 @@ use super::DeviceInfo;
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "amlserve_kernels";
 /// Threads per attention block and the most head dimensions a block covers (kernels.cu's constants).
-const ATTN_THREADS: u32 = 128;
+const ATTN_THREADS: u32 = 256;
 const ATTN_TILE: u32 = 256;
 const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
 
@@ -260,11 +260,16 @@ pub(super) fn rows_to_host(
     let Some(buf) = guard.as_mut() else {
         candle_core::bail!("no pinned logits buffer")
     };
-    stream.memcpy_dtoh(&src, buf).w()?;
-    let host = buf.as_slice().w()?;
-    Ok(Some(
-        host[..n * v].chunks_exact(v.max(1)).map(<[f32]>::to_vec).collect(),
-    ))
+    let host = &mut buf.as_mut_slice().w()?[..n * v];
+    {
+        use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
+        let (ptr, _sync) = src.device_ptr(&stream);
+        // SAFETY: `host` holds exactly the n * v floats `src` holds (cudarc's own copy would copy the whole
+        // buffer, which may be longer); the stream is synchronized before `host` is read.
+        unsafe { result::memcpy_dtoh_async(host, ptr, stream.cu_stream()) }.w()?;
+    }
+    stream.synchronize().w()?;
+    Ok(Some(host.chunks_exact(v.max(1)).map(<[f32]>::to_vec).collect()))
 }
 
 pub(super) fn swiglu(op: &SwiGlu, x: &CudaStorage, l: &Layout, rows: usize) -> candle_core::Result<CudaStorage> {

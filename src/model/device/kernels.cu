@@ -4,7 +4,7 @@
 
 #define BLOCK_TOKENS 16
 #define ATTN_TILE 256
-#define ATTN_THREADS 128
+#define ATTN_THREADS 256
 #define MAX_DIMS_PER_THREAD 4
 #define NEG_INF __int_as_float(0xff800000)
 
