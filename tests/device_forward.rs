@@ -77,7 +77,7 @@ fn step(llama: &DeviceLlama, pool: &KvPool, parts: &mut [(&mut PagedKv, &[u32])]
     let mut chunks: Vec<DeviceChunk<'_>> = parts
         .iter_mut()
         .map(|(kv, tokens)| DeviceChunk {
-            kv: &mut **kv,
+            kv,
             tokens,
             want_logits: true,
         })

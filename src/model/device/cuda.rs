@@ -182,7 +182,11 @@ pub(super) fn paged_attention(
     ml: &Layout,
 ) -> candle_core::Result<CudaStorage> {
     let h = op.heads;
-    if h.head_dim > MAX_HEAD_DIM || h.head_dim % 2 != 0 || h.n_kv_head == 0 || h.n_head % h.n_kv_head != 0 {
+    if h.head_dim > MAX_HEAD_DIM
+        || !h.head_dim.is_multiple_of(2)
+        || h.n_kv_head == 0
+        || !h.n_head.is_multiple_of(h.n_kv_head)
+    {
         candle_core::bail!("paged attention: unsupported heads {h:?}")
     }
     if ql.shape().elem_count() != op.meta.tokens * h.width() {
