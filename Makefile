@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
+.PHONY: check-cuda gpu-pack
 .PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt \
 	image image-demo sbom
 
@@ -101,3 +102,17 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Compiles the `cuda` feature here (no GPU or NVIDIA image needed): the CUDA 13.0 toolchain from PyPI wheels
+## (scripts/cuda-toolchain.sh, into target/cuda-toolchain), then `cargo check` of every target (~17 min cold on 2 cores).
+check-cuda:
+	scripts/cuda-toolchain.sh
+	. target/cuda-toolchain/env.sh && $(CARGO) check --locked --features cuda --all-targets
+
+## What scripts/gpu-check.sh runs on a GPU machine: the CUDA binaries (for compute capability 9.0 unless
+## CUDA_COMPUTE_CAP says otherwise) and the model in two pieces, under .gpu (see scripts/gpu-pack.sh).
+gpu-pack: models
+	scripts/cuda-toolchain.sh
+	. target/cuda-toolchain/env.sh && CUDA_COMPUTE_CAP=$${CUDA_COMPUTE_CAP:-90} $(CARGO) build --release --features cuda --lib
+	scripts/cuda-toolchain.sh stub
+	CUDA_ENV=target/cuda-toolchain/env.sh CUDA_COMPUTE_CAP=$${CUDA_COMPUTE_CAP:-90} scripts/gpu-pack.sh
