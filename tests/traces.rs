@@ -51,7 +51,7 @@ async fn receive(
         "OTLP/HTTP protobuf"
     );
     let req = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export request");
-    let mut got = spans.lock().unwrap();
+    let mut got = spans.lock().expect("spans");
     for rs in req.resource_spans {
         let service = rs.resource.as_ref().and_then(|r| string(&r.attributes, "service.name"));
         for ss in rs.scope_spans {
@@ -67,8 +67,8 @@ async fn receive(
 
 impl Collector {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
         let spans = Spans::default();
         let app = axum::Router::new()
             .route("/v1/traces", post(receive))
@@ -83,7 +83,7 @@ impl Collector {
     }
 
     fn received(&self) -> Vec<Received> {
-        self.spans.lock().unwrap().clone()
+        self.spans.lock().expect("spans").clone()
     }
 
     /// The span of the request with this id and its `queue`, `prefill` and `decode` children, once all have
