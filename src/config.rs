@@ -223,10 +223,10 @@ pub struct Args {
     pub api_key: Option<String>,
 
     /// Export OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector, e.g. http://localhost:4318
-    /// (spans go to <url>/v1/traces). Each request to a generation route is a span carrying its request_id
-    /// (as logged and sent in x-request-id), route, status, model, token counts, finish reasons and the
-    /// engine's timings (queue, prefill, decode, time to first token), with child spans for those three phases;
-    /// a W3C `traceparent` header from the gateway continues its trace. Probes and /metrics are not traced.
+    /// (spans go to <url>/v1/traces). Each request (but the probes and /metrics) is a span carrying its
+    /// request_id (as logged and sent in x-request-id), route and status; generations add the model, token
+    /// counts, finish reasons and the engine's timings (queue, prefill, decode, time to first token), with child
+    /// spans for those three phases. A W3C `traceparent` header from the gateway continues its trace.
     /// Spans are sent in batches every few seconds (OTEL_BSP_* variables tune it) and flushed at shutdown (for
     /// up to 5 s). http only, no TLS: run an OpenTelemetry Collector beside the server (a sidecar or agent)
     /// that forwards to Azure Monitor / Application Insights or any other backend. Unset: the standard
