@@ -17,6 +17,7 @@ use crate::model::files::{self, ModelNotFound};
 use crate::model::{ContentTokens, WeightFormat};
 use crate::server::transport::Limits;
 use crate::server::types::{GenerationDefaults, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_P};
+use crate::telemetry::OtlpConfig;
 
 /// Where `make models` puts the default model.
 pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -221,6 +222,21 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Export OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector, e.g. http://localhost:4318
+    /// (spans go to <url>/v1/traces). Each request (but the probes and /metrics) is a span carrying its
+    /// request_id (as logged and sent in x-request-id), route and status; generations add the model, token
+    /// counts, finish reasons and the engine's timings (queue, prefill, decode, time to first token), with child
+    /// spans for those three phases. A W3C `traceparent` header from the gateway continues its trace.
+    /// Spans are sent in batches every few seconds (OTEL_BSP_* variables tune it) and flushed at shutdown (for
+    /// up to 5 s). http only, no TLS: run an OpenTelemetry Collector beside the server (a sidecar or agent)
+    /// that forwards to Azure Monitor / Application Insights or any other backend. Unset: the standard
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT are used if set, else no traces (and no
+    /// cost). OTEL_SERVICE_NAME (default amlserve), OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS,
+    /// OTEL_TRACES_SAMPLER and OTEL_SDK_DISABLED are honoured. An endpoint that is not an http://host:port URL
+    /// is refused at start.
+    #[arg(long, env = "AMLSERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Origins allowed by CORS: a comma-separated list, or * for any (azmlinfsrv's AML_CORS_ORIGINS).
     /// Unset: no CORS headers.
     #[arg(long, env = "AML_CORS_ORIGINS")]
@@ -311,6 +327,8 @@ pub struct Config {
     pub max_n: usize,
     pub grammar_cache: usize,
     pub content_tokens: ContentTokens,
+    /// Where traces are exported (`--otlp-endpoint` or the standard variables); None: no traces.
+    pub otlp: Option<OtlpConfig>,
 }
 
 /// A setting that cannot work.
@@ -370,6 +388,8 @@ impl Args {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
         }
         let api_key = checked_api_key(self.api_key)?;
+        let otlp = OtlpConfig::resolve(self.otlp_endpoint.as_deref(), |v| std::env::var(v).ok())
+            .map_err(ConfigError::Invalid)?;
         if self.max_batch_tokens < self.max_batch_size {
             return Err(ConfigError::Invalid(format!(
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): each running sequence needs a token per step",
@@ -488,6 +508,7 @@ impl Args {
             } else {
                 ContentTokens::Text
             },
+            otlp,
         })
     }
 }

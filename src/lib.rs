@@ -11,7 +11,9 @@
 //! - [`engine`]: the engine thread: queue, admission, continuous batching, sampling, stop conditions, cancellation.
 //! - [`grammar`]: constrained decoding: JSON schema, regex, choice and Lark grammars compiled with llguidance
 //!   into the engine's `Constraint`s.
-//! - [`server`]: axum routes (Azure ML and OpenAI), errors, request ids, SSE, readiness, shutdown.
+//! - [`server`]: axum routes (Azure ML and OpenAI), errors, request ids, SSE, readiness, shutdown, the request
+//!   spans.
+//! - [`telemetry`]: the OpenTelemetry trace exporter (OTLP/HTTP), off unless an endpoint is configured.
 
 pub mod allocator;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod grammar;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod telemetry;
 
 /// Sets the thread counts of candle's kernel pools. Must run before any candle call (they read it once).
 pub fn set_compute_threads(threads: usize) {

@@ -89,6 +89,11 @@ pub struct Completion {
     pub completion_tokens: usize,
     /// Time from submission to admission into the running batch.
     pub queue_time: Duration,
+    /// Time from submission to the first generated token (None when none was generated: the request timed
+    /// out while queued).
+    pub time_to_first_token: Option<Duration>,
+    /// Time from submission to the end of generation.
+    pub total_time: Duration,
 }
 
 /// What the engine sends back for a request (for each choice of an `n > 1` request, on its own receiver).

@@ -149,6 +149,8 @@ impl<B: Backend> Scheduler<B> {
                     cached_tokens: 0,
                     completion_tokens: 0,
                     queue_time: job.enqueued.elapsed(),
+                    time_to_first_token: None,
+                    total_time: job.enqueued.elapsed(),
                 };
                 for events in &job.events {
                     metrics.finish("timeout");

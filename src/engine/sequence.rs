@@ -59,6 +59,8 @@ pub(super) struct Sequence<K> {
     /// When the request was queued (TTFT and end-to-end latency count from here).
     enqueued: Instant,
     last_token_at: Option<Instant>,
+    /// Time from `enqueued` to the first sampled token, once there is one (as the TTFT metric observed it).
+    time_to_first_token: Option<Duration>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
@@ -94,6 +96,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
             queue_time: job.enqueued.elapsed(),
             enqueued: job.enqueued,
             last_token_at: None,
+            time_to_first_token: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
                 queue_time: self.queue_time,
                 enqueued: self.enqueued,
                 last_token_at: None,
+                time_to_first_token: None,
                 sampler: self.sampler.for_choice(i as u64 + 1),
                 decoder: IncrementalDecoder::default(),
                 stop: self.stop.fresh(),
@@ -212,7 +216,8 @@ impl<K: super::backend::KvCache> Sequence<K> {
         }
         // Counted now, announced by the scheduler after it has removed the sequence: a client that scrapes
         // /metrics right after its response ends sees this request finished and no longer running.
-        metrics.e2e_latency.observe(self.enqueued.elapsed().as_secs_f64());
+        let total_time = self.enqueued.elapsed();
+        metrics.e2e_latency.observe(total_time.as_secs_f64());
         metrics.finish(reason.as_str());
         self.phase = Phase::Finished(Completion {
             reason,
@@ -220,6 +225,8 @@ impl<K: super::backend::KvCache> Sequence<K> {
             cached_tokens: self.cached_tokens,
             completion_tokens: self.generated(),
             queue_time: self.queue_time,
+            time_to_first_token: self.time_to_first_token,
+            total_time,
         });
     }
 
@@ -246,9 +253,11 @@ impl<K: super::backend::KvCache> Sequence<K> {
         self.phase = Phase::Decoding;
         let now = Instant::now();
         match self.last_token_at {
-            None => metrics
-                .time_to_first_token
-                .observe(now.duration_since(self.enqueued).as_secs_f64()),
+            None => {
+                let ttft = now.duration_since(self.enqueued);
+                metrics.time_to_first_token.observe(ttft.as_secs_f64());
+                self.time_to_first_token = Some(ttft);
+            }
             Some(t) => metrics.inter_token_latency.observe(now.duration_since(t).as_secs_f64()),
         }
         self.last_token_at = Some(now);

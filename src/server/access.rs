@@ -20,9 +20,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::Instrument;
 
 use super::error::{ApiError, Dialect};
-use super::AppState;
+use super::{trace, AppState};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
@@ -116,7 +117,7 @@ fn hold_until_sent(resp: Response, work: TaskTrackerToken) -> Response {
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-/// Middleware: request ids, server version header, HTTP metrics, access log.
+/// Middleware: request ids, server version header, HTTP metrics, access log, the request's trace span.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(req.method());
@@ -134,13 +135,15 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         (Err(e), _) | (_, Err(e)) => return e.in_dialect(dialect).into_response(),
     };
     let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let span = trace::request_span(headers, method, &route, &request_id, client_id.as_deref());
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
     let metrics = state.metrics();
     let work = state.track_request();
     metrics.http_in_flight.inc();
-    let mut resp = next.run(req).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
     metrics.http_in_flight.dec();
+    trace::record_status(&span, resp.status());
     resp = hold_until_sent(resp, work);
     let elapsed = started.elapsed().as_secs_f64();
     metrics

@@ -2,13 +2,14 @@
 //! their validation, prompt preparation off the async runtime, submission to the engine, and collecting a
 //! whole answer.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::http::StatusCode;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::sse::Usage;
+use super::trace::GenerationTrace;
 use super::Ready;
 use crate::engine::constraint::Constraint;
 use crate::engine::logprobs::Sampled;
@@ -243,6 +244,8 @@ pub struct Collected {
     /// The sampled tokens with their log-probabilities (with `logprobs` only).
     pub tokens: Vec<Sampled>,
     pub done: Completion,
+    /// When the completion was received (for the request's trace).
+    pub finished_at: SystemTime,
 }
 
 /// Waits for a request to finish and returns its full text. A timeout becomes 504.
@@ -254,7 +257,15 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
             Event::Token(t) => tokens.push(t),
             Event::Text(t) => text.push_str(&t),
             Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready)),
-            Event::Done(done) => return Ok(Collected { text, tokens, done }),
+            Event::Done(done) => {
+                let finished_at = SystemTime::now();
+                return Ok(Collected {
+                    text,
+                    tokens,
+                    done,
+                    finished_at,
+                });
+            }
             Event::Error(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)),
             Event::Refused(msg) => return Err(ApiError::bad_request(msg)),
         }
@@ -265,7 +276,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
 }
 
 /// Waits for every answer (together) and returns them in order, with their summed token counts (each
-/// prompt's counted once for its `choices_per_prompt` choices).
+/// prompt's counted once for its `choices_per_prompt` choices), recorded on the request's trace.
 pub async fn collect_all(
     receivers: Vec<UnboundedReceiver<Event>>,
     ready: &Ready,
@@ -273,12 +284,15 @@ pub async fn collect_all(
 ) -> Result<(Vec<Collected>, Usage), ApiError> {
     let outs = futures::future::join_all(receivers.into_iter().map(|rx| collect(rx, ready))).await;
     let mut usage = Usage::default();
+    let mut trace = GenerationTrace::current(ready);
     let mut collected = Vec::with_capacity(outs.len());
     for (i, out) in outs.into_iter().enumerate() {
         let out = out?;
         usage.add(&out.done, i.is_multiple_of(choices_per_prompt.max(1)));
+        trace.choice_done(&out.done, out.finished_at);
         collected.push(out);
     }
+    trace.finish(&usage);
     Ok((collected, usage))
 }
 

@@ -29,6 +29,7 @@ mod query;
 mod sse;
 mod tokenize;
 mod tools;
+mod trace;
 pub mod transport;
 pub mod types;
 pub mod watchdog;

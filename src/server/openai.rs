@@ -13,6 +13,7 @@ use super::logprobs;
 use super::output::OutputFields;
 use super::sse::{self, ChunkShape, StreamEnd};
 use super::tools::{self, Tools};
+use super::trace::GenerationTrace;
 use super::types::{refuse_unrecognized, Body};
 use super::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice, Completion,
@@ -74,6 +75,7 @@ impl CommonFields {
             choices_per_prompt: n,
             timeout: generate::timeout_error(ready),
             request_id: rid.to_string(),
+            trace: GenerationTrace::current(ready),
         }
     }
 

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::time::SystemTime;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::access::TokenCounts;
 use super::error::ApiError;
+use super::trace::GenerationTrace;
 use super::types::{PromptTokensDetails, UsageBody};
 use crate::engine::logprobs::Sampled;
 use crate::engine::{Completion, Event, FinishReason};
@@ -106,11 +108,13 @@ struct State<S: ChunkShape> {
     timeout: ApiError,
     done: bool,
     request_id: String,
+    trace: GenerationTrace,
 }
 
 impl<S: ChunkShape> State<S> {
     fn end_with_error(&mut self, e: ApiError) {
         tracing::warn!(request_id = %self.request_id, error = %e.message, "stream ended with an error");
+        self.trace.failed(&e);
         self.pending.push_back(error_event(e));
         self.pending.push_back(SseEvent::default().data("[DONE]"));
         self.done = true;
@@ -135,6 +139,7 @@ impl<S: ChunkShape> State<S> {
                 }
                 self.finished[index] = true;
                 self.usage.add(&c, index.is_multiple_of(self.choices_per_prompt));
+                self.trace.choice_done(&c, SystemTime::now());
                 self.open_choices -= 1;
                 if self.open_choices == 0 {
                     tracing::info!(
@@ -144,6 +149,7 @@ impl<S: ChunkShape> State<S> {
                         generated_tokens = self.usage.completion,
                         "stream finished"
                     );
+                    self.trace.finish(&self.usage);
                     if self.include_usage {
                         let u = self.shape.usage(self.usage.body());
                         self.pending.push_back(data(&u));
@@ -171,6 +177,8 @@ pub struct StreamEnd {
     /// The error sent when the request times out.
     pub timeout: ApiError,
     pub request_id: String,
+    /// The request's span, kept open until the stream ends.
+    pub trace: GenerationTrace,
 }
 
 /// Streams the events of `receivers` (one per choice, in index order) as SSE.
@@ -204,6 +212,7 @@ pub fn stream<S: ChunkShape>(receivers: Vec<UnboundedReceiver<Event>>, shape: S,
         timeout: end.timeout,
         done: false,
         request_id: end.request_id,
+        trace: end.trace,
     };
     Sse::new(events(state)).keep_alive(KeepAlive::default()).into_response()
 }

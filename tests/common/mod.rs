@@ -45,8 +45,20 @@ impl Server {
         s
     }
 
+    /// Starts the server with extra flags and environment variables and waits until it is ready.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let s = Self::spawn_with_env(extra, env);
+        s.wait_ready().await;
+        s
+    }
+
     /// Starts the server without waiting for readiness (on 127.0.0.1 unless `extra` has `--host`).
     pub fn spawn(extra: &[&str]) -> Self {
+        Self::spawn_with_env(extra, &[])
+    }
+
+    /// [`Self::spawn`] with environment variables set for the server.
+    pub fn spawn_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_amlserve"));
         cmd.args(["--port", "0"]);
         if !extra.contains(&"--host") {
@@ -58,6 +70,7 @@ impl Server {
         let mut child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
