@@ -121,6 +121,22 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Fails unless `tokens` (appended at `start`) are a non-empty chunk inside the context, every id inside the
+    /// vocabulary: the forwards check this before any kernel runs, since a panic inside candle's thread pool
+    /// poisons it.
+    pub(crate) fn check_chunk(&self, start: usize, tokens: &[u32]) -> candle_core::Result<()> {
+        if tokens.is_empty() || start + tokens.len() > self.context_length {
+            candle_core::bail!(
+                "chunk of {} tokens at position {start} is empty or past the context",
+                tokens.len()
+            )
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary")
+        }
+        Ok(())
+    }
+
     /// Shape of the per-token KV entries.
     pub fn kv_shape(&self) -> KvShape {
         KvShape {
@@ -295,15 +311,7 @@ impl Llama {
         let mut logit_rows = Vec::new();
         for c in chunks.iter_mut() {
             let start = c.kv.len();
-            if c.tokens.is_empty() || start + c.tokens.len() > cfg.context_length {
-                candle_core::bail!(
-                    "chunk of {} tokens at position {start} is empty or past the context",
-                    c.tokens.len()
-                )
-            }
-            if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                candle_core::bail!("token id {bad} is outside the vocabulary")
-            }
+            cfg.check_chunk(start, c.tokens)?;
             c.kv.reserve(c.tokens.len()).map_err(candle_core::Error::wrap)?;
             starts.push(start);
             ids.extend_from_slice(c.tokens);

@@ -441,10 +441,10 @@ fn start_engine(
     let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
     let wedge_at = config.debug_wedge_engine_after.map(|d| std::time::Instant::now() + d);
     let (engine, metrics) = (config.engine.clone(), metrics.clone());
+    let progress = progress.clone();
     match &model.forward {
         Forward::Cpu(_) => {
             let inner = LlamaBackend(model.clone());
-            let progress = progress.clone();
             Engine::start_with(
                 watchdog::Watched {
                     inner,
@@ -459,7 +459,6 @@ fn start_engine(
         Forward::Device(..) => {
             let inner = DeviceBackend::new(model.clone(), engine.kv_cache_bytes, engine.max_batch_size)
                 .map_err(std::io::Error::other)?;
-            let progress = progress.clone();
             Engine::start_with(
                 watchdog::Watched {
                     inner,

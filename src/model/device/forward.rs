@@ -263,15 +263,7 @@ impl DeviceLlama {
         let mut logit_rows = Vec::new();
         for (s, c) in chunks.iter_mut().enumerate() {
             let start = c.kv.len();
-            if c.tokens.is_empty() || start + c.tokens.len() > cfg.context_length {
-                candle_core::bail!(
-                    "chunk of {} tokens at position {start} is empty or past the context",
-                    c.tokens.len()
-                )
-            }
-            if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                candle_core::bail!("token id {bad} is outside the vocabulary")
-            }
+            cfg.check_chunk(start, c.tokens)?;
             slots.extend(c.kv.prepare(c.tokens.len())?);
             ids.extend_from_slice(c.tokens);
             positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
