@@ -40,6 +40,12 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_EMBEDDING_MODEL")]
     pub embedding_model: Option<String>,
 
+    /// Chat template for a model whose GGUF carries none (a base model such as Gemma 3 270M): `chatml`, or the
+    /// path of a Jinja file (Hugging Face's `chat_template` syntax). Without one, such a model serves the
+    /// completion routes and refuses chat requests with a 400. A model with its own template keeps it.
+    #[arg(long, env = "AMLSERVE_CHAT_TEMPLATE", value_name = "chatml|PATH")]
+    pub chat_template: Option<String>,
+
     /// Address to listen on. 0.0.0.0 accepts connections from outside the container.
     #[arg(long, env = "AMLSERVE_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -302,6 +308,8 @@ pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     pub weights: WeightFormat,
+    /// `--chat-template`: for a model without a template of its own.
+    pub chat_template: Option<String>,
     /// Where the model computes (`--device`).
     pub device: DeviceChoice,
     pub threads: usize,
@@ -451,6 +459,7 @@ impl Args {
             host: self.host,
             port: self.port,
             weights: self.weights,
+            chat_template: self.chat_template.clone(),
             device: self.device,
             threads,
             max_body_bytes: self.max_body_bytes,

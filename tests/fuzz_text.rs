@@ -240,13 +240,13 @@ proptest! {
         gemma().decodes_or_fails_cleanly(&ids)?;
     }
 
-    /// Any messages render with the real template and the ChatML fallback, or fail with a message; a render
+    /// Any messages render with the real template and with ChatML (`--chat-template chatml`), or fail with a message; a render
     /// holds every message's content.
     #[test]
     fn any_messages_render_or_fail_cleanly(msgs in messages(), generation in any::<bool>()) {
         let (real, source) = real();
         let tok = &real.tok;
-        for template in [Some(source.as_str()), None] {
+        for template in [source.as_str(), amlserve::model::chat_template::CHATML_TEMPLATE] {
             let t = ChatTemplate::new(template, "<|im_start|>", "<|im_end|>").expect("compiles");
             match timed("render", || t.render(&msgs, generation)) {
                 Ok(text) => {
@@ -277,7 +277,7 @@ proptest! {
         ],
         msgs in messages(),
     ) {
-        match ChatTemplate::new(Some(&source), "", "") {
+        match ChatTemplate::new(&source, "", "") {
             Ok(t) => {
                 if let Err(e) = timed("render", || t.render(&msgs, true)) {
                     prop_assert!(!e.to_string().is_empty());

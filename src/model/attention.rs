@@ -33,12 +33,15 @@ pub struct AttnTask<'a> {
     pub kv: KvView<'a>,
 }
 
-/// Shape of the attention.
+/// Shape of the attention, and how far back a query sees.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
+    /// Sliding-window attention: a query at position `p` sees the keys at `p + 1 - window ..= p` (`window`
+    /// keys, itself included, as llama.cpp and Hugging Face count). `None`: every earlier key.
+    pub window: Option<usize>,
 }
 
 /// Keys per online-softmax update: four cache blocks.
@@ -54,6 +57,8 @@ struct Tile<'a> {
     q: &'a [u32],
     /// Each row's last visible key position (its own position).
     limits: &'a [usize],
+    /// Each row's first visible key position (0 without a sliding window).
+    lows: &'a [usize],
     /// The cache blocks of this key block for the item's kv head: up to 4 of `block_words` words each.
     keys: [&'a [u32]; 4],
     values: [&'a [u32]; 4],
@@ -140,19 +145,24 @@ fn run_item(
     let rows = (q1 - q0) * group;
     let mut q = Vec::with_capacity(rows * pd / 2);
     let mut limits = Vec::with_capacity(rows);
-    // Rows query-major, so their limits never decrease along a tile.
+    let mut lows = Vec::with_capacity(rows);
+    // Rows query-major, so their limits and lows never decrease along a tile.
     for i in q0..q1 {
         for g in 0..group {
             let h = kv_head * group + g;
             bf16_pairs(&task.q[(i * s.n_head + h) * d..][..d], pd / 2, &mut q);
-            limits.push(task.start + i);
+            let pos = task.start + i;
+            limits.push(pos);
+            lows.push(s.window.map_or(0, |w| (pos + 1).saturating_sub(w)));
         }
     }
     let mut o = vec![0f32; rows * pd];
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     let last = task.start + q1 - 1;
-    for kb in 0..=last / KEY_BLOCK {
+    // Key blocks before every row's window hold nothing any row sees. A row's result does not depend on
+    // which blocks this skips: a block it sees none of changes nothing (weights 0, scale 1).
+    for kb in lows[0] / KEY_BLOCK..=last / KEY_BLOCK {
         let first_key = kb * KEY_BLOCK;
         let first_block = first_key / BLOCK_TOKENS;
         let cache_blocks = task.kv.len.div_ceil(BLOCK_TOKENS);
@@ -168,6 +178,7 @@ fn run_item(
             let tile = Tile {
                 q: &q[a * pd / 2..t1 * pd / 2],
                 limits: &limits[a..t1],
+                lows: &lows[a..t1],
                 keys,
                 values,
                 first_key,
@@ -245,7 +256,11 @@ mod kernel_portable {
         for r in 0..rows {
             let q = &tile.q[r * pd / 2..(r + 1) * pd / 2];
             let visible = (tile.limits[r] + 1 - tile.first_key).min(n);
-            for (j, pj) in p.iter_mut().enumerate().take(visible) {
+            let low = tile.lows[r].saturating_sub(tile.first_key).min(visible);
+            if low == visible {
+                continue; // The row's window starts after this block.
+            }
+            for (j, pj) in p.iter_mut().enumerate().take(visible).skip(low) {
                 let keys = tile.keys[j / BLOCK_TOKENS];
                 let slot = j % BLOCK_TOKENS;
                 *pj = q
@@ -258,10 +273,10 @@ mod kernel_portable {
                     .sum();
             }
             let m_old = state.m[r];
-            let m_new = p[..visible].iter().copied().fold(m_old, f32::max);
+            let m_new = p[low..visible].iter().copied().fold(m_old, f32::max);
             let scale = (m_old - m_new).exp();
             let mut sum = 0.0;
-            for x in &mut p[..visible] {
+            for x in &mut p[low..visible] {
                 *x = (*x - m_new).exp();
                 sum += *x;
             }
@@ -269,7 +284,7 @@ mod kernel_portable {
             state.l[r] = state.l[r] * scale + sum;
             let o = &mut state.o[r * pd..(r + 1) * pd];
             o.iter_mut().for_each(|x| *x *= scale);
-            for (j, &w) in p[..visible].iter().enumerate() {
+            for (j, &w) in p[..visible].iter().enumerate().skip(low) {
                 let values = tile.values[j / BLOCK_TOKENS];
                 let (pair, high) = ((j % BLOCK_TOKENS) / 2, j % 2 == 1);
                 for (x, ox) in o.iter_mut().enumerate() {
@@ -304,6 +319,7 @@ mod kernel_avx512 {
                 && state.o.len() == rows * pd
                 && state.m.len() == rows
                 && tile.limits.len() == rows
+                && tile.lows.len() == rows
                 && (1..=4).contains(&blocks)
                 && tile.keys[..blocks]
                     .iter()
@@ -379,16 +395,24 @@ mod kernel_avx512 {
         let mut scale = [0f32; R];
         for r in 0..R {
             let limit = (tile.limits[r] - tile.first_key) as i32;
+            // Past every key of the tile when the row's window starts after this block.
+            let low = tile.lows[r].saturating_sub(tile.first_key).min(4 * BLOCK_TOKENS) as i32;
             let mut mask = [0 as __mmask16; B];
             let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
             for b in 0..B {
                 let pos = _mm512_add_epi32(lane, _mm512_set1_epi32((b * BLOCK_TOKENS) as i32));
-                mask[b] = _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(limit));
+                mask[b] = _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(limit))
+                    & _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32(low));
                 mx = _mm512_mask_max_ps(mx, mask[b], mx, s[r][b]);
             }
             let m_old = state.m[r];
             let m_new = m_old.max(_mm512_reduce_max_ps(mx));
-            scale[r] = (m_old - m_new).exp();
+            // A row that has seen no key yet, and sees none here, keeps its (empty) state as it is.
+            scale[r] = if m_new == f32::NEG_INFINITY {
+                1.0
+            } else {
+                (m_old - m_new).exp()
+            };
             let mv = _mm512_set1_ps(m_new);
             let p: [__m512; B] = std::array::from_fn(|b| _mm512_maskz_mov_ps(mask[b], exp(_mm512_sub_ps(s[r][b], mv))));
             let mut sum = _mm512_setzero_ps();
@@ -471,6 +495,7 @@ mod tests {
 
     /// Naive reference in f64 on the bf16-rounded keys and values: softmax(q k^T) v with an explicit causal limit.
     fn reference(q: &[f32], t: usize, start: usize, k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+        let window = s.window.unwrap_or(usize::MAX);
         let d = s.head_dim;
         let row = s.n_kv_head * d;
         let r = |x: f32| f64::from(from_bf16(to_bf16(x)));
@@ -480,14 +505,15 @@ mod tests {
                 let kv = h / (s.n_head / s.n_kv_head);
                 let q = &q[(i * s.n_head + h) * d..][..d];
                 let n = start + i + 1;
-                let sc: Vec<f64> = (0..n)
+                let first = n.saturating_sub(window);
+                let sc: Vec<f64> = (first..n)
                     .map(|j| (0..d).map(|x| f64::from(q[x]) * r(k[j * row + kv * d + x])).sum())
                     .collect();
                 let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for x in 0..d {
-                    let o: f64 = (0..n).map(|j| e[j] / z * r(v[j * row + kv * d + x])).sum();
+                    let o: f64 = (first..n).map(|j| e[j - first] / z * r(v[j * row + kv * d + x])).sum();
                     y[(i * s.n_head + h) * d + x] = o as f32;
                 }
             }
@@ -579,6 +605,7 @@ mod tests {
                     n_head,
                     n_kv_head,
                     head_dim,
+                    window: None,
                 };
                 check(s, &[(5, 3), (9, 1), (0, 4), (60, 37)], head_dim as u64, 1e-2);
             }
@@ -591,6 +618,7 @@ mod tests {
             n_head: 9,
             n_kv_head: 3,
             head_dim: 64,
+            window: None,
         };
         for (i, len) in [1usize, 2, 15, 16, 17, 63, 64, 65, 129, 1000, 4999]
             .into_iter()
@@ -610,6 +638,7 @@ mod tests {
             n_head: 6,
             n_kv_head: 2,
             head_dim: 64,
+            window: None,
         };
         let shape = KvShape {
             n_layer: 1,
@@ -651,6 +680,21 @@ mod tests {
                 got.extend_from_slice(&attend(&[neighbour, task], s)[width..]);
             }
             assert!(got == whole, "chunks of {chunk} differ from the whole prompt");
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_hides_the_keys_before_it() {
+        // Windows inside a key block, on block edges, wider than the text; tasks whose windows start after
+        // whole tiles' worth of keys, prefill chunks and decode steps.
+        for window in [1, 5, 16, 64, 100, 1000] {
+            let s = AttnShape {
+                n_head: 4,
+                n_kv_head: 2,
+                head_dim: 64,
+                window: Some(window),
+            };
+            check(s, &[(0, 40), (150, 30), (299, 1), (63, 2), (7, 9)], window as u64, 1e-2);
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Rendered like Hugging Face's `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on, Python string
 //! methods available (`.strip()`, `.startswith()`...), `raise_exception` for templates that validate roles.
-//! A GGUF without a template falls back to ChatML, the format SmolLM2 and many small models use.
+//! A GGUF without a template (Gemma 3's base model, say) has none: chat requests are refused unless the server
+//! is started with `--chat-template`, naming `chatml` (built in) or a Jinja file ([`ChatTemplate::from_spec`]).
 //! The template comes with the model file, so it is bounded like input: a render that runs past
 //! [`MAX_RENDER_FUEL`] template instructions (nested loops over `range`, say) fails instead of hanging.
 
@@ -11,7 +12,7 @@ use serde::Serialize;
 
 use super::ModelError;
 
-/// ChatML, used when the GGUF carries no template.
+/// ChatML, the format SmolLM2 and many small models use: `--chat-template chatml`.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Template instructions one render may execute. Real templates spend a couple of dozen per message (measured:
@@ -44,15 +45,28 @@ fn raise_exception(msg: String) -> Result<String, JinjaError> {
 }
 
 impl ChatTemplate {
-    /// Compiles `source` (or ChatML when `None`). `bos_token` / `eos_token` are exposed to the template.
-    pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
+    /// The template `--chat-template` names: `chatml`, or the path of a Jinja file.
+    pub fn from_spec(spec: &str, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
+        if spec == "chatml" {
+            return Self::new(CHATML_TEMPLATE, bos_token, eos_token);
+        }
+        let source = std::fs::read_to_string(spec).map_err(|e| {
+            ModelError::Template(format!(
+                "--chat-template {spec}: neither 'chatml' nor a readable file: {e}"
+            ))
+        })?;
+        Self::new(&source, bos_token, eos_token)
+    }
+
+    /// Compiles `source`. `bos_token` / `eos_token` are exposed to the template.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(MAX_RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.unwrap_or(CHATML_TEMPLATE).to_string())
+        env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Template(format!("chat template does not compile: {e}")))?;
         Ok(Self {
             env,
@@ -82,8 +96,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chatml_fallback_renders_generation_prompt() {
-        let t = ChatTemplate::new(None, "", "").expect("compiles");
+    fn chatml_renders_generation_prompt() {
+        let t = ChatTemplate::from_spec("chatml", "", "").expect("compiles");
         let msgs = [ChatMessage {
             role: "user".into(),
             content: "Hi".into(),
@@ -98,7 +112,7 @@ mod tests {
     /// 560,000 messages) renders within the fuel.
     #[test]
     fn the_fuel_admits_any_conversation_a_request_can_carry() {
-        let t = ChatTemplate::new(None, "", "").expect("compiles");
+        let t = ChatTemplate::new(CHATML_TEMPLATE, "", "").expect("compiles");
         let msgs = vec![
             ChatMessage {
                 role: "user".into(),
@@ -111,8 +125,17 @@ mod tests {
 
     #[test]
     fn raise_exception_is_an_error() {
-        let t = ChatTemplate::new(Some("{{ raise_exception('no') }}"), "", "").expect("compiles");
+        let t = ChatTemplate::new("{{ raise_exception('no') }}", "", "").expect("compiles");
         let err = t.render(&[], false).expect_err("raises");
         assert!(err.to_string().contains("no"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_that_is_neither_chatml_nor_a_file_is_a_clear_error() {
+        let err = ChatTemplate::from_spec("/no/such/template.jinja", "", "").expect_err("no file");
+        assert!(
+            err.to_string().contains("--chat-template /no/such/template.jinja"),
+            "{err}"
+        );
     }
 }

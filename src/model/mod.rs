@@ -1,9 +1,12 @@
 //! The candle side of amlserve, synchronous and free of async code: finding and loading a GGUF model, its
-//! tokenizer and chat template, and the batched llama forward pass with per-sequence KV caches.
+//! tokenizer and chat template, and the batched forward pass of each supported family with per-sequence KV
+//! caches.
 //! Must not know about HTTP, tokio or scheduling.
 
 pub mod activation;
+pub mod arch;
 pub mod attention;
+mod block;
 pub mod chat_template;
 pub mod content_text;
 pub mod device;
@@ -63,7 +66,9 @@ pub struct Model {
     pub config: LlamaConfig,
     pub forward: Forward,
     pub tokenizer: TextTokenizer,
-    pub template: ChatTemplate,
+    /// The chat template: the GGUF's, or `--chat-template`'s for a model without one; `None`: chat requests
+    /// are refused.
+    pub template: Option<ChatTemplate>,
 }
 
 impl Model {
@@ -126,12 +131,11 @@ impl Model {
             ));
         }
         let md = gguf_meta::Metadata(&content);
-        let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-        let template = ChatTemplate::new(
-            md.opt_string("tokenizer.chat_template").as_deref(),
-            &token(tokenizer.bos_id),
-            &token(Some(tokenizer.eos_id)),
-        )?;
+        let (bos, eos) = special_texts(&tokenizer);
+        let template = md
+            .opt_string("tokenizer.chat_template")
+            .map(|source| ChatTemplate::new(&source, &bos, &eos))
+            .transpose()?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -143,6 +147,27 @@ impl Model {
             forward,
             tokenizer,
             template,
+        })
+    }
+
+    /// Gives a model whose file has no chat template the one `spec` names (see [`ChatTemplate::from_spec`]);
+    /// a model with its own keeps it.
+    pub fn use_chat_template_if_none(&mut self, spec: &str) -> Result<(), ModelError> {
+        if self.template.is_none() {
+            let (bos, eos) = special_texts(&self.tokenizer);
+            self.template = Some(ChatTemplate::from_spec(spec, &bos, &eos)?);
+        }
+        Ok(())
+    }
+
+    /// The chat template, or why chat requests cannot be served.
+    fn chat_template(&self) -> Result<&ChatTemplate, ModelError> {
+        self.template.as_ref().ok_or_else(|| {
+            ModelError::Template(format!(
+                "model '{}' has no chat template (a base model?): use the completions route, or start the server \
+                 with --chat-template chatml (or the path of a Jinja template)",
+                self.name
+            ))
         })
     }
 
@@ -163,7 +188,7 @@ impl Model {
         };
         // Content without special-token text (nearly all) is rendered as it is, without a copy.
         if !masked.iter().any(|c| matches!(c, Cow::Owned(_))) {
-            return self.template.render(messages, add_generation_prompt);
+            return self.chat_template()?.render(messages, add_generation_prompt);
         }
         let masked: Vec<ChatMessage> = messages
             .iter()
@@ -173,7 +198,7 @@ impl Model {
                 content: c.into_owned(),
             })
             .collect();
-        self.template.render(&masked, add_generation_prompt)
+        self.chat_template()?.render(&masked, add_generation_prompt)
     }
 
     /// Tokenizes what [`Self::render_chat`] rendered: with [`ContentTokens::Text`], only the template's markup
@@ -196,6 +221,12 @@ impl Model {
         let ids = self.encode_chat(&rendered, content)?;
         Ok((self.tokenizer.unmask(&rendered).into_owned(), ids))
     }
+}
+
+/// The BOS and EOS token texts a chat template may use.
+fn special_texts(tokenizer: &TextTokenizer) -> (String, String) {
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
+    (token(tokenizer.bos_id), token(Some(tokenizer.eos_id)))
 }
 
 /// How special-token text inside chat message content is tokenized (`--parse-special-in-content`).

@@ -12,9 +12,18 @@ pub struct RopeTable {
 impl RopeTable {
     /// Tables for `head_dim` and `positions` positions with frequency base `base`.
     pub fn new(head_dim: usize, positions: usize, base: f32) -> Self {
+        Self::scaled(head_dim, positions, base, 1.0, None)
+    }
+
+    /// [`Self::new`] with linear scaling (positions divided by `scale`) and, per frequency, a factor it is
+    /// divided by (Llama 3's `rope_freqs`, `head_dim / 2` of them), as llama.cpp applies them.
+    pub fn scaled(head_dim: usize, positions: usize, base: f32, scale: f32, factors: Option<&[f32]>) -> Self {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
+            .map(|i| {
+                let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+                1.0 / base.powf(2.0 * i as f32 / head_dim as f32) / factor / scale
+            })
             .collect();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);

@@ -479,7 +479,11 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
     tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
     let model = match device::open(config.device).map_err(|e| e.to_string()).and_then(|on| {
         let on = on.as_ref().map(|(dev, info)| (dev, info.clone()));
-        Model::load_on(&config.model_path, config.weights, on).map_err(|e| e.to_string())
+        let mut model = Model::load_on(&config.model_path, config.weights, on).map_err(|e| e.to_string())?;
+        if let Some(spec) = &config.chat_template {
+            model.use_chat_template_if_none(spec).map_err(|e| e.to_string())?;
+        }
+        Ok(model)
     }) {
         Ok(m) => Arc::new(m),
         Err(e) => {

@@ -2,6 +2,8 @@
 //! when the guard drops. Each test gets its own server (the model loads in well under a second).
 #![allow(dead_code)]
 
+pub mod logits;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

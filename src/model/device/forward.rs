@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
 use super::paged::{KvPool, PagedKv};
-use crate::model::llama::{check_shapes, LlamaConfig};
+use crate::model::arch::{Family, LlamaConfig};
+use crate::model::block::check_shapes;
 use crate::model::weights::{self, WeightFormat};
 use crate::model::ModelError;
 
@@ -147,6 +148,17 @@ impl DeviceLlama {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
+        let plain_llama = config.family == Family::Llama
+            && config.sliding_window.is_none()
+            && config.rope_scale == 1.0
+            && !content.tensor_infos.contains_key("rope_freqs.weight")
+            && !content.tensor_infos.contains_key("blk.0.attn_q.bias");
+        if !plain_llama {
+            return Err(ModelError::Metadata(format!(
+                "the device forward runs llama-architecture models without sliding windows, rope scaling or                  biases so far; serve this {:?} model with --device cpu",
+                config.family
+            )));
+        }
         check_shapes(content, &config)?;
         let hd = config.head_dim;
         let f32_on = |name: &str, reader: &mut R| -> Result<Tensor, ModelError> {

@@ -1,0 +1,217 @@
+//! One transformer block's weights, loaded from a GGUF for any [`Family`], and the shape checks that run before
+//! any of them is read.
+
+use candle_core::quantized::gguf_file;
+use candle_core::Tensor;
+
+use super::arch::{Family, LlamaConfig};
+use super::weights::{self, FusedLinear, Linear, WeightFormat};
+use super::ModelError;
+
+/// The fewest tensors any family's block has (phi3: norms, fused qkv, output, fused gate/up, down).
+const MIN_TENSORS_PER_BLOCK: usize = 6;
+
+/// A block's weights, in the forward's order.
+pub(crate) struct Block {
+    pub attn_norm: Tensor,
+    /// Query, key and value projections, side by side per token.
+    pub qkv: FusedLinear,
+    /// Biases of q, k and v, side by side (qwen2).
+    pub qkv_bias: Option<Vec<f32>>,
+    /// RMS norm weights applied to each query and each key head (qwen3, gemma3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub wo: Linear,
+    /// Norm of the attention's output before the residual add (gemma3).
+    pub post_attn_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    /// Gate and up projections (the gate's rows, then up's).
+    pub gate_up: FusedLinear,
+    /// Width of each of gate and up.
+    pub ffn_width: usize,
+    pub w_down: Linear,
+    /// Norm of the MLP's output before the residual add (gemma3).
+    pub post_ffn_norm: Option<Tensor>,
+}
+
+fn name(i: usize, t: &str) -> String {
+    format!("blk.{i}.{t}")
+}
+
+fn load_vec<R: std::io::Read + std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    name: &str,
+) -> Result<Vec<f32>, ModelError> {
+    Ok(weights::load_f32(content, reader, name)?.flatten_all()?.to_vec1()?)
+}
+
+impl Block {
+    /// Loads block `i` (shapes checked by [`check_shapes`]).
+    pub fn load<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        cfg: &LlamaConfig,
+        i: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let fam = cfg.family;
+        let t = |n: &str| name(i, n);
+        let (hd, rope) = (cfg.head_dim, fam.interleaved_rope());
+        let (qkv, gate_up, ffn_width) = if fam.fused_projections() {
+            let qkv = FusedLinear::load(content, reader, &[(&t("attn_qkv.weight"), false)], hd, format)?;
+            let gate_up = FusedLinear::load(content, reader, &[(&t("ffn_up.weight"), false)], hd, format)?;
+            let width = gate_up.widths()[0] / 2;
+            (qkv, gate_up, width)
+        } else {
+            let (q, k, v) = (t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight"));
+            let qkv = FusedLinear::load(content, reader, &[(&q, rope), (&k, rope), (&v, false)], hd, format)?;
+            let (gate, up) = (t("ffn_gate.weight"), t("ffn_up.weight"));
+            let gate_up = FusedLinear::load(content, reader, &[(&gate, false), (&up, false)], hd, format)?;
+            let width = gate_up.widths()[0];
+            (qkv, gate_up, width)
+        };
+        let qkv_bias = if content.tensor_infos.contains_key(&t("attn_q.bias")) {
+            // Permuted like their weights where the file's rows are interleaved.
+            let bias = |n: &str, reader: &mut R| -> Result<Vec<f32>, ModelError> {
+                let b = load_vec(content, reader, &t(n))?;
+                Ok(if rope { unpermute_rope_values(&b, hd) } else { b })
+            };
+            let mut b = bias("attn_q.bias", reader)?;
+            b.extend(bias("attn_k.bias", reader)?);
+            b.extend(load_vec(content, reader, &t("attn_v.bias"))?);
+            Some(b)
+        } else {
+            None
+        };
+        let qk_norm = if fam.qk_norm() {
+            Some((
+                load_vec(content, reader, &t("attn_q_norm.weight"))?,
+                load_vec(content, reader, &t("attn_k_norm.weight"))?,
+            ))
+        } else {
+            None
+        };
+        let post = |n: &str, reader: &mut R| -> Result<Option<Tensor>, ModelError> {
+            fam.post_norms()
+                .then(|| weights::load_f32(content, reader, &t(n)))
+                .transpose()
+        };
+        Ok(Self {
+            attn_norm: weights::load_f32(content, reader, &t("attn_norm.weight"))?,
+            qkv,
+            qkv_bias,
+            qk_norm,
+            wo: weights::load_linear(content, reader, &t("attn_output.weight"), format)?,
+            post_attn_norm: post("post_attention_norm.weight", reader)?,
+            ffn_norm: weights::load_f32(content, reader, &t("ffn_norm.weight"))?,
+            gate_up,
+            ffn_width,
+            w_down: weights::load_linear(content, reader, &t("ffn_down.weight"), format)?,
+            post_ffn_norm: post("post_ffw_norm.weight", reader)?,
+        })
+    }
+
+    /// Bytes held by the matrix weights.
+    pub fn bytes(&self) -> usize {
+        self.qkv.bytes() + self.gate_up.bytes() + self.wo.bytes() + self.w_down.bytes()
+    }
+}
+
+/// [`weights::unpermute_rope_rows`] for a vector with one value per row (a bias).
+fn unpermute_rope_values(v: &[f32], head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    v.chunks(head_dim)
+        .flat_map(|head| (0..head.len()).map(move |j| head[if j < half { 2 * j } else { 2 * (j - half) + 1 }]))
+        .collect()
+}
+
+/// Fails unless tensor `name` is in the file with shape `dims` (candle's order: rows, then columns).
+fn expect_shape(content: &gguf_file::Content, name: &str, dims: &[usize]) -> Result<(), ModelError> {
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| ModelError::Metadata(format!("the GGUF has no tensor '{name}'")))?;
+    if info.shape.dims() != dims {
+        return Err(ModelError::Metadata(format!(
+            "tensor '{name}' has shape {:?}, the hyper-parameters need {dims:?}",
+            info.shape.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// The row count of tensor `name`, when it has rows.
+fn rows_of(content: &gguf_file::Content, name: &str) -> Result<usize, ModelError> {
+    content
+        .tensor_infos
+        .get(name)
+        .and_then(|info| info.shape.dims().first().copied())
+        .filter(|&w| w > 0)
+        .ok_or_else(|| ModelError::Metadata(format!("tensor '{name}' is missing or empty")))
+}
+
+/// Checks every weight's shape against the hyper-parameters before any is read, so a file whose tensors
+/// disagree with its metadata fails at load with the tensor named, not inside a matmul at the first request.
+pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<(), ModelError> {
+    let tensors = content.tensor_infos.len();
+    if cfg.n_layer > tensors / MIN_TENSORS_PER_BLOCK {
+        return Err(ModelError::Metadata(format!(
+            "block_count {} needs at least {MIN_TENSORS_PER_BLOCK} tensors per block; the file has {tensors} \
+             tensors",
+            cfg.n_layer
+        )));
+    }
+    let (hidden, vocab, hd) = (cfg.hidden, cfg.vocab_size, cfg.head_dim);
+    let (q_rows, kv_rows) = (cfg.q_width(), cfg.kv_width());
+    expect_shape(content, "token_embd.weight", &[vocab, hidden])?;
+    if content.tensor_infos.contains_key("output.weight") {
+        expect_shape(content, "output.weight", &[vocab, hidden])?;
+    }
+    expect_shape(content, "output_norm.weight", &[hidden])?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        expect_shape(content, "rope_freqs.weight", &[hd / 2])?;
+    }
+    let fam = cfg.family;
+    for i in 0..cfg.n_layer {
+        let t = |n: &str| name(i, n);
+        let mut norms = vec!["attn_norm.weight", "ffn_norm.weight"];
+        if fam.post_norms() {
+            norms.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]);
+        }
+        for norm in norms {
+            expect_shape(content, &t(norm), &[hidden])?;
+        }
+        if fam.qk_norm() {
+            expect_shape(content, &t("attn_q_norm.weight"), &[hd])?;
+            expect_shape(content, &t("attn_k_norm.weight"), &[hd])?;
+        }
+        if fam == Family::Qwen2 || content.tensor_infos.contains_key(&t("attn_q.bias")) {
+            expect_shape(content, &t("attn_q.bias"), &[q_rows])?;
+            expect_shape(content, &t("attn_k.bias"), &[kv_rows])?;
+            expect_shape(content, &t("attn_v.bias"), &[kv_rows])?;
+        }
+        expect_shape(content, &t("attn_output.weight"), &[hidden, q_rows])?;
+        let ffn = if fam.fused_projections() {
+            expect_shape(content, &t("attn_qkv.weight"), &[q_rows + 2 * kv_rows, hidden])?;
+            let both = rows_of(content, &t("ffn_up.weight"))?;
+            if both % 2 != 0 {
+                return Err(ModelError::Metadata(format!(
+                    "tensor '{}' has {both} rows: it should hold the gate's and up's, as many each",
+                    t("ffn_up.weight")
+                )));
+            }
+            expect_shape(content, &t("ffn_up.weight"), &[both, hidden])?;
+            both / 2
+        } else {
+            expect_shape(content, &t("attn_q.weight"), &[q_rows, hidden])?;
+            expect_shape(content, &t("attn_k.weight"), &[kv_rows, hidden])?;
+            expect_shape(content, &t("attn_v.weight"), &[kv_rows, hidden])?;
+            let ffn = rows_of(content, &t("ffn_gate.weight"))?;
+            expect_shape(content, &t("ffn_gate.weight"), &[ffn, hidden])?;
+            expect_shape(content, &t("ffn_up.weight"), &[ffn, hidden])?;
+            ffn
+        };
+        expect_shape(content, &t("ffn_down.weight"), &[hidden, ffn])?;
+    }
+    Ok(())
+}
