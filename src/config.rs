@@ -396,6 +396,13 @@ impl Args {
             return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
         }
         let api_key = checked_api_key(self.api_key)?;
+        if let Some(spec) = self.chat_template.as_deref().filter(|&s| s != "chatml") {
+            if !std::path::Path::new(spec).is_file() {
+                return Err(ConfigError::Invalid(format!(
+                    "--chat-template {spec}: neither 'chatml' nor a readable file"
+                )));
+            }
+        }
         let otlp = OtlpConfig::resolve(self.otlp_endpoint.as_deref(), |v| std::env::var(v).ok())
             .map_err(ConfigError::Invalid)?;
         if self.max_batch_tokens < self.max_batch_size {

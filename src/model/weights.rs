@@ -18,11 +18,15 @@ use super::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Requantize 4/5-bit legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1) to Q8_0; keep K-quants and Q8_0 as stored.
+    /// Requantize every other block type (Q4_0 ... Q5_1, the K-quants) to Q8_0: one kernel for every matrix,
+    /// and one whose result for a row does not depend on the other rows. candle's K-quant kernels choose by
+    /// row count (Q6_K: one kernel for a single row, another for several; Q4_K: AMX from 32 rows), so with
+    /// them a request's output would depend on what shares its step.
     #[default]
     #[value(name = "q8_0")]
     Q8_0,
-    /// Keep every tensor as stored in the GGUF (smallest; Q4_1 has no SIMD kernel in candle).
+    /// Keep every tensor as stored in the GGUF (smallest; Q4_1 has no SIMD kernel in candle; with K-quants,
+    /// greedy output may differ with what shares a step, see `q8_0`).
     Stored,
     /// Dequantize to f32 and use gemm (fastest prefill, most memory).
     F32,
@@ -156,17 +160,10 @@ fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
     Ok(match format {
         _ if is_float => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::Stored => QMatMul::QTensor(t.into()),
+        WeightFormat::Q8_0 if t.dtype() == GgmlDType::Q8_0 => QMatMul::QTensor(t.into()),
         WeightFormat::Q8_0 => {
-            let legacy = matches!(
-                t.dtype(),
-                GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-            );
-            if legacy {
-                let f = t.dequantize(&Device::Cpu)?;
-                QMatMul::QTensor(QTensor::quantize(&f, GgmlDType::Q8_0)?.into())
-            } else {
-                QMatMul::QTensor(t.into())
-            }
+            let f = t.dequantize(&Device::Cpu)?;
+            QMatMul::QTensor(QTensor::quantize(&f, GgmlDType::Q8_0)?.into())
         }
         WeightFormat::F32 => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::F16 => QMatMul::TensorF16(t.dequantize_f16(&Device::Cpu)?),
