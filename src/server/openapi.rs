@@ -479,7 +479,7 @@ fn derived() -> &'static serde_json::Value {
     DOC.get_or_init(|| serde_json::to_value(document()).unwrap_or_default())
 }
 
-/// The document with what only the loaded models tell: the one `dimensions` the embedding model gives, and
+/// The document with what only the loaded models tell: the one `dimensions` the embedding models give, and
 /// the last token id `/detokenize` takes.
 pub fn served(embedding_dim: Option<usize>, vocab_size: Option<usize>) -> serde_json::Value {
     let mut doc = derived().clone();
@@ -505,9 +505,12 @@ pub async fn swagger(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match q.version.as_deref() {
         None | Some("3") => {
-            let ready = state.ready().ok();
-            let dim = ready.and_then(|r| r.embedding.as_ref().map(|m| m.dim));
-            let vocab = ready.map(|r| r.model.tokenizer.vocab_size());
+            // With several models: one `dimensions` only when every embedding model gives the same, and the
+            // largest vocabulary's last id (a looser bound for the others, which their requests still check).
+            let models = state.served().ok();
+            let dims = models.map(|s| s.embedding.iter().map(|e| e.embedder.dim).collect::<Vec<_>>());
+            let dim = dims.and_then(|d| d.first().copied().filter(|f| d.iter().all(|x| x == f)));
+            let vocab = models.and_then(|s| s.language.iter().map(|r| r.model.tokenizer.vocab_size()).max());
             Ok(Json(served(dim, vocab)))
         }
         Some(v) => Err(ApiError::new(
