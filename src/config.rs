@@ -46,7 +46,11 @@ pub struct Args {
     /// the folder `make models` fills is used if present; `none` disables embeddings. Repeat as
     /// `--embedding-model NAME=DIR` for several; embedding requests pick one by their `model` field (the first
     /// is the default), and embedding models are listed with the language models in /v1/models and /info.
-    #[arg(long = "embedding-model", env = "AMLSERVE_EMBEDDING_MODEL", value_name = "[NAME=]DIR")]
+    #[arg(
+        long = "embedding-model",
+        env = "AMLSERVE_EMBEDDING_MODEL",
+        value_name = "[NAME=]DIR"
+    )]
     pub embedding_model: Vec<String>,
 
     /// Address to listen on. 0.0.0.0 accepts connections from outside the container.
@@ -443,12 +447,13 @@ impl Args {
         let timeout_ms = self.request_timeout_ms.or(scoring_timeout).unwrap_or(3_600_000);
         let models = language_models(&self.model)?;
         let embedding_models = embedding_models(&self.embedding_model)?;
-        if let Some(dup) = models
-            .iter()
-            .chain(&embedding_models)
-            .enumerate()
-            .find_map(|(i, m)| models.iter().chain(&embedding_models).skip(i + 1).find(|o| o.name == m.name))
-        {
+        if let Some(dup) = models.iter().chain(&embedding_models).enumerate().find_map(|(i, m)| {
+            models
+                .iter()
+                .chain(&embedding_models)
+                .skip(i + 1)
+                .find(|o| o.name == m.name)
+        }) {
             return Err(ConfigError::Invalid(format!(
                 "two models are named '{}': give each its own name with --model NAME=PATH (or --embedding-model NAME=DIR)",
                 dup.name
@@ -536,11 +541,7 @@ impl Args {
 /// Characters a model name may use: what OpenAI-style ids use (`gpt-4o`, `org/model:tag`), nothing that needs
 /// quoting in a URL path segment's neighbourhood, a log line or a metric label.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@+".contains(c))
+    !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@+".contains(c))
 }
 
 /// Splits `[NAME=]PATH`: a value that exists as a path is a PATH (even with a `=` in it); otherwise the part

@@ -17,8 +17,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// The label every model-specific series carries.
@@ -502,8 +502,14 @@ mod tests {
         e.finish("ok");
         assert_eq!((a.finished_count("stop"), b.finished_count("stop")), (1, 0));
         let text = m.render();
-        assert!(text.contains("amlserve_generation_tokens_total{model=\"a\"} 3"), "{text}");
-        assert!(text.contains("amlserve_generation_tokens_total{model=\"b\"} 0"), "{text}");
+        assert!(
+            text.contains("amlserve_generation_tokens_total{model=\"a\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("amlserve_generation_tokens_total{model=\"b\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("amlserve_request_finished_total{model=\"a\",reason=\"stop\"} 1"));
         assert!(text.contains("amlserve_embedding_requests_finished_total{model=\"e\",outcome=\"ok\"} 1"));
         for line in text.lines().filter(|l| l.starts_with("amlserve_")) {

@@ -583,10 +583,7 @@ mod tests {
         );
         assert_eq!(batches[1].len(), 10);
         assert_eq!(outcome(&m, "ok"), 6);
-        assert_eq!(
-            m.input_tokens.get(),
-            4 + (1..=5).map(|n| 10 + 2 * n).sum::<u64>()
-        );
+        assert_eq!(m.input_tokens.get(), 4 + (1..=5).map(|n| 10 + 2 * n).sum::<u64>());
     }
 
     #[tokio::test]

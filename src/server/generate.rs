@@ -256,7 +256,9 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
         match ev {
             Event::Token(t) => tokens.push(t),
             Event::Text(t) => text.push_str(&t),
-            Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready.request_timeout)),
+            Event::Done(done) if done.reason == FinishReason::Timeout => {
+                return Err(timeout_error(ready.request_timeout))
+            }
             Event::Done(done) => {
                 let finished_at = SystemTime::now();
                 return Ok(Collected {

@@ -58,11 +58,11 @@ use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
+use crate::config::ModelSpec;
 use crate::engine::backend::{Detokenizer, DeviceBackend, LlamaBackend};
 use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
 use crate::grammar::Grammars;
-use crate::config::ModelSpec;
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::embedding::EmbeddingModel;
 use crate::model::{device, ContentTokens, Forward, Model};
@@ -164,7 +164,13 @@ impl Served {
         names
             .iter()
             .enumerate()
-            .map(|(i, n)| if i == 0 { format!("{n} (default)") } else { n.to_string() })
+            .map(|(i, n)| {
+                if i == 0 {
+                    format!("{n} (default)")
+                } else {
+                    n.to_string()
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -689,8 +695,12 @@ fn load_embedding(spec: &ModelSpec, config: &Config, metrics: &Metrics) -> Resul
     m.name = spec.name.clone();
     tracing::info!(model = %m.name, dim = m.dim, "embedding model loaded");
     let max_tokens = m.max_tokens;
-    let (embedder, thread) = Embedder::start(Arc::new(m), config.embedder.clone(), metrics.embedding_model(&spec.name))
-        .map_err(|e| format!("cannot start the embedding thread: {e}"))?;
+    let (embedder, thread) = Embedder::start(
+        Arc::new(m),
+        config.embedder.clone(),
+        metrics.embedding_model(&spec.name),
+    )
+    .map_err(|e| format!("cannot start the embedding thread: {e}"))?;
     watch_engine(thread);
     Ok(EmbeddingReady {
         embedder,
