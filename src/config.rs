@@ -34,8 +34,8 @@ pub struct Args {
     /// file that `make models` downloads. Repeat as `--model NAME=PATH` to serve several models in one process:
     /// the first is the default (for requests without a `model` field), and a request's `model` field (a
     /// `model` key in the /score body) picks one by NAME; an unknown name is a 404 listing the served ones.
-    /// With a single language model any `model` value is accepted, as OpenAI-compatible servers with one model
-    /// do. Each language model runs on its own engine thread with an equal share of --kv-cache-mb and
+    /// An embedding model's name is a 400; with a single language model any other name is accepted, as
+    /// OpenAI-compatible servers with one model do. Each language model runs on its own engine thread with an equal share of --kv-cache-mb and
     /// --prefix-cache-mb; the compute threads (--threads) are shared, not multiplied. NAME: letters, digits
     /// and `-_.:/@+`, unique among all models (embedding models included). AMLSERVE_MODEL holds one entry.
     #[arg(long = "model", env = "AMLSERVE_MODEL", value_name = "[NAME=]PATH")]
