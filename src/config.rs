@@ -29,16 +29,29 @@ pub const DEFAULT_EMBEDDING_MODEL: &str = "models/all-minilm-l6-v2";
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Args {
-    /// Model to serve: a .gguf file, or a folder searched (4 levels deep) for one. When unset, the folder in
-    /// AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2 file that `make models` downloads.
-    #[arg(long, env = "AMLSERVE_MODEL")]
-    pub model: Option<PathBuf>,
+    /// Language model to serve: a .gguf file, or a folder searched (4 levels deep) for one, served under its
+    /// file name without `.gguf`. When unset, the folder in AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2
+    /// file that `make models` downloads. Repeat as `--model NAME=PATH` to serve several models in one process:
+    /// the first is the default (for requests without a `model` field), and a request's `model` field (a
+    /// `model` key in the /score body) picks one by NAME; an unknown name is a 404 listing the served ones.
+    /// An embedding model's name is a 400; with a single language model any other name is accepted, as
+    /// OpenAI-compatible servers with one model do. Each language model runs on its own engine thread with an equal share of --kv-cache-mb and
+    /// --prefix-cache-mb; the compute threads (--threads) are shared, not multiplied. NAME: letters, digits
+    /// and `-_.:/@+`, unique among all models (embedding models included). AMLSERVE_MODEL holds one entry.
+    #[arg(long = "model", env = "AMLSERVE_MODEL", value_name = "[NAME=]PATH")]
+    pub model: Vec<String>,
 
     /// Embedding model for /v1/embeddings and /embeddings: a sentence-transformers folder (config.json,
-    /// model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2. When unset, the folder `make models` fills is
-    /// used if present; `none` disables embeddings.
-    #[arg(long, env = "AMLSERVE_EMBEDDING_MODEL")]
-    pub embedding_model: Option<String>,
+    /// model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2, served under the folder's name. When unset,
+    /// the folder `make models` fills is used if present; `none` disables embeddings. Repeat as
+    /// `--embedding-model NAME=DIR` for several; embedding requests pick one by their `model` field (the first
+    /// is the default), and embedding models are listed with the language models in /v1/models and /info.
+    #[arg(
+        long = "embedding-model",
+        env = "AMLSERVE_EMBEDDING_MODEL",
+        value_name = "[NAME=]DIR"
+    )]
+    pub embedding_model: Vec<String>,
 
     /// Chat template for a model whose GGUF carries none (a base model such as Gemma 3 270M): `chatml`, or the
     /// path of a Jinja file (Hugging Face's `chat_template` syntax). Without one, such a model serves the
@@ -130,7 +143,8 @@ pub struct Args {
     pub max_prefill_tokens_alone: usize,
 
     /// Memory for the KV cache, in MiB. A request reserves room for its prompt plus max_tokens; requests wait
-    /// for admission until their reservation fits.
+    /// for admission until their reservation fits. The process-wide total: with several language models
+    /// (--model repeated), each gets an equal share.
     #[arg(long, env = "AMLSERVE_KV_CACHE_MB", default_value_t = 2048)]
     pub kv_cache_mb: usize,
 
@@ -299,12 +313,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// One model to serve: the name requests select it by, and its file (a .gguf) or folder (an embedding model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub model_path: PathBuf,
-    /// The embedding model folder, if embeddings are served.
-    pub embedding_model: Option<PathBuf>,
+    /// The language models, the default first; never empty.
+    pub models: Vec<ModelSpec>,
+    /// The embedding models (the default first), if embeddings are served.
+    pub embedding_models: Vec<ModelSpec>,
     pub host: IpAddr,
     pub port: u16,
     pub weights: WeightFormat,
@@ -314,6 +336,7 @@ pub struct Config {
     pub device: DeviceChoice,
     pub threads: usize,
     pub max_body_bytes: usize,
+    /// Each language model's engine limits (its share of the KV and prefix cache budgets included).
     pub engine: EngineConfig,
     pub request_timeout: Duration,
     /// What requests get for the sampling fields they leave out.
@@ -437,32 +460,34 @@ impl Args {
             Err(_) => None,
         };
         let timeout_ms = self.request_timeout_ms.or(scoring_timeout).unwrap_or(3_600_000);
-        let env_dir = std::env::var_os("AZUREML_MODEL_DIR").map(PathBuf::from);
-        let model_path = files::resolve(&[
-            ("--model / AMLSERVE_MODEL", self.model.clone()),
-            ("AZUREML_MODEL_DIR", if self.model.is_none() { env_dir } else { None }),
-            (
-                "the default",
-                self.model.is_none().then(|| PathBuf::from(DEFAULT_MODEL)),
-            ),
-        ])?;
-        let embedding_model = match self.embedding_model.as_deref() {
-            Some("none") | Some("") => None,
-            Some(dir) if Path::new(dir).join("config.json").is_file() => Some(PathBuf::from(dir)),
-            Some(dir) => {
-                return Err(ConfigError::Invalid(format!(
-                    "--embedding-model {dir}: not a sentence-transformers folder (no config.json); use `none` to serve no embeddings"
-                )))
-            }
-            None => Some(PathBuf::from(DEFAULT_EMBEDDING_MODEL)).filter(|d| d.join("config.json").is_file()),
-        };
+        let models = language_models(&self.model)?;
+        let embedding_models = embedding_models(&self.embedding_model)?;
+        if let Some(dup) = models.iter().chain(&embedding_models).enumerate().find_map(|(i, m)| {
+            models
+                .iter()
+                .chain(&embedding_models)
+                .skip(i + 1)
+                .find(|o| o.name == m.name)
+        }) {
+            return Err(ConfigError::Invalid(format!(
+                "two models are named '{}': give each its own name with --model NAME=PATH (or --embedding-model NAME=DIR)",
+                dup.name
+            )));
+        }
+        let shares = models.len();
+        if self.kv_cache_mb < shares {
+            return Err(ConfigError::Invalid(format!(
+                "--kv-cache-mb ({}) is split equally among the {shares} language models: give each at least 1 MiB",
+                self.kv_cache_mb
+            )));
+        }
         let threads = self
             .threads
             .filter(|&t| t > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(Config {
-            model_path,
-            embedding_model,
+            models,
+            embedding_models,
             host: self.host,
             port: self.port,
             weights: self.weights,
@@ -474,9 +499,9 @@ impl Args {
                 max_batch_size: self.max_batch_size,
                 max_batch_tokens: self.max_batch_tokens,
                 max_prefill_tokens_alone: self.max_prefill_tokens_alone,
-                kv_cache_bytes: self.kv_cache_mb << 20,
+                kv_cache_bytes: (self.kv_cache_mb << 20) / shares,
                 max_waiting: self.max_waiting,
-                prefix_cache_bytes: self.prefix_cache_mb.min(self.kv_cache_mb) << 20,
+                prefix_cache_bytes: (self.prefix_cache_mb.min(self.kv_cache_mb) << 20) / shares,
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             generation: GenerationDefaults {
@@ -526,5 +551,138 @@ impl Args {
             },
             otlp,
         })
+    }
+}
+
+/// Characters a model name may use: what OpenAI-style ids use (`gpt-4o`, `org/model:tag`), nothing that needs
+/// quoting in a URL path segment's neighbourhood, a log line or a metric label.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@+".contains(c))
+}
+
+/// Splits `[NAME=]PATH`: a value that exists as a path is a PATH (even with a `=` in it); otherwise the part
+/// before the first `=` is a NAME.
+fn split_spec<'a>(flag: &str, value: &'a str) -> Result<(Option<&'a str>, &'a str), ConfigError> {
+    if Path::new(value).exists() {
+        return Ok((None, value));
+    }
+    match value.split_once('=') {
+        None => Ok((None, value)),
+        Some((name, path)) if valid_name(name) && !path.is_empty() => Ok((Some(name), path)),
+        Some((name, "")) => Err(ConfigError::Invalid(format!(
+            "{flag} {value}: no path after '{name}='; expected NAME=PATH"
+        ))),
+        Some((name, _)) => Err(ConfigError::Invalid(format!(
+            "{flag} {value}: '{name}' is not a valid model name (1-128 letters, digits and -_.:/@+)"
+        ))),
+    }
+}
+
+/// The name a file or folder is served under when none is given: its file name without the extension (the
+/// name amlserve has always reported for a single `--model PATH`).
+fn default_name(path: &Path, stem: bool) -> String {
+    let part = if stem { path.file_stem() } else { path.file_name() };
+    part.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// `--model` values (the first is the default), or the one model found the single-model way when none is given.
+fn language_models(values: &[String]) -> Result<Vec<ModelSpec>, ConfigError> {
+    if values.is_empty() {
+        let env_dir = std::env::var_os("AZUREML_MODEL_DIR").map(PathBuf::from);
+        let path = files::resolve(&[
+            ("AZUREML_MODEL_DIR", env_dir),
+            ("the default", Some(PathBuf::from(DEFAULT_MODEL))),
+        ])?;
+        return Ok(vec![ModelSpec {
+            name: default_name(&path, true),
+            path,
+        }]);
+    }
+    values
+        .iter()
+        .map(|v| {
+            let (name, path) = split_spec("--model", v)?;
+            let path = files::resolve(&[("--model / AMLSERVE_MODEL", Some(PathBuf::from(path)))])?;
+            Ok(ModelSpec {
+                name: name.map_or_else(|| default_name(&path, true), str::to_string),
+                path,
+            })
+        })
+        .collect()
+}
+
+/// `--embedding-model` values: `none` (or empty) for no embeddings, else folders; unset, the `make models`
+/// folder when it exists.
+fn embedding_models(values: &[String]) -> Result<Vec<ModelSpec>, ConfigError> {
+    if values.is_empty() {
+        let dir = PathBuf::from(DEFAULT_EMBEDDING_MODEL);
+        return Ok(if dir.join("config.json").is_file() {
+            vec![ModelSpec {
+                name: default_name(&dir, false),
+                path: dir,
+            }]
+        } else {
+            Vec::new()
+        });
+    }
+    if values.iter().any(|v| v == "none" || v.is_empty()) {
+        if values.len() > 1 {
+            return Err(ConfigError::Invalid(
+                "--embedding-model none cannot be combined with embedding models".into(),
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    values
+        .iter()
+        .map(|v| {
+            let (name, dir) = split_spec("--embedding-model", v)?;
+            let path = PathBuf::from(dir);
+            if !path.join("config.json").is_file() {
+                return Err(ConfigError::Invalid(format!(
+                    "--embedding-model {v}: not a sentence-transformers folder (no config.json); use `none` to serve no embeddings"
+                )));
+            }
+            Ok(ModelSpec {
+                name: name.map_or_else(|| default_name(&path, false), str::to_string),
+                path,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_values_split_into_name_and_path() {
+        assert_eq!(split_spec("--model", "a.gguf").expect("ok"), (None, "a.gguf"));
+        assert_eq!(
+            split_spec("--model", "chat=dir/a.gguf").expect("ok"),
+            (Some("chat"), "dir/a.gguf")
+        );
+        assert_eq!(
+            split_spec("--model", "org/m:1=x=y.gguf").expect("ok"),
+            (Some("org/m:1"), "x=y.gguf")
+        );
+        for bad in ["=a.gguf", "bad name=a.gguf", "chat=", "ü=a"] {
+            assert!(split_spec("--model", bad).is_err(), "{bad}");
+        }
+        // An existing path with a `=` in it stays a path.
+        let dir = std::env::temp_dir().join(format!("amlserve-cfg-{}", std::process::id()));
+        let odd = dir.join("a=b.gguf");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(&odd, b"").expect("write");
+        let v = odd.to_string_lossy().into_owned();
+        assert_eq!(split_spec("--model", &v).expect("ok"), (None, v.as_str()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unnamed_models_are_served_under_their_file_stem() {
+        assert_eq!(default_name(Path::new("m/SmolLM2.Q4_1.gguf"), true), "SmolLM2.Q4_1");
+        assert_eq!(default_name(Path::new("m/all-minilm-l6-v2"), false), "all-minilm-l6-v2");
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{AliveGuard, Places, SubmitError};
-use crate::metrics::Metrics;
+use crate::metrics::EmbeddingMetrics;
 use crate::model::embedding::EmbeddingModel;
 
 /// Limits of the embedding engine.
@@ -114,7 +114,7 @@ pub struct Embedder {
     tx: std::sync::mpsc::Sender<Job>,
     shared: Arc<Shared>,
     config: Arc<EmbedderConfig>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<EmbeddingMetrics>,
     /// Model name reported to clients.
     pub name: String,
     /// Embedding width.
@@ -135,7 +135,7 @@ impl Embedder {
     pub fn start(
         model: Arc<EmbeddingModel>,
         config: EmbedderConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<EmbeddingMetrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (name, dim) = (model.name.clone(), model.dim);
         Self::start_with(model, name, dim, config, metrics)
@@ -147,11 +147,11 @@ impl Embedder {
         name: String,
         dim: usize,
         config: EmbedderConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<EmbeddingMetrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
-            places: Places::new(config.max_waiting, metrics.embedding.waiting.clone()),
+            places: Places::new(config.max_waiting, metrics.waiting.clone()),
             alive: AtomicBool::new(true),
         });
         let config = Arc::new(config);
@@ -193,7 +193,7 @@ impl Embedder {
     pub fn submit(&self, req: EmbedRequest) -> Result<oneshot::Receiver<EmbedReply>, SubmitError> {
         let result = self.try_submit(req);
         if result.is_err() {
-            self.metrics.embedding.finish("rejected");
+            self.metrics.finish("rejected");
         }
         result
     }
@@ -255,7 +255,7 @@ struct Worker<B> {
     rx: std::sync::mpsc::Receiver<Job>,
     shared: Arc<Shared>,
     max_batch_tokens: usize,
-    metrics: Arc<Metrics>,
+    metrics: Arc<EmbeddingMetrics>,
     /// Requests by arrival.
     jobs: BTreeMap<u64, Active>,
     /// Pending inputs in arrival order (request, then input index).
@@ -291,7 +291,7 @@ impl<B: EmbedBackend> Worker<B> {
         } else {
             outcome
         };
-        self.metrics.embedding.finish(outcome);
+        self.metrics.finish(outcome);
         self.shared.places.release(1);
         let _ = job.reply.send(reply);
     }
@@ -391,22 +391,19 @@ impl<B: EmbedBackend> Worker<B> {
                 if a.queue_time.is_none() {
                     let q = now.saturating_duration_since(a.job.enqueued);
                     a.queue_time = Some(q);
-                    self.metrics.embedding.queue_time.observe(q.as_secs_f64());
+                    self.metrics.queue_time.observe(q.as_secs_f64());
                 }
             }
         }
         let width = batch.iter().map(|i| i.ids.len()).max().unwrap_or(0);
-        let m = &self.metrics.embedding;
+        let m = &self.metrics;
         m.batch_size.observe(batch.len() as f64);
         m.batch_tokens.observe((batch.len() * width) as f64);
         m.input_tokens.inc_by(batch.iter().map(|i| i.ids.len() as u64).sum());
         let refs: Vec<&[u32]> = batch.iter().map(|i| i.ids.as_slice()).collect();
         let started = Instant::now();
         let result = self.backend.embed_batch(&refs);
-        self.metrics
-            .embedding
-            .forward_time
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.forward_time.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(vectors) if vectors.len() == batch.len() => {
                 for (item, v) in batch.into_iter().zip(vectors) {
@@ -528,8 +525,8 @@ mod tests {
         }
     }
 
-    fn start(stub: &Stub, max_batch_tokens: usize, max_waiting: usize) -> (Embedder, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new());
+    fn start(stub: &Stub, max_batch_tokens: usize, max_waiting: usize) -> (Embedder, Arc<EmbeddingMetrics>) {
+        let metrics = crate::metrics::Metrics::new().embedding_model("stub");
         let config = EmbedderConfig {
             max_batch_tokens,
             max_waiting,
@@ -547,8 +544,8 @@ mod tests {
         }
     }
 
-    fn outcome(m: &Metrics, o: &str) -> u64 {
-        m.embedding.finished.with_label_values(&[o]).get()
+    fn outcome(m: &EmbeddingMetrics, o: &str) -> u64 {
+        m.finished_count(o)
     }
 
     fn wait_idle(e: &Embedder) {
@@ -586,10 +583,7 @@ mod tests {
         );
         assert_eq!(batches[1].len(), 10);
         assert_eq!(outcome(&m, "ok"), 6);
-        assert_eq!(
-            m.embedding.input_tokens.get(),
-            4 + (1..=5).map(|n| 10 + 2 * n).sum::<u64>()
-        );
+        assert_eq!(m.input_tokens.get(), 4 + (1..=5).map(|n| 10 + 2 * n).sum::<u64>());
     }
 
     #[tokio::test]
@@ -628,6 +622,6 @@ mod tests {
         ] {
             assert_eq!(outcome(&m, o), n, "{o}");
         }
-        assert_eq!(m.embedding.waiting.get(), 0);
+        assert_eq!(m.waiting.get(), 0);
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 use crate::model::{Forward, Model};
 use backend::{Backend, Detokenizer, DeviceBackend, LlamaBackend};
 use constraint::Constraint;
@@ -230,7 +230,7 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     config: Arc<EngineConfig>,
     kv_bytes_per_token: usize,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModelMetrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -296,7 +296,7 @@ impl Engine {
     pub fn start(
         model: Arc<Model>,
         config: EngineConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModelMetrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
         match &model.forward {
@@ -314,7 +314,7 @@ impl Engine {
         backend: B,
         text: Arc<dyn Detokenizer>,
         config: EngineConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModelMetrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (engine, rx) = Self::channel(config, metrics.clone(), backend.kv_bytes_per_token());
         let stats = engine.stats.clone();
@@ -335,7 +335,7 @@ impl Engine {
     /// A handle and the receiving end its jobs go to (the scheduler's).
     fn channel(
         config: EngineConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModelMetrics>,
         kv_bytes_per_token: usize,
     ) -> (Self, std::sync::mpsc::Receiver<Job>) {
         let (tx, rx) = std::sync::mpsc::channel();

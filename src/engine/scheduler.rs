@@ -18,7 +18,7 @@ use super::constraint::{Constraint, ConstraintError, TokenMask};
 use super::prefix_cache::PrefixCache;
 use super::sequence::{Phase, Sequence};
 use super::{Completion, EngineConfig, EngineStats, Event, FinishReason, Job};
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 
 /// First KV allocation beyond the prompt; the cache doubles from there as tokens come.
 const INITIAL_KV_HEADROOM: usize = 64;
@@ -29,7 +29,7 @@ pub(super) struct Scheduler<B: Backend> {
     config: EngineConfig,
     rx: Receiver<Job>,
     stats: Arc<EngineStats>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModelMetrics>,
     pub(super) waiting: VecDeque<Job>,
     pub(super) running: Vec<Sequence<B::Kv>>,
     pub(super) kv_reserved: usize,
@@ -45,7 +45,7 @@ impl<B: Backend> Scheduler<B> {
         config: EngineConfig,
         rx: Receiver<Job>,
         stats: Arc<EngineStats>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModelMetrics>,
     ) -> Self {
         Self {
             kv_bytes_per_token: backend.kv_bytes_per_token(),

@@ -15,7 +15,7 @@ use super::scheduler::Scheduler;
 use super::stub::{expected, text_of, Part, StubBackend, StubText, BYTES_PER_TOKEN};
 use super::stub::{EOS, VOCAB};
 use super::{Completion, Engine, EngineConfig, Event, FinishReason, GenerateRequest, GenerationParams, SubmitError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelMetrics};
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -41,7 +41,7 @@ struct Harness {
     engine: Engine,
     sched: Scheduler<StubBackend>,
     stub: StubBackend,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModelMetrics>,
 }
 
 impl Harness {
@@ -50,7 +50,7 @@ impl Harness {
     }
 
     fn with_stub(config: EngineConfig, stub: StubBackend) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Metrics::new().model("stub");
         let (engine, rx) = Engine::channel(config.clone(), metrics.clone(), BYTES_PER_TOKEN);
         let sched = Scheduler::new(
             stub.clone(),
@@ -94,7 +94,7 @@ impl Harness {
     }
 
     fn count(&self, outcome: &str) -> u64 {
-        self.metrics.finished.with_label_values(&[outcome]).get()
+        self.metrics.finished_count(outcome)
     }
 }
 
@@ -464,7 +464,7 @@ fn the_end_of_sequence_token_stops_generation() {
 
 #[test]
 fn the_engine_thread_serves_until_every_handle_is_gone() {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Metrics::new().model("stub");
     let (engine, thread) =
         Engine::start_with(StubBackend::default(), Arc::new(StubText), config(), metrics).expect("thread");
     let mut rx = engine.submit(request("a", &[1, 2, 3], 6)).expect("queued");

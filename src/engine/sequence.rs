@@ -17,7 +17,7 @@ use super::logprobs;
 use super::sampler::Sampler;
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Completion, Event, FinishReason, Job};
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 use crate::model::ModelError;
 
 /// Where an admitted sequence is.
@@ -173,7 +173,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
     }
 
     /// Marks the sequence cancelled because its client left.
-    pub fn cancel(&mut self, metrics: &Metrics) {
+    pub fn cancel(&mut self, metrics: &ModelMetrics) {
         tracing::info!(request_id = %self.id, generated = self.generated(), "request cancelled: client went away");
         metrics.finish("cancelled");
         self.phase = Phase::Cancelled;
@@ -181,7 +181,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
 
     /// Ends the sequence with an error its client is told about (a grammar that failed): the request's
     /// fault, so a client error.
-    pub fn fail(&mut self, metrics: &Metrics, error: &ConstraintError) {
+    pub fn fail(&mut self, metrics: &ModelMetrics, error: &ConstraintError) {
         tracing::warn!(request_id = %self.id, error = %error, "request refused: its grammar failed");
         metrics.finish("error");
         self.send(Event::Refused(format!(
@@ -190,7 +190,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
         self.phase = Phase::Cancelled;
     }
 
-    fn send_text(&mut self, text: String, metrics: &Metrics) {
+    fn send_text(&mut self, text: String, metrics: &ModelMetrics) {
         if !text.is_empty() && !self.send(Event::Text(text)) {
             self.cancel(metrics);
         }
@@ -198,7 +198,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
 
     /// Ends the sequence with `reason`, flushing held-back text unless a stop string ended it. Cannot fail: a
     /// tail that does not decode is logged and dropped, so the request still ends.
-    pub fn finish(&mut self, tok: &dyn Detokenizer, metrics: &Metrics, reason: FinishReason, flush: bool) {
+    pub fn finish(&mut self, tok: &dyn Detokenizer, metrics: &ModelMetrics, reason: FinishReason, flush: bool) {
         if flush {
             let tail = self
                 .decoder
@@ -235,7 +235,7 @@ impl<K: super::backend::KvCache> Sequence<K> {
     pub fn accept_logits(
         &mut self,
         tok: &dyn Detokenizer,
-        metrics: &Metrics,
+        metrics: &ModelMetrics,
         logits: &mut [f32],
         mask: Option<Result<TokenMask, ConstraintError>>,
     ) -> Result<(), ModelError> {

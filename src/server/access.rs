@@ -10,6 +10,7 @@
 //! Metric labels are bounded whatever clients send: the matched route template (`unmatched` for no route)
 //! and [`method_label`].
 
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -117,6 +118,18 @@ fn hold_until_sent(resp: Response, work: TaskTrackerToken) -> Response {
     Response::from_parts(parts, Body::from_stream(body))
 }
 
+tokio::task_local! {
+    /// The model the request being handled was routed to (set by [`note_model`], read by [`layer`]).
+    static SERVED_MODEL: Arc<OnceLock<String>>;
+}
+
+/// Records that the request being handled is served by model `name` (its HTTP metrics' and access log's
+/// `model`). The first call counts; outside a request (unit tests) it does nothing. A task-local rather than a
+/// response extension, so every route's error paths after the model is chosen are counted under it too.
+pub fn note_model(name: &str) {
+    let _ = SERVED_MODEL.try_with(|m| m.get_or_init(|| name.to_string()).len());
+}
+
 /// Middleware: request ids, server version header, HTTP metrics, access log, the request's trace span.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -141,18 +154,23 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let metrics = state.metrics();
     let work = state.track_request();
     metrics.http_in_flight.inc();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let served = Arc::new(OnceLock::new());
+    let mut resp = SERVED_MODEL
+        .scope(served.clone(), next.run(req))
+        .instrument(span.clone())
+        .await;
     metrics.http_in_flight.dec();
+    let model = served.get().map_or("", String::as_str);
     trace::record_status(&span, resp.status());
     resp = hold_until_sent(resp, work);
     let elapsed = started.elapsed().as_secs_f64();
     metrics
         .http_duration
-        .with_label_values(&[route.as_str(), method])
+        .with_label_values(&[route.as_str(), method, model])
         .observe(elapsed);
     metrics
         .http_requests
-        .with_label_values(&[route.as_str(), method, resp.status().as_str()])
+        .with_label_values(&[route.as_str(), method, resp.status().as_str(), model])
         .inc();
     let h = resp.headers_mut();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
@@ -173,6 +191,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         client_request_id = client_id.as_deref().unwrap_or(""),
         method = %method,
         route = %route,
+        model = %model,
         status = resp.status().as_u16(),
         latency_ms = elapsed * 1000.0,
         "request"

@@ -17,15 +17,17 @@ use super::json::ApiJson;
 use super::types::{ModelInfo, AZURE_CHAT_FIELDS};
 use super::{openai, AppState};
 
-/// `GET /info`.
+/// `GET /info`: the default language model, and every served model in `models`.
 pub async fn info(State(state): State<AppState>) -> Result<Json<ModelInfo>, ApiError> {
-    let ready = state.ready()?;
+    let served = state.served()?;
+    let ready = &served.language[0];
     Ok(Json(ModelInfo {
         model_name: ready.model.name.clone(),
         model_type: "chat-completions",
         model_provider_name: "amlserve".to_string(),
         generation_defaults: ready.generation,
         device: ready.model.device_info(),
+        models: openai::model_cards(served),
     }))
 }
 

@@ -100,6 +100,8 @@ fn parameters(raw: Option<Box<RawValue>>) -> Result<ScoreParameters, ApiError> {
 /// types, so no JSON tree is built: a tree of many small objects costs tens of times the body's size.
 #[derive(Deserialize)]
 struct ScoreBody {
+    /// The served language model to use (unset: the default), as in `/v1/chat/completions`.
+    model: Option<String>,
     input_data: Option<Box<RawValue>>,
     inputs: Option<Box<RawValue>>,
     parameters: Option<Box<RawValue>>,
@@ -190,11 +192,17 @@ fn strings(raw: &RawValue, what: &str) -> Result<Vec<String>, ApiError> {
     })
 }
 
-fn parse_payload(body: &RawValue) -> Result<Payload, ApiError> {
+/// The payload, and the model it names (`model`, beside `input_data` or `inputs`).
+fn parse_payload(body: &RawValue) -> Result<(Option<String>, Payload), ApiError> {
     if !starts_with(body, '{') {
         return Err(bad("the body must be a JSON object"));
     }
-    let body: ScoreBody = serde_json::from_str(body.get()).map_err(|e| bad(format!("invalid body: {e}")))?;
+    let mut body: ScoreBody = serde_json::from_str(body.get()).map_err(|e| bad(format!("invalid body: {e}")))?;
+    let model = body.model.take();
+    payload(body).map(|p| (model, p))
+}
+
+fn payload(body: ScoreBody) -> Result<Payload, ApiError> {
     if let Some(input_data) = body.input_data {
         // What would be ignored beside input_data is refused, not dropped.
         if body.inputs.is_some() {
@@ -255,8 +263,10 @@ async fn generate_all(
 }
 
 async fn score_inner(state: &AppState, rid: &str, body: Box<RawValue>) -> Result<Response, ApiError> {
-    let ready = state.ready()?;
-    let (body, counts) = match parse_payload(&body)? {
+    state.served()?;
+    let (model, payload) = parse_payload(&body)?;
+    let ready = state.language(model.as_deref())?;
+    let (body, counts) = match payload {
         Payload::Chat(messages, params) => {
             let messages = convert_messages(messages).map_err(|e| bad(e.message))?;
             let (mut out, counts) = generate_all(ready, rid, vec![PromptInput::Chat(messages)], &params).await?;
@@ -338,7 +348,20 @@ mod tests {
     use serde_json::json;
 
     fn parse_payload(v: Value) -> Result<Payload, ApiError> {
-        super::parse_payload(&RawValue::from_string(v.to_string()).expect("json"))
+        super::parse_payload(&RawValue::from_string(v.to_string()).expect("json")).map(|(_, p)| p)
+    }
+
+    #[test]
+    fn the_model_is_read_beside_either_shape() {
+        for body in [
+            json!({"model": "b", "input_data": {"input_string": ["a"]}}),
+            json!({"model": "b", "inputs": "x"}),
+        ] {
+            let raw = RawValue::from_string(body.to_string()).expect("json");
+            assert_eq!(super::parse_payload(&raw).expect("ok").0.as_deref(), Some("b"));
+        }
+        let raw = RawValue::from_string(json!({"model": 3, "inputs": "x"}).to_string()).expect("json");
+        assert!(super::parse_payload(&raw).is_err());
     }
 
     #[test]

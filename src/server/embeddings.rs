@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine as _;
 use serde_json::Value;
@@ -45,13 +44,8 @@ pub async fn embeddings(
     rid: RequestId,
     ApiJson(req): ApiJson<EmbeddingsRequest>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
-    let ready = state.ready()?;
-    let Some(model) = ready.embedding.as_ref() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "this server has no embedding model; start it with --embedding-model (a sentence-transformers folder)",
-        ));
-    };
+    let served = state.served()?;
+    let model = &state.embedding(req.model.as_deref())?.embedder;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -69,7 +63,7 @@ pub async fn embeddings(
         ));
     }
     let texts = inputs(req.input)?;
-    let deadline = Instant::now() + ready.request_timeout;
+    let deadline = Instant::now() + served.request_timeout;
     let reply = model.submit(EmbedRequest {
         id: rid.0,
         inputs: texts,
@@ -77,7 +71,7 @@ pub async fn embeddings(
     })?;
     // Dropping `reply` (the client went away, or the deadline below) cancels the inputs not computed yet.
     let done = match tokio::time::timeout_at(deadline.into(), reply).await {
-        Err(_) | Ok(Ok(Err(EmbedError::Timeout))) => return Err(timeout_error(ready)),
+        Err(_) | Ok(Ok(Err(EmbedError::Timeout))) => return Err(timeout_error(served.request_timeout)),
         Ok(Err(_)) => {
             return Err(ApiError::not_ready(
                 "the embedding engine stopped before the request finished",

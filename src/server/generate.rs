@@ -256,7 +256,9 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, ready: &Ready) -> Result<
         match ev {
             Event::Token(t) => tokens.push(t),
             Event::Text(t) => text.push_str(&t),
-            Event::Done(done) if done.reason == FinishReason::Timeout => return Err(timeout_error(ready)),
+            Event::Done(done) if done.reason == FinishReason::Timeout => {
+                return Err(timeout_error(ready.request_timeout))
+            }
             Event::Done(done) => {
                 let finished_at = SystemTime::now();
                 return Ok(Collected {
@@ -297,12 +299,12 @@ pub async fn collect_all(
 }
 
 /// The error for a request that ran past `--request-timeout-ms`.
-pub fn timeout_error(ready: &Ready) -> ApiError {
+pub fn timeout_error(timeout: std::time::Duration) -> ApiError {
     ApiError::new(
         StatusCode::GATEWAY_TIMEOUT,
         format!(
             "request timed out after {} ms (--request-timeout-ms / SCORING_TIMEOUT_MS)",
-            ready.request_timeout.as_millis()
+            timeout.as_millis()
         ),
     )
 }

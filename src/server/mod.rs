@@ -2,9 +2,19 @@
 //!
 //! [`router`] builds the axum app from an [`AppState`]; [`serve`] runs it on a listener until a shutdown
 //! future resolves (the connection loop, its limits and timeouts are in `transport`); [`run`] is the whole
-//! server (bind first, load the model in the background, then serve).
-//! The server listens while the model loads: liveness (`/`) answers at once, readiness (`/health`) only once
-//! the model is loaded and the engine thread is alive. Liveness fails only when a restart is the way back: the
+//! server (bind first, load the models in the background, then serve).
+//! The server listens while the models load: liveness (`/`) answers at once, readiness (`/health`) only once
+//! every model is loaded and every engine thread is alive.
+//!
+//! Several models ([`Served`]): each language model has its own engine thread, KV budget (an equal share of
+//! `--kv-cache-mb`), grammar cache, watchdog and metric series; embedding models have their own threads.
+//! Requests pick one by their `model` field ([`Served::language`], [`Served::embedding`]); the first of each
+//! kind is the default. The compute threads are not multiplied by the models: every engine computes on
+//! candle's one process-wide barrier pool (`--threads` workers, `crate::model::par`), whose `execute` holds a
+//! call lock for the whole parallel call, so two engines' kernels take turns on the same threads instead of
+//! oversubscribing the cores (checked against candle-core 0.11.1 `utils::BarrierPool::execute`); rayon's pool
+//! (softmax, gemm) is process-wide too. Only the engines' own serial work (sampling, scheduling) runs beside
+//! another engine's kernels. Liveness fails only when a restart is the way back: the
 //! model failed to load, the engine thread ended, or it has work and makes no progress (`watchdog`).
 //!
 //! Shutdown ([`run`]): at SIGTERM readiness fails at once, but new requests are still served for
@@ -48,22 +58,22 @@ use tokio::net::TcpListener;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::config::Config;
+use crate::config::ModelSpec;
 use crate::engine::backend::{Detokenizer, DeviceBackend, LlamaBackend};
 use crate::engine::embedder::Embedder;
 use crate::engine::Engine;
 use crate::grammar::Grammars;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::embedding::EmbeddingModel;
 use crate::model::{device, ContentTokens, Forward, Model};
 use error::{ApiError, Dialect};
 pub use transport::{serve, Limits};
 use types::{Health, HealthStatus};
 
-/// What exists once the model is loaded.
+/// One language model, loaded and served by its engine thread.
 pub struct Ready {
+    /// The model; `model.name` is the name requests select it by.
     pub model: Arc<Model>,
-    /// The embedding engine, when an embedding model is configured.
-    pub embedding: Option<Embedder>,
     pub engine: Engine,
     pub request_timeout: Duration,
     /// What requests get for the sampling fields they leave out (`--default-*`).
@@ -76,9 +86,131 @@ pub struct Ready {
     pub max_n: usize,
     /// How special-token text in chat content is tokenized (`--parse-special-in-content`).
     pub content_tokens: ContentTokens,
-    pub engine_metrics: Arc<Metrics>,
+    /// This model's metric series.
+    pub engine_metrics: Arc<ModelMetrics>,
     /// Whether the engine thread still makes progress (liveness fails when it does not).
     pub watchdog: Arc<watchdog::Watchdog>,
+}
+
+/// One embedding model, loaded and served by its thread.
+pub struct EmbeddingReady {
+    /// The engine; `embedder.name` is the name requests select it by.
+    pub embedder: Embedder,
+    /// Most tokens of an input the model reads (the rest is truncated).
+    pub max_tokens: usize,
+    /// Unix time the model finished loading.
+    pub created: u64,
+}
+
+/// Every served model, once all are loaded: what the routes serve from.
+pub struct Served {
+    /// Language models, the default first; never empty.
+    pub language: Vec<Ready>,
+    /// Embedding models, the default first.
+    pub embedding: Vec<EmbeddingReady>,
+    pub request_timeout: Duration,
+}
+
+/// Which kind of model a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Language,
+    Embedding,
+}
+
+impl Served {
+    /// The language model a request's `model` field selects: none (or an empty one) is the default; a
+    /// served name is that model; an embedding model's name is a 400. Any other name is a 404 listing the
+    /// served ones, except with a single language model, which serves every name as before several models
+    /// could be served (clients send whatever their SDK or configuration says).
+    pub fn language(&self, requested: Option<&str>) -> Result<&Ready, ApiError> {
+        match requested.filter(|n| !n.is_empty()) {
+            None => Ok(&self.language[0]),
+            Some(n) => match self.language.iter().find(|r| r.model.name == n) {
+                Some(r) => Ok(r),
+                None if self.embedding.iter().any(|e| e.embedder.name == n) => Err(self.wrong_kind(n, Kind::Language)),
+                None if self.language.len() == 1 => Ok(&self.language[0]),
+                None => Err(self.unknown(n, Kind::Language)),
+            },
+        }
+    }
+
+    /// The embedding model a request's `model` field selects, by the same rules as [`Self::language`]; a 404
+    /// when the server has no embedding model.
+    pub fn embedding(&self, requested: Option<&str>) -> Result<&EmbeddingReady, ApiError> {
+        if self.embedding.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this server has no embedding model; start it with --embedding-model (a sentence-transformers folder)",
+            ));
+        }
+        match requested.filter(|n| !n.is_empty()) {
+            None => Ok(&self.embedding[0]),
+            Some(n) => match self.embedding.iter().find(|e| e.embedder.name == n) {
+                Some(e) => Ok(e),
+                None if self.language.iter().any(|r| r.model.name == n) => Err(self.wrong_kind(n, Kind::Embedding)),
+                None if self.embedding.len() == 1 => Ok(&self.embedding[0]),
+                None => Err(self.unknown(n, Kind::Embedding)),
+            },
+        }
+    }
+
+    /// The served names of one kind, the default marked: `a (default), b`.
+    fn listing(&self, kind: Kind) -> String {
+        let names: Vec<&str> = match kind {
+            Kind::Language => self.language.iter().map(|r| r.model.name.as_str()).collect(),
+            Kind::Embedding => self.embedding.iter().map(|e| e.embedder.name.as_str()).collect(),
+        };
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                if i == 0 {
+                    format!("{n} (default)")
+                } else {
+                    n.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// What the server serves, for error messages.
+    fn served_models(&self) -> String {
+        let mut s = format!("language models: {}", self.listing(Kind::Language));
+        if !self.embedding.is_empty() {
+            s.push_str(&format!("; embedding models: {}", self.listing(Kind::Embedding)));
+        }
+        s
+    }
+
+    fn unknown(&self, name: &str, kind: Kind) -> ApiError {
+        let what = match kind {
+            Kind::Language => "language",
+            Kind::Embedding => "embedding",
+        };
+        ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "model '{name}' is not served here (model_not_found); served {what} models: {}",
+                    self.listing(kind)
+                ),
+            )
+        }
+    }
+
+    fn wrong_kind(&self, name: &str, wanted: Kind) -> ApiError {
+        let why = match wanted {
+            Kind::Language => "an embedding model: it serves /v1/embeddings and /embeddings, not generation",
+            Kind::Embedding => "a language model: it serves generation, not embeddings",
+        };
+        ApiError::invalid_param(
+            "model",
+            format!("model '{name}' is {why}; this server has {}", self.served_models()),
+        )
+    }
 }
 
 /// Where the server stands with shutdown.
@@ -99,7 +231,7 @@ pub struct AppState {
 }
 
 struct Inner {
-    ready: OnceLock<Ready>,
+    ready: OnceLock<Served>,
     load_error: OnceLock<String>,
     phase: AtomicU8,
     /// Every request being handled or streamed holds a token of this until its response has ended.
@@ -123,7 +255,7 @@ impl AppState {
         }
     }
 
-    /// The metrics registry.
+    /// The metrics registry (every model's series too).
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -133,8 +265,8 @@ impl AppState {
         self.inner.api_key.as_deref()
     }
 
-    /// Makes the server ready with a loaded model and running engine.
-    pub fn set_ready(&self, ready: Ready) {
+    /// Makes the server ready with every model loaded and its engine running.
+    pub fn set_ready(&self, ready: Served) {
         let _ = self.inner.ready.set(ready);
     }
 
@@ -172,9 +304,29 @@ impl AppState {
         self.inner.work.wait().await;
     }
 
-    /// The loaded model and engine for a request, or a 503 saying why there is none. Still served while
-    /// draining.
+    /// The default language model (see [`Self::language`]).
     pub fn ready(&self) -> Result<&Ready, ApiError> {
+        self.language(None)
+    }
+
+    /// The language model a request's `model` field selects ([`Served::language`]), noted as the model the
+    /// request is served by (its HTTP metrics' `model` label).
+    pub fn language(&self, requested: Option<&str>) -> Result<&Ready, ApiError> {
+        let ready = self.served()?.language(requested)?;
+        access::note_model(&ready.model.name);
+        Ok(ready)
+    }
+
+    /// The embedding model a request's `model` field selects ([`Served::embedding`]), noted like
+    /// [`Self::language`].
+    pub fn embedding(&self, requested: Option<&str>) -> Result<&EmbeddingReady, ApiError> {
+        let ready = self.served()?.embedding(requested)?;
+        access::note_model(&ready.embedder.name);
+        Ok(ready)
+    }
+
+    /// Every loaded model, or a 503 saying why they are not all there. Still served while draining.
+    pub fn served(&self) -> Result<&Served, ApiError> {
         if self.phase() == Phase::Refusing {
             return Err(ApiError::not_ready("the server is shutting down"));
         }
@@ -190,20 +342,30 @@ impl AppState {
         }
     }
 
-    /// What readiness (`/health`) answers: [`Self::ready`], and 503 from SIGTERM on.
-    fn readiness(&self) -> Result<&Ready, ApiError> {
+    /// What readiness (`/health`) answers: [`Self::served`], and 503 from SIGTERM on.
+    fn readiness(&self) -> Result<&Served, ApiError> {
         if self.phase() != Phase::Serving {
             return Err(ApiError::not_ready("the server is shutting down"));
         }
-        self.ready()
+        self.served()
     }
 
     /// Why the process should be restarted, if it should: the model failed to load, or the engine thread
     /// stopped or is stalled. Loading and shutting down are not reasons (liveness stays 200).
     pub fn broken(&self) -> Option<String> {
         match self.inner.ready.get() {
-            Some(r) if !r.engine.is_alive() => Some("the inference engine has stopped".into()),
-            Some(r) => r.watchdog.stall(),
+            Some(served) => served.language.iter().find_map(|r| {
+                let why = if r.engine.is_alive() {
+                    r.watchdog.stall()?
+                } else {
+                    "the inference engine has stopped".to_string()
+                };
+                Some(if served.language.len() > 1 {
+                    format!("model {}: {why}", r.model.name)
+                } else {
+                    why
+                })
+            }),
             None => self
                 .inner
                 .load_error
@@ -213,12 +375,12 @@ impl AppState {
     }
 }
 
-/// `GET /health`: 200 once the model serves, 503 before, after failures and from SIGTERM on.
+/// `GET /health`: 200 once every model serves, 503 before, after failures and from SIGTERM on.
 async fn health(State(state): State<AppState>) -> Response {
     match state.readiness() {
-        Ok(r) => Json(Health {
+        Ok(served) => Json(Health {
             status: HealthStatus::Ready,
-            model: Some(r.model.name.clone()),
+            model: Some(served.language[0].model.name.clone()),
             message: None,
         })
         .into_response(),
@@ -435,7 +597,7 @@ fn watch_engine(thread: std::thread::JoinHandle<()>) {
 fn start_engine(
     model: &Arc<Model>,
     config: &Config,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<ModelMetrics>,
     progress: &Arc<watchdog::Progress>,
 ) -> std::io::Result<(Engine, std::thread::JoinHandle<()>)> {
     let text: Arc<dyn Detokenizer> = Arc::new(model.tokenizer.clone());
@@ -473,25 +635,27 @@ fn start_engine(
     }
 }
 
-/// Loads the model and starts the engine, marking the state ready (or recording the failure).
-fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Loads one language model under its served name and starts its engine, grammar vocabulary and watchdog.
+fn load_language(
+    spec: &ModelSpec,
+    on: Option<(&candle_core::Device, device::DeviceInfo)>,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Ready, String> {
     let started = std::time::Instant::now();
-    tracing::info!(path = %config.model_path.display(), weights = ?config.weights, "loading model");
-    let model = match device::open(config.device).map_err(|e| e.to_string()).and_then(|on| {
-        let on = on.as_ref().map(|(dev, info)| (dev, info.clone()));
-        let mut model = Model::load_on(&config.model_path, config.weights, on).map_err(|e| e.to_string())?;
-        if let Some(spec) = &config.chat_template {
-            model.use_chat_template_if_none(spec).map_err(|e| e.to_string())?;
-        }
-        Ok(model)
-    }) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            tracing::error!(error = %e, "model failed to load");
-            state.set_load_error(e.to_string());
-            return;
-        }
-    };
+    tracing::info!(model = %spec.name, path = %spec.path.display(), weights = ?config.weights, "loading model");
+    let mut model = Model::load_on(&spec.path, config.weights, on).map_err(|e| e.to_string())?;
+    model.name = spec.name.clone();
+    if let Some(template) = &config.chat_template {
+        model.use_chat_template_if_none(template).map_err(|e| e.to_string())?;
+    }
+    let model = Arc::new(model);
     let c = &model.config;
     tracing::info!(
         model = %model.name,
@@ -499,76 +663,88 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         hidden = c.hidden,
         context = c.context_length,
         weight_mb = model.weight_bytes() >> 20,
+        kv_cache_mb = config.engine.kv_cache_bytes >> 20,
         device = %model.device_info().device,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    let embedding = match &config.embedding_model {
-        None => None,
-        Some(dir) => match EmbeddingModel::load(dir) {
-            Ok(m) => {
-                tracing::info!(model = %m.name, dim = m.dim, "embedding model loaded");
-                match Embedder::start(Arc::new(m), config.embedder.clone(), metrics.clone()) {
-                    Ok((embedder, thread)) => {
-                        watch_engine(thread);
-                        Some(embedder)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the embedding thread");
-                        state.set_load_error(e.to_string());
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "embedding model failed to load");
-                state.set_load_error(format!("embedding model {}: {e}", dir.display()));
-                return;
-            }
-        },
-    };
-    let grammars = match Grammars::new(&model.tokenizer, config.grammar_cache) {
-        Ok(g) => Arc::new(g),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the grammar vocabulary");
-            state.set_load_error(e.to_string());
-            return;
-        }
-    };
+    let grammars = Grammars::new(&model.tokenizer, config.grammar_cache)
+        .map_err(|e| format!("cannot build the grammar vocabulary: {e}"))?;
+    let engine_metrics = metrics.model(&model.name);
     let progress = Arc::new(watchdog::Progress::default());
-    match start_engine(&model, config, &metrics, &progress) {
-        Ok((engine, thread)) => {
-            watch_engine(thread);
-            let gauge = metrics.engine_stalled.clone();
-            let watchdog = match watchdog::Watchdog::start(engine.clone(), progress, config.engine_stall, gauge) {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the engine watchdog thread");
-                    state.set_load_error(e.to_string());
-                    return;
-                }
-            };
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            state.set_ready(Ready {
-                model,
-                embedding,
-                engine,
-                request_timeout: config.request_timeout,
-                generation: config.generation,
-                created,
-                grammars,
-                max_n: config.max_n,
-                content_tokens: config.content_tokens,
-                engine_metrics: metrics,
-                watchdog,
-            });
-            tracing::info!("ready");
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the engine thread");
-            state.set_load_error(e.to_string());
+    let (engine, thread) = start_engine(&model, config, &engine_metrics, &progress)
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    watch_engine(thread);
+    let gauge = engine_metrics.engine_stalled.clone();
+    let watchdog = watchdog::Watchdog::start(engine.clone(), progress, config.engine_stall, gauge)
+        .map_err(|e| format!("cannot start the engine watchdog thread: {e}"))?;
+    Ok(Ready {
+        model,
+        engine,
+        request_timeout: config.request_timeout,
+        generation: config.generation,
+        created: unix_now(),
+        grammars: Arc::new(grammars),
+        max_n: config.max_n,
+        content_tokens: config.content_tokens,
+        engine_metrics,
+        watchdog,
+    })
+}
+
+/// Loads one embedding model under its served name and starts its thread.
+fn load_embedding(spec: &ModelSpec, config: &Config, metrics: &Metrics) -> Result<EmbeddingReady, String> {
+    let mut m = EmbeddingModel::load(&spec.path).map_err(|e| e.to_string())?;
+    m.name = spec.name.clone();
+    tracing::info!(model = %m.name, dim = m.dim, "embedding model loaded");
+    let max_tokens = m.max_tokens;
+    let (embedder, thread) = Embedder::start(
+        Arc::new(m),
+        config.embedder.clone(),
+        metrics.embedding_model(&spec.name),
+    )
+    .map_err(|e| format!("cannot start the embedding thread: {e}"))?;
+    watch_engine(thread);
+    Ok(EmbeddingReady {
+        embedder,
+        max_tokens,
+        created: unix_now(),
+    })
+}
+
+/// Loads every model and starts their engines, marking the state ready once all are (or recording the first
+/// failure: the server never serves a partial set, so a client is never routed to the default by accident).
+fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
+    let fail = |what: String| {
+        tracing::error!(error = %what, "model failed to load");
+        state.set_load_error(what);
+    };
+    let on = match device::open(config.device) {
+        Ok(on) => on,
+        Err(e) => return fail(e.to_string()),
+    };
+    let several = config.models.len() > 1;
+    let mut language = Vec::with_capacity(config.models.len());
+    for spec in &config.models {
+        let on = on.as_ref().map(|(dev, info)| (dev, info.clone()));
+        match load_language(spec, on, config, &metrics) {
+            Ok(r) => language.push(r),
+            // One model keeps the message it always had; with several, say which failed.
+            Err(e) if several => return fail(format!("model {}: {e}", spec.name)),
+            Err(e) => return fail(e),
         }
     }
+    let mut embedding = Vec::with_capacity(config.embedding_models.len());
+    for spec in &config.embedding_models {
+        match load_embedding(spec, config, &metrics) {
+            Ok(e) => embedding.push(e),
+            Err(e) => return fail(format!("embedding model {}: {e}", spec.path.display())),
+        }
+    }
+    state.set_ready(Served {
+        language,
+        embedding,
+        request_timeout: config.request_timeout,
+    });
+    tracing::info!(models = config.models.len() + config.embedding_models.len(), "ready");
 }

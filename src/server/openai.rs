@@ -21,7 +21,7 @@ use super::types::{
     ToolCall, ToolCallDelta, UsageBody, COMPLETION_LOGPROBS, MAX_TOKENS, TOP_LOGPROBS,
 };
 pub use super::types::{ChatRequest, CommonFields, CompletionRequest, ContentIn, MessageIn};
-use super::AppState;
+use super::{AppState, Served};
 use crate::engine::logprobs::Sampled;
 use crate::engine::FinishReason;
 use crate::model::{ChatMessage, Model};
@@ -73,7 +73,7 @@ impl CommonFields {
         StreamEnd {
             include_usage: self.include_usage(),
             choices_per_prompt: n,
-            timeout: generate::timeout_error(ready),
+            timeout: generate::timeout_error(ready.request_timeout),
             request_id: rid.to_string(),
             trace: GenerationTrace::current(ready),
         }
@@ -377,7 +377,7 @@ pub async fn chat_completions(
 /// Serves a parsed chat request (shared with the Azure AI inference route, which checks unknown fields its
 /// own way: `req.other` is not looked at here).
 pub async fn chat(state: &AppState, rid: &str, req: ChatRequest) -> Result<Response, ApiError> {
-    let ready = state.ready()?;
+    let ready = state.language(req.common.model.as_deref())?;
     req.common.check_supported()?;
     TOP_LOGPROBS.check(req.top_logprobs.map(|k| k as f64))?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
@@ -537,7 +537,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     refuse_unrecognized(&req.other, Body::Completion)?;
-    let ready = state.ready()?;
+    let ready = state.language(req.common.model.as_deref())?;
     req.common.check_supported()?;
     COMPLETION_LOGPROBS.check(req.logprobs.map(|k| k as f64))?;
     let logprobs = req.logprobs.map(|k| k.max(0) as usize);
@@ -574,19 +574,35 @@ pub async fn completions(
     Ok(usage.token_counts().attach(body.into_response()))
 }
 
-/// `GET /v1/models`: the one served model.
+/// Every served model, as `GET /v1/models` and `GET /info` list them: the language models (the default first),
+/// then the embedding models.
+pub fn model_cards(served: &Served) -> Vec<ModelCard> {
+    let language = served.language.iter().map(|r| ModelCard {
+        id: r.model.name.clone(),
+        object: "model",
+        created: r.created,
+        owned_by: "amlserve".to_string(),
+        model_type: "chat-completions",
+        max_model_len: r.model.config.context_length,
+        generation_defaults: Some(r.generation),
+    });
+    let embedding = served.embedding.iter().map(|e| ModelCard {
+        id: e.embedder.name.clone(),
+        object: "model",
+        created: e.created,
+        owned_by: "amlserve".to_string(),
+        model_type: "embeddings",
+        max_model_len: e.max_tokens,
+        generation_defaults: None,
+    });
+    language.chain(embedding).collect()
+}
+
+/// `GET /v1/models`: every served model.
 pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
-    let ready = state.ready()?;
     Ok(Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: ready.model.name.clone(),
-            object: "model",
-            created: ready.created,
-            owned_by: "amlserve".to_string(),
-            max_model_len: ready.model.config.context_length,
-            generation_defaults: ready.generation,
-        }],
+        data: model_cards(state.served()?),
     }))
 }
 

@@ -479,10 +479,51 @@ fn derived() -> &'static serde_json::Value {
     DOC.get_or_init(|| serde_json::to_value(document()).unwrap_or_default())
 }
 
-/// The document with what only the loaded models tell: the one `dimensions` the embedding model gives, and
-/// the last token id `/detokenize` takes.
+/// Adds `not: {enum: refused}` to every `model` property under `schema` (the names of the other kind, a 400).
+fn refuse_models(schema: &mut serde_json::Value, refused: &[String]) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if let Some(model) = map.get_mut("properties").and_then(|p| p.get_mut("model")) {
+                if model.is_object() {
+                    model["not"] = serde_json::json!({ "enum": refused });
+                }
+            }
+            map.values_mut().for_each(|v| refuse_models(v, refused));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| refuse_models(v, refused)),
+        _ => {}
+    }
+}
+
+/// The served model names, by kind.
+#[derive(Debug, Default)]
+pub struct ServedNames {
+    pub language: Vec<String>,
+    pub embedding: Vec<String>,
+}
+
+/// The document with what only the loaded models tell: the one `dimensions` the embedding models give, the
+/// last token id `/detokenize` takes, and the model names each request's `model` may not be (the other kind's).
+#[cfg(test)]
 pub fn served(embedding_dim: Option<usize>, vocab_size: Option<usize>) -> serde_json::Value {
+    served_with(embedding_dim, vocab_size, &ServedNames::default())
+}
+
+/// [`served`], with the served names.
+pub fn served_with(embedding_dim: Option<usize>, vocab_size: Option<usize>, names: &ServedNames) -> serde_json::Value {
     let mut doc = derived().clone();
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for (name, schema) in schemas.iter_mut() {
+            let refused = match name.as_str() {
+                "EmbeddingsRequest" => &names.language,
+                n if n.ends_with("Request") || n == "CommonFields" => &names.embedding,
+                _ => continue,
+            };
+            if !refused.is_empty() {
+                refuse_models(schema, refused);
+            }
+        }
+    }
     if let Some(vocab) = vocab_size {
         let items = &mut doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"];
         if items.is_object() {
@@ -505,10 +546,17 @@ pub async fn swagger(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match q.version.as_deref() {
         None | Some("3") => {
-            let ready = state.ready().ok();
-            let dim = ready.and_then(|r| r.embedding.as_ref().map(|m| m.dim));
-            let vocab = ready.map(|r| r.model.tokenizer.vocab_size());
-            Ok(Json(served(dim, vocab)))
+            // With several models: one `dimensions` only when every embedding model gives the same, and the
+            // largest vocabulary's last id (a looser bound for the others, which their requests still check).
+            let models = state.served().ok();
+            let dims = models.map(|s| s.embedding.iter().map(|e| e.embedder.dim).collect::<Vec<_>>());
+            let dim = dims.and_then(|d| d.first().copied().filter(|f| d.iter().all(|x| x == f)));
+            let vocab = models.and_then(|s| s.language.iter().map(|r| r.model.tokenizer.vocab_size()).max());
+            let names = models.map_or_else(ServedNames::default, |s| ServedNames {
+                language: s.language.iter().map(|r| r.model.name.clone()).collect(),
+                embedding: s.embedding.iter().map(|e| e.embedder.name.clone()).collect(),
+            });
+            Ok(Json(served_with(dim, vocab, &names)))
         }
         Some(v) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -558,6 +606,17 @@ mod tests {
 
     #[test]
     fn the_served_document_names_the_embedding_dimension() {
+        let names = ServedNames {
+            language: vec!["chat".into()],
+            embedding: vec!["emb".into()],
+        };
+        let named = served_with(None, None, &names);
+        let emb_model = &named["components"]["schemas"]["EmbeddingsRequest"]["properties"]["model"];
+        assert_eq!(emb_model["not"]["enum"], serde_json::json!(["chat"]), "{emb_model}");
+        assert!(
+            named.to_string().contains(r#"{"enum":["emb"]}"#),
+            "generation requests refuse emb"
+        );
         let doc = served(Some(384), Some(100));
         let t = &doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"];
         assert_eq!(

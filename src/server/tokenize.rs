@@ -33,24 +33,26 @@ pub async fn tokenize(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let ready = state.ready()?;
+    state.served()?;
     if !body.is_object() {
         return Err(ApiError::bad_request(
             "the body must be a JSON object with `prompt` or `messages`",
         ));
     }
-    let (source, special, with_strs) = if body.get("messages").is_some() {
+    let (source, special, with_strs, model) = if body.get("messages").is_some() {
         let req: TokenizeChatRequest = parse(body)?;
         let source = Source::Chat(
             convert_messages(req.messages)?,
             req.add_generation_prompt.unwrap_or(true),
         );
-        (source, req.add_special_tokens.unwrap_or(false), req.return_token_strs)
+        let special = req.add_special_tokens.unwrap_or(false);
+        (source, special, req.return_token_strs, req.model)
     } else {
         let req: TokenizePromptRequest = parse(body)?;
         let special = req.add_special_tokens.unwrap_or(true);
-        (Source::Prompt(req.prompt), special, req.return_token_strs)
+        (Source::Prompt(req.prompt), special, req.return_token_strs, req.model)
     };
+    let ready = state.language(model.as_deref())?;
     let model = ready.model.clone();
     let content = ready.content_tokens;
     let job = move || {
@@ -95,7 +97,7 @@ pub async fn detokenize(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let ready = state.ready()?;
+    let ready = state.language(req.model.as_deref())?;
     let vocab = ready.model.tokenizer.vocab_size();
     let ids = req
         .tokens

@@ -101,16 +101,20 @@ impl Watchdog {
     fn watch(&self, engine: &Engine, progress: &Progress) {
         let mut last_steps = progress.steps();
         let mut moved_at = Instant::now();
+        let mut was_busy = false;
         loop {
             std::thread::sleep(SAMPLE_EVERY);
             let stats = engine.stats();
             let busy = stats.running.load(Ordering::SeqCst) > 0 || stats.waiting() > 0;
             let steps = progress.steps();
             let now = Instant::now();
-            if !busy || steps != last_steps {
+            // Counted from the first sample that sees work, not the last idle one before it: work that arrived
+            // just after an idle sample would otherwise be called stalled up to one sample period early.
+            if !busy || !was_busy || steps != last_steps {
                 last_steps = steps;
                 moved_at = now;
             }
+            was_busy = busy;
             self.observe(now.duration_since(moved_at));
         }
     }

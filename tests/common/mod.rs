@@ -5,7 +5,7 @@
 pub mod logits;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,17 @@ pub fn model_path() -> PathBuf {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
     assert!(p.is_file(), "{} is missing: run `make models` first", p.display());
+    p
+}
+
+/// The embedding model folder, fetched by `make models`.
+pub fn embedding_model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
+    assert!(
+        p.join("config.json").is_file(),
+        "{} is missing: run `make models` first",
+        p.display()
+    );
     p
 }
 
@@ -45,6 +56,18 @@ impl Server {
         let s = Self::spawn(extra);
         s.wait_ready().await;
         s
+    }
+
+    /// Starts a server serving each `(name, path)` as `--model name=path` (the first is the default), with
+    /// extra flags (e.g. `--embedding-model`), and waits until every model is ready.
+    pub async fn start_models(models: &[(&str, &Path)], extra: &[&str]) -> Self {
+        let specs: Vec<String> = models
+            .iter()
+            .map(|(name, path)| format!("{name}={}", path.display()))
+            .collect();
+        let mut args: Vec<&str> = specs.iter().flat_map(|m| ["--model", m.as_str()]).collect();
+        args.extend_from_slice(extra);
+        Self::start(&args).await
     }
 
     /// Starts the server with extra flags and environment variables and waits until it is ready.
@@ -298,13 +321,35 @@ pub fn chat(content: &str, max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
 }
 
-/// The value of a sample line `name{labels} value` in a scrape (labels must match exactly as rendered).
+/// The value of `name{labels}` in a scrape: the sum over the sample lines of that name that carry every label
+/// given (each `key="value"` as rendered), as PromQL's `sum` would. Labels left out match any value, so
+/// `amlserve_generation_tokens_total` is every model's total and
+/// `amlserve_generation_tokens_total{model="chat"}` one model's. Panics when no line matches.
 pub fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not in scrape:\n{scrape}"))
-        .trim()
-        .parse()
-        .expect("number")
+    let (name, wanted) = split_series(series);
+    let mut total = None;
+    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some((s, value)) = line.trim().rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = split_series(s);
+        if n == name && wanted.iter().all(|w| labels.contains(w)) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().expect("number");
+        }
+    }
+    total.unwrap_or_else(|| panic!("{series} not in scrape:\n{scrape}"))
+}
+
+/// `name{a="x",b="y"}` -> (`name`, [`a="x"`, `b="y"`]) (label values here never hold commas).
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (series, Vec::new()),
+    }
 }

@@ -13,7 +13,9 @@ def main(base: str) -> None:
 
     models = client.models.list()
     ids = [m.id for m in models.data]
-    assert ids == ["SmolLM2-135M-Instruct.Q4_1"], ids
+    # The language model first (the default), then the embedding model the tests serve beside it.
+    assert ids == ["SmolLM2-135M-Instruct.Q4_1", "all-minilm-l6-v2"], ids
+    assert [m.model_type for m in models.data] == ["chat-completions", "embeddings"], models.data
     model = ids[0]
 
     chat = client.chat.completions.create(

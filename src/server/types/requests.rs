@@ -39,8 +39,9 @@ where
 /// Fields shared by chat and text completions.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CommonFields {
-    /// Ignored: the server serves one model.
-    #[allow(dead_code)]
+    /// The served language model to use (`GET /v1/models` lists them); unset: the default, the first `--model`.
+    /// A name the server does not serve is a 404 listing the served ones, and an embedding model's name a 400;
+    /// a server with a single language model accepts any name.
     pub model: Option<String>,
     /// Most tokens to generate; prompt plus this must fit the context window.
     #[schema(schema_with = max_tokens)]
@@ -343,18 +344,31 @@ impl PartialSchema for ScoreRequest {
                 .build()
                 .into()
         };
+        let model = || -> Schema {
+            ObjectBuilder::new()
+                .schema_type(nullable(Type::String))
+                .description(Some(
+                    "The served language model to use (GET /v1/models lists them); unset: the default, the first \
+                     --model. A name the server does not serve is a 404 listing the served ones; a server with a \
+                     single language model accepts any name.",
+                ))
+                .build()
+                .into()
+        };
         let model_catalog = ObjectBuilder::new()
             .description(Some(
                 "Model catalog: chat messages -> {\"output\": text}; prompts -> [{\"0\": text}, ...]",
             ))
             .property("input_data", input_data)
             .required("input_data")
+            .property("model", model())
             .property("parameters", refused("refused here: parameters go inside input_data"))
             .property("inputs", refused("refused beside input_data: send one of the two"));
         let hugging_face = ObjectBuilder::new()
             .description(Some("Hugging Face: -> [{\"generated_text\": text}, ...]"))
             .property("inputs", text_list())
             .required("inputs")
+            .property("model", model())
             .property("parameters", score_parameters())
             .property("input_data", refused("refused beside inputs: send one of the two"));
         Schema::AnyOf(AnyOfBuilder::new().item(model_catalog).item(hugging_face).build()).into()
@@ -373,7 +387,9 @@ pub struct EmbeddingsRequest {
     /// Must equal the model's dimension when set.
     #[serde(default, deserialize_with = "integral")]
     pub dimensions: Option<usize>,
-    #[allow(dead_code)]
+    /// The served embedding model to use (`GET /v1/models` lists them); unset: the default, the first
+    /// `--embedding-model`. A name the server does not serve is a 404 listing the served ones, and a language
+    /// model's name a 400; a server with a single embedding model accepts any name.
     pub model: Option<String>,
 }
 

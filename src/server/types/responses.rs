@@ -202,9 +202,15 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: String,
-    /// The context window, in tokens.
+    /// An amlserve extra: `chat-completions` for a language model (chat, completions, /score), `embeddings`
+    /// for an embedding model.
+    #[schema(value_type = String, pattern = "^(chat-completions|embeddings)$")]
+    pub model_type: &'static str,
+    /// The context window, in tokens (an embedding model: the most tokens of an input it reads).
     pub max_model_len: usize,
-    pub generation_defaults: GenerationDefaults,
+    /// What generation requests get for the fields they leave out (language models only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_defaults: Option<GenerationDefaults>,
 }
 
 /// What a generation request gets for a field it leaves out (the `--default-*` flags); a value in the request
@@ -262,6 +268,9 @@ pub struct ModelInfo {
     pub generation_defaults: GenerationDefaults,
     /// An amlserve extra: where the model computes (`--device`).
     pub device: crate::model::device::DeviceInfo,
+    /// An amlserve extra: every served model, as `GET /v1/models` lists them. The fields above describe the
+    /// default language model; a request's `model` field picks another.
+    pub models: Vec<ModelCard>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]

@@ -11,8 +11,8 @@ use super::requests::{messages, named, MessageIn};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizePromptRequest {
-    /// Ignored: the server serves one model.
-    #[allow(dead_code)]
+    /// The served language model whose tokenizer to use; unset: the default. Chosen as in
+    /// `/v1/chat/completions`.
     pub model: Option<String>,
     pub prompt: String,
     /// Add the model's special tokens (BOS, when the model asks for one). Default true, as `/v1/completions`
@@ -27,8 +27,8 @@ pub struct TokenizePromptRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeChatRequest {
-    /// Ignored: the server serves one model.
-    #[allow(dead_code)]
+    /// The served language model whose tokenizer to use; unset: the default. Chosen as in
+    /// `/v1/chat/completions`.
     pub model: Option<String>,
     #[schema(schema_with = messages, required = true)]
     pub messages: Vec<MessageIn>,
@@ -75,8 +75,8 @@ pub struct TokenizeResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetokenizeRequest {
-    /// Ignored: the server serves one model.
-    #[allow(dead_code)]
+    /// The served language model whose tokenizer to use; unset: the default. Chosen as in
+    /// `/v1/chat/completions`.
     pub model: Option<String>,
     /// Token ids, each inside the vocabulary (the served document gives its last id as `maximum`).
     #[schema(schema_with = token_ids)]
