@@ -1,6 +1,7 @@
 //! Gemma 3 270M (base, Q4_K_M, `make models-gemma`) served over real HTTP: the completion routes work, prompt
-//! token counts are llama.cpp's, greedy output does not depend on what else shares the batch, and chat is
-//! refused with a clear 400 until `--chat-template` gives the model (which has none) a template.
+//! token counts are llama.cpp's, greedy output does not depend on what else shares the batch, chat is refused
+//! with a clear 400 until `--chat-template` gives the model (which has none) a template, and it serves beside
+//! SmolLM2 in one process, each request routed by its `model` field.
 
 mod common;
 
@@ -77,6 +78,55 @@ async fn gemma_refuses_chat_without_a_template_and_serves_it_with_one() {
     let (code, body) = s.post("/v1/chat/completions", chat).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+}
+
+#[tokio::test]
+async fn gemma_and_smollm2_serve_side_by_side_routed_by_model() {
+    let prompt = completion("Once upon a time", 12);
+    let alone = {
+        let s = start(&[]).await;
+        let (code, body) = s.post("/v1/completions", prompt.clone()).await;
+        assert_eq!(code, 200, "{body}");
+        text(&body)
+    };
+    let (smol, gemma) = (common::model_path(), common::gemma_path());
+    let s = Server::start_models(&[("smollm2", &smol), ("gemma", &gemma)], &["--embedding-model", "none"]).await;
+    let mut to_gemma = prompt.clone();
+    to_gemma["model"] = json!("gemma");
+    // SmolLM2 chats (the default model) while Gemma completes.
+    let (chat, gemma_out) = tokio::join!(s.post("/v1/chat/completions", common::chat("Say hi", 8)), async {
+        s.post("/v1/completions", to_gemma.clone()).await
+    });
+    assert_eq!(chat.0, 200, "{}", chat.1);
+    assert_eq!(chat.1["model"], "smollm2", "{}", chat.1);
+    assert_eq!(gemma_out.0, 200, "{}", gemma_out.1);
+    assert_eq!(gemma_out.1["model"], "gemma", "{}", gemma_out.1);
+    assert_eq!(text(&gemma_out.1), alone, "Gemma's greedy output beside SmolLM2");
+    // Gemma has no chat template: a chat request naming it is refused, SmolLM2's chat is not affected.
+    let mut chat_gemma = common::chat("Hi", 2);
+    chat_gemma["model"] = json!("gemma");
+    let (code, body) = s.post("/v1/chat/completions", chat_gemma).await;
+    assert_eq!(code, 400, "{body}");
+    let models = s.get_json("/v1/models").await;
+    let listed: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(listed, ["smollm2", "gemma"]);
+    let metrics = s.metrics().await;
+    let finished = |model: &str| {
+        common::sample(
+            &metrics,
+            &format!("amlserve_request_finished_total{{model=\"{model}\",reason=\"length\"}}"),
+        )
+    };
+    assert_eq!(
+        (finished("smollm2"), finished("gemma")),
+        (1.0, 1.0),
+        "per-model counters"
+    );
 }
 
 #[test]
