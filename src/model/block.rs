@@ -162,7 +162,6 @@ pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> R
         )));
     }
     let (hidden, vocab, hd) = (cfg.hidden, cfg.vocab_size, cfg.head_dim);
-    let (q_rows, kv_rows) = (cfg.q_width(), cfg.kv_width());
     expect_shape(content, "token_embd.weight", &[vocab, hidden])?;
     if content.tensor_infos.contains_key("output.weight") {
         expect_shape(content, "output.weight", &[vocab, hidden])?;
@@ -171,47 +170,60 @@ pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> R
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         expect_shape(content, "rope_freqs.weight", &[hd / 2])?;
     }
-    let fam = cfg.family;
     for i in 0..cfg.n_layer {
-        let t = |n: &str| name(i, n);
-        let mut norms = vec!["attn_norm.weight", "ffn_norm.weight"];
-        if fam.post_norms() {
-            norms.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]);
-        }
-        for norm in norms {
-            expect_shape(content, &t(norm), &[hidden])?;
-        }
-        if fam.qk_norm() {
-            expect_shape(content, &t("attn_q_norm.weight"), &[hd])?;
-            expect_shape(content, &t("attn_k_norm.weight"), &[hd])?;
-        }
-        if fam == Family::Qwen2 || content.tensor_infos.contains_key(&t("attn_q.bias")) {
-            expect_shape(content, &t("attn_q.bias"), &[q_rows])?;
-            expect_shape(content, &t("attn_k.bias"), &[kv_rows])?;
-            expect_shape(content, &t("attn_v.bias"), &[kv_rows])?;
-        }
-        expect_shape(content, &t("attn_output.weight"), &[hidden, q_rows])?;
-        let ffn = if fam.fused_projections() {
-            expect_shape(content, &t("attn_qkv.weight"), &[q_rows + 2 * kv_rows, hidden])?;
-            let both = rows_of(content, &t("ffn_up.weight"))?;
-            if both % 2 != 0 {
-                return Err(ModelError::Metadata(format!(
-                    "tensor '{}' has {both} rows: it should hold the gate's and up's, as many each",
-                    t("ffn_up.weight")
-                )));
+        check_block(content, cfg, i).map_err(|e| match e {
+            ModelError::Metadata(m) => {
+                ModelError::Metadata(format!("{m} (block {i} of the {} that block_count gives)", cfg.n_layer))
             }
-            expect_shape(content, &t("ffn_up.weight"), &[both, hidden])?;
-            both / 2
-        } else {
-            expect_shape(content, &t("attn_q.weight"), &[q_rows, hidden])?;
-            expect_shape(content, &t("attn_k.weight"), &[kv_rows, hidden])?;
-            expect_shape(content, &t("attn_v.weight"), &[kv_rows, hidden])?;
-            let ffn = rows_of(content, &t("ffn_gate.weight"))?;
-            expect_shape(content, &t("ffn_gate.weight"), &[ffn, hidden])?;
-            expect_shape(content, &t("ffn_up.weight"), &[ffn, hidden])?;
-            ffn
-        };
-        expect_shape(content, &t("ffn_down.weight"), &[hidden, ffn])?;
+            other => other,
+        })?;
     }
+    Ok(())
+}
+
+/// [`check_shapes`] for block `i`.
+fn check_block(content: &gguf_file::Content, cfg: &LlamaConfig, i: usize) -> Result<(), ModelError> {
+    let (hidden, hd) = (cfg.hidden, cfg.head_dim);
+    let (q_rows, kv_rows) = (cfg.q_width(), cfg.kv_width());
+    let fam = cfg.family;
+    let t = |n: &str| name(i, n);
+    let mut norms = vec!["attn_norm.weight", "ffn_norm.weight"];
+    if fam.post_norms() {
+        norms.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]);
+    }
+    for norm in norms {
+        expect_shape(content, &t(norm), &[hidden])?;
+    }
+    if fam.qk_norm() {
+        expect_shape(content, &t("attn_q_norm.weight"), &[hd])?;
+        expect_shape(content, &t("attn_k_norm.weight"), &[hd])?;
+    }
+    if fam == Family::Qwen2 || content.tensor_infos.contains_key(&t("attn_q.bias")) {
+        expect_shape(content, &t("attn_q.bias"), &[q_rows])?;
+        expect_shape(content, &t("attn_k.bias"), &[kv_rows])?;
+        expect_shape(content, &t("attn_v.bias"), &[kv_rows])?;
+    }
+    expect_shape(content, &t("attn_output.weight"), &[hidden, q_rows])?;
+    let ffn = if fam.fused_projections() {
+        expect_shape(content, &t("attn_qkv.weight"), &[q_rows + 2 * kv_rows, hidden])?;
+        let both = rows_of(content, &t("ffn_up.weight"))?;
+        if both % 2 != 0 {
+            return Err(ModelError::Metadata(format!(
+                "tensor '{}' has {both} rows: it should hold the gate's and up's, as many each",
+                t("ffn_up.weight")
+            )));
+        }
+        expect_shape(content, &t("ffn_up.weight"), &[both, hidden])?;
+        both / 2
+    } else {
+        expect_shape(content, &t("attn_q.weight"), &[q_rows, hidden])?;
+        expect_shape(content, &t("attn_k.weight"), &[kv_rows, hidden])?;
+        expect_shape(content, &t("attn_v.weight"), &[kv_rows, hidden])?;
+        let ffn = rows_of(content, &t("ffn_gate.weight"))?;
+        expect_shape(content, &t("ffn_gate.weight"), &[ffn, hidden])?;
+        expect_shape(content, &t("ffn_up.weight"), &[ffn, hidden])?;
+        ffn
+    };
+    expect_shape(content, &t("ffn_down.weight"), &[hidden, ffn])?;
     Ok(())
 }
