@@ -13,6 +13,7 @@ use super::activation;
 pub use super::arch::LlamaConfig;
 use super::attention::{self, AttnShape, AttnTask};
 use super::block::{check_shapes, Block};
+use super::embed_table::EmbedTable;
 use super::kv_cache::SeqKv;
 use super::rope::RopeTable;
 use super::weights::{self, Linear, WeightFormat};
@@ -31,7 +32,7 @@ pub struct SeqChunk<'a> {
 /// A loaded llama model.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
+    embed: EmbedTable,
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
@@ -67,12 +68,12 @@ impl Llama {
             layers.push(block);
         }
         let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
-        let embed = embed_q.dequantize(&Device::Cpu)?;
+        let embed = EmbedTable::new(&embed_q)?;
         let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
             Ok(t) => Linear::new(t, format)?,
             Err(_) => Linear::new(embed_q, format)?, // tied embeddings
         };
-        weight_bytes += lm_head.bytes() + embed.elem_count() * 4;
+        weight_bytes += lm_head.bytes() + embed.bytes();
         let norm = weights::load_f32(content, reader, "output_norm.weight")?;
         let factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
             true => Some(weights::load_f32(content, reader, "rope_freqs.weight")?.to_vec1::<f32>()?),
@@ -130,11 +131,10 @@ impl Llama {
         }
         let n_tok = ids.len();
         let dev = Device::Cpu;
-        let ids = Tensor::from_vec(ids, n_tok, &dev)?;
         let (q_row, kv_row) = (cfg.q_width(), cfg.kv_width());
         let eps = cfg.rms_eps as f32;
 
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.rows(&ids)?;
         if let Some(scale) = cfg.embed_scale {
             x = x.affine(f64::from(scale), 0.0)?;
         }

@@ -10,6 +10,7 @@ mod block;
 pub mod chat_template;
 pub mod content_text;
 pub mod device;
+mod embed_table;
 pub mod embedding;
 pub mod files;
 pub mod gguf_header;
