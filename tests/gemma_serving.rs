@@ -188,3 +188,25 @@ fn chunking_the_prompt_changes_no_logit() {
         assert!(whole == chunked, "split at {split}: max |diff| {worst}");
     }
 }
+
+/// The device forward (here on candle's CPU backend) runs the llama family only so far: asked for explicitly, it
+/// refuses Gemma at load with the way out (`--device auto` would fall back to the CPU forward instead).
+#[tokio::test]
+async fn the_device_forward_refuses_gemma_naming_the_cpu_forward() {
+    let gemma = common::gemma_path();
+    let s = Server::spawn(&["--model", gemma.to_str().expect("utf-8"), "--device", "candle-cpu"]);
+    let mut message = String::new();
+    for _ in 0..200 {
+        let health = s.client.get(s.url("/health")).send().await.expect("health");
+        let body: Value = health.json().await.unwrap_or(Value::Null);
+        message = body["message"].as_str().unwrap_or_default().to_string();
+        if message.contains("failed to load") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        message.contains("--device cpu") && message.contains("Gemma3"),
+        "{message}"
+    );
+}

@@ -44,6 +44,9 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("{0}")]
     Template(String),
+    /// The device forward does not run this model (another family, say); the CPU forward does.
+    #[error("{0}")]
+    DeviceUnsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

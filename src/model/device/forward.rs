@@ -154,8 +154,9 @@ impl DeviceLlama {
             && !content.tensor_infos.contains_key("rope_freqs.weight")
             && !content.tensor_infos.contains_key("blk.0.attn_q.bias");
         if !plain_llama {
-            return Err(ModelError::Metadata(format!(
-                "the device forward runs llama-architecture models without sliding windows, rope scaling or                  biases so far; serve this {:?} model with --device cpu",
+            return Err(ModelError::DeviceUnsupported(format!(
+                "the device forward runs llama-architecture models without sliding windows, rope scaling or biases \
+                 so far; serve this {:?} model with --device cpu",
                 config.family
             )));
         }
