@@ -251,64 +251,77 @@ const SMALL: Dims = Dims {
     ffn: 128,
 };
 
+/// Writes the synthetic GGUF of `arch`, builds the reference from it with `build`, runs it greedily through
+/// `forward(reference, ids [1, n], position)` and compares ours with it.
+fn compare_with_reference<R>(
+    arch: &str,
+    d: Dims,
+    extra: &[(&str, Value)],
+    build: impl FnOnce(gguf_file::Content, &mut std::fs::File) -> candle_core::Result<R>,
+    mut forward: impl FnMut(&mut R, &Tensor, usize) -> candle_core::Result<Tensor>,
+) {
+    let w = weights(arch, d);
+    let file = write_gguf(arch, d, &w, extra);
+    let (content, mut f) = read(file.path());
+    let mut reference = build(content, &mut f).expect("reference");
+    let prompt = prompt(PROMPT);
+    let (want, generated) = greedy_reference(&prompt, |ids, pos| last_row(forward(&mut reference, &input(ids), pos)));
+    check_family(arch, file.path(), &prompt, &want, &generated);
+}
+
 #[test]
 fn llama_matches_candles_quantized_llama() {
-    let w = weights("llama", SMALL);
-    let file = write_gguf("llama", SMALL, &w, &[("rope.freq_base", Value::F32(10_000.0))]);
-    let (content, mut f) = read(file.path());
-    let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-            .expect("reference");
-    let prompt = prompt(PROMPT);
-    let (want, generated) = greedy_reference(&prompt, |ids, pos| last_row(reference.forward(&input(ids), pos)));
-    check_family("llama", file.path(), &prompt, &want, &generated);
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    compare_with_reference(
+        "llama",
+        SMALL,
+        &[("rope.freq_base", Value::F32(10_000.0))],
+        |c, f| ModelWeights::from_gguf(c, f, &Device::Cpu),
+        |m, x, pos| m.forward(x, pos),
+    );
 }
 
 #[test]
 fn qwen2_with_qkv_biases_matches_candles_quantized_qwen2() {
-    let w = weights("qwen2", SMALL);
-    let file = write_gguf("qwen2", SMALL, &w, &[("rope.freq_base", Value::F32(1_000_000.0))]);
-    let (content, mut f) = read(file.path());
-    let mut reference =
-        candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-            .expect("reference");
-    let prompt = prompt(PROMPT);
-    let (want, generated) = greedy_reference(&prompt, |ids, pos| last_row(reference.forward(&input(ids), pos)));
-    check_family("qwen2", file.path(), &prompt, &want, &generated);
+    use candle_transformers::models::quantized_qwen2::ModelWeights;
+    compare_with_reference(
+        "qwen2",
+        SMALL,
+        &[("rope.freq_base", Value::F32(1_000_000.0))],
+        |c, f| ModelWeights::from_gguf(c, f, &Device::Cpu),
+        |m, x, pos| m.forward(x, pos),
+    );
 }
 
 #[test]
 fn qwen3_with_qk_norms_and_wide_heads_matches_candles_quantized_qwen3() {
+    use candle_transformers::models::quantized_qwen3::ModelWeights;
     // Heads of 32: q is 128 wide on a hidden size of 64.
-    let d = Dims { head_dim: 32, ..SMALL };
-    let w = weights("qwen3", d);
     let extra = [
         ("rope.freq_base", Value::F32(1_000_000.0)),
         ("attention.key_length", Value::U32(32)),
         ("attention.value_length", Value::U32(32)),
         ("general.dtype", Value::U32(0)), // f32 compute in the reference (its default is f16)
     ];
-    let file = write_gguf("qwen3", d, &w, &extra);
-    let (content, mut f) = read(file.path());
-    let mut reference =
-        candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-            .expect("reference");
-    let prompt = prompt(PROMPT);
-    let (want, generated) = greedy_reference(&prompt, |ids, pos| last_row(reference.forward(&input(ids), pos)));
-    check_family("qwen3", file.path(), &prompt, &want, &generated);
+    compare_with_reference(
+        "qwen3",
+        Dims { head_dim: 32, ..SMALL },
+        &extra,
+        |c, f| ModelWeights::from_gguf(c, f, &Device::Cpu),
+        |m, x, pos| m.forward(x, pos),
+    );
 }
 
 #[test]
 fn phi3_with_fused_projections_matches_candles_quantized_phi3() {
-    let w = weights("phi3", SMALL);
-    let file = write_gguf("phi3", SMALL, &w, &[("rope.freq_base", Value::F32(10_000.0))]);
-    let (content, mut f) = read(file.path());
-    let mut reference =
-        candle_transformers::models::quantized_phi3::ModelWeights::from_gguf(false, content, &mut f, &Device::Cpu)
-            .expect("reference");
-    let prompt = prompt(PROMPT);
-    let (want, generated) = greedy_reference(&prompt, |ids, pos| last_row(reference.forward(&input(ids), pos)));
-    check_family("phi3", file.path(), &prompt, &want, &generated);
+    use candle_transformers::models::quantized_phi3::ModelWeights;
+    compare_with_reference(
+        "phi3",
+        SMALL,
+        &[("rope.freq_base", Value::F32(10_000.0))],
+        |c, f| ModelWeights::from_gguf(false, c, f, &Device::Cpu),
+        |m, x, pos| m.forward(x, pos),
+    );
 }
 
 #[test]

@@ -108,13 +108,7 @@ async fn gemma_and_smollm2_serve_side_by_side_routed_by_model() {
     let (code, body) = s.post("/v1/chat/completions", chat_gemma).await;
     assert_eq!(code, 400, "{body}");
     let models = s.get_json("/v1/models").await;
-    let listed: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(listed, ["smollm2", "gemma"]);
+    assert_eq!(common::listed(&models, "id"), ["smollm2", "gemma"], "{models}");
     let metrics = s.metrics().await;
     let finished = |model: &str| {
         common::sample(

@@ -181,19 +181,8 @@ async fn every_model_is_listed_and_selectable_through_the_openai_sdk() {
     let health = s.get_json("/health").await;
     assert_eq!(health["model"], "chat", "{health}");
     let models = s.get_json("/v1/models").await;
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(ids, ["chat", "other", "emb"], "{models}");
-    let kinds: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["model_type"].as_str())
-        .collect();
+    assert_eq!(common::listed(&models, "id"), ["chat", "other", "emb"], "{models}");
+    let kinds = common::listed(&models, "model_type");
     assert_eq!(kinds, ["chat-completions", "chat-completions", "embeddings"]);
     assert!(models["data"][2].get("generation_defaults").is_none(), "{models}");
     let info = s.get_json("/info").await;

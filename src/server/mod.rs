@@ -124,15 +124,7 @@ impl Served {
     /// served ones, except with a single language model, which serves every name as before several models
     /// could be served (clients send whatever their SDK or configuration says).
     pub fn language(&self, requested: Option<&str>) -> Result<&Ready, ApiError> {
-        match requested.filter(|n| !n.is_empty()) {
-            None => Ok(&self.language[0]),
-            Some(n) => match self.language.iter().find(|r| r.model.name == n) {
-                Some(r) => Ok(r),
-                None if self.embedding.iter().any(|e| e.embedder.name == n) => Err(self.wrong_kind(n, Kind::Language)),
-                None if self.language.len() == 1 => Ok(&self.language[0]),
-                None => Err(self.unknown(n, Kind::Language)),
-            },
-        }
+        self.pick(&self.language, requested, Kind::Language)
     }
 
     /// The embedding model a request's `model` field selects, by the same rules as [`Self::language`]; a 404
@@ -144,24 +136,37 @@ impl Served {
                 "this server has no embedding model; start it with --embedding-model (a sentence-transformers folder)",
             ));
         }
-        match requested.filter(|n| !n.is_empty()) {
-            None => Ok(&self.embedding[0]),
-            Some(n) => match self.embedding.iter().find(|e| e.embedder.name == n) {
-                Some(e) => Ok(e),
-                None if self.language.iter().any(|r| r.model.name == n) => Err(self.wrong_kind(n, Kind::Embedding)),
-                None if self.embedding.len() == 1 => Ok(&self.embedding[0]),
-                None => Err(self.unknown(n, Kind::Embedding)),
-            },
+        self.pick(&self.embedding, requested, Kind::Embedding)
+    }
+
+    /// The model of `kind` (`served`, non-empty, in the order of [`Self::names`]) that `requested` selects.
+    fn pick<'a, T>(&self, served: &'a [T], requested: Option<&str>, kind: Kind) -> Result<&'a T, ApiError> {
+        let Some(n) = requested.filter(|n| !n.is_empty()) else {
+            return Ok(&served[0]);
+        };
+        let other = match kind {
+            Kind::Language => Kind::Embedding,
+            Kind::Embedding => Kind::Language,
+        };
+        match self.names(kind).iter().position(|&m| m == n) {
+            Some(i) => Ok(&served[i]),
+            None if self.names(other).contains(&n) => Err(self.wrong_kind(n, kind)),
+            None if served.len() == 1 => Ok(&served[0]),
+            None => Err(self.unknown(n, kind)),
+        }
+    }
+
+    /// The served names of one kind, the default first.
+    fn names(&self, kind: Kind) -> Vec<&str> {
+        match kind {
+            Kind::Language => self.language.iter().map(|r| r.model.name.as_str()).collect(),
+            Kind::Embedding => self.embedding.iter().map(|e| e.embedder.name.as_str()).collect(),
         }
     }
 
     /// The served names of one kind, the default marked: `a (default), b`.
     fn listing(&self, kind: Kind) -> String {
-        let names: Vec<&str> = match kind {
-            Kind::Language => self.language.iter().map(|r| r.model.name.as_str()).collect(),
-            Kind::Embedding => self.embedding.iter().map(|e| e.embedder.name.as_str()).collect(),
-        };
-        names
+        self.names(kind)
             .iter()
             .enumerate()
             .map(|(i, n)| {

@@ -10,6 +10,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// One string field (`id`, `model_type`...) of every entry `/v1/models` lists, in its order.
+pub fn listed(models: &serde_json::Value, field: &str) -> Vec<String> {
+    models["data"]
+        .as_array()
+        .expect("a data array")
+        .iter()
+        .filter_map(|m| m[field].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The default model, fetched by `make models` (or the file `AMLSERVE_TEST_MODEL` names, for test binaries
 /// carried to another machine, as `scripts/gpu-check.sh` does).
 pub fn model_path() -> PathBuf {
