@@ -29,8 +29,9 @@ pub const DEFAULT_EMBEDDING_MODEL: &str = "models/all-minilm-l6-v2";
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Args {
-    /// Language model to serve: a .gguf file, or a folder searched (4 levels deep) for one, served under its
-    /// file name without `.gguf`. When unset, the folder in AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2
+    /// Language model to serve: a .gguf file, a Hugging Face folder (config.json, *.safetensors,
+    /// tokenizer.json; llama, mistral, qwen2, qwen3, gemma3, phi3), or a folder searched (4 levels deep) for
+    /// either, a GGUF first; served under the GGUF's file name without `.gguf`, or the folder's name. When unset, the folder in AZUREML_MODEL_DIR (set by Azure ML), else the SmolLM2
     /// file that `make models` downloads. Repeat as `--model NAME=PATH` to serve several models in one process:
     /// the first is the default (for requests without a `model` field), and a request's `model` field (a
     /// `model` key in the /score body) picks one by NAME; an unknown name is a 404 listing the served ones.
@@ -53,7 +54,7 @@ pub struct Args {
     )]
     pub embedding_model: Vec<String>,
 
-    /// Chat template for a model whose GGUF carries none (a base model such as Gemma 3 270M): `chatml`, or the
+    /// Chat template for a model whose GGUF (or tokenizer_config.json) carries none (a base model such as Gemma 3 270M): `chatml`, or the
     /// path of a Jinja file (Hugging Face's `chat_template` syntax). Without one, such a model serves the
     /// completion routes and refuses chat requests with a 400. A model with its own template keeps it.
     #[arg(long, env = "AMLSERVE_CHAT_TEMPLATE", value_name = "chatml|PATH")]
@@ -67,9 +68,10 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_PORT", default_value_t = 5001)]
     pub port: u16,
 
-    /// How matrix weights are held in memory. q8_0 requantizes 4/5-bit blocks to Q8_0: fastest on CPU for
-    /// single streams, prompts and batches. stored keeps the file's format (least memory; Q4_1 is slow in candle);
-    /// f32 / f16 dequantize for gemm (4x / 2x the memory).
+    /// How matrix weights are held in memory. q8_0 requantizes 4/5-bit blocks (and a Hugging Face folder's
+    /// float weights) to Q8_0: fastest on CPU for single streams, prompts and batches. stored keeps the file's
+    /// format (least memory; Q4_1 is slow in candle; a folder's floats are multiplied in f32); f32 / f16
+    /// dequantize for gemm (4x / 2x the memory).
     #[arg(long, env = "AMLSERVE_WEIGHTS", value_enum, default_value_t = WeightFormat::Q8_0)]
     pub weights: WeightFormat,
 
@@ -313,11 +315,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// One model to serve: the name requests select it by, and its file (a .gguf) or folder (an embedding model).
+/// One model to serve: the name requests select it by, and its file (a .gguf) or folder (a Hugging Face
+/// language model, an embedding model).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
     pub name: String,
     pub path: PathBuf,
+    /// A Hugging Face folder found beside the GGUF that is served instead (logged at load).
+    pub passed_over: Option<PathBuf>,
 }
 
 /// Validated settings.
@@ -578,8 +583,8 @@ fn split_spec<'a>(flag: &str, value: &'a str) -> Result<(Option<&'a str>, &'a st
     }
 }
 
-/// The name a file or folder is served under when none is given: its file name without the extension (the
-/// name amlserve has always reported for a single `--model PATH`).
+/// The name a file or folder is served under when none is given: a file's name without the extension (the
+/// name amlserve has always reported for a single `--model PATH`), a folder's whole name.
 fn default_name(path: &Path, stem: bool) -> String {
     let part = if stem { path.file_stem() } else { path.file_name() };
     part.map(|s| s.to_string_lossy().into_owned())
@@ -590,23 +595,25 @@ fn default_name(path: &Path, stem: bool) -> String {
 fn language_models(values: &[String]) -> Result<Vec<ModelSpec>, ConfigError> {
     if values.is_empty() {
         let env_dir = std::env::var_os("AZUREML_MODEL_DIR").map(PathBuf::from);
-        let path = files::resolve(&[
+        let found = files::resolve(&[
             ("AZUREML_MODEL_DIR", env_dir),
             ("the default", Some(PathBuf::from(DEFAULT_MODEL))),
         ])?;
         return Ok(vec![ModelSpec {
-            name: default_name(&path, true),
-            path,
+            name: default_name(&found.path, found.path.is_file()),
+            path: found.path,
+            passed_over: found.passed_over,
         }]);
     }
     values
         .iter()
         .map(|v| {
             let (name, path) = split_spec("--model", v)?;
-            let path = files::resolve(&[("--model / AMLSERVE_MODEL", Some(PathBuf::from(path)))])?;
+            let found = files::resolve(&[("--model / AMLSERVE_MODEL", Some(PathBuf::from(path)))])?;
             Ok(ModelSpec {
-                name: name.map_or_else(|| default_name(&path, true), str::to_string),
-                path,
+                name: name.map_or_else(|| default_name(&found.path, found.path.is_file()), str::to_string),
+                path: found.path,
+                passed_over: found.passed_over,
             })
         })
         .collect()
@@ -621,6 +628,7 @@ fn embedding_models(values: &[String]) -> Result<Vec<ModelSpec>, ConfigError> {
             vec![ModelSpec {
                 name: default_name(&dir, false),
                 path: dir,
+                passed_over: None,
             }]
         } else {
             Vec::new()
@@ -647,6 +655,7 @@ fn embedding_models(values: &[String]) -> Result<Vec<ModelSpec>, ConfigError> {
             Ok(ModelSpec {
                 name: name.map_or_else(|| default_name(&path, false), str::to_string),
                 path,
+                passed_over: None,
             })
         })
         .collect()

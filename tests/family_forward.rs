@@ -22,7 +22,7 @@ use amlserve::model::{Llama, WeightFormat};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::logits::{compare, greedy_reference, ours, Tolerance};
+use common::logits::{compare_whole_and_packed, greedy_reference, noise, Tolerance};
 
 const VOCAB: usize = 320;
 const CONTEXT: usize = 256;
@@ -39,19 +39,6 @@ struct Dims {
     kv_heads: usize,
     head_dim: usize,
     ffn: usize,
-}
-
-/// Deterministic values uniform in `[-scale, scale)`.
-fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 /// Weights by GGUF name, as `[rows, cols]` (or `[len]`) f32 tensors, generated in a fixed order.
@@ -222,20 +209,7 @@ fn check_family(name: &str, path: &std::path::Path, prompt: &[u32], want: &[Vec<
     };
     let (content, mut file) = read(path);
     let model = Llama::load(&content, &mut file, WeightFormat::F32).expect("our model");
-    compare(
-        &format!("{name}, whole prompt"),
-        ours(&model, prompt, &[], generated, None),
-        want,
-        &tol,
-    );
-    let neighbour: Vec<u32> = (0..9u32).map(|i| (i * 53 + 5) % VOCAB as u32).collect();
-    let got = ours(&model, prompt, &[prompt.len() / 2], generated, Some(&neighbour));
-    compare(
-        &format!("{name}, prompt in two chunks packed with another sequence"),
-        got,
-        want,
-        &tol,
-    );
+    compare_whole_and_packed(name, &model, prompt, want, generated, &tol);
 }
 
 fn prompt(len: usize) -> Vec<u32> {

@@ -1,5 +1,6 @@
-//! The model families our forward runs, and their hyper-parameters as read from a GGUF: one description for all
-//! of them ([`LlamaConfig`] plus the [`Family`]'s traits), not a copy of the forward per family.
+//! The model families our forward runs, and their hyper-parameters as read from a GGUF (here) or from a Hugging
+//! Face `config.json` (`hf_config`): one description for all of them ([`LlamaConfig`] plus the [`Family`]'s
+//! traits), not a copy of the forward per family.
 //!
 //! What differs between the families, as llama.cpp's converter writes their files and its graphs compute them:
 //! - **llama** (and mistral): query and key rows permuted to the interleaved rotary layout (undone at load);
@@ -23,9 +24,9 @@ use super::ModelError;
 pub const MAX_CONTEXT_LENGTH: usize = 1 << 20;
 
 /// RoPE base of Gemma 3's sliding-window layers (not in its GGUF; llama.cpp and Hugging Face use this).
-const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
+pub(crate) const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// Gemma 3 interleaves one global layer after every five sliding-window ones.
-const GEMMA3_GLOBAL_EVERY: usize = 6;
+pub(crate) const GEMMA3_GLOBAL_EVERY: usize = 6;
 
 /// A family of decoder architectures our forward runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -89,7 +90,7 @@ impl Family {
     }
 }
 
-/// Hyper-parameters read from the GGUF, for every [`Family`].
+/// Hyper-parameters read from the GGUF or `config.json`, for every [`Family`].
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
     pub family: Family,
@@ -204,7 +205,7 @@ impl LlamaConfig {
 
     /// What makes these hyper-parameters unusable, if anything: the forward pass and the tables built at
     /// load rely on every one of these.
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         let (heads, kv_heads, hidden) = (self.n_head, self.n_kv_head, self.hidden);
         if heads == 0 || hidden == 0 || self.head_dim == 0 {
             return Err(format!(

@@ -1,11 +1,11 @@
-//! One transformer block's weights, loaded from a GGUF for any [`Family`], and the shape checks that run before
-//! any of them is read.
+//! One transformer block's weights, loaded from any [`TensorSource`] (a GGUF, a Hugging Face folder) for any
+//! [`Family`], and the shape checks that run before any of them is read.
 
-use candle_core::quantized::gguf_file;
 use candle_core::Tensor;
 
 use super::arch::{Family, LlamaConfig};
-use super::weights::{self, FusedLinear, Linear, WeightFormat};
+use super::source::{TensorShapes, TensorSource};
+use super::weights::{FusedLinear, Linear, WeightFormat};
 use super::ModelError;
 
 /// The fewest tensors any family's block has (phi3: norms, fused qkv, output, fused gate/up, down).
@@ -37,77 +37,67 @@ fn name(i: usize, t: &str) -> String {
     format!("blk.{i}.{t}")
 }
 
-fn load_vec<R: std::io::Read + std::io::Seek>(
-    content: &gguf_file::Content,
-    reader: &mut R,
-    name: &str,
-) -> Result<Vec<f32>, ModelError> {
-    Ok(weights::load_f32(content, reader, name)?.flatten_all()?.to_vec1()?)
-}
-
 impl Block {
     /// Loads block `i` (shapes checked by [`check_shapes`]).
-    pub fn load<R: std::io::Read + std::io::Seek>(
-        content: &gguf_file::Content,
-        reader: &mut R,
+    pub fn load(
+        src: &mut dyn TensorSource,
         cfg: &LlamaConfig,
         i: usize,
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
         let fam = cfg.family;
         let t = |n: &str| name(i, n);
-        let (hd, rope) = (cfg.head_dim, fam.interleaved_rope());
+        let (hd, rope) = (cfg.head_dim, src.interleaved_rope());
         let (qkv, gate_up, ffn_width) = if fam.fused_projections() {
-            let qkv = FusedLinear::load(content, reader, &[(&t("attn_qkv.weight"), false)], hd, format)?;
-            let gate_up = FusedLinear::load(content, reader, &[(&t("ffn_up.weight"), false)], hd, format)?;
+            let qkv = FusedLinear::load(src, &[(&t("attn_qkv.weight"), false)], hd, format)?;
+            let gate_up = FusedLinear::load(src, &[(&t("ffn_up.weight"), false)], hd, format)?;
             let width = gate_up.widths()[0] / 2;
             (qkv, gate_up, width)
         } else {
             let (q, k, v) = (t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight"));
-            let qkv = FusedLinear::load(content, reader, &[(&q, rope), (&k, rope), (&v, false)], hd, format)?;
+            let qkv = FusedLinear::load(src, &[(&q, rope), (&k, rope), (&v, false)], hd, format)?;
             let (gate, up) = (t("ffn_gate.weight"), t("ffn_up.weight"));
-            let gate_up = FusedLinear::load(content, reader, &[(&gate, false), (&up, false)], hd, format)?;
+            let gate_up = FusedLinear::load(src, &[(&gate, false), (&up, false)], hd, format)?;
             let width = gate_up.widths()[0];
             (qkv, gate_up, width)
         };
-        let qkv_bias = if content.tensor_infos.contains_key(&t("attn_q.bias")) {
+        let qkv_bias = if src.contains(&t("attn_q.bias")) {
             // Permuted like their weights where the file's rows are interleaved.
-            let bias = |n: &str, reader: &mut R| -> Result<Vec<f32>, ModelError> {
-                let b = load_vec(content, reader, &t(n))?;
-                Ok(if rope { unpermute_rope_values(&b, hd) } else { b })
+            let mut bias = |n: &str| -> Result<Vec<f32>, ModelError> {
+                let b = src.vec(&t(n))?;
+                Ok(if rope && n != "attn_v.bias" {
+                    unpermute_rope_values(&b, hd)
+                } else {
+                    b
+                })
             };
-            let mut b = bias("attn_q.bias", reader)?;
-            b.extend(bias("attn_k.bias", reader)?);
-            b.extend(load_vec(content, reader, &t("attn_v.bias"))?);
+            let mut b = bias("attn_q.bias")?;
+            b.extend(bias("attn_k.bias")?);
+            b.extend(bias("attn_v.bias")?);
             Some(b)
         } else {
             None
         };
         let qk_norm = if fam.qk_norm() {
-            Some((
-                load_vec(content, reader, &t("attn_q_norm.weight"))?,
-                load_vec(content, reader, &t("attn_k_norm.weight"))?,
-            ))
+            Some((src.vec(&t("attn_q_norm.weight"))?, src.vec(&t("attn_k_norm.weight"))?))
         } else {
             None
         };
-        let post = |n: &str, reader: &mut R| -> Result<Option<Tensor>, ModelError> {
-            fam.post_norms()
-                .then(|| weights::load_f32(content, reader, &t(n)))
-                .transpose()
-        };
+        let mut post =
+            |n: &str| -> Result<Option<Tensor>, ModelError> { fam.post_norms().then(|| src.f32(&t(n))).transpose() };
+        let (post_attn_norm, post_ffn_norm) = (post("post_attention_norm.weight")?, post("post_ffw_norm.weight")?);
         Ok(Self {
-            attn_norm: weights::load_f32(content, reader, &t("attn_norm.weight"))?,
+            attn_norm: src.f32(&t("attn_norm.weight"))?,
             qkv,
             qkv_bias,
             qk_norm,
-            wo: weights::load_linear(content, reader, &t("attn_output.weight"), format)?,
-            post_attn_norm: post("post_attention_norm.weight", reader)?,
-            ffn_norm: weights::load_f32(content, reader, &t("ffn_norm.weight"))?,
+            wo: Linear::new(src.tensor(&t("attn_output.weight"), format)?, format)?,
+            post_attn_norm,
+            ffn_norm: src.f32(&t("ffn_norm.weight"))?,
             gate_up,
             ffn_width,
-            w_down: weights::load_linear(content, reader, &t("ffn_down.weight"), format)?,
-            post_ffn_norm: post("post_ffw_norm.weight", reader)?,
+            w_down: Linear::new(src.tensor(&t("ffn_down.weight"), format)?, format)?,
+            post_ffn_norm,
         })
     }
 
@@ -117,7 +107,7 @@ impl Block {
     }
 }
 
-/// [`weights::unpermute_rope_rows`] for a vector with one value per row (a bias).
+/// [`super::weights::unpermute_rope_rows`] for a vector with one value per row (a bias).
 fn unpermute_rope_values(v: &[f32], head_dim: usize) -> Vec<f32> {
     let half = head_dim / 2;
     v.chunks(head_dim)
@@ -126,34 +116,32 @@ fn unpermute_rope_values(v: &[f32], head_dim: usize) -> Vec<f32> {
 }
 
 /// Fails unless tensor `name` is in the file with shape `dims` (candle's order: rows, then columns).
-fn expect_shape(content: &gguf_file::Content, name: &str, dims: &[usize]) -> Result<(), ModelError> {
-    let info = content
-        .tensor_infos
-        .get(name)
-        .ok_or_else(|| ModelError::Metadata(format!("the GGUF has no tensor '{name}'")))?;
-    if info.shape.dims() != dims {
+fn expect_shape<S: TensorShapes + ?Sized>(content: &S, name: &str, dims: &[usize]) -> Result<(), ModelError> {
+    let found = content
+        .dims(name)
+        .ok_or_else(|| ModelError::Metadata(format!("no tensor {} in {}", content.describe(name), content.kind())))?;
+    if found != dims {
         return Err(ModelError::Metadata(format!(
-            "tensor '{name}' has shape {:?}, the hyper-parameters need {dims:?}",
-            info.shape.dims()
+            "tensor {} has shape {found:?}, the hyper-parameters need {dims:?}",
+            content.describe(name)
         )));
     }
     Ok(())
 }
 
 /// The row count of tensor `name`, when it has rows.
-fn rows_of(content: &gguf_file::Content, name: &str) -> Result<usize, ModelError> {
+fn rows_of<S: TensorShapes + ?Sized>(content: &S, name: &str) -> Result<usize, ModelError> {
     content
-        .tensor_infos
-        .get(name)
-        .and_then(|info| info.shape.dims().first().copied())
+        .dims(name)
+        .and_then(|dims| dims.first().copied())
         .filter(|&w| w > 0)
-        .ok_or_else(|| ModelError::Metadata(format!("tensor '{name}' is missing or empty")))
+        .ok_or_else(|| ModelError::Metadata(format!("tensor {} is missing or empty", content.describe(name))))
 }
 
 /// Checks every weight's shape against the hyper-parameters before any is read, so a file whose tensors
 /// disagree with its metadata fails at load with the tensor named, not inside a matmul at the first request.
-pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<(), ModelError> {
-    let tensors = content.tensor_infos.len();
+pub(crate) fn check_shapes<S: TensorShapes + ?Sized>(content: &S, cfg: &LlamaConfig) -> Result<(), ModelError> {
+    let tensors = content.count();
     if cfg.n_layer > tensors / MIN_TENSORS_PER_BLOCK {
         return Err(ModelError::Metadata(format!(
             "block_count {} needs at least {MIN_TENSORS_PER_BLOCK} tensors per block; the file has {tensors} \
@@ -163,11 +151,11 @@ pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> R
     }
     let (hidden, vocab, hd) = (cfg.hidden, cfg.vocab_size, cfg.head_dim);
     expect_shape(content, "token_embd.weight", &[vocab, hidden])?;
-    if content.tensor_infos.contains_key("output.weight") {
+    if content.contains("output.weight") {
         expect_shape(content, "output.weight", &[vocab, hidden])?;
     }
     expect_shape(content, "output_norm.weight", &[hidden])?;
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
+    if content.contains("rope_freqs.weight") {
         expect_shape(content, "rope_freqs.weight", &[hd / 2])?;
     }
     for i in 0..cfg.n_layer {
@@ -182,7 +170,7 @@ pub(crate) fn check_shapes(content: &gguf_file::Content, cfg: &LlamaConfig) -> R
 }
 
 /// [`check_shapes`] for block `i`.
-fn check_block(content: &gguf_file::Content, cfg: &LlamaConfig, i: usize) -> Result<(), ModelError> {
+fn check_block<S: TensorShapes + ?Sized>(content: &S, cfg: &LlamaConfig, i: usize) -> Result<(), ModelError> {
     let (hidden, hd) = (cfg.hidden, cfg.head_dim);
     let (q_rows, kv_rows) = (cfg.q_width(), cfg.kv_width());
     let fam = cfg.family;
@@ -198,7 +186,7 @@ fn check_block(content: &gguf_file::Content, cfg: &LlamaConfig, i: usize) -> Res
         expect_shape(content, &t("attn_q_norm.weight"), &[hd])?;
         expect_shape(content, &t("attn_k_norm.weight"), &[hd])?;
     }
-    if fam == Family::Qwen2 || content.tensor_infos.contains_key(&t("attn_q.bias")) {
+    if fam == Family::Qwen2 || content.contains(&t("attn_q.bias")) {
         expect_shape(content, &t("attn_q.bias"), &[q_rows])?;
         expect_shape(content, &t("attn_k.bias"), &[kv_rows])?;
         expect_shape(content, &t("attn_v.bias"), &[kv_rows])?;
@@ -209,8 +197,8 @@ fn check_block(content: &gguf_file::Content, cfg: &LlamaConfig, i: usize) -> Res
         let both = rows_of(content, &t("ffn_up.weight"))?;
         if both % 2 != 0 {
             return Err(ModelError::Metadata(format!(
-                "tensor '{}' has {both} rows: it should hold the gate's and up's, as many each",
-                t("ffn_up.weight")
+                "tensor {} has {both} rows: it should hold the gate's and up's, as many each",
+                content.describe(&t("ffn_up.weight"))
             )));
         }
         expect_shape(content, &t("ffn_up.weight"), &[both, hidden])?;

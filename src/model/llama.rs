@@ -16,7 +16,8 @@ use super::block::{check_shapes, Block};
 use super::embed_table::EmbedTable;
 use super::kv_cache::SeqKv;
 use super::rope::RopeTable;
-use super::weights::{self, Linear, WeightFormat};
+use super::source::{GgufSource, TensorSource};
+use super::weights::{Linear, WeightFormat};
 use super::ModelError;
 
 /// The tokens one sequence contributes to a step.
@@ -59,24 +60,39 @@ impl Llama {
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
-        check_shapes(content, &config)?;
+        let interleaved_rope = config.family.interleaved_rope();
+        let mut source = GgufSource {
+            content,
+            reader,
+            interleaved_rope,
+        };
+        Self::load_from(&mut source, config, format)
+    }
+
+    /// Loads the weights `config` describes from `src` (a GGUF, a Hugging Face folder), tensors named as in GGUF.
+    pub(crate) fn load_from(
+        src: &mut dyn TensorSource,
+        config: LlamaConfig,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        check_shapes(&*src, &config)?;
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
-            let block = Block::load(content, reader, &config, i, format)?;
+            let block = Block::load(src, &config, i, format)?;
             weight_bytes += block.bytes();
             layers.push(block);
         }
-        let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
+        let embed_q = src.tensor("token_embd.weight", format)?;
         let embed = EmbedTable::new(&embed_q)?;
-        let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
-            Ok(t) => Linear::new(t, format)?,
-            Err(_) => Linear::new(embed_q, format)?, // tied embeddings
+        let lm_head = match src.contains("output.weight") {
+            true => Linear::new(src.tensor("output.weight", format)?, format)?,
+            false => Linear::new(embed_q, format)?, // tied embeddings
         };
         weight_bytes += lm_head.bytes() + embed.bytes();
-        let norm = weights::load_f32(content, reader, "output_norm.weight")?;
-        let factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => Some(weights::load_f32(content, reader, "rope_freqs.weight")?.to_vec1::<f32>()?),
+        let norm = src.f32("output_norm.weight")?;
+        let factors = match src.contains("rope_freqs.weight") {
+            true => Some(src.vec("rope_freqs.weight")?),
             false => None,
         };
         // One table per distinct (base, scale) among the layers.

@@ -1,6 +1,6 @@
-//! The candle side of amlserve, synchronous and free of async code: finding and loading a GGUF model, its
-//! tokenizer and chat template, and the batched forward pass of each supported family with per-sequence KV
-//! caches.
+//! The candle side of amlserve, synchronous and free of async code: finding and loading a model (a GGUF file or
+//! a Hugging Face folder), its tokenizer and chat template, and the batched forward pass of each supported
+//! family with per-sequence KV caches.
 //! Must not know about HTTP, tokio or scheduling.
 
 pub mod activation;
@@ -15,10 +15,15 @@ pub mod embedding;
 pub mod files;
 pub mod gguf_header;
 pub mod gguf_meta;
+pub mod hf_config;
+mod hf_folder;
+mod hf_tokenizer;
 pub mod kv_cache;
 pub mod llama;
 pub mod par;
 pub mod rope;
+pub mod safetensors_files;
+mod source;
 pub mod spm;
 pub mod tokenizer;
 pub mod vnni_q8;
@@ -40,6 +45,9 @@ pub enum ModelError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("invalid GGUF: {0}")]
     Metadata(String),
+    /// A Hugging Face folder that cannot be served: the file and the field are named.
+    #[error("{0}")]
+    Folder(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("{0}")]
@@ -60,23 +68,24 @@ pub enum Forward {
     Device(device::DeviceLlama, device::DeviceInfo),
 }
 
-/// Everything loaded from one GGUF file.
+/// Everything loaded from one GGUF file or Hugging Face folder.
 #[derive(Debug)]
 pub struct Model {
-    /// Name reported to clients (the file stem).
+    /// Name reported to clients (the file stem, or the folder's name).
     pub name: String,
     pub path: PathBuf,
     /// Hyper-parameters.
     pub config: LlamaConfig,
     pub forward: Forward,
     pub tokenizer: TextTokenizer,
-    /// The chat template: the GGUF's, or `--chat-template`'s for a model without one; `None`: chat requests
-    /// are refused.
+    /// The chat template: the model's own, or `--chat-template`'s for a model without one; `None`: chat
+    /// requests are refused.
     pub template: Option<ChatTemplate>,
 }
 
 impl Model {
-    /// Loads the model, tokenizer and chat template from a GGUF file, for the fast CPU forward.
+    /// Loads the model, tokenizer and chat template from a GGUF file or a Hugging Face folder, for the fast CPU
+    /// forward.
     pub fn load(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
         Self::load_on(path, format, None)
     }
@@ -105,12 +114,23 @@ impl Model {
         }
     }
 
-    /// Loads the model as [`Self::load`] does; with a device, onto the device-generic forward there.
+    /// Loads the model as [`Self::load`] does; with a device, onto the device-generic forward there (GGUF files
+    /// only, so far).
     pub fn load_on(
         path: &Path,
         format: WeightFormat,
         on: Option<(&candle_core::Device, device::DeviceInfo)>,
     ) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            if on.is_some() {
+                return Err(ModelError::DeviceUnsupported(
+                    "the device forward reads GGUF files only so far; serve this Hugging Face folder with \
+                     --device cpu"
+                        .into(),
+                ));
+            }
+            return Self::load_folder(path, format);
+        }
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
@@ -149,6 +169,35 @@ impl Model {
             path: path.to_path_buf(),
             config,
             forward,
+            tokenizer,
+            template,
+        })
+    }
+
+    /// Loads a Hugging Face folder (`config.json`, safetensors, `tokenizer.json`) onto the CPU forward.
+    fn load_folder(dir: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        let hf = hf_config::HfConfig::read(dir)?;
+        // Tokenizer and template first: they fail fast, the weights take a while.
+        let (tokenizer, template) = hf_tokenizer::load(dir, &hf, hf.config.vocab_size)?;
+        let (bos, eos) = special_texts(&tokenizer);
+        let template = template
+            .map(|source| ChatTemplate::new(&source, &bos, &eos))
+            .transpose()?;
+        let mut source = hf_folder::HfSource::open(dir, &hf)?;
+        let llama = Llama::load_from(&mut source, hf.config.clone(), format).map_err(|e| match e {
+            // The shared loader's words for a bad file are a GGUF's.
+            ModelError::Metadata(m) => ModelError::Folder(format!("{}: {m}", dir.display())),
+            other => other,
+        })?;
+        let name = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        Ok(Self {
+            name,
+            path: dir.to_path_buf(),
+            config: llama.config.clone(),
+            forward: Forward::Cpu(llama),
             tokenizer,
             template,
         })

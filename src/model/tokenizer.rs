@@ -1,7 +1,8 @@
-//! Text tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
+//! Text tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, or wrapped around a Hugging Face
+//! folder's `tokenizer.json` (read in `hf_tokenizer`, built by [`TextTokenizer::from_hf`]): one API for both.
 //!
-//! Two families, by `tokenizer.ggml.model`, both matching llama.cpp (which produced the golden ids in
-//! `tests/data`):
+//! Two families of GGUF vocabularies, by `tokenizer.ggml.model`, both matching llama.cpp (which produced the
+//! golden ids in `tests/data`):
 //!
 //! - `gpt2`: byte-level BPE through Hugging Face's `tokenizers`. The pre-tokenizer is chosen by
 //!   `tokenizer.ggml.pre`: for `smollm` every digit is split off on its own before the GPT-2 regex runs, and no
@@ -40,7 +41,19 @@ const COUNT_CHUNK: usize = 16 * 1024;
 /// Tokens a cut between two pieces may add, at most.
 const CUT_SLACK: usize = 8;
 
-/// A byte-level BPE vocabulary (`gpt2`).
+/// How a vocabulary's token texts spell the bytes they stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spelling {
+    /// Through GPT-2's byte-to-unicode table (byte-level BPE: GGUF `gpt2`, most `tokenizer.json` files).
+    ByteLevel,
+    /// SentencePiece's: U+2581 for a space, `<0xHH>` byte tokens (the `tokenizer.json` of Llama 2, Mistral,
+    /// Gemma).
+    Metaspace,
+    /// As written (word-level vocabularies).
+    Plain,
+}
+
+/// A vocabulary run by Hugging Face's `tokenizers`: byte-level BPE from a GGUF (`gpt2`), or any `tokenizer.json`.
 #[derive(Clone)]
 struct Bpe {
     inner: Tokenizer,
@@ -49,8 +62,10 @@ struct Bpe {
     tokens: Vec<String>,
     /// Per id: whether the token is a byte token (`<0xHH>`).
     byte: Vec<bool>,
-    /// Per byte value: whether one normal token spells it, so text made of such bytes encodes without loss.
+    /// Per byte value: whether one normal token spells it, so text made of such bytes encodes without loss
+    /// (every byte, for vocabularies that are not byte-level: they fall back to byte tokens or an unknown one).
     spellable: [bool; 256],
+    spelling: Spelling,
 }
 
 /// The vocabulary proper, by family.
@@ -137,9 +152,14 @@ fn byte_level_byte(c: char) -> Option<u8> {
 }
 
 /// The bytes a normal token's text stands for ([`TextTokenizer::token_bytes`]); `byte_token` for `<0xHH>`.
-fn raw_bytes(text: &str, byte_token: bool) -> Vec<u8> {
+fn raw_bytes(text: &str, byte_token: bool, spelling: Spelling) -> Vec<u8> {
     if let Some(b) = byte_token.then(|| byte_token_value(text)).flatten() {
         return vec![b];
+    }
+    match spelling {
+        Spelling::ByteLevel => {}
+        Spelling::Metaspace => return text.replace('\u{2581}', " ").into_bytes(),
+        Spelling::Plain => return text.as_bytes().to_vec(),
     }
     let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {
@@ -216,7 +236,7 @@ fn bpe_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab
     // Byte tokens (`<0xHH>`) do not count: the BPE model here never falls back to them.
     let mut spellable = [false; 256];
     for (t, _) in tokens.iter().zip(types).filter(|(_, &ty)| ty == token_type::NORMAL) {
-        if let [b] = raw_bytes(t, false)[..] {
+        if let [b] = raw_bytes(t, false, Spelling::ByteLevel)[..] {
             spellable[b as usize] = true;
         }
     }
@@ -237,6 +257,7 @@ fn bpe_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab
         tokens,
         byte,
         spellable,
+        spelling: Spelling::ByteLevel,
     }));
     Ok((vocab, special))
 }
@@ -262,7 +283,109 @@ impl Vocab {
     }
 }
 
+/// `stops` plus the ids of the end-of-turn tokens chat models use (`<|im_end|>`, `<|eot_id|>`, `<|end|>`,
+/// `<end_of_turn>`) where the vocabulary has them, sorted, without repeats.
+fn with_turn_ends<'a>(mut stops: Vec<u32>, n: usize, text: impl Fn(usize) -> Option<&'a str>) -> Vec<u32> {
+    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        if let Some(i) = (0..n).find(|&i| text(i) == Some(name)) {
+            stops.push(i as u32);
+        }
+    }
+    stops.sort_unstable();
+    stops.dedup();
+    stops
+}
+
+/// What a Hugging Face folder's files say besides the vocabulary (see `hf_tokenizer`).
+#[derive(Debug, Clone)]
+pub(crate) struct HfTokens {
+    pub bos_id: Option<u32>,
+    pub eos_id: u32,
+    /// Whether raw prompts start with BOS.
+    pub add_bos: bool,
+    /// More ids that end generation (`generation_config.json`'s `eos_token_id` list...).
+    pub stop_ids: Vec<u32>,
+    /// How the token texts spell bytes.
+    pub spelling: Spelling,
+    /// Whether `<0xHH>` tokens are byte tokens (the model's `byte_fallback`).
+    pub byte_fallback: bool,
+}
+
 impl TextTokenizer {
+    /// Wraps a Hugging Face tokenizer. Its special tokens are the added tokens marked `special`; ids from the end
+    /// of its vocabulary up to `vocab_size` (the model's embedding rows, often padded past the tokenizer's) are
+    /// special padding tokens, `[PAD<id>]`, that decode to nothing.
+    pub(crate) fn from_hf(inner: Tokenizer, hf: HfTokens, vocab_size: usize) -> Result<Self, ModelError> {
+        let n = inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        if n == 0 {
+            return Err(ModelError::Tokenizer("tokenizer.json has an empty vocabulary".into()));
+        }
+        if n > vocab_size {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer.json has ids up to {}, the model's embedding only {vocab_size} rows",
+                n - 1
+            )));
+        }
+        let added = inner.get_added_tokens_decoder();
+        let tokens: Vec<String> = (0..vocab_size as u32)
+            .map(|i| inner.id_to_token(i).unwrap_or_else(|| format!("[PAD{i}]")))
+            .collect();
+        let special: Vec<bool> = (0..vocab_size as u32)
+            .map(|i| (i as usize) >= n || added.get(&i).is_some_and(|t| t.special))
+            .collect();
+        let byte: Vec<bool> = tokens
+            .iter()
+            .zip(&special)
+            .map(|(t, &s)| hf.byte_fallback && !s && byte_token_value(t).is_some())
+            .collect();
+        let mut spellable = [hf.spelling != Spelling::ByteLevel; 256];
+        if hf.spelling == Spelling::ByteLevel {
+            for (t, _) in tokens.iter().zip(&special).filter(|(_, &s)| !s) {
+                if let [b] = raw_bytes(t, false, Spelling::ByteLevel)[..] {
+                    spellable[b as usize] = true;
+                }
+            }
+        }
+        let shield = ContentShield::new((0..n).filter(|&i| special[i]).map(|i| (tokens[i].clone(), i as u32)))?;
+        let in_vocab = |what: &str, id: u32| match (id as usize) < n {
+            true => Ok(id),
+            false => Err(ModelError::Tokenizer(format!(
+                "{what} is {id}, outside the vocabulary of {n} tokens"
+            ))),
+        };
+        let bos_id = hf.bos_id.map(|id| in_vocab("the BOS token id", id)).transpose()?;
+        let eos_id = in_vocab("the EOS token id", hf.eos_id)?;
+        let mut stops = vec![eos_id];
+        for &id in &hf.stop_ids {
+            stops.push(in_vocab("an eos_token_id", id)?);
+        }
+        let stop_ids = with_turn_ends(stops, n, |i| tokens.get(i).map(String::as_str));
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let vocab = Vocab::Bpe(Box::new(Bpe {
+            inner,
+            plain,
+            tokens,
+            byte,
+            spellable,
+            spelling: hf.spelling,
+        }));
+        Ok(Self {
+            vocab,
+            shield,
+            special,
+            bos_id,
+            eos_id,
+            add_bos: hf.add_bos,
+            stop_ids,
+        })
+    }
+
     /// Builds the tokenizer from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelError> {
         let md = Metadata(content);
@@ -311,13 +434,7 @@ impl TextTokenizer {
         if let Some(eot) = md.opt_u32("tokenizer.ggml.eot_token_id") {
             stop_ids.push(in_vocab("tokenizer.ggml.eot_token_id", eot)?);
         }
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
-            if let Some(i) = (0..n).find(|&i| text(i) == Some(name)) {
-                stop_ids.push(i as u32);
-            }
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = with_turn_ends(stop_ids, n, text);
         Ok(Self {
             vocab,
             shield,
@@ -347,7 +464,11 @@ impl TextTokenizer {
         let text = self.token_text(id)?;
         match &self.vocab {
             _ if self.is_special(id) => Some(text.as_bytes().to_vec()),
-            Vocab::Bpe(bpe) => Some(raw_bytes(text, bpe.byte.get(id as usize).copied().unwrap_or(false))),
+            Vocab::Bpe(bpe) => Some(raw_bytes(
+                text,
+                bpe.byte.get(id as usize).copied().unwrap_or(false),
+                bpe.spelling,
+            )),
             Vocab::Spm(spm) => spm.token_bytes(id).map(Cow::into_owned),
         }
     }

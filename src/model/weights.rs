@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::source::TensorSource;
 use super::vnni_q8::{self, Vnni, VnniQ8};
 use super::ModelError;
 
@@ -21,12 +22,14 @@ pub enum WeightFormat {
     /// Requantize every other block type (Q4_0 ... Q5_1, the K-quants) to Q8_0: one kernel for every matrix,
     /// and one whose result for a row does not depend on the other rows. candle's K-quant kernels choose by
     /// row count (Q6_K: one kernel for a single row, another for several; Q4_K: AMX from 32 rows), so with
-    /// them a request's output would depend on what shares its step.
+    /// them a request's output would depend on what shares its step. A Hugging Face folder's float matrices are
+    /// quantized to Q8_0 too.
     #[default]
     #[value(name = "q8_0")]
     Q8_0,
     /// Keep every tensor as stored in the GGUF (smallest; Q4_1 has no SIMD kernel in candle; with K-quants,
-    /// greedy output may differ with what shares a step, see `q8_0`).
+    /// greedy output may differ with what shares a step, see `q8_0`). A Hugging Face folder's float matrices
+    /// are multiplied in f32.
     Stored,
     /// Dequantize to f32 and use gemm (fastest prefill, most memory).
     F32,
@@ -60,16 +63,6 @@ pub(crate) fn unpermute_rope_rows(t: QTensor, head_dim: usize) -> Result<QTensor
     Ok(QTensor::new(storage, (rows, cols))?)
 }
 
-/// Loads a 2-D matrix weight from the GGUF in `format`.
-pub fn load_linear<R: std::io::Read + std::io::Seek>(
-    content: &gguf_file::Content,
-    reader: &mut R,
-    name: &str,
-    format: WeightFormat,
-) -> Result<Linear, ModelError> {
-    Linear::new(content.tensor(reader, name, &Device::Cpu)?, format)
-}
-
 /// Stacks the rows of same-typed 2-D tensors with equal row width into one tensor (raw blocks: exact).
 /// `None` when the types or widths differ.
 pub(crate) fn concat_rows(parts: &[QTensor]) -> Result<Option<QTensor>, ModelError> {
@@ -99,16 +92,15 @@ pub struct FusedLinear {
 
 impl FusedLinear {
     /// Loads `names` (with `rope` set for query/key projections, see [`unpermute_rope_rows`]).
-    pub fn load<R: std::io::Read + std::io::Seek>(
-        content: &gguf_file::Content,
-        reader: &mut R,
+    pub(crate) fn load(
+        src: &mut dyn TensorSource,
         names: &[(&str, bool)],
         head_dim: usize,
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
         let mut parts = Vec::with_capacity(names.len());
         for &(name, rope) in names {
-            let mut t = content.tensor(reader, name, &Device::Cpu)?;
+            let mut t = src.tensor(name, format)?;
             if rope {
                 t = unpermute_rope_rows(t, head_dim)?;
             }
@@ -154,11 +146,13 @@ impl FusedLinear {
     }
 }
 
-/// Converts a loaded tensor to the (single) matmul form for `format`.
+/// Converts a loaded tensor to the (single) matmul form for `format`. A float tensor stays float: f16 with
+/// `--weights f16`, else f32 (a GGUF stored in floats asks for them; a Hugging Face folder's float matrices were
+/// converted for `format` as they were read, see `hf_folder`).
 fn to_matmul(t: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
     let is_float = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     Ok(match format {
-        _ if is_float => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
+        _ if is_float && format != WeightFormat::F16 => QMatMul::Tensor(t.dequantize(&Device::Cpu)?),
         WeightFormat::Stored => QMatMul::QTensor(t.into()),
         WeightFormat::Q8_0 if t.dtype() == GgmlDType::Q8_0 => QMatMul::QTensor(t.into()),
         WeightFormat::Q8_0 => {

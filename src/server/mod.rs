@@ -654,6 +654,14 @@ fn load_language(
     metrics: &Metrics,
 ) -> Result<Ready, String> {
     let started = std::time::Instant::now();
+    if let Some(folder) = &spec.passed_over {
+        tracing::warn!(
+            model = %spec.name,
+            gguf = %spec.path.display(),
+            hugging_face_folder = %folder.display(),
+            "found both a GGUF and a Hugging Face folder: serving the GGUF (name the folder with --model to serve it)"
+        );
+    }
     tracing::info!(model = %spec.name, path = %spec.path.display(), weights = ?config.weights, "loading model");
     let mut model = match Model::load_on(&spec.path, config.weights, on) {
         // `--device auto` picked the GPU, whose forward does not run this family yet: the CPU's does.

@@ -1,5 +1,6 @@
 //! Logit-by-logit comparison of our forward with a reference implementation: one row per step over a prompt
-//! and [`STEPS`] tokens the reference picks greedily, each checked against a [`Tolerance`].
+//! and [`STEPS`] tokens the reference picks greedily, each checked against a [`Tolerance`]; and the
+//! deterministic [`noise`] the synthetic models of these comparisons are made of.
 
 use amlserve::model::{Llama, SeqChunk, SeqKv};
 
@@ -141,6 +142,46 @@ pub fn ours(
         rows.push(step(&[t], true).expect("decode logits"));
     }
     rows
+}
+
+/// Runs our forward the two ways a server runs it, the prompt whole and in two chunks packed with another
+/// sequence, and compares both runs with the reference's rows (`want`, for the prompt and `generated`).
+pub fn compare_whole_and_packed(
+    name: &str,
+    model: &Llama,
+    prompt: &[u32],
+    want: &[Vec<f32>],
+    generated: &[u32],
+    tol: &Tolerance,
+) {
+    compare(
+        &format!("{name}, whole prompt"),
+        ours(model, prompt, &[], generated, None),
+        want,
+        tol,
+    );
+    let vocab = model.config.vocab_size as u32;
+    let neighbour: Vec<u32> = (0..9u32).map(|i| (i * 53 + 5) % vocab).collect();
+    let got = ours(model, prompt, &[prompt.len() / 2], generated, Some(&neighbour));
+    compare(
+        &format!("{name}, prompt in two chunks packed with another sequence"),
+        got,
+        want,
+        tol,
+    );
+}
+
+/// Deterministic values uniform in `[-scale, scale)`.
+pub fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
 }
 
 /// Checks every step of a run against the reference and prints the run's worst differences.
