@@ -865,6 +865,12 @@ fn a_bad_config_or_an_unexpected_tensor_is_a_clear_error() {
     assert_refused(dir.path(), "config.json: not JSON");
     write_json(&dir.path().join("config.json"), &good);
     Model::load(dir.path(), WeightFormat::F32).expect("the good config loads");
+    // The device forward reads GGUF files only: a folder is refused there (and `--device auto` falls back).
+    let info = amlserve::model::device::DeviceInfo::cpu();
+    match Model::load_on(dir.path(), WeightFormat::F32, Some((&Device::Cpu, info))) {
+        Err(amlserve::model::ModelError::DeviceUnsupported(why)) => assert!(why.contains("--device cpu"), "{why}"),
+        other => panic!("the device forward took a folder: {other:?}"),
+    }
 
     // A tensor the forward would skip (an output bias): refused, named.
     let mut w = weights("llama", SMALL, false);

@@ -89,6 +89,36 @@ fn is_leftover(suffix: &str) -> bool {
     suffix.ends_with("rotary_emb.inv_freq")
 }
 
+/// What the loader does with one tensor of the files.
+enum Role {
+    /// Reads it under this GGUF name.
+    Read(String),
+    /// Leaves it unread: nothing the forward needs.
+    Unread,
+    /// Nothing it knows: a part of the model the forward does not compute.
+    Unknown,
+}
+
+/// The role of the text model's tensor `rest` (its name after the prefix: `layers.0.mlp.up_proj.weight`).
+fn text_model_role(rest: &str, blocks: &[(&str, &str)]) -> Role {
+    match rest {
+        "embed_tokens.weight" => return Role::Read("token_embd.weight".into()),
+        "norm.weight" => return Role::Read("output_norm.weight".into()),
+        _ => {}
+    }
+    let Some((i, suffix)) = rest.strip_prefix("layers.").and_then(|r| r.split_once('.')) else {
+        return Role::Unknown;
+    };
+    if i.parse::<usize>().is_err() {
+        return Role::Unknown;
+    }
+    match blocks.iter().find(|(_, h)| *h == suffix) {
+        Some((g, _)) => Role::Read(format!("blk.{i}.{g}")),
+        None if is_leftover(suffix) => Role::Unread,
+        None => Role::Unknown,
+    }
+}
+
 /// The tensors of a Hugging Face folder under GGUF names.
 pub(crate) struct HfSource {
     files: SafetensorsFiles,
@@ -125,41 +155,25 @@ impl HfSource {
         let mut names = HashMap::new();
         let mut unused = Vec::new();
         for hf_name in files.names() {
-            let gguf = if hf_name == lm_head {
+            let role = if hf_name == lm_head {
                 // Tied: the embedding is the output projection, as transformers ties them.
-                (!hf.tie_embeddings).then(|| "output.weight".to_string())
-            } else if let Some(rest) = hf_name.strip_prefix(prefix) {
-                match rest {
-                    "embed_tokens.weight" => Some("token_embd.weight".to_string()),
-                    "norm.weight" => Some("output_norm.weight".to_string()),
-                    _ => {
-                        let block = rest.strip_prefix("layers.").and_then(|r| r.split_once('.'));
-                        match block {
-                            Some((i, suffix)) if i.parse::<usize>().is_ok() => {
-                                match blocks.iter().find(|(_, h)| *h == suffix) {
-                                    Some((g, _)) => Some(format!("blk.{i}.{g}")),
-                                    None if is_leftover(suffix) => None,
-                                    None => {
-                                        unused.push(hf_name.to_string());
-                                        None
-                                    }
-                                }
-                            }
-                            _ => {
-                                unused.push(hf_name.to_string());
-                                None
-                            }
-                        }
-                    }
+                match hf.tie_embeddings {
+                    true => Role::Unread,
+                    false => Role::Read("output.weight".into()),
                 }
-            } else if !(hf.multimodal && MULTIMODAL_SKIPPED.iter().any(|p| hf_name.starts_with(p))) {
-                unused.push(hf_name.to_string());
-                None
+            } else if let Some(rest) = hf_name.strip_prefix(prefix) {
+                text_model_role(rest, &blocks)
+            } else if hf.multimodal && MULTIMODAL_SKIPPED.iter().any(|p| hf_name.starts_with(p)) {
+                Role::Unread
             } else {
-                None
+                Role::Unknown
             };
-            if let Some(g) = gguf {
-                names.insert(g, hf_name.to_string());
+            match role {
+                Role::Read(gguf) => {
+                    names.insert(gguf, hf_name.to_string());
+                }
+                Role::Unread => {}
+                Role::Unknown => unused.push(hf_name.to_string()),
             }
         }
         if !unused.is_empty() {

@@ -1,5 +1,5 @@
 //! Text tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, or wrapped around a Hugging Face
-//! folder's `tokenizer.json` (read in `hf_tokenizer`, built by [`TextTokenizer::from_hf`]): one API for both.
+//! folder's `tokenizer.json` (read in `hf_tokenizer`, built by `TextTokenizer::from_hf`): one API for both.
 //!
 //! Two families of GGUF vocabularies, by `tokenizer.ggml.model`, both matching llama.cpp (which produced the
 //! golden ids in `tests/data`):
