@@ -36,7 +36,7 @@ const WINDOW: usize = 8;
 const PROMPT: usize = 12;
 
 /// Our f32 forward against the reference's f32 values: the tolerance of `family_forward.rs` (our KV cache is
-/// bf16, and sums run in another order). Seen (2026-12-10): relative RMS 0.002 to 0.006, max |diff| 0.01 to 0.05.
+/// bf16, and sums run in another order). Seen (2026-12-04): relative RMS 0.001 to 0.006, max |diff| 0.02 to 0.08.
 const F32_TOLERANCE: Tolerance = Tolerance {
     max_abs: 0.3,
     max_rel_rms: 0.03,
@@ -463,7 +463,8 @@ fn llama_at_the_default_q8_0_stays_close_to_candles_f32_llama() {
         "{} vs {f32_bytes}",
         model.weight_bytes()
     );
-    // Quantized weights and activations. Seen (2026-12-10): relative RMS up to 0.012, max |diff| up to 0.12.
+    // Quantized weights and activations. Seen (2026-12-04): relative RMS 0.029, max |diff| 0.31, 32 of 33 greedy
+    // tokens the same (the other a near tie).
     let tol = Tolerance {
         max_abs: 0.5,
         max_rel_rms: 0.05,
