@@ -33,6 +33,12 @@ struct Args {
     /// Timed steps per row (after 3 untimed).
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Weight formats to measure, one table each (`q8_0`, `f16`, `f32`, `stored`).
+    #[arg(long, value_delimiter = ',', default_value = "q8_0")]
+    weights: Vec<WeightFormat>,
+    /// Also time each stage of the forward (the device waited for after each) at these batch sizes.
+    #[arg(long, value_delimiter = ',')]
+    stages: Vec<usize>,
 }
 
 /// Milliseconds of one step: issuing it, waiting for the device, copying the logits back.
@@ -44,6 +50,8 @@ struct Split {
 }
 
 fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &[Vec<u32>]) -> Split {
+    // Written first, as the engine's buffer kept from step to step is: the copy is timed, not page faults.
+    let mut rows = vec![1f32; tokens.len() * llama.config.vocab_size];
     let t0 = Instant::now();
     let mut chunks: Vec<DeviceChunk<'_>> = kvs
         .iter_mut()
@@ -58,9 +66,9 @@ fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &
     let t1 = Instant::now();
     llama.device().synchronize().expect("sync");
     let t2 = Instant::now();
-    let rows = llama.rows_to_host(&logits).expect("logits");
+    llama.rows_to_host(&logits, &mut rows).expect("logits");
     let t3 = Instant::now();
-    assert_eq!(rows.len(), tokens.len());
+    assert_eq!(rows.len(), tokens.len() * llama.config.vocab_size);
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     Split {
         issue: ms(t0, t1),
@@ -76,15 +84,28 @@ fn median(mut v: Vec<Split>) -> Split {
 
 fn main() {
     let args = Args::parse();
-    let (_, path) = args.model.apply();
+    let (_, path) = args.model.apply(matches!(args.device, DeviceChoice::Cuda(_)));
     let (dev, info) = device::open(args.device)
         .expect("device")
         .expect("a device, not the fast CPU forward");
-    let model = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info.clone()))).expect("model");
-    let Forward::Device(llama, _) = &model.forward else {
-        unreachable!()
-    };
-    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    println!("device {} ({})", info.device, info.name.clone().unwrap_or_default());
+    for &format in &args.weights {
+        let model = Model::load_on(&path, format, Some((&dev, info.clone()))).expect("model");
+        let Forward::Device(llama, _) = &model.forward else {
+            unreachable!()
+        };
+        println!(
+            "\nmodel {}, weights {format:?} ({} MiB on the device)",
+            model.name,
+            llama.weight_bytes >> 20
+        );
+        measure(&args, &model, llama);
+    }
+}
+
+/// The step table for one loaded model, then the per-stage tables asked for.
+fn measure(args: &Args, model: &Model, llama: &DeviceLlama) {
+    let max_batch = args.batches.iter().chain(&args.stages).copied().max().unwrap_or(1);
     let longest = args
         .prompts
         .iter()
@@ -98,20 +119,19 @@ fn main() {
         .expect("pool");
     let vocab = model.config.vocab_size as u32;
     let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
-    println!(
-        "device {} ({}), model {}",
-        info.device,
-        info.name.unwrap_or_default(),
-        model.name
-    );
-    println!("\n| step | tokens | step ms | issue ms | device wait ms | logits copy ms | tok/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for &b in &args.batches {
+    // `b` sequences holding `context` tokens each.
+    let started = |b: usize| -> Vec<PagedKv> {
         let mut kvs: Vec<PagedKv> = (0..b).map(|_| PagedKv::new(pool.clone(), longest + 64)).collect();
         let prompt: Vec<Vec<u32>> = (0..b)
             .map(|s| (0..args.context).map(|i| token(i + s)).collect())
             .collect();
         timed_step(llama, &pool, &mut kvs, &prompt);
+        kvs
+    };
+    println!("\n| step | tokens | step ms | issue ms | device wait ms | logits copy ms | tok/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for &b in &args.batches {
+        let mut kvs = started(b);
         let mut times = Vec::new();
         for i in 0..args.steps + 3 {
             let next: Vec<Vec<u32>> = (0..b).map(|s| vec![token(i * 31 + s)]).collect();
@@ -150,5 +170,24 @@ fn main() {
             m.copy,
             n as f64 * 1e3 / step
         );
+    }
+    for &b in &args.stages {
+        let mut kvs = started(b);
+        llama.stages.set(true);
+        for i in 0..args.steps {
+            let next: Vec<Vec<u32>> = (0..b).map(|s| vec![token(i * 31 + s)]).collect();
+            timed_step(llama, &pool, &mut kvs, &next);
+        }
+        llama.stages.set(false);
+        let stages = llama.stages.take();
+        let total: f64 = stages.iter().map(|s| s.1).sum();
+        println!("\nstages of a decode step, batch {b}, context {} (device waited for after each stage)", args.context);
+        println!("\n| stage | ms per step | share |");
+        println!("|---|---:|---:|");
+        for (name, ms, _) in &stages {
+            let per = ms / args.steps as f64;
+            println!("| {name} | {per:.3} | {:.0}% |", 100.0 * ms / total);
+        }
+        println!("| total | {:.3} | |", total / args.steps as f64);
     }
 }

@@ -63,7 +63,7 @@ fn step(model: &Model, kvs: &mut [SeqKv], tokens: &[Vec<u32>]) -> Vec<u32> {
 
 fn main() {
     let args = Args::parse();
-    let (threads, path) = args.common.apply();
+    let (threads, path) = args.common.apply(false);
     println!(
         "model: {} | threads: {threads} | prefill {} tokens | decode {} steps\n",
         path.display(),

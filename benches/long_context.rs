@@ -66,7 +66,7 @@ fn prefill(model: &Model, kv: &mut SeqKv, ids: &[u32], chunk: usize) -> f64 {
 
 fn main() {
     let args = Args::parse();
-    let (threads, path) = args.common.apply();
+    let (threads, path) = args.common.apply(false);
     let format = WeightFormat::from_str(&args.weights, true).unwrap_or_else(|e| panic!("--weights: {e}"));
     let model = Model::load(&path, format).expect("model loads");
     let shape = model.config.kv_shape();

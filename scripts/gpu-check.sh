@@ -43,34 +43,48 @@ if [ ! -f "$model" ]; then
 fi
 echo "model sha256: $(sha256sum "$model" | cut -c1-16)"
 
-AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
+fi
 
-# Step times of the forward alone: host issue, device wait, logits copy.
-"$work/device_bench" --device cuda --model "$model" 2>&1 | tee "$out/device-bench.log"
+# Step times of the forward alone (host issue, device wait, logits copy) per weight format, and where a decode
+# step's time goes at batch 1 and 64.
+weights=${WEIGHTS:-q8_0 f32 f16}
+"$work/device_bench" --device cuda --model "$model" --weights "$(echo $weights | tr ' ' ,)" \
+  ${STAGES-"--stages 1,64"} 2>&1 | tee "$out/device-bench.log"
+
+# Serving variants, NAME:WEIGHTS:MAX_BATCH_TOKENS each.
+variants=${VARIANTS:-$(for w in $weights; do printf '%s:%s:2048 ' "$w" "$w"; done)}
 
 port=5001
-"$work/amlserve" --device cuda --model "$model" --host 127.0.0.1 --port $port --embedding-model none \
-  --max-batch-size 64 --max-batch-tokens 2048 --max-prefill-tokens-alone 4096 --kv-cache-mb 8192 \
-  --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
-{ curl -sf "http://127.0.0.1:$port/info"; echo
-  curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
-    -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks.txt"
-
-"$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
-  --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
-  --json "$out/serve.json" ${BENCH_ARGS:-} > "$out/loadtest.log" 2>&1 || { tail -20 "$out/loadtest.log"; exit 4; }
-curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics.txt" || true
-grep -E '^amlserve_(forward|step)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \
-  "$out/metrics.txt" || true
-python3 - "$out/serve.json" <<'PY'
+table="$out/serve-table.md"
+echo "| variant | load | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |" > "$table"
+echo "|---|---|---:|---:|---:|---:|---:|---:|" >> "$table"
+for variant in $variants; do
+  IFS=: read -r w wformat mbt <<< "$variant"
+  "$work/amlserve" --device cuda --model "$model" --weights "$wformat" --host 127.0.0.1 --port $port --embedding-model none \
+    --max-batch-size 64 --max-batch-tokens "$mbt" --max-prefill-tokens-alone "$((mbt > 4096 ? mbt : 4096))" --kv-cache-mb 8192 \
+    --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve-$w.log" 2>&1 &
+  pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+  { curl -sf "http://127.0.0.1:$port/info"; echo
+    curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+      -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks-$w.txt"
+  "$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
+    --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
+    --json "$out/serve-$w.json" ${BENCH_ARGS:-} > "$out/loadtest-$w.log" 2>&1 || { tail -20 "$out/loadtest-$w.log"; exit 4; }
+  curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics-$w.txt" || true
+  echo "server-side sums and counts, $variant:"
+  grep -E '^amlserve_(forward|step|time_to_first_token|queue_time)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \
+    "$out/metrics-$w.txt" || true
+  python3 - "$out/serve-$w.json" "$w" >> "$table" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
-print("\n| load | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |")
-print("|---|---:|---:|---:|---:|---:|---:|")
 for x in r:
-    print(f"| c={x['load']['value']} | {x['output_tokens_per_s']:.0f} | {x['ttft_ms']['p50']:.1f} | {x['ttft_ms']['p99']:.1f} "
+    print(f"| {sys.argv[2]} | c={x['load']['value']} | {x['output_tokens_per_s']:.0f} | {x['ttft_ms']['p50']:.1f} | {x['ttft_ms']['p99']:.1f} "
           f"| {x['itl_ms']['p50']:.2f} | {x['itl_ms']['p99']:.2f} | {x.get('errors', 0)} |")
 PY
+  kill $pid; wait $pid 2>/dev/null || true
+done
+echo; cat "$table"

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use amlserve::config::LogFormat;
+use amlserve::model::device::DeviceChoice;
 use amlserve::telemetry::{ExportLayer, Exporter};
 use clap::Parser;
 use tracing_subscriber::filter::filter_fn;
@@ -47,7 +48,8 @@ fn main() -> anyhow::Result<()> {
     let config = args.validate();
     if let Ok(c) = &config {
         // Before any other thread exists: it sets environment variables candle reads once.
-        amlserve::set_compute_threads(c.threads);
+        let gpu = amlserve::model::device::cuda_built() && !matches!(c.device, DeviceChoice::Cpu | DeviceChoice::CandleCpu);
+        amlserve::set_compute_threads(c.threads, gpu);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let otlp = config.as_ref().ok().and_then(|c| c.otlp.clone());

@@ -26,7 +26,7 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 fn load_pair(format: WeightFormat) -> (Model, Model) {
-    amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), false);
     let path = common::model_path();
     let fast = Model::load(&path, format).expect("fast CPU model");
     let info = DeviceInfo {
@@ -267,7 +267,7 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
+    use amlserve::model::device::ops::{AddRmsNorm, Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
     use amlserve::model::device::paged::BLOCK;
     use candle_core::{DType, Tensor};
 
@@ -401,6 +401,23 @@ mod cuda {
         let es = rel_err(&on(&dev), &on(&Device::Cpu));
         println!("swiglu {es:.2e}");
         assert!(es < 1e-5, "swiglu {es}");
+        // The residual add and norm, on rows that start past offset 0 (as the residual view does), both widths.
+        for hidden in [576, 640, 2048] {
+            let v = |seed: usize, n: usize| -> Vec<f32> {
+                (0..n).map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0).collect()
+            };
+            let on = |d: &Device| {
+                let rows = 37;
+                let x = Tensor::from_vec(v(1, (rows + 3) * hidden), (rows + 3, hidden), d).expect("x");
+                let x = x.narrow(0, 3, rows).expect("offset rows");
+                let y = Tensor::from_vec(v(2, rows * hidden), (rows, hidden), d).expect("y");
+                let w = Tensor::from_vec(v(3, hidden), hidden, d).expect("w");
+                x.apply_op3_no_bwd(&y, &w, &AddRmsNorm { eps: 1e-5 }).expect("add-rms-norm")
+            };
+            let en = rel_err(&on(&dev), &on(&Device::Cpu));
+            println!("add + rms norm, hidden {hidden}: {en:.2e}");
+            assert!(en < 1e-5, "add + rms norm {en}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use common::logits::{compare, greedy_reference, ours, Tolerance};
 fn our_forward_matches_candles_quantized_llama_logit_by_logit() {
     // Before any candle call, so every thread that builds a reference weight sees it.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), false);
     let path = common::model_path();
     let f32_model = Model::load(&path, WeightFormat::F32).expect("f32 model");
     let prompt = f32_model

@@ -17,12 +17,13 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Sets candle's compute threads; returns them and the model path.
-    pub fn apply(&self) -> (usize, PathBuf) {
+    /// Sets candle's compute threads (`gpu`: for a model on a GPU, see `set_compute_threads`); returns them and
+    /// the model path.
+    pub fn apply(&self, gpu: bool) -> (usize, PathBuf) {
         let threads = self
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        amlserve::set_compute_threads(threads);
+        amlserve::set_compute_threads(threads, gpu);
         let path = self
             .model
             .clone()

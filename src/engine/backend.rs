@@ -66,9 +66,51 @@ pub trait Backend: Send + 'static {
     fn kv_bytes_per_token(&self) -> usize;
     /// An empty cache that will hold at most `max_len` tokens, with room for `initial` now.
     fn new_kv(&self, initial: usize, max_len: usize) -> Self::Kv;
-    /// Runs one step over `batch` (no entry empty) and returns one logits row per entry with `want_logits`, in
-    /// batch order. On error the caches' contents are unspecified.
-    fn step(&self, batch: &mut [BatchEntry<'_, Self::Kv>]) -> Result<Vec<Vec<f32>>, StepError>;
+    /// Runs one step over `batch` (no entry empty) and writes one logits row per entry with `want_logits`, in
+    /// batch order, into `logits`. On error the caches' contents and `logits` are unspecified.
+    fn step(&self, batch: &mut [BatchEntry<'_, Self::Kv>], logits: &mut Logits) -> Result<(), StepError>;
+}
+
+/// The logits rows of one step in one buffer that the scheduler keeps from step to step. A row is 0.2 to 1 MiB
+/// (49k to 262k vocabularies), which glibc maps and zeroes afresh for every allocation above its 128 KiB mmap
+/// threshold ([`crate::allocator`]); a buffer that only ever grows is mapped and faulted in once.
+#[derive(Debug, Default)]
+pub struct Logits {
+    data: Vec<f32>,
+    rows: usize,
+    vocab: usize,
+}
+
+impl Logits {
+    /// Makes room for `rows` rows of `vocab` logits and returns them to fill (contents unspecified).
+    pub fn reset(&mut self, rows: usize, vocab: usize) -> &mut [f32] {
+        let n = rows * vocab;
+        if self.data.len() < n {
+            self.data.resize(n, 0.0);
+        }
+        (self.rows, self.vocab) = (rows, vocab);
+        &mut self.data[..n]
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// Every row, for writing.
+    pub fn rows_mut(&mut self) -> std::slice::ChunksExactMut<'_, f32> {
+        self.data[..self.rows * self.vocab].chunks_exact_mut(self.vocab.max(1))
+    }
+}
+
+/// Rows wanted from a batch: one per entry with `want_logits`.
+fn wanted<K>(batch: &[BatchEntry<'_, K>]) -> usize {
+    batch.iter().filter(|e| e.want_logits).count()
 }
 
 /// Text of generated ids and the ids that end generation.
@@ -125,10 +167,11 @@ impl Backend for LlamaBackend {
         SeqKv::new(self.0.config.kv_shape(), initial, max_len)
     }
 
-    fn step(&self, batch: &mut [BatchEntry<'_, SeqKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+    fn step(&self, batch: &mut [BatchEntry<'_, SeqKv>], logits: &mut Logits) -> Result<(), StepError> {
         let Some(llama) = self.0.cpu() else {
             return Err(StepError("the model is not on the CPU forward".into()));
         };
+        let out = logits.reset(wanted(batch), self.0.config.vocab_size);
         let mut chunks: Vec<SeqChunk<'_>> = batch
             .iter_mut()
             .map(|e| SeqChunk {
@@ -137,11 +180,7 @@ impl Backend for LlamaBackend {
                 want_logits: e.want_logits,
             })
             .collect();
-        let logits = llama.forward(&mut chunks)?;
-        if logits.dim(0)? == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(logits.to_vec2()?)
+        Ok(llama.forward_into(&mut chunks, out)?)
     }
 }
 
@@ -206,10 +245,11 @@ impl Backend for DeviceBackend {
         PagedKv::new(self.pool.clone(), max_len)
     }
 
-    fn step(&self, batch: &mut [BatchEntry<'_, PagedKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+    fn step(&self, batch: &mut [BatchEntry<'_, PagedKv>], logits: &mut Logits) -> Result<(), StepError> {
         let Forward::Device(llama, _) = &self.model.forward else {
             return Err(StepError("the model is not on a device forward".into()));
         };
+        let out = logits.reset(wanted(batch), self.model.config.vocab_size);
         let mut chunks: Vec<DeviceChunk<'_>> = batch
             .iter_mut()
             .map(|e| DeviceChunk {
@@ -218,7 +258,7 @@ impl Backend for DeviceBackend {
                 want_logits: e.want_logits,
             })
             .collect();
-        let logits = llama.forward(&mut chunks, &self.pool)?;
-        Ok(llama.rows_to_host(&logits)?)
+        let rows = llama.forward(&mut chunks, &self.pool)?;
+        Ok(llama.rows_to_host(&rows, out)?)
     }
 }

@@ -13,12 +13,16 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, StepError};
+use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, Logits, StepError};
 use super::constraint::{Constraint, ConstraintError, TokenMask};
 use super::prefix_cache::PrefixCache;
-use super::sequence::{Phase, Sequence};
+use super::sequence::{Choice, Phase, Sequence};
 use super::{Completion, EngineConfig, EngineStats, Event, FinishReason, Job};
 use crate::metrics::ModelMetrics;
+use crate::model::par;
+
+/// Rows from which a step's sampling is shared out on the compute pool.
+const PARALLEL_SAMPLING_ROWS: usize = 16;
 
 /// First KV allocation beyond the prompt; the cache doubles from there as tokens come.
 const INITIAL_KV_HEADROOM: usize = 64;
@@ -36,6 +40,8 @@ pub(super) struct Scheduler<B: Backend> {
     kv_bytes_per_token: usize,
     pub(super) prefix: PrefixCache<B::Kv>,
     open: bool,
+    /// The last step's logits rows (the buffer is kept for the next step).
+    logits: Logits,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -60,6 +66,7 @@ impl<B: Backend> Scheduler<B> {
             running: Vec::new(),
             kv_reserved: 0,
             open: true,
+            logits: Logits::default(),
         }
     }
 
@@ -303,12 +310,13 @@ impl<B: Backend> Scheduler<B> {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let backend = &self.backend;
+        let logits = &mut self.logits;
         let started = Instant::now();
-        let (rows, masks) = std::thread::scope(|s| {
+        let (stepped, masks) = std::thread::scope(|s| {
             let masking = (!grammars.is_empty()).then(|| s.spawn(|| compute_masks(&mut grammars)));
-            let rows = backend.step(&mut batch);
+            let stepped = backend.step(&mut batch, logits);
             self.metrics.forward_time.observe(started.elapsed().as_secs_f64());
-            (rows, masking.map(|h| h.join()))
+            (stepped, masking.map(|h| h.join()))
         });
         drop(batch);
         let masks = match masks {
@@ -325,27 +333,54 @@ impl<B: Backend> Scheduler<B> {
             self.running[i].constraint = Some(c);
             mask_of[i] = Some(mask);
         }
-        let rows = rows?;
-        if rows.len() != sampled.len() {
+        stepped?;
+        if self.logits.rows() != sampled.len() {
             return Err(StepError(format!(
                 "the backend returned {} logits rows for {} sequences",
-                rows.len(),
+                self.logits.rows(),
                 sampled.len()
             )));
         }
-        for (i, mut row) in sampled.into_iter().zip(rows) {
-            let mask = mask_of[i].take();
-            // Further choices fork off before the first token, each sampling from the same logits and mask.
-            if self.running[i].has_forks() {
-                for mut fork in self.running[i].fork_choices() {
-                    let same_mask = mask.as_ref().map(|m| m.as_ref().map_err(|e| e.clone()).cloned());
-                    fork.accept_logits(&*self.text, &self.metrics, &mut row.clone(), same_mask)
-                        .map_err(|e| StepError(e.to_string()))?;
-                    self.running.push(fork);
-                }
+        // Further choices of an `n > 1` request fork off before its first token, each sampling from the same
+        // logits and mask (rare: one step per such request, so done here, one at a time).
+        for (r, &i) in sampled.iter().enumerate() {
+            if !self.running[i].has_forks() {
+                continue;
             }
+            for mut fork in self.running[i].fork_choices() {
+                let same_mask = mask_of[i].as_ref().map(|m| m.as_ref().map_err(|e| e.clone()).cloned());
+                fork.accept_logits(&*self.text, &self.metrics, &mut self.logits.row(r).to_vec(), same_mask)
+                    .map_err(|e| StepError(e.to_string()))?;
+                self.running.push(fork);
+            }
+        }
+        // Sampling touches only each sequence's own sampler and row: from PARALLEL_SAMPLING_ROWS rows on, it is
+        // shared out on the compute pool (a row of a 49k vocabulary takes tens of microseconds; a step of 64 took
+        // milliseconds on one thread). Fewer rows are not worth waking the pool for.
+        let mut choices: Vec<Option<Choice>> = (0..sampled.len()).map(|_| None).collect();
+        {
+            let mut wanted = sampled.iter().copied().peekable();
+            let picks = self
+                .running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| wanted.next_if_eq(i).is_some())
+                .zip(self.logits.rows_mut())
+                .map(|((i, seq), row)| (seq, row, mask_of[i].take()))
+                .zip(choices.iter_mut());
+            let choose = |((seq, row, mask), out): ((&mut Sequence<B::Kv>, &mut [f32], _), &mut Option<Choice>)| {
+                *out = Some(seq.choose(row, mask));
+            };
+            if sampled.len() >= PARALLEL_SAMPLING_ROWS {
+                par::for_each_disjoint(picks.collect::<Vec<_>>().into_iter(), |_, p| choose(p));
+            } else {
+                picks.for_each(choose);
+            }
+        }
+        for (&i, choice) in sampled.iter().zip(choices) {
+            let choice = choice.ok_or_else(|| StepError("a row was not sampled".into()))?;
             self.running[i]
-                .accept_logits(&*self.text, &self.metrics, &mut row, mask)
+                .commit(&*self.text, &self.metrics, choice)
                 .map_err(|e| StepError(e.to_string()))?;
         }
         self.reap_running();

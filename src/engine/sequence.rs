@@ -239,16 +239,35 @@ impl<K: super::backend::KvCache> Sequence<K> {
         logits: &mut [f32],
         mask: Option<Result<TokenMask, ConstraintError>>,
     ) -> Result<(), ModelError> {
+        let choice = self.choose(logits, mask);
+        self.commit(tok, metrics, choice)
+    }
+
+    /// The first half of [`Self::accept_logits`]: what touches only this sequence's sampler and its logits row,
+    /// so the scheduler runs it for every row of a step in parallel. Applies the mask and samples.
+    pub fn choose(&mut self, logits: &mut [f32], mask: Option<Result<TokenMask, ConstraintError>>) -> Choice {
         let raw = self.logprobs.map(|_| logits.to_vec());
         match mask {
             Some(Ok(mask)) => mask.apply(logits),
-            Some(Err(e)) => {
+            Some(Err(e)) => return Choice::Failed(e),
+            None => {}
+        }
+        Choice::Token {
+            id: self.sampler.sample(logits),
+            raw,
+        }
+    }
+
+    /// The second half of [`Self::accept_logits`]: records and emits the chosen token and finishes the
+    /// sequence when a stop condition hits.
+    pub fn commit(&mut self, tok: &dyn Detokenizer, metrics: &ModelMetrics, choice: Choice) -> Result<(), ModelError> {
+        let (id, raw) = match choice {
+            Choice::Token { id, raw } => (id, raw),
+            Choice::Failed(e) => {
                 self.fail(metrics, &e);
                 return Ok(());
             }
-            None => {}
-        }
-        let id = self.sampler.sample(logits);
+        };
         self.tokens.push(id);
         self.phase = Phase::Decoding;
         let now = Instant::now();
@@ -299,4 +318,13 @@ impl<K: super::backend::KvCache> Sequence<K> {
         }
         Ok(())
     }
+}
+
+/// A sequence's pick from one logits row ([`Sequence::choose`]).
+#[derive(Debug)]
+pub enum Choice {
+    /// The sampled id, and the row before masking when log-probabilities were asked for.
+    Token { id: u32, raw: Option<Vec<f32>> },
+    /// The grammar's mask could not be computed.
+    Failed(ConstraintError),
 }

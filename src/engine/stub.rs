@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, StepError};
+use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, Logits, StepError};
 use crate::model::ModelError;
 
 /// Bytes the stub says one cached token costs.
@@ -108,7 +108,7 @@ impl Backend for StubBackend {
         }
     }
 
-    fn step(&self, batch: &mut [BatchEntry<'_, StubKv>]) -> Result<Vec<Vec<f32>>, StepError> {
+    fn step(&self, batch: &mut [BatchEntry<'_, StubKv>], logits: &mut Logits) -> Result<(), StepError> {
         if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(StepError("stub step failure".into()));
         }
@@ -129,15 +129,17 @@ impl Backend for StubBackend {
                     Some(n) if e.kv.tokens.len() == n => EOS,
                     _ => next_token(&e.kv.tokens),
                 };
-                let mut row = vec![0.0; VOCAB];
-                row[next as usize] = 1.0;
-                rows.push(row);
+                rows.push(next);
             }
         }
         if let Ok(mut steps) = self.steps.lock() {
             steps.push(parts);
         }
-        Ok(rows)
+        logits.reset(rows.len(), VOCAB).fill(0.0);
+        for (row, next) in logits.rows_mut().zip(rows) {
+            row[next as usize] = 1.0;
+        }
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@
 //! Knows nothing of scheduling, sampling or async code.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::activation;
 pub use super::arch::LlamaConfig;
@@ -126,9 +126,18 @@ impl Llama {
     }
 
     /// Runs one step over `chunks` and returns logits `[n, vocab]`, one row per chunk with `want_logits`, in
-    /// chunk order. Positions and token ids must have been validated by the caller (in range of the context
-    /// and vocabulary), since a panic inside candle's thread pool poisons it.
+    /// chunk order.
     pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> candle_core::Result<Tensor> {
+        let n = chunks.iter().filter(|c| c.want_logits).count();
+        let mut out = vec![0f32; n * self.config.vocab_size];
+        self.forward_into(chunks, &mut out)?;
+        Tensor::from_vec(out, (n, self.config.vocab_size), &Device::Cpu)
+    }
+
+    /// [`Self::forward`] writing the logits rows into `out` (`[n * vocab]`, every value overwritten), so the
+    /// caller can keep one buffer for every step. Positions and token ids must have been validated by the
+    /// caller (in range of the context and vocabulary), since a panic inside candle's thread pool poisons it.
+    pub fn forward_into(&self, chunks: &mut [SeqChunk<'_>], out: &mut [f32]) -> candle_core::Result<()> {
         let cfg = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -225,10 +234,16 @@ impl Llama {
         for c in chunks.iter_mut() {
             c.kv.advance(c.tokens.len());
         }
+        if out.len() != logit_rows.len() * cfg.vocab_size {
+            candle_core::bail!("{} logits rows do not fit a buffer of {}", logit_rows.len(), out.len())
+        }
+        if logit_rows.is_empty() {
+            return Ok(());
+        }
         let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &dev)?;
         let last = x.index_select(&rows, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+        self.lm_head.forward_into(&last, out)
     }
 }
 

@@ -127,11 +127,18 @@ impl VnniQ8 {
 
     /// `x` (`[m, k]`, row-major) times the matrix transposed: `[m, n]`.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len() / self.k * self.n];
+        self.matmul_into(x, &mut out);
+        out
+    }
+
+    /// [`Self::matmul`] into `out` (`[m, n]`, every value overwritten).
+    pub fn matmul_into(&self, x: &[f32], out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k;
-        let mut out = vec![0f32; m * n];
+        assert_eq!(out.len(), m * n, "matmul output size");
         if m == 0 {
-            return out;
+            return;
         }
         let acts = quantize(x, m, k);
         // Pieces: a span of whole tiles' columns in every output row, about `target_pieces` spans.
@@ -150,7 +157,6 @@ impl VnniQ8 {
                 }
             }
         });
-        out
     }
 }
 

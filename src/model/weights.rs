@@ -264,6 +264,18 @@ impl Linear {
         }
     }
 
+    /// The same product written into `out` (`[rows * out]`, every value overwritten).
+    pub fn forward_into(&self, x: &Tensor, out: &mut [f32]) -> candle_core::Result<()> {
+        match &self.kernel {
+            Kernel::Vnni(v) => {
+                check_cols(v, x)?;
+                v.matmul_into(&x.flatten_all()?.to_vec1::<f32>()?, out);
+            }
+            Kernel::Candle(..) => copy_to_slice(&self.forward(x)?, out)?,
+        }
+        Ok(())
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match &self.kernel {
@@ -275,11 +287,31 @@ impl Linear {
 
 /// `x` (`[rows, cols]`, f32) times `v` transposed, after checking the width.
 fn vnni_rows(v: &VnniQ8, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    check_cols(v, x)?;
+    Ok(v.matmul(&x.flatten_all()?.to_vec1::<f32>()?))
+}
+
+fn check_cols(v: &VnniQ8, x: &Tensor) -> candle_core::Result<()> {
     let (_, cols) = x.dims2()?;
     if cols != v.cols() {
         candle_core::bail!("matmul input has {cols} columns, the weight {}", v.cols())
     }
-    Ok(v.matmul(&x.flatten_all()?.to_vec1::<f32>()?))
+    Ok(())
+}
+
+/// Copies an f32 CPU tensor's values, in row-major order, into `out` (which must hold exactly as many).
+pub fn copy_to_slice(t: &Tensor, out: &mut [f32]) -> candle_core::Result<()> {
+    if t.elem_count() != out.len() {
+        candle_core::bail!("{} values for a buffer of {}", t.elem_count(), out.len())
+    }
+    let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("copy_to_slice wants a CPU tensor")
+    };
+    let start = layout.start_offset();
+    out.copy_from_slice(&cpu.as_slice::<f32>()?[start..start + out.len()]);
+    Ok(())
 }
 
 /// Bytes a matmul weight occupies in memory.

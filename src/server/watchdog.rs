@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
 
-use crate::engine::backend::{Backend, BatchEntry, StepError};
+use crate::engine::backend::{Backend, BatchEntry, Logits, StepError};
 use crate::engine::Engine;
 
 /// How often the watchdog thread samples the engine.
@@ -54,14 +54,14 @@ impl<B: Backend> Backend for Watched<B> {
         self.inner.new_kv(initial, max_len)
     }
 
-    fn step(&self, batch: &mut [BatchEntry<'_, Self::Kv>]) -> Result<Vec<Vec<f32>>, StepError> {
+    fn step(&self, batch: &mut [BatchEntry<'_, Self::Kv>], logits: &mut Logits) -> Result<(), StepError> {
         if self.wedge_at.is_some_and(|t| Instant::now() >= t) {
             tracing::warn!("--debug-wedge-engine-after-secs: the engine thread now sleeps forever");
             loop {
                 std::thread::park();
             }
         }
-        let out = self.inner.step(batch);
+        let out = self.inner.step(batch, logits);
         self.progress.steps.fetch_add(1, Ordering::Relaxed);
         out
     }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
+use super::ops::{AddRmsNorm, Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
 use super::paged::{KvPool, PagedKv};
+use super::stages::StageTimes;
 use crate::model::arch::{Family, LlamaConfig};
 use crate::model::block::check_shapes;
 use crate::model::weights::{self, WeightFormat};
@@ -72,6 +73,8 @@ pub struct DeviceLlama {
     rope: Tensor,
     /// Bytes held by weights on the device.
     pub weight_bytes: usize,
+    /// Time per stage of the forward, when switched on (benchmarks).
+    pub stages: StageTimes,
     /// Where logits are copied to on the host (CUDA).
     #[cfg(feature = "cuda")]
     pinned: super::cuda::PinnedLogits,
@@ -221,21 +224,23 @@ impl DeviceLlama {
             lm_head,
             rope,
             weight_bytes,
+            stages: StageTimes::default(),
             #[cfg(feature = "cuda")]
             pinned: Default::default(),
         })
     }
 
-    /// Logits `[n, vocab]` from [`Self::forward`] as host rows (through a page-locked buffer on CUDA).
-    pub fn rows_to_host(&self, logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    /// Logits `[n, vocab]` from [`Self::forward`] copied into `out` (`[n * vocab]`; through a page-locked
+    /// buffer on CUDA).
+    pub fn rows_to_host(&self, logits: &Tensor, out: &mut [f32]) -> candle_core::Result<()> {
         if logits.dim(0)? == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         #[cfg(feature = "cuda")]
-        if let Some(rows) = super::cuda::rows_to_host(logits, &self.pinned)? {
-            return Ok(rows);
+        if super::cuda::rows_to_host(logits, &self.pinned, out)? {
+            return Ok(());
         }
-        logits.to_vec2()
+        crate::model::weights::copy_to_slice(logits, out)
     }
 
     /// The device the model runs on.
@@ -295,10 +300,18 @@ impl DeviceLlama {
         let eps = cfg.rms_eps as f32;
         let q_scale = 1.0 / (cfg.head_dim as f32).sqrt();
 
+        let mut clock = self.stages.clock(dev)?;
         let mut x = self.embed.index_select(&Tensor::from_vec(ids, n_tok, dev)?, 0)?;
+        clock.mark("embed")?;
+        let Some(first) = self.layers.first() else {
+            candle_core::bail!("a model without layers")
+        };
+        let mut h = candle_nn::ops::rms_norm(&x, &first.attn_norm, eps)?;
+        clock.mark("attn norm")?;
+        let add_norm = AddRmsNorm { eps };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?.contiguous()?;
+            clock.mark("qkv matmul")?;
             qkv.inplace_op3(
                 &meta_t,
                 &self.rope,
@@ -308,14 +321,34 @@ impl DeviceLlama {
                     q_scale,
                 },
             )?;
+            clock.mark("rope")?;
             let cache = pool.layer(li);
             cache.inplace_op3(&qkv, &meta_t, &StoreKv { meta: step, heads })?;
+            clock.mark("kv store")?;
             let y = qkv.apply_op3_no_bwd(cache, &meta_t, &PagedAttention { meta: step, heads })?;
-            x = (x + layer.wo.forward(&y)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            clock.mark("attention")?;
+            let o = layer.wo.forward(&y)?;
+            clock.mark("out matmul")?;
+            let (residual, normed) = AddRmsNorm::split(&x.apply_op3_no_bwd(&o, &layer.ffn_norm, &add_norm)?)?;
+            (x, h) = (residual, normed);
+            clock.mark("add + ffn norm")?;
             let gu = layer.gate_up.forward(&h)?;
+            clock.mark("gate/up matmul")?;
             let act = gu.contiguous()?.apply_op1_no_bwd(&SwiGlu { width: layer.ffn_width })?;
-            x = (x + layer.down.forward(&act)?)?;
+            clock.mark("swiglu")?;
+            let d = layer.down.forward(&act)?;
+            clock.mark("down matmul")?;
+            // The residual add fused with the next layer's attention norm; after the last layer, a plain add
+            // (the output norm reads only the rows whose logits are wanted).
+            match self.layers.get(li + 1) {
+                Some(next) => {
+                    let (residual, normed) =
+                        AddRmsNorm::split(&x.apply_op3_no_bwd(&d, &next.attn_norm, &add_norm)?)?;
+                    (x, h) = (residual, normed);
+                }
+                None => x = (x + d)?,
+            }
+            clock.mark("add + attn norm")?;
         }
         for c in chunks.iter_mut() {
             c.kv.advance(c.tokens.len());
@@ -326,6 +359,8 @@ impl DeviceLlama {
         }
         let last = x.index_select(&Tensor::from_vec(logit_rows, n_rows, dev)?, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
+        clock.mark("output")?;
+        Ok(logits)
     }
 }

@@ -174,3 +174,24 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
         }
     }
 }
+
+// Grid (rows), 256 threads. out[0] = (x + y) / rms(x + y) * w, out[1] = x + y (the residual).
+extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, const float* y, const float* w,
+                                                 int rows, int hidden, float eps) {
+    __shared__ float red[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * hidden;
+    const float* yr = y + (size_t)r * hidden;
+    float* nr = out + (size_t)r * hidden;
+    float* sr = out + (size_t)rows * hidden + (size_t)r * hidden;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+        float v = xr[j] + yr[j];
+        sr[j] = v;
+        ss += v * v;
+    }
+    ss = block_reduce(ss, red, false);
+    float inv = 1.0f / sqrtf(ss / hidden + eps);
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) nr[j] = sr[j] * inv * w[j];
+}

@@ -17,6 +17,7 @@
 pub mod forward;
 pub mod ops;
 pub mod paged;
+pub mod stages;
 
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -300,6 +300,84 @@ impl CustomOp3 for PagedAttention {
     }
 }
 
+/// The residual add and the next RMS norm in one pass: of `x` and `y` (`[rows, hidden]` f32) and the norm's
+/// weight `w` (`[hidden]`), gives `[2, rows, hidden]`: `rms_norm(x + y) * w` (the next projection's input,
+/// first so that it starts at offset 0 for every matmul kernel), then the sum `x + y` (the new residual
+/// stream). One kernel and one read of the rows instead of two each.
+pub struct AddRmsNorm {
+    pub eps: f32,
+}
+
+impl AddRmsNorm {
+    /// The new residual and the normed rows from the op's output.
+    pub fn split(out: &candle_core::Tensor) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+        Ok((out.get(1)?, out.get(0)?))
+    }
+
+    fn check(&self, xl: &Layout, yl: &Layout, wl: &Layout) -> candle_core::Result<(usize, usize)> {
+        let (rows, hidden) = xl.shape().dims2()?;
+        if yl.shape().dims2()? != (rows, hidden) || wl.shape().elem_count() != hidden {
+            candle_core::bail!(
+                "add-rms-norm: shapes {:?}, {:?}, {:?}",
+                xl.shape(),
+                yl.shape(),
+                wl.shape()
+            )
+        }
+        Ok((rows, hidden))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "amlserve-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, hidden) = self.check(xl, yl, wl)?;
+        let (x, y, w) = (
+            cpu_slice::<f32>(self.name(), x, xl)?,
+            cpu_slice::<f32>(self.name(), y, yl)?,
+            cpu_slice::<f32>(self.name(), w, wl)?,
+        );
+        let mut out = vec![0f32; 2 * rows * hidden];
+        let (normed, sum) = out.split_at_mut(rows * hidden);
+        for ((s, n), (xr, yr)) in sum
+            .chunks_exact_mut(hidden)
+            .zip(normed.chunks_exact_mut(hidden))
+            .zip(x.chunks_exact(hidden).zip(y.chunks_exact(hidden)))
+        {
+            s.iter_mut().zip(xr.iter().zip(yr)).for_each(|(s, (a, b))| *s = a + b);
+            let inv = 1.0 / (s.iter().map(|v| v * v).sum::<f32>() / hidden as f32 + self.eps).sqrt();
+            n.iter_mut().zip(s.iter().zip(w)).for_each(|(n, (v, w))| *n = v * inv * w);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2, rows, hidden))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, hidden) = self.check(xl, yl, wl)?;
+        let out = super::cuda::add_rms_norm(self, (x, xl), (y, yl), (w, wl), rows, hidden)?;
+        Ok((out, Shape::from((2, rows, hidden))))
+    }
+}
+
 /// The gated MLP's activation in one pass: `silu(gate) * up` of `[tokens, 2 * width]` rows holding the gate's
 /// outputs, then up's, giving `[tokens, width]` f32 (one kernel instead of three).
 pub struct SwiGlu {
