@@ -77,12 +77,13 @@ soak: models
 	scripts/soak.sh
 
 ## Container image from the sources alone (no model baked in; Azure ML and Kubernetes mount one), OCI-labelled with
-## the commit. DOCKER=podman works too; IMAGE names it.
+## the commit. DOCKER=podman works too; IMAGE names it; DOCKERFILE=docker/Dockerfile.cuda builds the CUDA image.
 DOCKER ?= docker
 IMAGE ?= amlserve:cpu
+DOCKERFILE ?= docker/Dockerfile
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 image:
-	$(DOCKER) build -f docker/Dockerfile --build-arg VCS_REF=$(GIT_SHA) \
+	$(DOCKER) build -f $(DOCKERFILE) --build-arg VCS_REF=$(GIT_SHA) \
 		--build-arg VERSION=$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev) -t $(IMAGE) .
 
 ## The demo image: $(IMAGE) with the default SmolLM2 GGUF baked in (opt-in; needs `make models`), built from a

@@ -1,9 +1,11 @@
-//! Deployment files: every Azure ML YAML under `deploy/azureml` loads with the official `azure-ai-ml` SDK's offline
-//! loaders, every Kubernetes manifest under `deploy/kubernetes` validates against the Kubernetes schemas
-//! (`kubernetes-validate`, strict) or, for the KEDA and prometheus-operator resources, against the part of their
-//! CRD schemas the manifests use; the values they share with amlserve agree, the probes hit the right paths, and no
-//! release identity is written into a file (`tests/python/deploy_manifests.py`). The metrics the scaling setup
-//! reads must exist in a real server's `/metrics`.
+//! Deployment files: every Azure ML YAML under `deploy/azureml` (CPU and GPU variants) loads with the official
+//! `azure-ai-ml` SDK's offline loaders, every Kubernetes manifest under `deploy/kubernetes/base` and every object the
+//! GPU overlay (`deploy/kubernetes/gpu`) renders to validates against the Kubernetes schemas (`kubernetes-validate`,
+//! strict) or, for the KEDA and prometheus-operator resources, against the part of their CRD schemas the manifests
+//! use; the values they share with amlserve agree, the probes hit the right paths, the GPU variants run only on GPUs
+//! the CUDA image supports with `AMLSERVE_DEVICE=cuda`, and no release identity is written into a file; `deploy.sh`
+//! runs against a stand-in `az` (`tests/python/deploy_manifests.py`). The metrics the scaling setup reads must exist
+//! in a real server's `/metrics`.
 //! The packages come from `.venv` (made by `make test-deps`), or `AMLSERVE_TEST_PYTHON` names the interpreter.
 
 mod common;
@@ -15,20 +17,39 @@ async fn azureml_and_kubernetes_manifests_validate() {
     let root = env!("CARGO_MANIFEST_DIR");
     let stdout = common::run_python("deploy_manifests.py", &[root], "deploy manifest checks passed").await;
     let deploy = std::path::Path::new(root).join("deploy");
-    for dir in ["azureml", "kubernetes"] {
-        for entry in std::fs::read_dir(deploy.join(dir)).expect("deploy folder") {
-            let name = entry.expect("entry").file_name().into_string().expect("UTF-8 name");
+    // Every YAML file, in every folder below deploy/azureml and deploy/kubernetes, must have been checked; every
+    // Kubernetes folder but the base is an overlay, which must have been rendered.
+    let mut dirs = vec!["azureml".to_string(), "kubernetes".to_string()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(deploy.join(&dir)).expect("deploy folder") {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().into_string().expect("UTF-8 name");
+            if entry.file_type().expect("file type").is_dir() {
+                let sub = format!("{dir}/{name}");
+                if dir == "kubernetes" && name != "base" {
+                    assert!(
+                        stdout.contains(&format!("ok  deploy/{sub}: overlay rendered")),
+                        "overlay {sub} was not rendered:\n{stdout}"
+                    );
+                }
+                dirs.push(sub);
+                continue;
+            }
             if name == "kustomization.yaml" {
-                continue; // read for its resource list, not validated as an object
+                continue; // read for its resources and patches, not validated as an object
             }
             if name.ends_with(".yml") || name.ends_with(".yaml") {
                 assert!(
                     stdout.contains(&format!("ok  deploy/{dir}/{name}")),
-                    "{name} was not checked:\n{stdout}"
+                    "{dir}/{name} was not checked:\n{stdout}"
                 );
             }
         }
     }
+    assert!(
+        stdout.contains("ok  deploy/azureml/deploy.sh: image, create and release of both variants"),
+        "{stdout}"
+    );
 
     // The autoscaler reads these series: each must be one the server exports.
     let scaling: Vec<&str> = stdout

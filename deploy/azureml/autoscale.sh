@@ -12,7 +12,7 @@
 #   in  -1  RequestLatency_P90 < 8 s over 15 min (every request fits in the batch at once), 15 min cooldown: a
 #           removed instance drains its streams (drain delay + shutdown grace).
 # amlserve's own queue-depth and KV-cache gauges (amlserve_num_requests_waiting, amlserve_kv_cache_usage_perc) are
-# the better signal, as on Kubernetes (deploy/kubernetes/scaledobject.yaml), but a managed endpoint does not scrape
+# the better signal, as on Kubernetes (deploy/kubernetes/base/scaledobject.yaml), but a managed endpoint does not scrape
 # /metrics, and amlserve does not export them to Azure Monitor yet (README.md "Metrics in Azure Monitor" says what it
 # takes); until then the gateway's per-deployment latency and 429s stand in for them.
 #

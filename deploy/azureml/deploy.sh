@@ -2,8 +2,12 @@
 # amlserve on an Azure ML managed online endpoint, step by step with the az CLI (`az extension add -n ml`).
 # Run from anywhere; README.md explains each step and shows the az commands it runs.
 #
-#   deploy.sh image                 build docker/Dockerfile in the workspace's ACR, tagged with the release (az acr build)
-#   deploy.sh create                model, environment amlserve-cpu:<release> (image by digest), endpoint, slot blue at 100%
+#   deploy.sh [--gpu] STEP [ARGS]   --gpu (or AMLSERVE_VARIANT=gpu): the GPU variant of image, create and release
+#
+#   deploy.sh image                 build docker/Dockerfile (--gpu: Dockerfile.cuda) in the workspace's ACR, tagged with
+#                                   the release (az acr build)
+#   deploy.sh create                model, environment amlserve-cpu:<release> (--gpu: amlserve-cuda; image by digest),
+#                                   endpoint, slot blue at 100%
 #   deploy.sh release               the next release beside the live slot: its own environment version, the other slot
 #                                   (blue <-> green), 0% traffic, tested through the azureml-model-deployment header
 #   deploy.sh shift PERCENT         scale the new slot like the live one, then send it PERCENT% of live traffic
@@ -20,21 +24,39 @@
 # Env: RESOURCE_GROUP, WORKSPACE (required); ENDPOINT_NAME (amlserve-<user>: unique per region); ACR (the workspace's
 #      registry by default); RELEASE (the git commit, 12 hex digits: names the image tag and the environment version;
 #      a dirty work tree is refused unless ALLOW_DIRTY=1); BAKE_MINUTES (60: how long the old slot stays at 0% after
-#      promote); MODEL_PATH (a .gguf, default SmolLM2); LOG_ANALYTICS_WORKSPACE (diagnostics: name or resource id).
+#      promote); MODEL_PATH (a .gguf, default SmolLM2); LOG_ANALYTICS_WORKSPACE (diagnostics: name or resource id);
+#      AMLSERVE_VARIANT (cpu, or gpu = --gpu: docker/Dockerfile.cuda as image amlserve-cuda:<release>, environment
+#      amlserve-cuda from environment-gpu.yml, deployment-gpu.yml); INSTANCE_TYPE (the deployment's SKU instead of
+#      the template's, e.g. Standard_NC40ads_H100_v5); ACR_BUILD_TIMEOUT (7200 s: a cold build compiles every crate).
+#      The other steps act on slots, whichever variant they run: a GPU release can follow a CPU one, and back.
 set -euo pipefail
 
-if [ -z "${1:-}" ] || [ "$1" = -h ] || [ "$1" = --help ]; then sed -n '2,23p' "$0"; exit 2; fi
+usage() { sed -n '2,31p' "$0"; exit 2; }
+args=()
+for a in "$@"; do if [ "$a" = --gpu ]; then AMLSERVE_VARIANT=gpu; else args+=("$a"); fi; done
+set -- "${args[@]}"
+if [ -z "${1:-}" ] || [ "$1" = -h ] || [ "$1" = --help ]; then usage; fi
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 : "${RESOURCE_GROUP:?set RESOURCE_GROUP}" "${WORKSPACE:?set WORKSPACE}"
 ENDPOINT_NAME=${ENDPOINT_NAME:-amlserve-$(whoami | tr -cd 'a-z0-9' | cut -c1-20)}
 MODEL_PATH=${MODEL_PATH:-$repo/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 BAKE_MINUTES=${BAKE_MINUTES:-60}
-ENVIRONMENT=amlserve-cpu
 aml=(--resource-group "$RESOURCE_GROUP" --workspace-name "$WORKSPACE")
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'deploy.sh: %s\n' "$*" >&2; exit 1; }
+
+# What differs between the variants is only which files and names a release uses; every step below is shared.
+# Each variant has its own image repository and environment name, so a commit released on both never collides.
+VARIANT=${AMLSERVE_VARIANT:-cpu}
+case "$VARIANT" in
+  cpu) DOCKERFILE=docker/Dockerfile IMAGE_REPO=amlserve ENVIRONMENT=amlserve-cpu
+       ENVIRONMENT_FILE=environment.yml DEPLOYMENT_FILE=deployment.yml ;;
+  gpu) DOCKERFILE=docker/Dockerfile.cuda IMAGE_REPO=amlserve-cuda ENVIRONMENT=amlserve-cuda
+       ENVIRONMENT_FILE=environment-gpu.yml DEPLOYMENT_FILE=deployment-gpu.yml ;;
+  *) die "AMLSERVE_VARIANT must be cpu or gpu, not '$VARIANT'" ;;
+esac
 
 # The release identity: the commit the image is built from. Nothing in the YAMLs carries it.
 release() {
@@ -55,9 +77,9 @@ acr() {
 image_by_digest() {
   local tag=$1 registry digest
   registry=$(acr)
-  digest=$(az acr repository show --name "$registry" --image "amlserve:$tag" --query digest -o tsv) \
-    || die "no image amlserve:$tag in $registry: run deploy.sh image first"
-  echo "$registry.azurecr.io/amlserve@$digest"
+  digest=$(az acr repository show --name "$registry" --image "$IMAGE_REPO:$tag" --query digest -o tsv) \
+    || die "no image $IMAGE_REPO:$tag in $registry: run deploy.sh image first (variant $VARIANT)"
+  echo "$registry.azurecr.io/$IMAGE_REPO@$digest"
 }
 
 scoring_uri() { az ml online-endpoint show --name "$ENDPOINT_NAME" "${aml[@]}" --query scoring_uri -o tsv; }
@@ -79,8 +101,8 @@ live() {
   echo "$l"
 }
 
-# Registers environment amlserve-cpu:<release> pointing at the release's image digest (once; a second call with the
-# same release reuses it, and refuses if it points elsewhere).
+# Registers environment $ENVIRONMENT:<release> (amlserve-cpu or amlserve-cuda) pointing at the release's image digest
+# (once; a second call with the same release reuses it, and refuses if it points elsewhere).
 register_environment() {
   local rel=$1 img existing
   img=$(image_by_digest "$rel")
@@ -91,16 +113,18 @@ register_environment() {
     return
   fi
   say "registering environment $ENVIRONMENT:$rel -> $img"
-  az ml environment create --file "$here/environment.yml" --version "$rel" --set image="$img" "${aml[@]}" -o none
+  az ml environment create --file "$here/$ENVIRONMENT_FILE" --version "$rel" --set image="$img" "${aml[@]}" -o none
 }
 
-# Creates deployment SLOT from deployment.yml with the release's environment; extra args go to the create.
+# Creates deployment SLOT from the variant's template (deployment.yml, deployment-gpu.yml) with the release's
+# environment; extra args go to the create.
 create_slot() {
-  local slot=$1 rel=$2
+  local slot=$1 rel=$2 sku=()
   shift 2
-  say "creating deployment $slot (release $rel; waits until its instances are ready)"
-  az ml online-deployment create --file "$here/deployment.yml" --name "$slot" --endpoint-name "$ENDPOINT_NAME" \
-    --set environment="azureml:$ENVIRONMENT:$rel" --set tags.release="$rel" "$@" "${aml[@]}" -o none
+  [ -z "${INSTANCE_TYPE:-}" ] || sku=(--set instance_type="$INSTANCE_TYPE")
+  say "creating deployment $slot ($VARIANT, release $rel; waits until its instances are ready)"
+  az ml online-deployment create --file "$here/$DEPLOYMENT_FILE" --name "$slot" --endpoint-name "$ENDPOINT_NAME" \
+    --set environment="azureml:$ENVIRONMENT:$rel" --set tags.release="$rel" "${sku[@]}" "$@" "${aml[@]}" -o none
 }
 
 set_traffic() {
@@ -131,12 +155,14 @@ cmd_image() {
   local rel registry
   rel=$(release)
   registry=$(acr)
-  say "building docker/Dockerfile as $registry.azurecr.io/amlserve:$rel in ACR (cloud build; no model baked in)"
-  az acr build --registry "$registry" --image "amlserve:$rel" --file "$repo/docker/Dockerfile" \
+  say "building $DOCKERFILE as $registry.azurecr.io/$IMAGE_REPO:$rel in ACR (cloud build; no model baked in)"
+  # The build agent needs no GPU: Dockerfile.cuda compiles the kernels for CUDA_COMPUTE_CAP (80) without one.
+  az acr build --registry "$registry" --image "$IMAGE_REPO:$rel" --file "$repo/$DOCKERFILE" \
+    --timeout "${ACR_BUILD_TIMEOUT:-7200}" \
     --build-arg VCS_REF="$(git -C "$repo" rev-parse HEAD)" --build-arg VERSION="$rel" "$repo"
   say "pushed $(image_by_digest "$rel")"
-  # With a local engine instead: docker build -f docker/Dockerfile -t "$registry.azurecr.io/amlserve:$rel" . &&
-  #   az acr login -n "$registry" && docker push "$registry.azurecr.io/amlserve:$rel"
+  # With a local engine instead: docker build -f $DOCKERFILE -t "$registry.azurecr.io/$IMAGE_REPO:$rel" . &&
+  #   az acr login -n "$registry" && docker push "$registry.azurecr.io/$IMAGE_REPO:$rel"
 }
 
 cmd_create() {
@@ -279,5 +305,5 @@ shift
 case "$step" in
   image | create | release | shift | promote | rollback | retire | status | test | autoscale | diagnostics | logs | delete)
     "cmd_$step" "$@" ;;
-  *) echo "unknown step '$step'" >&2; sed -n '2,23p' "$0"; exit 2 ;;
+  *) echo "unknown step '$step'" >&2; usage ;;
 esac
