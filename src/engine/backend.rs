@@ -54,7 +54,7 @@ pub struct StepError(pub String);
 
 impl From<candle_core::Error> for StepError {
     fn from(e: candle_core::Error) -> Self {
-        Self(e.to_string())
+        Self(crate::model::candle_message(&e))
     }
 }
 

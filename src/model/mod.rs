@@ -55,8 +55,17 @@ pub enum ModelError {
     /// The device forward does not run this model (another family, say); the CPU forward does.
     #[error("{0}")]
     DeviceUnsupported(String),
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set: error messages
+/// reach response bodies (a failed load's 503, say), which never carry internals.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }
 
 /// The weights and forward pass a model runs on.
@@ -290,4 +299,18 @@ pub enum ContentTokens {
     Text,
     /// As control tokens, like the template's own markup (llama.cpp's and vLLM's behaviour).
     Parsed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_read_without_their_backtrace() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("no such device".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(ModelError::Candle(e).to_string(), "no such device");
+    }
 }
