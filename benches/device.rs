@@ -181,7 +181,10 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama) {
         llama.stages.set(false);
         let stages = llama.stages.take();
         let total: f64 = stages.iter().map(|s| s.1).sum();
-        println!("\nstages of a decode step, batch {b}, context {} (device waited for after each stage)", args.context);
+        println!(
+            "\nstages of a decode step, batch {b}, context {} (device waited for after each stage)",
+            args.context
+        );
         println!("\n| stage | ms per step | share |");
         println!("|---|---:|---:|");
         for (name, ms, _) in &stages {

@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${BENCH_MODEL:-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+# llama-server's file: the same by default; its strongest setting is usually a Q8_0 requantization
+# (`llama-quantize --allow-requantize IN OUT Q8_0`), given as LLAMA_MODEL.
+llama_model=${LLAMA_MODEL:-$model}
 target=${BENCH_TARGET:-openai-chat}
 out=${BENCH_OUT:-target/bench-serve}
 mkdir -p "$out"
@@ -52,7 +55,7 @@ measure amlserve "$port"
 if [ -n "${LLAMA_SERVER:-}" ]; then
   mkdir -p "$out/llama-server"
   port=$(free_port)
-  "$LLAMA_SERVER" -m "$model" -t "${LLAMA_THREADS:-2}" -np 16 -c 16384 --host 127.0.0.1 --port "$port" \
+  "$LLAMA_SERVER" -m "$llama_model" -t "${LLAMA_THREADS:-2}" -np 16 -c 16384 --host 127.0.0.1 --port "$port" \
     >"$out/llama-server.log" 2>&1 &
   pid=$!
   measure llama-server "$port"

@@ -48,7 +48,8 @@ fn main() -> anyhow::Result<()> {
     let config = args.validate();
     if let Ok(c) = &config {
         // Before any other thread exists: it sets environment variables candle reads once.
-        let gpu = amlserve::model::device::cuda_built() && !matches!(c.device, DeviceChoice::Cpu | DeviceChoice::CandleCpu);
+        let gpu =
+            amlserve::model::device::cuda_built() && !matches!(c.device, DeviceChoice::Cpu | DeviceChoice::CandleCpu);
         amlserve::set_compute_threads(c.threads, gpu);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -404,7 +404,9 @@ mod cuda {
         // The residual add and norm, on rows that start past offset 0 (as the residual view does), both widths.
         for hidden in [576, 640, 2048] {
             let v = |seed: usize, n: usize| -> Vec<f32> {
-                (0..n).map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0).collect()
+                (0..n)
+                    .map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0)
+                    .collect()
             };
             let on = |d: &Device| {
                 let rows = 37;
@@ -412,7 +414,8 @@ mod cuda {
                 let x = x.narrow(0, 3, rows).expect("offset rows");
                 let y = Tensor::from_vec(v(2, rows * hidden), (rows, hidden), d).expect("y");
                 let w = Tensor::from_vec(v(3, hidden), hidden, d).expect("w");
-                x.apply_op3_no_bwd(&y, &w, &AddRmsNorm { eps: 1e-5 }).expect("add-rms-norm")
+                x.apply_op3_no_bwd(&y, &w, &AddRmsNorm { eps: 1e-5 })
+                    .expect("add-rms-norm")
             };
             let en = rel_err(&on(&dev), &on(&Device::Cpu));
             println!("add + rms norm, hidden {hidden}: {en:.2e}");

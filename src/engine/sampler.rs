@@ -352,5 +352,4 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN; 9]), 0);
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
     }
-
 }

@@ -242,7 +242,11 @@ pub(super) type PinnedLogits =
 
 /// Copies `t` (`[n, v]` f32 on a CUDA device) into `out` through a page-locked buffer kept for the next call;
 /// false when `t` is not on CUDA.
-pub(super) fn rows_to_host(t: &candle_core::Tensor, pinned: &PinnedLogits, out: &mut [f32]) -> candle_core::Result<bool> {
+pub(super) fn rows_to_host(
+    t: &candle_core::Tensor,
+    pinned: &PinnedLogits,
+    out: &mut [f32],
+) -> candle_core::Result<bool> {
     let (n, v) = t.dims2()?;
     if out.len() != n * v {
         candle_core::bail!("{n} logits rows do not fit a buffer of {}", out.len())

@@ -342,8 +342,7 @@ impl DeviceLlama {
             // (the output norm reads only the rows whose logits are wanted).
             match self.layers.get(li + 1) {
                 Some(next) => {
-                    let (residual, normed) =
-                        AddRmsNorm::split(&x.apply_op3_no_bwd(&d, &next.attn_norm, &add_norm)?)?;
+                    let (residual, normed) = AddRmsNorm::split(&x.apply_op3_no_bwd(&d, &next.attn_norm, &add_norm)?)?;
                     (x, h) = (residual, normed);
                 }
                 None => x = (x + d)?,

@@ -357,7 +357,9 @@ impl CustomOp3 for AddRmsNorm {
         {
             s.iter_mut().zip(xr.iter().zip(yr)).for_each(|(s, (a, b))| *s = a + b);
             let inv = 1.0 / (s.iter().map(|v| v * v).sum::<f32>() / hidden as f32 + self.eps).sqrt();
-            n.iter_mut().zip(s.iter().zip(w)).for_each(|(n, (v, w))| *n = v * inv * w);
+            n.iter_mut()
+                .zip(s.iter().zip(w))
+                .for_each(|(n, (v, w))| *n = v * inv * w);
         }
         Ok((CpuStorage::F32(out), Shape::from((2, rows, hidden))))
     }
