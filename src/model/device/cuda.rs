@@ -25,7 +25,12 @@ const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
 pub(super) fn open(ordinal: usize) -> Result<(Device, DeviceInfo), String> {
     // One stream of our own for every thread (candle's default is each thread's own default stream): the
     // loader uploads and the engine thread computes on the same stream, in order.
-    let cuda = CudaDevice::new_with_stream(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {}", crate::model::candle_message(&e)))?;
+    let cuda = CudaDevice::new_with_stream(ordinal).map_err(|e| {
+        format!(
+            "cannot open CUDA device {ordinal}: {}",
+            crate::model::candle_message(&e)
+        )
+    })?;
     if std::env::var_os("AMLSERVE_CUDA_EVENT_TRACKING").is_none_or(|v| v != "1") {
         // SAFETY: every buffer is used on the one stream above, so the events cudarc would record to order
         // uses across streams are never needed (they cost driver calls on every launch).
