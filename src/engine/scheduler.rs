@@ -368,9 +368,6 @@ impl<B: Backend> Scheduler<B> {
                 .zip(self.logits.rows_mut())
                 .map(|((i, seq), row)| (seq, row, mask_of[i].take()))
                 .zip(choices.iter_mut());
-            let choose = |((seq, row, mask), out): ((&mut Sequence<B::Kv>, &mut [f32], _), &mut Option<Choice>)| {
-                *out = Some(seq.choose(row, mask));
-            };
             if sampled.len() >= PARALLEL_SAMPLING_ROWS {
                 par::for_each_disjoint(picks.collect::<Vec<_>>().into_iter(), |_, p| choose(p));
             } else {
@@ -390,6 +387,13 @@ impl<B: Backend> Scheduler<B> {
 }
 
 type MaskResult = Result<TokenMask, ConstraintError>;
+
+/// One row to sample: the sequence, its logits row and grammar mask, and where its choice goes.
+type Pick<'a, K> = ((&'a mut Sequence<K>, &'a mut [f32], Option<MaskResult>), &'a mut Option<Choice>);
+
+fn choose<K: KvCache>(((seq, row, mask), out): Pick<'_, K>) {
+    *out = Some(seq.choose(row, mask));
+}
 
 /// Each grammar's mask for the next token, with the time it took.
 fn compute_masks(grammars: &mut [(usize, Box<dyn Constraint>)]) -> Vec<(MaskResult, Duration)> {
