@@ -389,7 +389,10 @@ impl<B: Backend> Scheduler<B> {
 type MaskResult = Result<TokenMask, ConstraintError>;
 
 /// One row to sample: the sequence, its logits row and grammar mask, and where its choice goes.
-type Pick<'a, K> = ((&'a mut Sequence<K>, &'a mut [f32], Option<MaskResult>), &'a mut Option<Choice>);
+type Pick<'a, K> = (
+    (&'a mut Sequence<K>, &'a mut [f32], Option<MaskResult>),
+    &'a mut Option<Choice>,
+);
 
 fn choose<K: KvCache>(((seq, row, mask), out): Pick<'_, K>) {
     *out = Some(seq.choose(row, mask));

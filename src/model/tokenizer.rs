@@ -68,6 +68,39 @@ struct Bpe {
     spelling: Spelling,
 }
 
+impl Bpe {
+    /// The vocabulary around `inner` (special tokens already added), with its copy that parses none.
+    fn vocab(
+        inner: Tokenizer,
+        tokens: Vec<String>,
+        byte: Vec<bool>,
+        spellable: [bool; 256],
+        spelling: Spelling,
+    ) -> Vocab {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Vocab::Bpe(Box::new(Self {
+            inner,
+            plain,
+            tokens,
+            byte,
+            spellable,
+            spelling,
+        }))
+    }
+}
+
+/// Per byte value: whether one of `normal` (a byte-level vocabulary's normal tokens) spells it alone.
+fn byte_level_spellable<'a>(normal: impl Iterator<Item = &'a String>) -> [bool; 256] {
+    let mut spellable = [false; 256];
+    for t in normal {
+        if let [b] = raw_bytes(t, false, Spelling::ByteLevel)[..] {
+            spellable[b as usize] = true;
+        }
+    }
+    spellable
+}
+
 /// The vocabulary proper, by family.
 #[derive(Clone)]
 enum Vocab {
@@ -234,12 +267,13 @@ fn bpe_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab
         .collect();
     let byte: Vec<bool> = types.iter().map(|&t| t == token_type::BYTE).collect();
     // Byte tokens (`<0xHH>`) do not count: the BPE model here never falls back to them.
-    let mut spellable = [false; 256];
-    for (t, _) in tokens.iter().zip(types).filter(|(_, &ty)| ty == token_type::NORMAL) {
-        if let [b] = raw_bytes(t, false, Spelling::ByteLevel)[..] {
-            spellable[b as usize] = true;
-        }
-    }
+    let spellable = byte_level_spellable(
+        tokens
+            .iter()
+            .zip(types)
+            .filter(|(_, &ty)| ty == token_type::NORMAL)
+            .map(|(t, _)| t),
+    );
     let specials: Vec<AddedToken> = tokens
         .iter()
         .zip(&special)
@@ -249,17 +283,7 @@ fn bpe_vocab(md: &Metadata, tokens: Vec<String>, types: &[u32]) -> Result<(Vocab
     inner
         .add_special_tokens(specials)
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-    let mut plain = inner.clone();
-    plain.set_encode_special_tokens(true);
-    let vocab = Vocab::Bpe(Box::new(Bpe {
-        inner,
-        plain,
-        tokens,
-        byte,
-        spellable,
-        spelling: Spelling::ByteLevel,
-    }));
-    Ok((vocab, special))
+    Ok((Bpe::vocab(inner, tokens, byte, spellable, Spelling::ByteLevel), special))
 }
 
 /// The SentencePiece-style vocabulary and its special tokens.
@@ -343,14 +367,12 @@ impl TextTokenizer {
             .zip(&special)
             .map(|(t, &s)| hf.byte_fallback && !s && byte_token_value(t).is_some())
             .collect();
-        let mut spellable = [hf.spelling != Spelling::ByteLevel; 256];
-        if hf.spelling == Spelling::ByteLevel {
-            for (t, _) in tokens.iter().zip(&special).filter(|(_, &s)| !s) {
-                if let [b] = raw_bytes(t, false, Spelling::ByteLevel)[..] {
-                    spellable[b as usize] = true;
-                }
+        let spellable = match hf.spelling {
+            Spelling::ByteLevel => {
+                byte_level_spellable(tokens.iter().zip(&special).filter(|(_, &s)| !s).map(|(t, _)| t))
             }
-        }
+            _ => [true; 256],
+        };
         let shield = ContentShield::new((0..n).filter(|&i| special[i]).map(|i| (tokens[i].clone(), i as u32)))?;
         let in_vocab = |what: &str, id: u32| match (id as usize) < n {
             true => Ok(id),
@@ -365,16 +387,7 @@ impl TextTokenizer {
             stops.push(in_vocab("an eos_token_id", id)?);
         }
         let stop_ids = with_turn_ends(stops, n, |i| tokens.get(i).map(String::as_str));
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
-        let vocab = Vocab::Bpe(Box::new(Bpe {
-            inner,
-            plain,
-            tokens,
-            byte,
-            spellable,
-            spelling: hf.spelling,
-        }));
+        let vocab = Bpe::vocab(inner, tokens, byte, spellable, hf.spelling);
         Ok(Self {
             vocab,
             shield,
