@@ -112,8 +112,11 @@ check-cuda:
 
 ## What scripts/gpu-check.sh runs on a GPU machine: the CUDA binaries (for compute capability 9.0 unless
 ## CUDA_COMPUTE_CAP says otherwise) and the model in two pieces, under .gpu (see scripts/gpu-pack.sh).
+## Every step sees the same CUDA_COMPUTE_CAP: candle's kernels rebuild (with everything above them, ~10 min)
+## whenever it changes, and env.sh's own default (80) used to win in the first step.
+gpu-pack: export CUDA_COMPUTE_CAP ?= 90
 gpu-pack: models
 	scripts/cuda-toolchain.sh
-	. target/cuda-toolchain/env.sh && CUDA_COMPUTE_CAP=$${CUDA_COMPUTE_CAP:-90} $(CARGO) build --release --features cuda --lib
+	. target/cuda-toolchain/env.sh && $(CARGO) build --release --features cuda --lib
 	scripts/cuda-toolchain.sh stub
-	CUDA_ENV=target/cuda-toolchain/env.sh CUDA_COMPUTE_CAP=$${CUDA_COMPUTE_CAP:-90} scripts/gpu-pack.sh
+	CUDA_ENV=target/cuda-toolchain/env.sh scripts/gpu-pack.sh
