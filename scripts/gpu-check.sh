@@ -50,7 +50,9 @@ fi
 # Step times of the forward alone (host issue, device wait, logits copy) per weight format, and where a decode
 # step's time goes at batch 1 and 64.
 weights=${WEIGHTS:-q8_0 f32 f16}
-"$work/device_bench" --device cuda --model "$model" --weights "$(echo $weights | tr ' ' ,)" \
+# STAGES (default --stages 1,64; empty for none) is split into words on purpose.
+# shellcheck disable=SC2086
+"$work/device_bench" --device cuda --model "$model" --weights "$(echo "$weights" | tr ' ' ,)" \
   ${STAGES-"--stages 1,64"} 2>&1 | tee "$out/device-bench.log"
 
 # Serving variants, NAME:WEIGHTS:MAX_BATCH_TOKENS each.
