@@ -24,8 +24,10 @@ pub mod model;
 pub mod server;
 pub mod telemetry;
 
-/// Idle spins of a pool thread before it sleeps, when the model computes on a GPU (candle's default is 25,000,
-/// about a millisecond). There the pool only samples and copies logits between steps, and threads spinning
+/// Idle spins of a pool thread before it sleeps in a CUDA build whose `--device` is not `cpu` (candle's default
+/// is 25,000, about a millisecond). It is chosen before the device is opened (the pool reads it once, and
+/// environment variables are set only before other threads exist), so `auto` falling back to the CPU keeps the
+/// short spin too. There the pool only samples and copies logits between steps, and threads spinning
 /// after each use competed with the engine thread launching the next step's kernels: on a 16-core H200 host,
 /// single-stream decode fell from 338 to 180 tok/s.
 const GPU_POOL_SPIN_LIMIT: &str = "1000";
