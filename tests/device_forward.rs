@@ -298,8 +298,15 @@ mod cuda {
         (num / den.max(1e-30)).sqrt()
     }
 
-    /// Runs rope, store and attention on `dev` over the same random inputs; returns (qkv, pool, out).
-    fn run_ops(dev: &Device, heads: Heads, seqs: &[(usize, usize)], seed: u64) -> (Tensor, Tensor, Tensor) {
+    /// Runs rope, store and attention (with a sliding `window` if given) on `dev` over the same random inputs;
+    /// returns (qkv, pool, out).
+    fn run_ops(
+        dev: &Device,
+        heads: Heads,
+        seqs: &[(usize, usize)],
+        seed: u64,
+        window: Option<usize>,
+    ) -> (Tensor, Tensor, Tensor) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let ctx = seqs.iter().map(|(s, t)| s + t).max().unwrap_or(1);
@@ -350,7 +357,15 @@ mod cuda {
         pool.inplace_op3(&qkv, &meta, &StoreKv { meta: step, heads })
             .expect("store");
         let out = qkv
-            .apply_op3_no_bwd(&pool, &meta, &PagedAttention { meta: step, heads })
+            .apply_op3_no_bwd(
+                &pool,
+                &meta,
+                &PagedAttention {
+                    meta: step,
+                    heads,
+                    window,
+                },
+            )
             .expect("attention");
         (qkv, pool, out)
     }
@@ -377,15 +392,19 @@ mod cuda {
         ];
         // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions.
         let seqs = [(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
-        for (i, heads) in shapes.into_iter().enumerate() {
-            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, &seqs, i as u64);
-            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, &seqs, i as u64);
+        // Sliding windows (Gemma 3's local layers) narrower and wider than the attention kernel's key tile.
+        let cases = shapes
+            .into_iter()
+            .flat_map(|h| [(h, None), (h, Some(37)), (h, Some(512))]);
+        for (i, (heads, window)) in cases.enumerate() {
+            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, &seqs, i as u64, window);
+            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, &seqs, i as u64, window);
             let (eq, ep, eo) = (
                 rel_err(&q_gpu, &q_cpu),
                 rel_err(&p_gpu, &p_cpu),
                 rel_err(&o_gpu, &o_cpu),
             );
-            println!("{heads:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)");
+            println!("{heads:?}, window {window:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)");
             assert!(eq < 1e-5, "rope {eq}");
             assert!(ep < 1e-3, "store {ep}");
             assert!(eo < 1e-4, "attention {eo}");

@@ -11,18 +11,20 @@
 //! prefill mask admits one key more than its decode cache does (the decode cache counts as Hugging Face and
 //! llama.cpp do, and so do we). The Gemma model has a window of 8 and runs 44 positions.
 //!
-//! Our forward runs the prompt whole and in two chunks packed with another sequence. The weights are f32, the
-//! reference's values (the quantized kernels are compared on the real model in `reference_forward.rs`).
+//! Both our forwards, the CPU one and the device one (what `--device cuda` runs, here on candle's CPU backend),
+//! run the prompt whole and in two chunks packed with another sequence. The weights are f32, the reference's
+//! values (the quantized kernels are compared on the real model in `reference_forward.rs`).
 
 mod common;
 
 use std::collections::HashMap;
 
+use amlserve::model::device::DeviceLlama;
 use amlserve::model::{Llama, WeightFormat};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::logits::{compare_whole_and_packed, greedy_reference, noise, Tolerance};
+use common::logits::{compare_whole_and_packed, greedy_reference, noise, OnDevice, Tolerance};
 
 const VOCAB: usize = 320;
 const CONTEXT: usize = 256;
@@ -210,6 +212,18 @@ fn check_family(name: &str, path: &std::path::Path, prompt: &[u32], want: &[Vec<
     let (content, mut file) = read(path);
     let model = Llama::load(&content, &mut file, WeightFormat::F32).expect("our model");
     compare_whole_and_packed(name, &model, prompt, want, generated, &tol);
+    // The device forward (what `--device cuda` runs) on candle's CPU backend, against the same reference.
+    let (content, mut file) = read(path);
+    let device = DeviceLlama::load(&content, &mut file, WeightFormat::F32, &Device::Cpu).expect("device model");
+    let on_device = OnDevice::new(&device);
+    compare_whole_and_packed(
+        &format!("{name} (device forward)"),
+        &on_device,
+        prompt,
+        want,
+        generated,
+        &tol,
+    );
 }
 
 fn prompt(len: usize) -> Vec<u32> {

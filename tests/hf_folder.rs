@@ -21,10 +21,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use amlserve::model::{Model, SeqChunk, SeqKv, WeightFormat};
+use amlserve::model::{Forward, Model, SeqChunk, SeqKv, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::logits::{argmax, compare_whole_and_packed, greedy_reference, noise, Tolerance};
+use common::logits::{argmax, compare_whole_and_packed, greedy_reference, noise, OnDevice, Tolerance};
 use common::Server;
 use serde_json::{json, Value};
 
@@ -406,6 +406,15 @@ fn compare_with_reference(name: &str, dir: &Path, prompt: &[u32], forward: impl 
     let ours = model.cpu().expect("the CPU forward");
     assert_eq!(ours.config.vocab_size, VOCAB);
     compare_whole_and_packed(name, ours, prompt, &want, &generated, &F32_TOLERANCE);
+    // The device forward (here on candle's CPU backend) reads the same folder.
+    let info = amlserve::model::device::DeviceInfo::cpu();
+    let model = Model::load_on(dir, WeightFormat::F32, Some((&Device::Cpu, info))).expect("the device forward");
+    let Forward::Device(device, _) = &model.forward else {
+        panic!("not the device forward")
+    };
+    let on_device = OnDevice::new(device);
+    let name = format!("{name} (device forward)");
+    compare_whole_and_packed(&name, &on_device, prompt, &want, &generated, &F32_TOLERANCE);
 }
 
 // ---- the families -------------------------------------------------------------------------------------------
@@ -866,12 +875,6 @@ fn a_bad_config_or_an_unexpected_tensor_is_a_clear_error() {
     assert_refused(dir.path(), "config.json: not JSON");
     write_json(&dir.path().join("config.json"), &good);
     Model::load(dir.path(), WeightFormat::F32).expect("the good config loads");
-    // The device forward reads GGUF files only: a folder is refused there (and `--device auto` falls back).
-    let info = amlserve::model::device::DeviceInfo::cpu();
-    match Model::load_on(dir.path(), WeightFormat::F32, Some((&Device::Cpu, info))) {
-        Err(amlserve::model::ModelError::DeviceUnsupported(why)) => assert!(why.contains("--device cpu"), "{why}"),
-        other => panic!("the device forward took a folder: {other:?}"),
-    }
 
     // A tensor the forward would skip (an output bias): refused, named.
     let mut w = weights("llama", SMALL, false);

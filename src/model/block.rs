@@ -1,34 +1,38 @@
 //! One transformer block's weights, loaded from any [`TensorSource`] (a GGUF, a Hugging Face folder) for any
 //! [`Family`], and the shape checks that run before any of them is read.
 
+use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
 use super::arch::{Family, LlamaConfig};
 use super::source::{TensorShapes, TensorSource};
-use super::weights::{FusedLinear, Linear, WeightFormat};
+use super::weights::{unpermute_rope_rows, FusedLinear, Linear, WeightFormat};
 use super::ModelError;
 
 /// The fewest tensors any family's block has (phi3: norms, fused qkv, output, fused gate/up, down).
 const MIN_TENSORS_PER_BLOCK: usize = 6;
 
-/// A block's weights, in the forward's order.
-pub(crate) struct Block {
+/// A block's tensors as read from the source, before a forward converts the matrices to its own form (the CPU
+/// forward's [`Block`], the device forward's uploaded layer): the one place that knows each family's tensor
+/// names and layouts.
+pub(crate) struct BlockTensors {
     pub attn_norm: Tensor,
-    /// Query, key and value projections, side by side per token.
-    pub qkv: FusedLinear,
+    /// The query, key and value projections in that order (phi3: one fused matrix), query and key rows in the
+    /// half-split rotary layout.
+    pub qkv: Vec<QTensor>,
     /// Biases of q, k and v, side by side (qwen2).
     pub qkv_bias: Option<Vec<f32>>,
     /// RMS norm weights applied to each query and each key head (qwen3, gemma3).
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
-    pub wo: Linear,
+    pub wo: QTensor,
     /// Norm of the attention's output before the residual add (gemma3).
     pub post_attn_norm: Option<Tensor>,
     pub ffn_norm: Tensor,
-    /// Gate and up projections (the gate's rows, then up's).
-    pub gate_up: FusedLinear,
+    /// The gate and up projections, in that order (phi3: one matrix holding the gate's rows, then up's).
+    pub gate_up: Vec<QTensor>,
     /// Width of each of gate and up.
     pub ffn_width: usize,
-    pub w_down: Linear,
+    pub w_down: QTensor,
     /// Norm of the MLP's output before the residual add (gemma3).
     pub post_ffn_norm: Option<Tensor>,
 }
@@ -37,9 +41,34 @@ fn name(i: usize, t: &str) -> String {
     format!("blk.{i}.{t}")
 }
 
-impl Block {
-    /// Loads block `i` (shapes checked by [`check_shapes`]).
-    pub fn load(
+/// Reads `names`, un-permuting the rows of those flagged as rotated (see `weights::unpermute_rope_rows`).
+fn read_parts(
+    src: &mut dyn TensorSource,
+    names: &[(&str, bool)],
+    head_dim: usize,
+    format: WeightFormat,
+) -> Result<Vec<QTensor>, ModelError> {
+    names
+        .iter()
+        .map(|&(name, rope)| {
+            let t = src.tensor(name, format)?;
+            if rope {
+                unpermute_rope_rows(t, head_dim)
+            } else {
+                Ok(t)
+            }
+        })
+        .collect()
+}
+
+/// Rows of a matrix tensor.
+fn rows(t: &QTensor) -> Result<usize, ModelError> {
+    Ok(t.shape().dims2()?.0)
+}
+
+impl BlockTensors {
+    /// Reads block `i` (shapes checked by [`check_shapes`]).
+    pub fn read(
         src: &mut dyn TensorSource,
         cfg: &LlamaConfig,
         i: usize,
@@ -49,16 +78,16 @@ impl Block {
         let t = |n: &str| name(i, n);
         let (hd, rope) = (cfg.head_dim, src.interleaved_rope());
         let (qkv, gate_up, ffn_width) = if fam.fused_projections() {
-            let qkv = FusedLinear::load(src, &[(&t("attn_qkv.weight"), false)], hd, format)?;
-            let gate_up = FusedLinear::load(src, &[(&t("ffn_up.weight"), false)], hd, format)?;
-            let width = gate_up.widths()[0] / 2;
+            let qkv = read_parts(src, &[(&t("attn_qkv.weight"), false)], hd, format)?;
+            let gate_up = read_parts(src, &[(&t("ffn_up.weight"), false)], hd, format)?;
+            let width = rows(&gate_up[0])? / 2;
             (qkv, gate_up, width)
         } else {
             let (q, k, v) = (t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight"));
-            let qkv = FusedLinear::load(src, &[(&q, rope), (&k, rope), (&v, false)], hd, format)?;
+            let qkv = read_parts(src, &[(&q, rope), (&k, rope), (&v, false)], hd, format)?;
             let (gate, up) = (t("ffn_gate.weight"), t("ffn_up.weight"));
-            let gate_up = FusedLinear::load(src, &[(&gate, false), (&up, false)], hd, format)?;
-            let width = gate_up.widths()[0];
+            let gate_up = read_parts(src, &[(&gate, false), (&up, false)], hd, format)?;
+            let width = rows(&gate_up[0])?;
             (qkv, gate_up, width)
         };
         let qkv_bias = if src.contains(&t("attn_q.bias")) {
@@ -91,13 +120,55 @@ impl Block {
             qkv,
             qkv_bias,
             qk_norm,
-            wo: Linear::new(src.tensor(&t("attn_output.weight"), format)?, format)?,
+            wo: src.tensor(&t("attn_output.weight"), format)?,
             post_attn_norm,
             ffn_norm: src.f32(&t("ffn_norm.weight"))?,
             gate_up,
             ffn_width,
-            w_down: Linear::new(src.tensor(&t("ffn_down.weight"), format)?, format)?,
+            w_down: src.tensor(&t("ffn_down.weight"), format)?,
             post_ffn_norm,
+        })
+    }
+}
+
+/// A block's weights for the CPU forward, in the forward's order (see [`BlockTensors`] for each field).
+pub(crate) struct Block {
+    pub attn_norm: Tensor,
+    /// Query, key and value projections, side by side per token.
+    pub qkv: FusedLinear,
+    pub qkv_bias: Option<Vec<f32>>,
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub wo: Linear,
+    pub post_attn_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    /// Gate and up projections (the gate's rows, then up's).
+    pub gate_up: FusedLinear,
+    pub ffn_width: usize,
+    pub w_down: Linear,
+    pub post_ffn_norm: Option<Tensor>,
+}
+
+impl Block {
+    /// Loads block `i` (shapes checked by [`check_shapes`]).
+    pub fn load(
+        src: &mut dyn TensorSource,
+        cfg: &LlamaConfig,
+        i: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let t = BlockTensors::read(src, cfg, i, format)?;
+        Ok(Self {
+            attn_norm: t.attn_norm,
+            qkv: FusedLinear::new(t.qkv, format)?,
+            qkv_bias: t.qkv_bias,
+            qk_norm: t.qk_norm,
+            wo: Linear::new(t.wo, format)?,
+            post_attn_norm: t.post_attn_norm,
+            ffn_norm: t.ffn_norm,
+            gate_up: FusedLinear::new(t.gate_up, format)?,
+            ffn_width: t.ffn_width,
+            w_down: Linear::new(t.w_down, format)?,
+            post_ffn_norm: t.post_ffn_norm,
         })
     }
 

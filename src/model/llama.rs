@@ -91,28 +91,7 @@ impl Llama {
         };
         weight_bytes += lm_head.bytes() + embed.bytes();
         let norm = src.f32("output_norm.weight")?;
-        let factors = match src.contains("rope_freqs.weight") {
-            true => Some(src.vec("rope_freqs.weight")?),
-            false => None,
-        };
-        // One table per distinct (base, scale) among the layers.
-        let (mut kinds, mut ropes, mut layer_rope) = (Vec::new(), Vec::new(), Vec::new());
-        for li in 0..config.n_layer {
-            let kind = config.layer_rope(li);
-            let at = kinds.iter().position(|&k| k == kind).unwrap_or_else(|| {
-                let (base, scale) = kind;
-                kinds.push(kind);
-                ropes.push(RopeTable::scaled(
-                    config.head_dim,
-                    config.context_length,
-                    base,
-                    scale,
-                    factors.as_deref(),
-                ));
-                kinds.len() - 1
-            });
-            layer_rope.push(at);
-        }
+        let (ropes, layer_rope) = RopeTable::for_model(src, &config)?;
         Ok(Self {
             config,
             embed,

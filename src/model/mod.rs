@@ -52,9 +52,6 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("{0}")]
     Template(String),
-    /// The device forward does not run this model (another family, say); the CPU forward does.
-    #[error("{0}")]
-    DeviceUnsupported(String),
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
@@ -123,22 +120,14 @@ impl Model {
         }
     }
 
-    /// Loads the model as [`Self::load`] does; with a device, onto the device-generic forward there (GGUF files
-    /// only, so far).
+    /// Loads the model as [`Self::load`] does; with a device, onto the device-generic forward there.
     pub fn load_on(
         path: &Path,
         format: WeightFormat,
         on: Option<(&candle_core::Device, device::DeviceInfo)>,
     ) -> Result<Self, ModelError> {
         if path.is_dir() {
-            if on.is_some() {
-                return Err(ModelError::DeviceUnsupported(
-                    "the device forward reads GGUF files only so far; serve this Hugging Face folder with \
-                     --device cpu"
-                        .into(),
-                ));
-            }
-            return Self::load_folder(path, format);
+            return Self::load_folder(path, format, on);
         }
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
@@ -183,8 +172,13 @@ impl Model {
         })
     }
 
-    /// Loads a Hugging Face folder (`config.json`, safetensors, `tokenizer.json`) onto the CPU forward.
-    fn load_folder(dir: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+    /// Loads a Hugging Face folder (`config.json`, safetensors, `tokenizer.json`) onto the CPU forward, or with a
+    /// device onto the device-generic forward there.
+    fn load_folder(
+        dir: &Path,
+        format: WeightFormat,
+        on: Option<(&candle_core::Device, device::DeviceInfo)>,
+    ) -> Result<Self, ModelError> {
         let hf = hf_config::HfConfig::read(dir)?;
         // Tokenizer and template first: they fail fast, the weights take a while.
         let (tokenizer, template) = hf_tokenizer::load(dir, &hf, hf.config.vocab_size)?;
@@ -193,7 +187,14 @@ impl Model {
             .map(|source| ChatTemplate::new(&source, &bos, &eos))
             .transpose()?;
         let mut source = hf_folder::HfSource::open(dir, &hf)?;
-        let llama = Llama::load_from(&mut source, hf.config.clone(), format).map_err(|e| match e {
+        let config = hf.config.clone();
+        let forward = match on {
+            None => Llama::load_from(&mut source, config, format).map(Forward::Cpu),
+            Some((dev, info)) => {
+                device::DeviceLlama::load_from(&mut source, config, format, dev).map(|l| Forward::Device(l, info))
+            }
+        }
+        .map_err(|e| match e {
             // The shared loader's words for a bad file are a GGUF's.
             ModelError::Metadata(m) => ModelError::Folder(format!("{}: {m}", dir.display())),
             other => other,
@@ -205,8 +206,8 @@ impl Model {
         Ok(Self {
             name,
             path: dir.to_path_buf(),
-            config: llama.config.clone(),
-            forward: Forward::Cpu(llama),
+            config: hf.config,
+            forward,
             tokenizer,
             template,
         })

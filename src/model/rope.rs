@@ -1,6 +1,10 @@
 //! Rotary position embeddings applied in place on plain rows, in the half-split layout (pairs `i, i + d/2`)
 //! that the loader gives query and key heads (see `weights::unpermute_rope_rows`).
 
+use super::arch::LlamaConfig;
+use super::source::TensorSource;
+use super::ModelError;
+
 /// Precomputed `cos` / `sin` of every position up to the context length.
 #[derive(Debug)]
 pub struct RopeTable {
@@ -35,6 +39,41 @@ impl RopeTable {
             }
         }
         Self { half, cos, sin }
+    }
+
+    /// One table per distinct (base, scale) among `cfg`'s layers, and which one each layer uses (Gemma 3's
+    /// sliding and global layers differ), with the source's `rope_freqs` (Llama 3) if it has them.
+    pub(crate) fn for_model(
+        src: &mut dyn TensorSource,
+        cfg: &LlamaConfig,
+    ) -> Result<(Vec<Self>, Vec<usize>), ModelError> {
+        let factors = match src.contains("rope_freqs.weight") {
+            true => Some(src.vec("rope_freqs.weight")?),
+            false => None,
+        };
+        let factors = factors.as_deref();
+        let (mut kinds, mut tables, mut of_layer) = (Vec::new(), Vec::new(), Vec::new());
+        for li in 0..cfg.n_layer {
+            let kind = cfg.layer_rope(li);
+            let at = kinds.iter().position(|&k| k == kind).unwrap_or_else(|| {
+                let (base, scale) = kind;
+                kinds.push(kind);
+                tables.push(Self::scaled(cfg.head_dim, cfg.context_length, base, scale, factors));
+                kinds.len() - 1
+            });
+            of_layer.push(at);
+        }
+        Ok((tables, of_layer))
+    }
+
+    /// The table as rows `[positions, head_dim]`: each position's cosines, then its sines (the device forward's
+    /// layout).
+    pub fn cos_sin_rows(&self) -> Vec<f32> {
+        self.cos
+            .chunks_exact(self.half)
+            .zip(self.sin.chunks_exact(self.half))
+            .flat_map(|(c, s)| c.iter().chain(s).copied())
+            .collect()
     }
 
     /// Rotates every head (`head_dim` values each) of `row` to position `pos`.

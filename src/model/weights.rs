@@ -11,7 +11,6 @@ use std::borrow::Cow;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::source::TensorSource;
 use super::vnni_q8::{self, Vnni, VnniQ8};
 use super::ModelError;
 
@@ -91,21 +90,9 @@ pub struct FusedLinear {
 }
 
 impl FusedLinear {
-    /// Loads `names` (with `rope` set for query/key projections, see [`unpermute_rope_rows`]).
-    pub(crate) fn load(
-        src: &mut dyn TensorSource,
-        names: &[(&str, bool)],
-        head_dim: usize,
-        format: WeightFormat,
-    ) -> Result<Self, ModelError> {
-        let mut parts = Vec::with_capacity(names.len());
-        for &(name, rope) in names {
-            let mut t = src.tensor(name, format)?;
-            if rope {
-                t = unpermute_rope_rows(t, head_dim)?;
-            }
-            parts.push(t);
-        }
+    /// The projections `parts` (same input width) as one matmul where their types allow stacking their rows,
+    /// else one each.
+    pub(crate) fn new(parts: Vec<QTensor>, format: WeightFormat) -> Result<Self, ModelError> {
         let widths = parts
             .iter()
             .map(|p| p.shape().dims2().map(|d| d.0))

@@ -65,7 +65,7 @@ use crate::engine::Engine;
 use crate::grammar::Grammars;
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::embedding::EmbeddingModel;
-use crate::model::{device, ContentTokens, Forward, Model, ModelError};
+use crate::model::{device, ContentTokens, Forward, Model};
 use error::{ApiError, Dialect};
 pub use transport::{serve, Limits};
 use types::{Health, HealthStatus};
@@ -663,15 +663,7 @@ fn load_language(
         );
     }
     tracing::info!(model = %spec.name, path = %spec.path.display(), weights = ?config.weights, "loading model");
-    let mut model = match Model::load_on(&spec.path, config.weights, on) {
-        // `--device auto` picked the GPU, whose forward does not run this family yet: the CPU's does.
-        Err(ModelError::DeviceUnsupported(why)) if config.device == device::DeviceChoice::Auto => {
-            tracing::warn!(model = %spec.name, reason = %why, "serving this model on the CPU");
-            Model::load_on(&spec.path, config.weights, None)
-        }
-        loaded => loaded,
-    }
-    .map_err(|e| e.to_string())?;
+    let mut model = Model::load_on(&spec.path, config.weights, on).map_err(|e| e.to_string())?;
     model.name = spec.name.clone();
     if let Some(template) = &config.chat_template {
         model.use_chat_template_if_none(template).map_err(|e| e.to_string())?;

@@ -1,8 +1,102 @@
 //! Logit-by-logit comparison of our forward with a reference implementation: one row per step over a prompt
 //! and [`STEPS`] tokens the reference picks greedily, each checked against a [`Tolerance`]; and the
-//! deterministic [`noise`] the synthetic models of these comparisons are made of.
+//! deterministic [`noise`] the synthetic models of these comparisons are made of. Either forward can be compared:
+//! the CPU one ([`Llama`]) or the device one ([`OnDevice`], here on candle's CPU backend).
 
+use std::sync::Arc;
+
+use amlserve::model::device::forward::DeviceChunk;
+use amlserve::model::device::{DeviceLlama, KvPool, PagedKv};
 use amlserve::model::{Llama, SeqChunk, SeqKv};
+
+/// A forward these comparisons run, with its own kind of per-sequence cache.
+pub trait Runner {
+    type Kv;
+    fn vocab(&self) -> usize;
+    /// A cache for a sequence of up to `capacity` tokens.
+    fn cache(&self, capacity: usize) -> Self::Kv;
+    /// Tokens the cache holds.
+    fn cached(kv: &Self::Kv) -> usize;
+    /// One step over `(cache, tokens, want logits)` chunks; the wanted rows, in chunk order.
+    fn step(&self, chunks: &mut [(&mut Self::Kv, &[u32], bool)]) -> Vec<Vec<f32>>;
+}
+
+impl Runner for Llama {
+    type Kv = SeqKv;
+
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn cache(&self, capacity: usize) -> SeqKv {
+        SeqKv::new(self.config.kv_shape(), 8, capacity)
+    }
+
+    fn cached(kv: &SeqKv) -> usize {
+        kv.len()
+    }
+
+    fn step(&self, chunks: &mut [(&mut SeqKv, &[u32], bool)]) -> Vec<Vec<f32>> {
+        let mut chunks: Vec<SeqChunk<'_>> = chunks
+            .iter_mut()
+            .map(|(kv, tokens, want)| SeqChunk {
+                kv,
+                tokens,
+                want_logits: *want,
+            })
+            .collect();
+        self.forward(&mut chunks)
+            .expect("forward")
+            .to_vec2::<f32>()
+            .expect("logits")
+    }
+}
+
+/// The device forward with a KV pool of its own.
+pub struct OnDevice<'a> {
+    pub llama: &'a DeviceLlama,
+    pub pool: Arc<KvPool>,
+}
+
+impl<'a> OnDevice<'a> {
+    /// `llama` with a pool of 64 MiB.
+    pub fn new(llama: &'a DeviceLlama) -> Self {
+        let pool = llama.new_pool(64 << 20).expect("kv pool");
+        Self { llama, pool }
+    }
+}
+
+impl Runner for OnDevice<'_> {
+    type Kv = PagedKv;
+
+    fn vocab(&self) -> usize {
+        self.llama.config.vocab_size
+    }
+
+    fn cache(&self, capacity: usize) -> PagedKv {
+        PagedKv::new(self.pool.clone(), capacity)
+    }
+
+    fn cached(kv: &PagedKv) -> usize {
+        kv.len()
+    }
+
+    fn step(&self, chunks: &mut [(&mut PagedKv, &[u32], bool)]) -> Vec<Vec<f32>> {
+        let mut chunks: Vec<DeviceChunk<'_>> = chunks
+            .iter_mut()
+            .map(|(kv, tokens, want)| DeviceChunk {
+                kv,
+                tokens,
+                want_logits: *want,
+            })
+            .collect();
+        self.llama
+            .forward(&mut chunks, &self.pool)
+            .expect("device forward")
+            .to_vec2::<f32>()
+            .expect("logits")
+    }
+}
 
 /// Tokens generated after the prompt.
 pub const STEPS: usize = 32;
@@ -90,43 +184,30 @@ pub fn greedy_reference(
 
 /// Our logits for the same steps: the prompt in forward calls split at `split` (logits from the last), then
 /// one call per generated token. With `neighbour`, another sequence's tokens share every call.
-pub fn ours(
-    model: &Llama,
+pub fn ours<R: Runner>(
+    model: &R,
     prompt: &[u32],
     split: &[usize],
     generated: &[u32],
     neighbour: Option<&[u32]>,
 ) -> Vec<Vec<f32>> {
-    let shape = model.config.kv_shape();
     let total = prompt.len() + generated.len();
-    let mut kv = SeqKv::new(shape, 8, total);
-    let mut other = SeqKv::new(shape, 8, 4096);
+    let mut kv = model.cache(total);
+    let mut other = model.cache(4096);
     let mut step = |tokens: &[u32], want: bool| -> Option<Vec<f32>> {
         // The neighbour prefills its whole text in the first call, then adds one token per call.
         let theirs: Vec<u32> = match neighbour {
-            Some(n) if other.is_empty() => n.to_vec(),
-            Some(n) => vec![n[other.len() % n.len()]],
+            Some(n) if R::cached(&other) == 0 => n.to_vec(),
+            Some(n) => vec![n[R::cached(&other) % n.len()]],
             None => Vec::new(),
         };
         let mut chunks = Vec::new();
         if !theirs.is_empty() {
             // Packed before ours, with its own logits, so our row is not simply the first.
-            chunks.push(SeqChunk {
-                kv: &mut other,
-                tokens: &theirs,
-                want_logits: true,
-            });
+            chunks.push((&mut other, theirs.as_slice(), true));
         }
-        chunks.push(SeqChunk {
-            kv: &mut kv,
-            tokens,
-            want_logits: want,
-        });
-        let logits = model
-            .forward(&mut chunks)
-            .expect("forward")
-            .to_vec2::<f32>()
-            .expect("logits");
+        chunks.push((&mut kv, tokens, want));
+        let logits = model.step(&mut chunks);
         want.then(|| logits.last().expect("our row").clone())
     };
     let mut rows = Vec::new();
@@ -146,9 +227,9 @@ pub fn ours(
 
 /// Runs our forward the two ways a server runs it, the prompt whole and in two chunks packed with another
 /// sequence, and compares both runs with the reference's rows (`want`, for the prompt and `generated`).
-pub fn compare_whole_and_packed(
+pub fn compare_whole_and_packed<R: Runner>(
     name: &str,
-    model: &Llama,
+    model: &R,
     prompt: &[u32],
     want: &[Vec<f32>],
     generated: &[u32],
@@ -160,7 +241,7 @@ pub fn compare_whole_and_packed(
         want,
         tol,
     );
-    let vocab = model.config.vocab_size as u32;
+    let vocab = model.vocab() as u32;
     let neighbour: Vec<u32> = (0..9u32).map(|i| (i * 53 + 5) % vocab).collect();
     let got = ours(model, prompt, &[prompt.len() / 2], generated, Some(&neighbour));
     compare(

@@ -218,6 +218,8 @@ pub(super) fn paged_attention(
         h.n_kv_head as i32,
         h.head_dim as i32,
     );
+    // 0: no window (a window beyond i32 is none in practice).
+    let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let cfg = LaunchConfig {
         grid_dim: (op.meta.tokens as u32, h.n_head as u32, 1),
         block_dim: (ATTN_THREADS, 1, 1),
@@ -233,7 +235,8 @@ pub(super) fn paged_attention(
         .arg(&width)
         .arg(&nh)
         .arg(&nkv)
-        .arg(&hd);
+        .arg(&hd)
+        .arg(&window);
     // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the caches.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))

@@ -1,5 +1,11 @@
-//! The batched llama forward on a candle `Device`: weights uploaded once, activations on the device, keys and
-//! values in the paged pool ([`super::paged`]), attention by [`super::ops::PagedAttention`].
+//! The batched decoder forward on a candle `Device`, for every [`Family`] the CPU forward runs: weights uploaded
+//! once, activations on the device, keys and values in the paged pool ([`super::paged`]), attention by
+//! [`super::ops::PagedAttention`].
+//!
+//! The family's differences use candle's own ops, which run on every backend: q/k/v biases (qwen2), per-head
+//! q/k norms (qwen3, gemma3), norms after attention and the MLP, GELU gates and scaled embeddings (gemma3),
+//! fused projections (phi3); sliding windows are the attention op's, and each layer rotates with its own table
+//! (Gemma 3's local and global layers; Llama 3's frequency factors and linear scaling included).
 //!
 //! One step packs every scheduled token of every sequence into one `[tokens, hidden]` matrix, as the CPU
 //! forward does: each projection is one quantized matmul per step, each token is rotated to its own position
@@ -9,14 +15,16 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::ops::{AddRmsNorm, Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
-use crate::model::arch::{Family, LlamaConfig};
-use crate::model::block::check_shapes;
+use crate::model::arch::{Activation, LlamaConfig};
+use crate::model::block::{check_shapes, BlockTensors};
+use crate::model::rope::RopeTable;
+use crate::model::source::{GgufSource, TensorSource};
 use crate::model::weights::{self, WeightFormat};
 use crate::model::ModelError;
 
@@ -44,11 +52,20 @@ impl Projection {
 struct Layer {
     attn_norm: Tensor,
     qkv: Projection,
+    /// `[1, q + 2 kv]`, added to every row (qwen2).
+    qkv_bias: Option<Tensor>,
+    /// Per-head RMS norm weights of queries and keys, `[head_dim]` each (qwen3, gemma3).
+    qk_norm: Option<(Tensor, Tensor)>,
     wo: QMatMul,
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     gate_up: Projection,
     ffn_width: usize,
     down: QMatMul,
+    post_ffn_norm: Option<Tensor>,
+    /// Index of the layer's rotary table.
+    rope: usize,
+    window: Option<usize>,
 }
 
 /// The tokens one sequence contributes to a step.
@@ -61,7 +78,7 @@ pub struct DeviceChunk<'a> {
     pub want_logits: bool,
 }
 
-/// A llama model on a device.
+/// A decoder model on a device.
 pub struct DeviceLlama {
     pub config: LlamaConfig,
     device: Device,
@@ -69,8 +86,9 @@ pub struct DeviceLlama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: QMatMul,
-    /// `[context, head_dim]`: each position's cosines, then its sines.
-    rope: Tensor,
+    /// Rotary tables `[context, head_dim]` (each position's cosines, then its sines), one per distinct
+    /// (base, scale) among the layers.
+    ropes: Vec<Tensor>,
     /// Bytes held by weights on the device.
     pub weight_bytes: usize,
     /// Time per stage of the forward, when switched on (benchmarks).
@@ -89,28 +107,14 @@ impl std::fmt::Debug for DeviceLlama {
     }
 }
 
-/// Loads the projections `names` (q/k rows permuted to the half-split rotary layout where flagged) onto `device`.
-fn load_projection<R: std::io::Read + std::io::Seek>(
-    content: &gguf_file::Content,
-    reader: &mut R,
-    names: &[(&str, bool)],
-    head_dim: usize,
+/// Uploads projections of the same input as one matrix when their types allow stacking their rows, else one
+/// each; gives the projection and the bytes it holds.
+fn upload_projection(
+    parts: Vec<QTensor>,
     format: WeightFormat,
     device: &Device,
-) -> Result<(Projection, Vec<usize>, usize), ModelError> {
-    let mut parts = Vec::with_capacity(names.len());
-    for &(name, rope) in names {
-        let mut t = content.tensor(reader, name, &Device::Cpu)?;
-        if rope {
-            t = weights::unpermute_rope_rows(t, head_dim)?;
-        }
-        parts.push(t);
-    }
-    let widths = parts
-        .iter()
-        .map(|p| p.shape().dims2().map(|d| d.0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (proj, bytes) = match weights::concat_rows(&parts)? {
+) -> Result<(Projection, usize), ModelError> {
+    Ok(match weights::concat_rows(&parts)? {
         Some(all) => {
             let m = weights::to_device_matmul(all, format, device)?;
             let bytes = weights::matmul_bytes(&m);
@@ -124,22 +128,7 @@ fn load_projection<R: std::io::Read + std::io::Seek>(
             let bytes = ms.iter().map(weights::matmul_bytes).sum();
             (Projection::Parts(ms), bytes)
         }
-    };
-    Ok((proj, widths, bytes))
-}
-
-/// The rotary table `[positions, head_dim]` (cosines, then sines), computed as the CPU forward computes it.
-fn rope_table(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Tensor> {
-    let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / hd as f32))
-        .collect();
-    let mut t = Vec::with_capacity(cfg.context_length * hd);
-    for p in 0..cfg.context_length {
-        t.extend(inv.iter().map(|f| (p as f32 * f).cos()));
-        t.extend(inv.iter().map(|f| (p as f32 * f).sin()));
-    }
-    Tensor::from_vec(t, (cfg.context_length, hd), device)
+    })
 }
 
 impl DeviceLlama {
@@ -151,68 +140,71 @@ impl DeviceLlama {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(content)?;
-        let plain_llama = config.family == Family::Llama
-            && config.sliding_window.is_none()
-            && config.rope_scale == 1.0
-            && !content.tensor_infos.contains_key("rope_freqs.weight")
-            && !content.tensor_infos.contains_key("blk.0.attn_q.bias");
-        if !plain_llama {
-            return Err(ModelError::DeviceUnsupported(format!(
-                "the device forward runs llama-architecture models without sliding windows, rope scaling or biases \
-                 so far; serve this {:?} model with --device cpu",
-                config.family
-            )));
-        }
-        check_shapes(content, &config)?;
-        let hd = config.head_dim;
-        let f32_on = |name: &str, reader: &mut R| -> Result<Tensor, ModelError> {
-            Ok(weights::load_f32(content, reader, name)?.to_device(device)?)
+        let mut source = GgufSource {
+            content,
+            reader,
+            interleaved_rope: config.family.interleaved_rope(),
         };
+        Self::load_from(&mut source, config, format, device)
+    }
+
+    /// Loads the weights `config` describes from `src` (a GGUF, a Hugging Face folder) onto `device`.
+    pub(crate) fn load_from(
+        src: &mut dyn TensorSource,
+        config: LlamaConfig,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        check_shapes(&*src, &config)?;
+        let on = |t: Tensor| -> Result<Tensor, ModelError> { Ok(t.to_device(device)?) };
+        let vec_on = |v: Vec<f32>| -> Result<Tensor, ModelError> {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, device)?)
+        };
+        let (tables, layer_rope) = RopeTable::for_model(src, &config)?;
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(config.n_layer);
-        for i in 0..config.n_layer {
-            let p = format!("blk.{i}");
-            let (q, k, v) = (
-                format!("{p}.attn_q.weight"),
-                format!("{p}.attn_k.weight"),
-                format!("{p}.attn_v.weight"),
-            );
-            let (qkv, _, b1) = load_projection(
-                content,
-                reader,
-                &[(&q, true), (&k, true), (&v, false)],
-                hd,
-                format,
-                device,
-            )?;
-            let (gate, up) = (format!("{p}.ffn_gate.weight"), format!("{p}.ffn_up.weight"));
-            let (gate_up, widths, b2) =
-                load_projection(content, reader, &[(&gate, false), (&up, false)], hd, format, device)?;
-            let matmul = |name: String, reader: &mut R| -> Result<QMatMul, ModelError> {
-                weights::to_device_matmul(content.tensor(reader, &name, &Device::Cpu)?, format, device)
-            };
-            let wo = matmul(format!("{p}.attn_output.weight"), reader)?;
-            let down = matmul(format!("{p}.ffn_down.weight"), reader)?;
+        for (i, &rope) in layer_rope.iter().enumerate() {
+            let t = BlockTensors::read(src, &config, i, format)?;
+            let (qkv, b1) = upload_projection(t.qkv, format, device)?;
+            let (gate_up, b2) = upload_projection(t.gate_up, format, device)?;
+            let wo = weights::to_device_matmul(t.wo, format, device)?;
+            let down = weights::to_device_matmul(t.w_down, format, device)?;
             weight_bytes += b1 + b2 + weights::matmul_bytes(&wo) + weights::matmul_bytes(&down);
             layers.push(Layer {
-                attn_norm: f32_on(&format!("{p}.attn_norm.weight"), reader)?,
+                attn_norm: on(t.attn_norm)?,
                 qkv,
+                qkv_bias: t
+                    .qkv_bias
+                    .map(|b| Ok::<_, ModelError>(vec_on(b)?.unsqueeze(0)?))
+                    .transpose()?,
+                qk_norm: t
+                    .qk_norm
+                    .map(|(q, k)| Ok::<_, ModelError>((vec_on(q)?, vec_on(k)?)))
+                    .transpose()?,
                 wo,
-                ffn_norm: f32_on(&format!("{p}.ffn_norm.weight"), reader)?,
+                post_attn_norm: t.post_attn_norm.map(on).transpose()?,
+                ffn_norm: on(t.ffn_norm)?,
                 gate_up,
-                ffn_width: widths[0],
+                ffn_width: t.ffn_width,
                 down,
+                post_ffn_norm: t.post_ffn_norm.map(on).transpose()?,
+                rope,
+                window: config.layer_window(i),
             });
         }
-        let embed_q = content.tensor(reader, "token_embd.weight", &Device::Cpu)?;
+        let embed_q = src.tensor("token_embd.weight", format)?;
         let embed = embed_q.dequantize(&Device::Cpu)?.to_device(device)?;
-        let lm_head = match content.tensor(reader, "output.weight", &Device::Cpu) {
-            Ok(t) => weights::to_device_matmul(t, format, device)?,
-            Err(_) => weights::to_device_matmul(embed_q, format, device)?, // tied embeddings
+        let lm_head = match src.contains("output.weight") {
+            true => weights::to_device_matmul(src.tensor("output.weight", format)?, format, device)?,
+            false => weights::to_device_matmul(embed_q, format, device)?, // tied embeddings
         };
         weight_bytes += weights::matmul_bytes(&lm_head) + embed.elem_count() * 4;
-        let norm = f32_on("output_norm.weight", reader)?;
-        let rope = rope_table(&config, device)?;
+        let norm = on(src.f32("output_norm.weight")?)?;
+        let ropes = tables
+            .iter()
+            .map(|t| Tensor::from_vec(t.cos_sin_rows(), (config.context_length, config.head_dim), device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         // The engine thread computes on its own stream: let every upload finish first.
         device.synchronize()?;
         Ok(Self {
@@ -222,7 +214,7 @@ impl DeviceLlama {
             layers,
             norm,
             lm_head,
-            rope,
+            ropes,
             weight_bytes,
             stages: StageTimes::default(),
             #[cfg(feature = "cuda")]
@@ -298,10 +290,12 @@ impl DeviceLlama {
         let step = StepMeta { tokens: n_tok };
         let heads = self.heads();
         let eps = cfg.rms_eps as f32;
-        let q_scale = 1.0 / (cfg.head_dim as f32).sqrt();
 
         let mut clock = self.stages.clock(dev)?;
         let mut x = self.embed.index_select(&Tensor::from_vec(ids, n_tok, dev)?, 0)?;
+        if let Some(scale) = cfg.embed_scale {
+            x = x.affine(f64::from(scale), 0.0)?;
+        }
         clock.mark("embed")?;
         let Some(first) = self.layers.first() else {
             candle_core::bail!("a model without layers")
@@ -310,33 +304,51 @@ impl DeviceLlama {
         clock.mark("attn norm")?;
         let add_norm = AddRmsNorm { eps };
         for (li, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&h)?.contiguous()?;
+            let mut qkv = layer.qkv.forward(&h)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(bias)?;
+            }
+            if let Some((qn, kn)) = &layer.qk_norm {
+                qkv = head_norms(&qkv, heads, qn, kn, eps)?;
+            }
+            let qkv = qkv.contiguous()?;
             clock.mark("qkv matmul")?;
             qkv.inplace_op3(
                 &meta_t,
-                &self.rope,
+                &self.ropes[layer.rope],
                 &Rope {
                     meta: step,
                     heads,
-                    q_scale,
+                    q_scale: cfg.attn_scale,
                 },
             )?;
             clock.mark("rope")?;
             let cache = pool.layer(li);
             cache.inplace_op3(&qkv, &meta_t, &StoreKv { meta: step, heads })?;
             clock.mark("kv store")?;
-            let y = qkv.apply_op3_no_bwd(cache, &meta_t, &PagedAttention { meta: step, heads })?;
+            let attention = PagedAttention {
+                meta: step,
+                heads,
+                window: layer.window,
+            };
+            let y = qkv.apply_op3_no_bwd(cache, &meta_t, &attention)?;
             clock.mark("attention")?;
-            let o = layer.wo.forward(&y)?;
+            let o = post_norm(layer.wo.forward(&y)?, layer.post_attn_norm.as_ref(), eps)?;
             clock.mark("out matmul")?;
             let (residual, normed) = AddRmsNorm::split(&x.apply_op3_no_bwd(&o, &layer.ffn_norm, &add_norm)?)?;
             (x, h) = (residual, normed);
             clock.mark("add + ffn norm")?;
             let gu = layer.gate_up.forward(&h)?;
             clock.mark("gate/up matmul")?;
-            let act = gu.contiguous()?.apply_op1_no_bwd(&SwiGlu { width: layer.ffn_width })?;
+            let act = match cfg.family.activation() {
+                Activation::Silu => gu.contiguous()?.apply_op1_no_bwd(&SwiGlu { width: layer.ffn_width })?,
+                Activation::GeluTanh => {
+                    let w = layer.ffn_width;
+                    (gu.narrow(1, 0, w)?.gelu()? * gu.narrow(1, w, w)?)?
+                }
+            };
             clock.mark("swiglu")?;
-            let d = layer.down.forward(&act)?;
+            let d = post_norm(layer.down.forward(&act)?, layer.post_ffn_norm.as_ref(), eps)?;
             clock.mark("down matmul")?;
             // The residual add fused with the next layer's attention norm; after the last layer, a plain add
             // (the output norm reads only the rows whose logits are wanted).
@@ -362,4 +374,26 @@ impl DeviceLlama {
         clock.mark("output")?;
         Ok(logits)
     }
+}
+
+/// `y` through the norm `w` when there is one (Gemma's norms after attention and the MLP).
+fn post_norm(y: Tensor, w: Option<&Tensor>, eps: f32) -> candle_core::Result<Tensor> {
+    match w {
+        Some(w) => candle_nn::ops::rms_norm(&y.contiguous()?, w, eps),
+        None => Ok(y),
+    }
+}
+
+/// `qkv` (`[tokens, width]`) with each query head RMS-normed by `qn` and each key head by `kn` (values as
+/// they were).
+fn head_norms(qkv: &Tensor, h: Heads, qn: &Tensor, kn: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let n = qkv.dim(0)?;
+    let norm = |col: usize, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+        let part = qkv.narrow(1, col, heads * h.head_dim)?.contiguous()?;
+        candle_nn::ops::rms_norm(&part.reshape((n * heads, h.head_dim))?, w, eps)?.reshape((n, heads * h.head_dim))
+    };
+    let q = norm(0, h.n_head, qn)?;
+    let k = norm(h.k_col(), h.n_kv_head, kn)?;
+    let v = qkv.narrow(1, h.k_col() + h.kv_row(), h.kv_row())?;
+    Tensor::cat(&[q, k, v], 1)
 }

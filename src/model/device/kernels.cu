@@ -82,7 +82,7 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 // and the groups' sums are added at the end; a wider head gives each thread several dimensions.
 extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float* qkv, const unsigned short* pool,
                                                          const unsigned int* meta, int tokens, int width,
-                                                         int n_head, int n_kv_head, int head_dim) {
+                                                         int n_head, int n_kv_head, int head_dim, int window) {
     extern __shared__ float smem[];
     int groups = max(1, (int)blockDim.x / head_dim);
     float* q = smem;
@@ -96,6 +96,8 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
     int row2 = 2 * n_kv_head * head_dim;
     int k_at = kvh * head_dim, v_at = n_kv_head * head_dim + kvh * head_dim;
     int n_keys = (int)meta[i] + 1;
+    // A sliding window (window > 0) sees the last `window` keys up to the token's own.
+    int first_key = window > 0 ? max(0, n_keys - window) : 0;
     const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
     const float* qsrc = qkv + (size_t)i * width + (size_t)h * head_dim;
     for (int d = tid; d < head_dim; d += blockDim.x) q[d] = qsrc[d];
@@ -106,7 +108,7 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
     for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) acc[c] = 0.0f;
     float m = NEG_INF, l = 0.0f;
     int half_dim = head_dim / 2;
-    for (int t0 = 0; t0 < n_keys; t0 += ATTN_TILE) {
+    for (int t0 = first_key; t0 < n_keys; t0 += ATTN_TILE) {
         int n = min(ATTN_TILE, n_keys - t0);
         for (int j = warp; j < n; j += n_warps) {
             int key = t0 + j;

@@ -207,13 +207,20 @@ impl InplaceOp3 for StoreKv {
 /// Causal attention of each token's query heads over its own sequence's cached keys and values, up to and
 /// including its own position (a [`CustomOp3`] of `qkv`, a layer's pool and the step metadata), giving
 /// `[tokens, n_head * head_dim]` f32. Queries arrive rotated and scaled. A query head reads the kv head of its
-/// group (grouped-query attention). Softmax is computed online over the keys in order, in f32.
+/// group (grouped-query attention). Softmax is computed online over the keys in order, in f32. With a sliding
+/// `window`, a token sees only the last `window` keys up to its own (llama.cpp's and Hugging Face's count).
 pub struct PagedAttention {
     pub meta: StepMeta,
     pub heads: Heads,
+    pub window: Option<usize>,
 }
 
 impl PagedAttention {
+    /// The first key a token at `pos` sees.
+    fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+
     fn out_shape(&self) -> Shape {
         Shape::from((self.meta.tokens, self.heads.n_head * self.heads.head_dim))
     }
@@ -253,14 +260,15 @@ impl CustomOp3 for PagedAttention {
         let mut out = vec![0f32; self.meta.tokens * h.n_head * hd];
         let mut scores = Vec::new();
         for (i, row) in qkv.chunks_exact(h.width()).enumerate() {
-            let n_keys = self.meta.pos(meta, i) + 1;
+            let pos = self.meta.pos(meta, i);
+            let keys = self.first_key(pos)..pos + 1;
             let table = self.meta.table(meta, i);
             let slot = |key: usize| table[key / BLOCK] as usize * BLOCK + key % BLOCK;
             for head in 0..h.n_head {
                 let q = &row[head * hd..][..hd];
                 let (k_at, v_at) = ((head / group) * hd, h.kv_row() + (head / group) * hd);
                 scores.clear();
-                scores.extend((0..n_keys).map(|key| {
+                scores.extend(keys.clone().map(|key| {
                     let base = slot(key) * row2 + k_at;
                     q.iter().enumerate().map(|(d, x)| x * read(base + d)).sum::<f32>()
                 }));
@@ -271,7 +279,7 @@ impl CustomOp3 for PagedAttention {
                     sum += *s;
                 }
                 let o = &mut out[(i * h.n_head + head) * hd..][..hd];
-                for (key, p) in scores.iter().enumerate() {
+                for (key, p) in keys.clone().zip(&scores) {
                     let base = slot(key) * row2 + v_at;
                     for (d, x) in o.iter_mut().enumerate() {
                         *x += p * read(base + d);
