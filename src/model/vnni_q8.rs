@@ -228,9 +228,10 @@ mod kernel {
         by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
     }
 
-    /// Tiles ahead (the next tile column's, `k / 32` tiles on) that a unit asks the cache for while it computes.
-    /// The tiles stream from memory in order, but the hardware prefetchers alone left the kernel waiting on
-    /// them (8 rows: 19 -> 15 ms per call with huge pages and this, 262,144 x 640 on one thread).
+    /// From 4 rows on, a unit asks the cache for the next tile column's tiles (`k / 32` tiles on) while it
+    /// computes: the tiles stream from memory in order, but with this much work per tile the hardware
+    /// prefetchers alone left the kernel waiting on them (8 rows: 19 -> 15 ms per call with huge pages and
+    /// this, 262,144 x 640 on one thread). Below 4 rows they keep up, and the prefetches only cost.
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn unit_m<const M: usize>(w: &VnniQ8, a: &Acts, nt: usize, m0: usize, dst: &mut [&mut [f32]], t: usize) {
         const { assert!(M <= MAX_M) };
@@ -247,7 +248,7 @@ mod kernel {
         // b * 32 + g * 4 (g <= 7), inside its block b; the weight loads are 64 bytes at g * 64 (g <= 7) of the
         // 512-byte `tile.qs`. Prefetches only hint and never fault; they stay inside `ahead` anyway.
         for (b, tile) in tiles.iter().enumerate() {
-            if let Some(next) = ahead.get(b) {
+            if let Some(next) = ahead.get(b).filter(|_| M >= 4) {
                 let next: *const Tile = next;
                 for line in (0..size_of::<Tile>()).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(next.cast::<i8>().add(line));
