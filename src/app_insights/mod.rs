@@ -18,4 +18,4 @@ mod export;
 mod https;
 
 pub use config::AppInsightsConfig;
-pub use export::{MetricsExport, EXPORTED};
+pub use export::{Kind, MetricsExport, EXPORTED};
