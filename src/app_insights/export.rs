@@ -10,7 +10,7 @@
 //! the autoscale rules filter on.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::{Key, KeyValue};
@@ -46,6 +46,9 @@ pub const EXPORTED: &[(&str, Kind)] = &[
 /// Longest a single post to the ingestion endpoint may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Least time between two log lines about retried uploads.
+const RETRY_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// The resource attribute Application Insights shows as the cloud role instance.
 const INSTANCE: &str = "service.instance.id";
 
@@ -65,7 +68,8 @@ impl MetricsExport {
             config.connection_string(),
             client,
         )
-        .map_err(|e| format!("{}: {e}", config.source))?;
+        .map_err(|e| format!("{}: {e}", config.source))?
+        .with_retry_notify(retry_logger());
         let reader = PeriodicReader::builder(exporter, runtime::Tokio)
             .with_interval(config.interval)
             .build();
@@ -112,6 +116,32 @@ fn observe(meter: &Meter, name: &'static str, kind: Kind, metrics: Arc<Metrics>)
                 })
                 .build();
         }
+    }
+}
+
+/// Logs why an upload is being retried (the endpoint does not answer, or answers 429, 5xx), at most once per
+/// [`RETRY_LOG_EVERY`]: the exporter retries every few seconds, for up to 30 s per export, before the periodic
+/// reader gives up on it (logged as `PeriodicReader.ExportFailed`) and tries again at the next export.
+fn retry_logger() -> impl FnMut(&opentelemetry_application_insights::Error, Duration) + Send + 'static {
+    let mut last: Option<Instant> = None;
+    move |e, wait| {
+        if last.is_some_and(|t| t.elapsed() < RETRY_LOG_EVERY) {
+            return;
+        }
+        last = Some(Instant::now());
+        let mut why = e.to_string();
+        if let opentelemetry_application_insights::Error::UploadConnection(inner) = e {
+            let mut cause = inner.source();
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+        }
+        tracing::warn!(
+            error = %why,
+            retry_in_ms = wait.as_millis() as u64,
+            "metrics not accepted by Application Insights yet; retrying"
+        );
     }
 }
 
