@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::app_insights::AppInsightsConfig;
 use crate::engine::embedder::EmbedderConfig;
 use crate::engine::EngineConfig;
 use crate::model::device::{self, DeviceChoice};
@@ -259,6 +260,32 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// Send the scaling metrics to this Azure Monitor Application Insights resource (its connection string, from the
+    /// resource's Overview page): amlserve_num_requests_waiting, amlserve_num_requests_running,
+    /// amlserve_kv_cache_usage_perc and the token and request counters, as on /metrics (same names, `model` label),
+    /// every --metrics-export-interval-secs and once more at shutdown, so Azure Monitor autoscale can read them (a
+    /// managed online endpoint does not scrape /metrics). Sent over TLS to the ingestion endpoint. Unset: when the
+    /// Azure ML deployment has app_insights_enabled: true, the workspace's Application Insights (the
+    /// AML_APP_INSIGHTS_KEY it passes), else no export. The key is never logged; a string that cannot work (no
+    /// InstrumentationKey, Authorization=AAD, an endpoint that is not a URL) is refused at start.
+    #[arg(
+        long,
+        env = "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        hide_env_values = true,
+        value_name = "CONNECTION_STRING"
+    )]
+    pub app_insights_connection_string: Option<String>,
+
+    /// Seconds between two exports of the metrics to Application Insights (1-3600). Azure Monitor aggregates them per
+    /// minute and autoscale evaluates at that grain, so more often than 60 s only adds ingestion.
+    #[arg(
+        long,
+        env = "AMLSERVE_METRICS_EXPORT_INTERVAL_SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub metrics_export_interval_secs: u64,
+
     /// Origins allowed by CORS: a comma-separated list, or * for any (azmlinfsrv's AML_CORS_ORIGINS).
     /// Unset: no CORS headers.
     #[arg(long, env = "AML_CORS_ORIGINS")]
@@ -365,6 +392,8 @@ pub struct Config {
     pub content_tokens: ContentTokens,
     /// Where traces are exported (`--otlp-endpoint` or the standard variables); None: no traces.
     pub otlp: Option<OtlpConfig>,
+    /// Where the metrics are exported (`--app-insights-connection-string`, or Azure ML's key); None: no export.
+    pub app_insights: Option<AppInsightsConfig>,
 }
 
 /// A setting that cannot work.
@@ -433,6 +462,12 @@ impl Args {
         }
         let otlp = OtlpConfig::resolve(self.otlp_endpoint.as_deref(), |v| std::env::var(v).ok())
             .map_err(ConfigError::Invalid)?;
+        let app_insights = AppInsightsConfig::resolve(
+            self.app_insights_connection_string.as_deref(),
+            Duration::from_secs(self.metrics_export_interval_secs),
+            |v| std::env::var(v).ok(),
+        )
+        .map_err(ConfigError::Invalid)?;
         if self.max_batch_tokens < self.max_batch_size {
             return Err(ConfigError::Invalid(format!(
                 "--max-batch-tokens ({}) must be at least --max-batch-size ({}): each running sequence needs a token per step",
@@ -555,6 +590,7 @@ impl Args {
                 ContentTokens::Text
             },
             otlp,
+            app_insights,
         })
     }
 }

@@ -14,8 +14,11 @@
 //! - [`server`]: axum routes (Azure ML and OpenAI), errors, request ids, SSE, readiness, shutdown, the request
 //!   spans.
 //! - [`telemetry`]: the OpenTelemetry trace exporter (OTLP/HTTP), off unless an endpoint is configured.
+//! - [`app_insights`]: the scaling metrics (read from [`metrics`]) sent to Azure Monitor Application Insights, off
+//!   unless a connection string is configured.
 
 pub mod allocator;
+pub mod app_insights;
 pub mod config;
 pub mod engine;
 pub mod grammar;

@@ -1,9 +1,12 @@
-//! The `amlserve` binary: parse the configuration, set up logging (and trace export), run the server.
+//! The `amlserve` binary: parse the configuration, set up logging (and trace and metrics export), run the server.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Duration;
 
+use amlserve::app_insights::MetricsExport;
 use amlserve::config::LogFormat;
+use amlserve::metrics::Metrics;
 use amlserve::model::device::DeviceChoice;
 use amlserve::telemetry::{ExportLayer, Exporter};
 use clap::Parser;
@@ -14,6 +17,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Longest wait at exit for buffered spans to reach the collector.
 const TRACE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Longest wait at exit for the last metrics to reach Application Insights.
+const METRICS_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// Log lines (events only: the request spans are for the trace exporter, and would otherwise prefix every
 /// line) at the level of `RUST_LOG`, else `AZUREML_LOG_LEVEL`, else info; and the exporter's layer, if any.
@@ -74,7 +80,23 @@ fn main() -> anyhow::Result<()> {
     if let Some(o) = &otlp {
         tracing::info!(endpoint = %o.traces_url, from = o.source, "exporting traces over OTLP/HTTP");
     }
-    let served = runtime.block_on(amlserve::server::run(config));
+    let metrics = Arc::new(Metrics::new());
+    let metrics_export = config.app_insights.as_ref().map(|a| {
+        let _in_runtime = runtime.enter();
+        let export = MetricsExport::start(a, metrics.clone())
+            .unwrap_or_else(|e| refuse(format!("cannot export metrics to Application Insights: {e}")));
+        tracing::info!(
+            ingestion = %a.ingestion,
+            from = a.source,
+            interval_secs = a.interval.as_secs(),
+            "exporting metrics to Application Insights"
+        );
+        export
+    });
+    let served = runtime.block_on(amlserve::server::run(config, metrics));
+    if let Some(export) = metrics_export {
+        export.shutdown(METRICS_FLUSH_LIMIT);
+    }
     if let Some(exporter) = exporter {
         exporter.shutdown(TRACE_FLUSH_LIMIT);
     }

@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -313,6 +314,41 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+
+    /// Every series of the counter or gauge family `name` (as in `/metrics`) with its current value; none for a
+    /// name not registered, a family without series yet, or a histogram. The Application Insights export reads the
+    /// registry through this, so it sends what a scrape shows.
+    pub fn samples(&self, name: &str) -> Vec<Sample> {
+        let Some(family) = self.registry.gather().into_iter().find(|f| f.name() == name) else {
+            return Vec::new();
+        };
+        let kind = family.get_field_type();
+        family
+            .get_metric()
+            .iter()
+            .filter_map(|m| {
+                let value = match kind {
+                    MetricType::COUNTER => m.get_counter().get_value(),
+                    MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ => return None,
+                };
+                let labels = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect();
+                Some(Sample { labels, value })
+            })
+            .collect()
+    }
+}
+
+/// One series of a counter or gauge, as [`Metrics::samples`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Its labels (`model`, and `reason` for `amlserve_request_finished_total`...), names as in `/metrics`.
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
 }
 
 impl ModelMetrics {
@@ -512,6 +548,29 @@ mod tests {
         );
         assert!(text.contains("amlserve_request_finished_total{model=\"a\",reason=\"stop\"} 1"));
         assert!(text.contains("amlserve_embedding_requests_finished_total{model=\"e\",outcome=\"ok\"} 1"));
+        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let tokens = m.samples("amlserve_generation_tokens_total");
+        assert!(tokens.contains(&Sample {
+            labels: vec![label("model", "a")],
+            value: 3.0
+        }));
+        assert_eq!(tokens.len(), 2, "{tokens:?}");
+        a.kv_cache_usage.set(0.25);
+        let kv = m.samples("amlserve_kv_cache_usage_perc");
+        assert!(kv.contains(&Sample {
+            labels: vec![label("model", "a")],
+            value: 0.25
+        }));
+        let stop_a = vec![label("model", "a"), label("reason", "stop")];
+        assert!(m.samples("amlserve_request_finished_total").contains(&Sample {
+            labels: stop_a,
+            value: 1.0
+        }));
+        assert!(
+            m.samples("amlserve_batch_size").is_empty(),
+            "histograms are not samples"
+        );
+        assert!(m.samples("amlserve_no_such_metric").is_empty());
         for line in text.lines().filter(|l| l.starts_with("amlserve_")) {
             let process_wide = ["amlserve_http_requests_in_flight", "amlserve_http_connections"];
             if !process_wide.iter().any(|p| line.starts_with(p)) {

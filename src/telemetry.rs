@@ -9,7 +9,8 @@
 //!
 //! The spans themselves are made by the server (`server::trace`): only when [`tracer`] is set, so with no
 //! endpoint no span is created and requests cost what they did before. This module knows nothing of HTTP
-//! routes or the engine.
+//! routes or the engine. The metrics export (`crate::app_insights`) shares its resource naming
+//! (`service_resource`) and its bounded flush at shutdown (`flush_within`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -18,6 +19,8 @@ use http::Uri;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{ExporterBuildError, WithExportConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::resource::ResourceBuilder;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::{runtime, Resource};
@@ -141,33 +144,53 @@ impl Exporter {
     /// most `within` for a collector that does not answer. Call outside the runtime's workers, while the
     /// runtime still runs (the export is a task on it).
     pub fn shutdown(self, within: Duration) {
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
         let provider = self.provider;
-        let spawned = std::thread::Builder::new()
-            .name("amlserve-otlp-flush".into())
-            .spawn(move || {
-                let _ = done_tx.send(provider.shutdown());
-            });
-        let outcome = match spawned {
-            Ok(_) => done_rx.recv_timeout(within).map_err(|_| "timed out".to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(Ok(())) => tracing::info!("traces flushed"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "traces not flushed at shutdown"),
-            Err(e) => tracing::warn!(error = %e, within_secs = within.as_secs(), "traces not flushed at shutdown"),
-        }
+        flush_within("traces", within, move || provider.shutdown());
     }
 }
 
-/// The service's resource: the SDK's detectors (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), with
+/// Runs `shutdown` (an OpenTelemetry provider's, which blocks until its last export is done) on a thread of its
+/// own and waits at most `within` for it, logging `<what> flushed` or why not. The export pipelines' shutdown.
+pub(crate) fn flush_within(
+    what: &'static str,
+    within: Duration,
+    shutdown: impl FnOnce() -> OTelSdkResult + Send + 'static,
+) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("amlserve-{what}-flush"))
+        .spawn(move || {
+            let _ = done_tx.send(shutdown());
+        });
+    let outcome = match spawned {
+        Ok(_) => done_rx.recv_timeout(within).map_err(|_| "timed out".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok(Ok(())) => tracing::info!("{what} flushed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what} not flushed at shutdown"),
+        Err(e) => tracing::warn!(error = %e, within_secs = within.as_secs(), "{what} not flushed at shutdown"),
+    }
+}
+
+/// The service's resource for traces: the SDK's detectors (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), with
 /// `amlserve` as the name when they set none, and the version.
 fn resource() -> Resource {
-    let detected = Resource::builder().build();
-    let named = detected
+    let version = KeyValue::new("service.version", env!("CARGO_PKG_VERSION"));
+    service_resource(Resource::builder, [version])
+}
+
+/// The resource `detected` makes (a builder with the detectors an exporter wants), with `amlserve` as the
+/// `service.name` when they find none (the SDK's default is `unknown_service:<executable>`), and `extra`.
+pub(crate) fn service_resource(
+    detected: impl Fn() -> ResourceBuilder,
+    extra: impl IntoIterator<Item = KeyValue>,
+) -> Resource {
+    let named = detected()
+        .build()
         .get(&opentelemetry::Key::from_static_str("service.name"))
         .is_some_and(|n| !n.as_str().starts_with("unknown_service"));
-    let builder = Resource::builder().with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    let builder = detected().with_attributes(extra);
     if named {
         builder.build()
     } else {

@@ -4,12 +4,14 @@
 //! strict) or, for the KEDA and prometheus-operator resources, against the part of their CRD schemas the manifests
 //! use; the values they share with amlserve agree, the probes hit the right paths, the GPU variants run only on GPUs
 //! the CUDA image supports with `AMLSERVE_DEVICE=cuda`, and no release identity is written into a file; `deploy.sh`
-//! runs against a stand-in `az` (`tests/python/deploy_manifests.py`). The metrics the scaling setup reads must exist
-//! in a real server's `/metrics`.
+//! runs against a stand-in `az` (`tests/python/deploy_manifests.py`), and so does `autoscale.sh`. The metrics the
+//! scaling setup reads must exist in a real server's `/metrics`, and those the Azure ML rules read from Application
+//! Insights must be gauges amlserve exports there.
 //! The packages come from `.venv` (made by `make test-deps`), or `AMLSERVE_TEST_PYTHON` names the interpreter.
 
 mod common;
 
+use amlserve::app_insights::{Kind, EXPORTED};
 use common::Server;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -50,6 +52,10 @@ async fn azureml_and_kubernetes_manifests_validate() {
         stdout.contains("ok  deploy/azureml/deploy.sh: image, create and release of both variants"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("ok  deploy/azureml/autoscale.sh: per-slot rules"),
+        "{stdout}"
+    );
 
     // The autoscaler reads these series: each must be one the server exports.
     let scaling: Vec<&str> = stdout
@@ -60,9 +66,21 @@ async fn azureml_and_kubernetes_manifests_validate() {
         scaling.contains(&"amlserve_num_requests_waiting") && scaling.contains(&"amlserve_kv_cache_usage_perc"),
         "{stdout}"
     );
+    // The Azure ML rules on Application Insights read these: each must be one amlserve exports there, as a gauge.
+    let exported: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("exported metric: "))
+        .collect();
+    assert!(exported.contains(&"amlserve_num_requests_waiting"), "{stdout}");
+    for name in &exported {
+        assert!(
+            EXPORTED.contains(&(*name, Kind::Gauge)),
+            "{name} is not a gauge amlserve exports to Application Insights: {EXPORTED:?}"
+        );
+    }
     let s = Server::start(&[]).await;
     let scrape = s.metrics().await;
-    for name in scaling {
+    for name in scaling.into_iter().chain(exported) {
         assert!(
             scrape.contains(&format!("# TYPE {name} gauge")),
             "{name} is not a gauge in /metrics:\n{scrape}"

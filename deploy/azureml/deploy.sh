@@ -27,11 +27,13 @@
 #      promote); MODEL_PATH (a .gguf, default SmolLM2); LOG_ANALYTICS_WORKSPACE (diagnostics: name or resource id);
 #      AMLSERVE_VARIANT (cpu, or gpu = --gpu: docker/Dockerfile.cuda as image amlserve-cuda:<release>, environment
 #      amlserve-cuda from environment-gpu.yml, deployment-gpu.yml); INSTANCE_TYPE (the deployment's SKU instead of
-#      the template's, e.g. Standard_NC40ads_H100_v5); ACR_BUILD_TIMEOUT (7200 s: a cold build compiles every crate).
+#      the template's, e.g. Standard_NC40ads_H100_v5); ACR_BUILD_TIMEOUT (7200 s: a cold build compiles every crate);
+#      APP_INSIGHTS_ID (an Application Insights resource id: create and release give the slot its connection string,
+#      so amlserve exports its queue depth there, and autoscale scales on it; see autoscale.sh).
 #      The other steps act on slots, whichever variant they run: a GPU release can follow a CPU one, and back.
 set -euo pipefail
 
-usage() { sed -n '2,31p' "$0"; exit 2; }
+usage() { sed -n '2,33p' "$0"; exit 2; }
 args=()
 for a in "$@"; do if [ "$a" = --gpu ]; then AMLSERVE_VARIANT=gpu; else args+=("$a"); fi; done
 set -- "${args[@]}"
@@ -116,15 +118,31 @@ register_environment() {
   az ml environment create --file "$here/$ENVIRONMENT_FILE" --version "$rel" --set image="$img" "${aml[@]}" -o none
 }
 
+# Sets export_args to the settings of slot SLOT that concern its metrics: its name as the `deployment` resource
+# attribute (the dimension the autoscale rules filter on), and with APP_INSIGHTS_ID the connection string of that
+# resource, so amlserve exports there (read here; never printed).
+export_settings() {
+  local slot=$1 cs
+  export_args=(--set "environment_variables.OTEL_RESOURCE_ATTRIBUTES=deployment=$slot")
+  [ -n "${APP_INSIGHTS_ID:-}" ] || return 0
+  cs=$(az resource show --ids "$APP_INSIGHTS_ID" --query properties.ConnectionString -o tsv) \
+    || die "cannot read the connection string of APP_INSIGHTS_ID=$APP_INSIGHTS_ID"
+  [ -n "$cs" ] || die "APP_INSIGHTS_ID=$APP_INSIGHTS_ID has no connection string: is it an Application Insights resource?"
+  export_args+=(--set "environment_variables.APPLICATIONINSIGHTS_CONNECTION_STRING=$cs")
+}
+
 # Creates deployment SLOT from the variant's template (deployment.yml, deployment-gpu.yml) with the release's
 # environment; extra args go to the create.
 create_slot() {
-  local slot=$1 rel=$2 sku=()
+  local slot=$1 rel=$2 sku=() export_args=()
   shift 2
   [ -z "${INSTANCE_TYPE:-}" ] || sku=(--set instance_type="$INSTANCE_TYPE")
-  say "creating deployment $slot ($VARIANT, release $rel; waits until its instances are ready)"
+  export_settings "$slot"
+  say "creating deployment $slot ($VARIANT, release $rel${APP_INSIGHTS_ID:+, metrics to Application Insights};" \
+    "waits until its instances are ready)"
   az ml online-deployment create --file "$here/$DEPLOYMENT_FILE" --name "$slot" --endpoint-name "$ENDPOINT_NAME" \
-    --set environment="azureml:$ENVIRONMENT:$rel" --set tags.release="$rel" "${sku[@]}" "$@" "${aml[@]}" -o none
+    --set environment="azureml:$ENVIRONMENT:$rel" --set tags.release="$rel" "${sku[@]}" "${export_args[@]}" "$@" \
+    "${aml[@]}" -o none
 }
 
 set_traffic() {

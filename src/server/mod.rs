@@ -515,14 +515,13 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the server: binds, loads the model in the background, serves until SIGTERM / Ctrl-C, then gives
-/// in-flight requests `shutdown_grace` to finish.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// in-flight requests `shutdown_grace` to finish. Every series goes to `metrics` (which exporters may read too).
+pub async fn run(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
-    let metrics = Arc::new(Metrics::new());
     let state = AppState::new(metrics.clone(), config.api_key.clone());
     let connections = metrics.connections.clone();
     if let Some(port) = config.metrics_port {

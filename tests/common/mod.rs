@@ -58,6 +58,8 @@ pub struct Server {
     pub base: String,
     pub client: reqwest::Client,
     log: mpsc::Receiver<String>,
+    /// The lines read before the address was printed (start-up), not yet drained.
+    early: std::sync::Mutex<Vec<String>>,
 }
 
 impl Server {
@@ -120,12 +122,18 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut early = Vec::new();
         let addr = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("server printed its address");
-            if let Some(rest) = line.split("address=").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_string();
+            let addr = line
+                .split("address=")
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().expect("address").to_string());
+            early.push(line);
+            if let Some(addr) = addr {
+                break addr;
             }
         };
         Self {
@@ -133,6 +141,7 @@ impl Server {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
             log: rx,
+            early: std::sync::Mutex::new(early),
         }
     }
 
@@ -224,9 +233,11 @@ impl Server {
         .await
     }
 
-    /// Log lines printed so far.
+    /// Log lines printed so far (start-up included) and not drained yet.
     pub fn drain_log(&self) -> Vec<String> {
-        self.log.try_iter().collect()
+        let mut lines = std::mem::take(&mut *self.early.lock().expect("early lines"));
+        lines.extend(self.log.try_iter());
+        lines
     }
 
     /// The server's process id.

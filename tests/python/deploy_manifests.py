@@ -25,8 +25,14 @@
 - A few facts of docker/Dockerfile and docker/Dockerfile.cuda that the manifests rely on (port, non-root user, exec-form
   entrypoint, OCI labels, no model needed to build it).
 
-The metric names the scaling setup reads are printed as `scaling metric: NAME` lines; tests/deploy_manifests.rs
-checks each against a real /metrics scrape.
+- deploy/azureml/autoscale.sh, run through deploy.sh against the same stand-in: every rule reads one slot's metrics,
+  the gateway's endpoint metrics by the names and dimensions Azure Monitor lists for online endpoints, or, with
+  APP_INSIGHTS_ID, amlserve's queue depth as an Application Insights custom metric (azure.applicationinsights) on the
+  `deployment` dimension deploy.sh gives the slot.
+
+The metric names the scaling setup reads are printed as `scaling metric: NAME` lines (Kubernetes) and
+`exported metric: NAME` lines (the Azure ML rules on Application Insights); tests/deploy_manifests.rs checks each
+against a real /metrics scrape, and the latter against what amlserve exports.
 
 Usage: python tests/python/deploy_manifests.py [REPO_ROOT]   (prints "deploy manifest checks passed")
 """
@@ -68,6 +74,14 @@ GATEWAY_MAX_TIMEOUT_MS = 180000
 # (README "Performance"). AMLSERVE_MAX_TOKENS_LIMIT / this is the longest generation a deployment allows; it must fit
 # the shutdown grace (streams finish at SIGTERM) and the request timeouts.
 PER_STREAM_TOKENS_PER_SEC = 766 / 16
+# The metrics of an online endpoint (Microsoft.MachineLearningServices/workspaces/onlineEndpoints) the autoscale rules
+# may read, with their dimensions, as Azure Monitor's "Supported metrics" reference lists them.
+ENDPOINT_METRICS = {
+    "RequestLatency_P90": {"deployment"},
+    "RequestsPerMinute": {"deployment", "statusCode", "statusCodeClass", "modelStatusCode"},
+}
+# The namespace of Application Insights custom metrics, the only one (with Standard) autoscale reads them from.
+APP_INSIGHTS_NAMESPACE = "azure.applicationinsights"
 # amlserve's liveness path, and the readiness path every startup and readiness probe must use (GET / is 200 before
 # the model is loaded, so a startup probe on it protects nothing).
 LIVENESS_PATH = "/"
@@ -731,7 +745,9 @@ def check_release_identity():
     check_deploy_script()
 
 
-STUB_AZ = r'''
+# What the stand-in az answers for an Application Insights resource's connection string.
+STUB_CONNECTION_STRING = "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=https://stub.invalid/"
+STUB_AZ = f"STUB_CONNECTION_STRING = {STUB_CONNECTION_STRING!r}\n" + r'''
 import hashlib, json, os, sys
 args = sys.argv[1:]
 with open(os.environ["STUB_LOG"], "a") as log:
@@ -749,9 +765,13 @@ if line.startswith("acr repository show"):
     out("sha256:" + hashlib.sha256(args[args.index("--image") + 1].encode()).hexdigest())
 if line.startswith("ml environment show"):
     sys.exit(1)  # not registered yet
+if line.startswith("resource show"):
+    out({"properties.ConnectionString": STUB_CONNECTION_STRING}.get(query, ""))
 if line.startswith("ml online-deployment show"):
     if query == "instance_count":
         out("2")
+    if query.startswith("environment_variables."):
+        out(os.environ.get("STUB_EXPORTS", "False"))  # does the slot export its metrics?
     sys.exit(0 if args[args.index("--name") + 1] == "blue" else 1)  # blue exists, green does not
 if line.startswith("ml online-endpoint show"):
     out({"scoring_uri": "https://stub.invalid/score", "tags.live": "blue", "id": "/subscriptions/s/ep"}.get(query, ""))
@@ -830,6 +850,87 @@ def check_deploy_script():
     check(code != 0 and not call_with(calls, "acr", "build") and "cpu or gpu" in err,
           f"deploy.sh with AMLSERVE_VARIANT=tpu should refuse before doing anything: exit {code}, {calls}, {err}")
     print("ok  deploy/azureml/deploy.sh: image, create and release of both variants against a stand-in az")
+
+
+def autoscale_rules(calls):
+    """The autoscale rules created, as (source resource, namespace, metric, operator, aggregation, period, dimensions,
+    direction): what az reads from --resource and --condition ("[\"NAMESPACE\"] METRIC OP THRESHOLD AGG PERIOD
+    [where DIM == VALUE [and ...]]")."""
+    rules = []
+    for c in call_with(calls, "monitor", "autoscale", "rule", "create"):
+        cond = " ".join(flag(c, "--condition"))
+        m = re.fullmatch(r'(?:"([^"]+)" )?(\S+) (==|!=|>=|<=|>|<) (\S+) (avg|min|max|total|count) (\S+)(?: where (.*))?', cond)
+        if not check(m, f"autoscale.sh: a condition az cannot read: {cond!r}"):
+            continue
+        ns, metric, op, threshold, agg, period, where = m.groups()
+        dims = dict(d.split(" == ") for d in where.split(" and ")) if where else {}
+        by_name = any(a in c for a in ("--resource-namespace", "--resource-type"))
+        rules.append({"resource": flag(c, "--resource"), "namespace": ns, "metric": metric, "op": op,
+                      "threshold": float(threshold), "agg": agg, "period": period, "dims": dims,
+                      "scale": flag(c, "--scale"), "by_name": by_name})
+    return rules
+
+
+def check_autoscale_script():
+    """autoscale.sh (through deploy.sh autoscale), against the stand-in az: every rule reads one slot's metrics; without
+    APP_INSIGHTS_ID the gateway's (names and dimensions the endpoint has), with it amlserve's queue depth from
+    Application Insights (the custom-metric namespace, the same `deployment` dimension deploy.sh gives the slot)
+    beside the gateway's 429s and latency; a slot that does not export keeps the gateway's rules. Prints the amlserve
+    metrics the rules read as `exported metric: NAME`."""
+    ai_id = "/subscriptions/s/resourceGroups/rg/providers/microsoft.insights/components/ai"
+    cases = {"gateway": {}, "app insights": {"APP_INSIGHTS_ID": ai_id, "STUB_EXPORTS": "True"},
+             "not exporting": {"APP_INSIGHTS_ID": ai_id, "STUB_EXPORTS": "False"}}
+    exported = set()
+    for case, env in cases.items():
+        code, calls, err = run_deploy_script("autoscale", "blue", env=env)
+        label = f"deploy.sh autoscale ({case})"
+        if not check(code == 0, f"{label}: exit {code}: {err[-400:]}"):
+            continue
+        rules = autoscale_rules(calls)
+        outs = [r for r in rules if r["scale"][:1] == ["out"]]
+        ins = [r for r in rules if r["scale"][:1] == ["in"]]
+        check(outs and ins, f"{label}: scale-out and scale-in rules, got {rules}")
+        for r in rules:
+            check(r["dims"].get("deployment") == "blue", f"{label}: a rule not filtered on deployment == blue: {r}")
+            check(not r["by_name"], f"{label}: --resource-namespace/--resource-type beside a resource id: az refuses it")
+            if r["namespace"] is None:
+                known = ENDPOINT_METRICS.get(r["metric"])
+                check(known is not None and set(r["dims"]) <= known and r["resource"] == ["/subscriptions/s/ep"],
+                      f"{label}: {r['metric']} {sorted(r['dims'])} is not an endpoint metric/dimension the docs list")
+            else:
+                check(r["namespace"] == APP_INSIGHTS_NAMESPACE and r["resource"] == [ai_id],
+                      f"{label}: a custom metric must be read from {APP_INSIGHTS_NAMESPACE} on APP_INSIGHTS_ID: {r}")
+                exported.add(r["metric"])
+        queue = [r for r in rules if r["metric"] == "amlserve_num_requests_waiting"]
+        if case == "app insights":
+            check({(r["scale"][0], r["op"], r["threshold"], r["agg"], r["period"]) for r in queue}
+                  == {("out", ">", 4.0, "avg", "5m"), ("in", "<", 1.0, "avg", "15m")},
+                  f"{label}: out on waiting > 4 avg 5m, in on waiting < 1 avg 15m, got {queue}")
+            check(any(r["metric"] == "RequestLatency_P90" for r in ins),
+                  f"{label}: the latency rule must stay beside the queue for scale-in (all in-rules must hold)")
+        else:
+            check(not queue, f"{label}: reads amlserve's queue, which this slot does not export: {queue}")
+        check(any(r["dims"].get("statusCode") == "429" for r in outs), f"{label}: the gateway's 429s must scale out")
+        if case == "not exporting":
+            check("does not export" in err, f"{label}: say why the gateway's metrics drive the rules: {err}")
+    code, calls, err = run_deploy_script("autoscale", env={"APP_INSIGHTS_ID": "ai"})
+    check(code != 0 and not autoscale_rules(calls) and "resource id" in err,
+          f"deploy.sh autoscale with APP_INSIGHTS_ID=ai (a name) should refuse: exit {code}: {err[-300:]}")
+    # The slot deploy.sh creates exports to APP_INSIGHTS_ID under the dimension the rules filter on.
+    for env, want_cs in (({"RELEASE": "0123456789ab"}, False),
+                         ({"RELEASE": "0123456789ab", "APP_INSIGHTS_ID": ai_id}, True)):
+        code, calls, err = run_deploy_script("release", env=env)
+        deps = call_with(calls, "online-deployment", "create")
+        if check(code == 0 and len(deps) == 1, f"deploy.sh release {env}: exit {code}: {err[-400:]}"):
+            sets = flag(deps[0], "--set")
+            check("environment_variables.OTEL_RESOURCE_ATTRIBUTES=deployment=green" in sets,
+                  f"deploy.sh release: the slot should be its `deployment` resource attribute: {sets}")
+            cs = f"environment_variables.APPLICATIONINSIGHTS_CONNECTION_STRING={STUB_CONNECTION_STRING}"
+            check((cs in sets) == want_cs, f"deploy.sh release {env}: connection string set: {cs in sets}, want {want_cs}")
+            check(STUB_CONNECTION_STRING not in err, "deploy.sh printed the connection string")
+    for n in sorted(exported):
+        print(f"exported metric: {n}")
+    print("ok  deploy/azureml/autoscale.sh: per-slot rules, gateway and Application Insights, against a stand-in az")
 
 
 def check_validators_bite():
@@ -924,6 +1025,7 @@ def main():
         labelled("deploy/kubernetes/gpu", check_k8s, [("gpu (rendered)", d) for d in gpu], "deploy/kubernetes/gpu")
         check_gpu_k8s(gpu, [d for _, d in base])
     check_release_identity()
+    check_autoscale_script()
     check_validators_bite()
     check_dockerfile()
     if failures:
