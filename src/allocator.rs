@@ -1,14 +1,19 @@
-//! glibc malloc settings that keep the resident set near what is in use, and huge pages for the weights.
+//! glibc malloc settings that keep steps fast and the resident set near what is in use, and huge pages for the
+//! weights.
 //!
-//! By default glibc serves a large allocation with `mmap` and unmaps it on free, but then raises its mmap
-//! threshold to the size just freed (up to 32 MiB). After the first long request has freed its KV buffers
-//! (one per layer, megabytes each), later ones come from the heap arenas instead, and freed heap memory in the
-//! middle of an arena is never given back: a burst of long prompts left ~650 MB resident after it ended
-//! (454 -> 1,107 MB over six rounds of an adversarial mix, plateauing after two). A fixed 128 KiB threshold
-//! (the default's starting value) stops the adjustment, so every large buffer is unmapped when freed: the
-//! same mix then peaked at 602 MB and fell back to 466 MB once it ended. (`MALLOC_ARENA_MAX=2` changed
-//! nothing: 714 and 860 MB after two rounds, as with the default.) Setting the threshold also fixes the trim threshold, which is set here
-//! to glibc's default so heap tops are still returned. An operator's `MALLOC_MMAP_THRESHOLD_` wins.
+//! glibc's defaults grow the mmap threshold to the size of whatever large buffer was last freed (up to 32 MiB),
+//! after which freed memory in the middle of a heap arena is never given back: a burst of long prompts left
+//! ~650 MB resident after it ended (454 -> 1,107 MB over six rounds of an adversarial mix). A fixed 128 KiB
+//! mmap threshold (with the trim threshold at glibc's 128 KiB) cured that, but cost every decode step dearly:
+//! each step's activations above 128 KiB (a 16-row MLP is 256 KiB a layer) were mapped, faulted in page by
+//! page, zeroed and unmapped again, and the heap top was given back and grown again. Gemma 3 270M's batched
+//! forward at 16 rows: 350 tok/s so, 612 with the settings here (same minutes, `benches/engine.rs`).
+//!
+//! So: buffers from 4 MiB up (long prompts' KV and scratch) are mapped and unmapped on their own, a heap top up
+//! to 64 MiB is kept between steps, and a background thread calls `malloc_trim(0)` every
+//! [`TRIM_EVERY`], which hands back every whole free page in every arena (middle ones included), so what a
+//! burst leaves behind is returned within seconds rather than kept. An operator's `MALLOC_MMAP_THRESHOLD_`
+//! wins over all of it (no thread then).
 //!
 //! [`advise_huge_pages`] asks Linux to back a large weight buffer with 2 MiB pages where transparent huge pages
 //! are on `madvise` (the common default): the matmul kernel streams hundreds of MiB per step, and with 4 KiB
@@ -18,22 +23,34 @@
 
 #![allow(unsafe_code)]
 
-/// Bytes from which allocations are mapped on their own (glibc's default starting value).
-const MMAP_THRESHOLD: i32 = 128 * 1024;
-/// Free bytes at the top of the heap that make glibc give them back (glibc's default).
-const TRIM_THRESHOLD: i32 = 128 * 1024;
+/// Bytes from which allocations are mapped on their own.
+const MMAP_THRESHOLD: i32 = 4 << 20;
+/// Free bytes at the top of the heap that make glibc give them back at once.
+const TRIM_THRESHOLD: i32 = 64 << 20;
+/// How often free memory is handed back (see the module docs).
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Applies the settings; call first thing in `main`, before threads start.
+/// Applies the settings and starts the trimming thread; call first thing in `main`, before other threads start.
 pub fn configure() {
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists, with
-    // parameters and values glibc documents.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists, with
+        // parameters and values glibc documents.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+        let trimmer = std::thread::Builder::new().name("amlserve-trim".into()).spawn(|| loop {
+            std::thread::sleep(TRIM_EVERY);
+            // SAFETY: malloc_trim only returns free pages to the system; any thread may call it at any time.
+            unsafe { libc::malloc_trim(0) };
+        });
+        if let Err(e) = trimmer {
+            tracing::warn!(error = %e, "no memory trimming thread: freed memory is kept until reused");
+        }
     }
 }
 
