@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Decode at long context, served (issue 13): 16 streams whose prompts are CONTEXT tokens each (distinct random
-# words, so no prefix is shared), all sent at once, greedy, ignoring end-of-sequence. Each server runs two such waves
-# of 16 with the same prompt length, one generating SHORT tokens and one SHORT + DECODE tokens (different seeds, so
-# neither reuses the other's prompts from a cache); the difference of their wall times is decode alone:
+# words), all sent at once, greedy, ignoring end-of-sequence. Each server first reads the 16 prompts in a cold wave
+# (SHORT tokens each: its TTFT is the prompts' reading), then runs the same 16 prompts twice more, now from its
+# cache (amlserve's prefix cache, llama-server's slots), generating SHORT and SHORT + DECODE tokens. With the
+# prompts' reading out of both, the difference of the two warm waves' wall times is decode alone, all 16 streams
+# at CONTEXT tokens and beyond:
 #
 #   decode tok/s = 16 * DECODE / (wall(SHORT + DECODE) - wall(SHORT))
 #
-# which is what llama-batched-bench calls S_TG, measured through HTTP with the prompts' reading taken out. Also
-# printed: each wave's output tok/s, time per output token p50 of the long wave, and TTFT p50. amlserve runs with its
-# defaults (AMLSERVE_ARGS adds flags); with LLAMA_SERVER (and LLAMA_MODEL, e.g. its Q8_0 requantization)
+# (what llama-batched-bench calls S_TG, measured through HTTP). Also printed: the cold wave's TTFT p50 and prompt
+# tok/s, the long wave's time per output token p50. amlserve runs with a prefix cache big enough for the 16
+# prompts (AMLSERVE_ARGS adds flags); with LLAMA_SERVER (and LLAMA_MODEL, e.g. its Q8_0 requantization)
 # llama-server -np 16 runs the same waves. Reports go to target/bench-context-serving/.
 #
 #   scripts/bench-context-serving.sh
@@ -31,35 +33,35 @@ wave() { # PORT JSON SEED MAX_TOKENS: one wave of 16 requests sent together
     --json "$json" > "${json%.json}.log" 2>&1
 }
 
-# measure NAME PORT: a warm-up wave, then the short and the long wave, then stops the server.
+# measure NAME PORT: the cold wave, then the two warm ones, then stops the server.
 measure() {
   wait_ready "http://127.0.0.1:$2/health"
-  wave "$2" "$out/$1-warmup.json" 7 4
+  wave "$2" "$out/$1-cold.json" 1 "$short"
   wave "$2" "$out/$1-short.json" 1 "$short"
-  wave "$2" "$out/$1-long.json" 2 $((short + decode))
+  wave "$2" "$out/$1-long.json" 1 $((short + decode))
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  python3 - "$1" "$out" "$short" "$decode" >> "$out/table.md" <<'PY'
+  python3 - "$1" "$out" "$short" "$decode" "$context" >> "$out/table.md" <<'PY'
 import json, sys
-name, out, short, decode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+name, out, short, decode, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 r = lambda k: json.load(open(f"{out}/{name}-{k}.json"))["results"][0]
-s, l = r("short"), r("long")
-for w, n in ((s, short), (l, short + decode)):
+c, s, l = r("cold"), r("short"), r("long")
+for w, n in ((c, short), (s, short), (l, short + decode)):
     assert w["ok"] == 16 and w["output_tokens"] == 16 * n, (name, w["ok"], w["output_tokens"])
 wall = lambda w: w["duration_s"]
-print(f"| {name} | {16 * decode / (wall(l) - wall(s)):.0f} | {s['output_tokens_per_s']:.0f} | "
-      f"{l['output_tokens_per_s']:.0f} | {l['tpot_ms']['p50']:.1f} | {s['ttft_ms']['p50'] / 1000:.1f} | "
-      f"{wall(s):.1f} / {wall(l):.1f} |")
+print(f"| {name} | {16 * decode / (wall(l) - wall(s)):.0f} | {l['tpot_ms']['p50']:.1f} | "
+      f"{s['ttft_ms']['p50'] / 1000:.2f} | {c['ttft_ms']['p50'] / 1000:.1f} | {16 * context / wall(c):.0f} | "
+      f"{wall(c):.1f} / {wall(s):.1f} / {wall(l):.1f} |")
 PY
 }
 
 {
-  echo "| server | decode tok/s | output tok/s, short wave | output tok/s, long wave | TPOT p50 ms | TTFT p50 s | wave walls s |"
+  echo "| server | decode tok/s | TPOT p50 ms | warm TTFT p50 s | cold TTFT p50 s | cold prompt tok/s | walls cold / short / long s |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
 } > "$out/table.md"
 port=$(free_port)
 # shellcheck disable=SC2086
 target/release/amlserve --host 127.0.0.1 --port "$port" --model "$model" --embedding-model none \
-  ${AMLSERVE_ARGS:-} > "$out/amlserve.log" 2>&1 &
+  --kv-cache-mb 3072 --prefix-cache-mb $((16 * (context + short + decode) * 24 / 1000 + 256)) ${AMLSERVE_ARGS:-} > "$out/amlserve.log" 2>&1 &
 pid=$!
 measure amlserve "$port"
 if [ -n "${LLAMA_SERVER:-}" ]; then
@@ -70,5 +72,5 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
   pid=$!
   measure llama-server "$port"
 fi
-echo "16 streams at ~$context prompt tokens, decode = the $((short + decode))-token wave minus the $short-token wave:"
+echo "16 streams at ~$context prompt tokens; decode = the warm $((short + decode))-token wave minus the warm $short-token wave:"
 cat "$out/table.md"
