@@ -17,9 +17,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Sets candle's compute threads (`gpu`: for a model on a GPU, see `set_compute_threads`); returns them and
+    /// Applies the server's allocator settings (`amlserve::allocator`: they change step times a lot) and sets
+    /// candle's compute threads (`gpu`: for a model on a GPU, see `set_compute_threads`); returns the threads and
     /// the model path.
     pub fn apply(&self, gpu: bool) -> (usize, PathBuf) {
+        amlserve::allocator::configure();
         let threads = self
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
