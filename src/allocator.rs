@@ -49,7 +49,8 @@ pub fn configure() {
             unsafe { libc::malloc_trim(0) };
         });
         if let Err(e) = trimmer {
-            tracing::warn!(error = %e, "no memory trimming thread: freed memory is kept until reused");
+            // Logging is not set up yet this early.
+            eprintln!("amlserve: no memory trimming thread ({e}): freed memory is kept until reused");
         }
     }
 }
