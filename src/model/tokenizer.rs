@@ -307,6 +307,16 @@ impl Vocab {
     }
 }
 
+/// `id` when it names one of the `n` tokens, else an error naming `what` it is.
+fn in_vocab(what: &str, id: u32, n: usize) -> Result<u32, ModelError> {
+    match (id as usize) < n {
+        true => Ok(id),
+        false => Err(ModelError::Tokenizer(format!(
+            "{what} is {id}, outside the vocabulary of {n} tokens"
+        ))),
+    }
+}
+
 /// `stops` plus the ids of the end-of-turn tokens chat models use (`<|im_end|>`, `<|eot_id|>`, `<|end|>`,
 /// `<end_of_turn>`) where the vocabulary has them, sorted, without repeats.
 fn with_turn_ends<'a>(mut stops: Vec<u32>, n: usize, text: impl Fn(usize) -> Option<&'a str>) -> Vec<u32> {
@@ -374,12 +384,7 @@ impl TextTokenizer {
             _ => [true; 256],
         };
         let shield = ContentShield::new((0..n).filter(|&i| special[i]).map(|i| (tokens[i].clone(), i as u32)))?;
-        let in_vocab = |what: &str, id: u32| match (id as usize) < n {
-            true => Ok(id),
-            false => Err(ModelError::Tokenizer(format!(
-                "{what} is {id}, outside the vocabulary of {n} tokens"
-            ))),
-        };
+        let in_vocab = |what: &str, id: u32| in_vocab(what, id, n);
         let bos_id = hf.bos_id.map(|id| in_vocab("the BOS token id", id)).transpose()?;
         let eos_id = in_vocab("the EOS token id", hf.eos_id)?;
         let mut stops = vec![eos_id];
@@ -428,12 +433,7 @@ impl TextTokenizer {
                 .filter_map(|(i, _)| Some((text(i)?.to_string(), i as u32))),
         )?;
 
-        let in_vocab = |key: &str, id: u32| match (id as usize) < n {
-            true => Ok(id),
-            false => Err(ModelError::Tokenizer(format!(
-                "{key} is {id}, outside the vocabulary of {n} tokens"
-            ))),
-        };
+        let in_vocab = |key: &str, id: u32| in_vocab(key, id, n);
         let bos_id = md
             .opt_u32("tokenizer.ggml.bos_token_id")
             .map(|id| in_vocab("tokenizer.ggml.bos_token_id", id))
