@@ -137,27 +137,22 @@ impl Model {
         let content =
             gguf_header::read(&mut file).map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
         let tokenizer = TextTokenizer::from_gguf(&content)?;
-        let (config, forward) = match on {
-            None => {
-                let llama = Llama::load(&content, &mut file, format)?;
-                (llama.config.clone(), Forward::Cpu(llama))
-            }
-            Some((dev, info)) => {
-                let llama = device::DeviceLlama::load(&content, &mut file, format, dev)?;
-                (llama.config.clone(), Forward::Device(llama, info))
-            }
+        let config = LlamaConfig::from_gguf(&content)?;
+        let mut source = source::GgufSource {
+            content: &content,
+            reader: &mut file,
+            interleaved_rope: config.family.interleaved_rope(),
         };
+        let forward = load_forward(&mut source, config.clone(), format, on)?;
         if tokenizer.vocab_size() != config.vocab_size {
             return Err(ModelError::Metadata(
                 "vocabulary size disagrees with the tokenizer".into(),
             ));
         }
-        let md = gguf_meta::Metadata(&content);
-        let (bos, eos) = special_texts(&tokenizer);
-        let template = md
-            .opt_string("tokenizer.chat_template")
-            .map(|source| ChatTemplate::new(&source, &bos, &eos))
-            .transpose()?;
+        let template = file_template(
+            &tokenizer,
+            gguf_meta::Metadata(&content).opt_string("tokenizer.chat_template"),
+        )?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -182,19 +177,9 @@ impl Model {
         let hf = hf_config::HfConfig::read(dir)?;
         // Tokenizer and template first: they fail fast, the weights take a while.
         let (tokenizer, template) = hf_tokenizer::load(dir, &hf, hf.config.vocab_size)?;
-        let (bos, eos) = special_texts(&tokenizer);
-        let template = template
-            .map(|source| ChatTemplate::new(&source, &bos, &eos))
-            .transpose()?;
+        let template = file_template(&tokenizer, template)?;
         let mut source = hf_folder::HfSource::open(dir, &hf)?;
-        let config = hf.config.clone();
-        let forward = match on {
-            None => Llama::load_from(&mut source, config, format).map(Forward::Cpu),
-            Some((dev, info)) => {
-                device::DeviceLlama::load_from(&mut source, config, format, dev).map(|l| Forward::Device(l, info))
-            }
-        }
-        .map_err(|e| match e {
+        let forward = load_forward(&mut source, hf.config.clone(), format, on).map_err(|e| match e {
             // The shared loader's words for a bad file are a GGUF's.
             ModelError::Metadata(m) => ModelError::Folder(format!("{}: {m}", dir.display())),
             other => other,
@@ -284,6 +269,25 @@ impl Model {
         let ids = self.encode_chat(&rendered, content)?;
         Ok((self.tokenizer.unmask(&rendered).into_owned(), ids))
     }
+}
+
+/// The forward for `config`'s weights from `src`: the CPU one, or with a device the device-generic one there.
+fn load_forward(
+    src: &mut dyn source::TensorSource,
+    config: LlamaConfig,
+    format: WeightFormat,
+    on: Option<(&candle_core::Device, device::DeviceInfo)>,
+) -> Result<Forward, ModelError> {
+    match on {
+        None => Llama::load_from(src, config, format).map(Forward::Cpu),
+        Some((dev, info)) => device::DeviceLlama::load_from(src, config, format, dev).map(|l| Forward::Device(l, info)),
+    }
+}
+
+/// The chat template a model's own files give (`source`), if any.
+fn file_template(tokenizer: &TextTokenizer, source: Option<String>) -> Result<Option<ChatTemplate>, ModelError> {
+    let (bos, eos) = special_texts(tokenizer);
+    source.map(|s| ChatTemplate::new(&s, &bos, &eos)).transpose()
 }
 
 /// The BOS and EOS token texts a chat template may use.
