@@ -8,22 +8,13 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use amlserve::model::device::forward::DeviceChunk;
-use amlserve::model::device::{DeviceInfo, DeviceLlama, KvPool, PagedKv};
-use amlserve::model::{Forward, Model, SeqChunk, SeqKv, WeightFormat};
+use amlserve::model::device::{DeviceInfo, DeviceLlama, PagedKv};
+use amlserve::model::{Forward, Model, WeightFormat};
 use candle_core::Device;
+use common::logits::{argmax, diff, greedy, ours, OnDevice, Runner};
 
 /// Greedy tokens generated after the prompt.
 const STEPS: usize = 16;
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
-        .0 as u32
-}
 
 fn load_pair(format: WeightFormat) -> (Model, Model) {
     amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), false);
@@ -46,97 +37,13 @@ fn device_llama(model: &Model) -> &DeviceLlama {
 
 /// The fast forward's logits for the prompt and `STEPS` greedy tokens, and those tokens.
 fn fast_run(model: &Model, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let llama = model.cpu().expect("the CPU forward");
-    let mut kv = SeqKv::new(model.config.kv_shape(), 8, prompt.len() + STEPS + 1);
-    let mut rows = Vec::new();
-    let mut tokens = prompt.to_vec();
-    let mut generated = Vec::new();
-    for _ in 0..=STEPS {
-        let mut chunks = [SeqChunk {
-            kv: &mut kv,
-            tokens: &tokens,
-            want_logits: true,
-        }];
-        let row = llama
-            .forward(&mut chunks)
-            .expect("forward")
-            .to_vec2::<f32>()
-            .expect("logits")
-            .remove(0);
-        let next = argmax(&row);
-        rows.push(row);
-        generated.push(next);
-        tokens = vec![next];
-    }
-    generated.pop();
-    (rows, generated)
+    greedy(model.cpu().expect("the CPU forward"), prompt, STEPS)
 }
 
-/// One device step: each `(cache, tokens)` pair is a chunk wanting logits; returns the rows in order.
-fn step(llama: &DeviceLlama, pool: &KvPool, parts: &mut [(&mut PagedKv, &[u32])]) -> Vec<Vec<f32>> {
-    let mut chunks: Vec<DeviceChunk<'_>> = parts
-        .iter_mut()
-        .map(|(kv, tokens)| DeviceChunk {
-            kv,
-            tokens,
-            want_logits: true,
-        })
-        .collect();
-    llama
-        .forward(&mut chunks, pool)
-        .expect("forward")
-        .to_vec2::<f32>()
-        .expect("logits")
-}
-
-/// The device forward's logits for the prompt (in chunks ending at `split`, logits of the last) and each of
-/// `generated`, with a neighbour sequence in every step when given.
-fn device_run(
-    llama: &DeviceLlama,
-    pool: &Arc<KvPool>,
-    prompt: &[u32],
-    split: &[usize],
-    generated: &[u32],
-    neighbour: Option<&[u32]>,
-) -> Vec<Vec<f32>> {
-    let mut kv = PagedKv::new(pool.clone(), prompt.len() + generated.len());
-    let mut other = PagedKv::new(pool.clone(), 4096);
-    let mut rows = Vec::new();
-    let mut at = 0;
-    let ends: Vec<usize> = split.iter().copied().chain([prompt.len()]).collect();
-    let pieces = ends.iter().map(|&end| {
-        let piece = &prompt[at..end];
-        at = end;
-        piece.to_vec()
-    });
-    let inputs: Vec<Vec<u32>> = pieces.chain(generated.iter().map(|&t| vec![t])).collect();
-    for (i, tokens) in inputs.iter().enumerate() {
-        let theirs: Vec<u32> = match neighbour {
-            Some(n) if other.is_empty() => n.to_vec(),
-            Some(n) => vec![n[other.len() % n.len()]],
-            None => Vec::new(),
-        };
-        let row = if theirs.is_empty() {
-            step(llama, pool, &mut [(&mut kv, tokens)]).remove(0)
-        } else {
-            // The neighbour goes first, so our row is not simply the first.
-            step(llama, pool, &mut [(&mut other, &theirs), (&mut kv, tokens)]).remove(1)
-        };
-        if i + 1 >= ends.len() {
-            rows.push(row);
-        }
-    }
-    rows
-}
-
-/// Largest |diff| and RMS of the difference relative to the spread of `want`.
-fn diff(got: &[f32], want: &[f32]) -> (f32, f32) {
-    let n = want.len() as f64;
-    let mean = want.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let spread = (want.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let err = (got.iter().zip(want).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / n).sqrt();
-    let max_abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    (max_abs, (err / spread) as f32)
+/// One device step in which every chunk wants logits; the rows in chunk order.
+fn step(dev: &OnDevice<'_>, parts: &mut [(&mut PagedKv, &[u32])]) -> Vec<Vec<f32>> {
+    let mut chunks: Vec<(&mut PagedKv, &[u32], bool)> = parts.iter_mut().map(|(kv, t)| (&mut **kv, *t, true)).collect();
+    dev.step(&mut chunks)
 }
 
 /// Compares the two forwards on two prompts and `STEPS` greedy tokens each: every step's logits within
@@ -144,16 +51,15 @@ fn diff(got: &[f32], want: &[f32]) -> (f32, f32) {
 /// the device forward's rows unchanged by chunking and packing.
 fn compare(format: WeightFormat, max_abs: f32, max_rel_rms: f32, min_same: f32) {
     let (fast, generic) = load_pair(format);
-    let llama = device_llama(&generic);
-    let pool = llama.new_pool(64 << 20).expect("pool");
-    let free = pool.free_blocks();
+    let dev = OnDevice::new(device_llama(&generic));
+    let free = dev.pool.free_blocks();
     for text in [
         "The history of the Roman Empire begins with the founding of the city, which",
         "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
     ] {
         let prompt = fast.tokenizer.encode(text).expect("encode");
         let (want, generated) = fast_run(&fast, &prompt);
-        let got = device_run(llama, &pool, &prompt, &[], &generated, None);
+        let got = ours(&dev, &prompt, &[], &generated, None);
         assert_eq!(got.len(), want.len());
         let (mut same, mut worst) = (0, (0f32, 0f32));
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -164,10 +70,7 @@ fn compare(format: WeightFormat, max_abs: f32, max_rel_rms: f32, min_same: f32) 
             );
             worst = (worst.0.max(abs), worst.1.max(rel));
             let (a, b) = (argmax(g), argmax(w));
-            assert!(
-                a == b || (w[b as usize] - w[a as usize]) <= max_abs,
-                "step {i}: greedy {a} vs {b}"
-            );
+            assert!(a == b || (w[b] - w[a]) <= max_abs, "step {i}: greedy {a} vs {b}");
             same += usize::from(a == b);
         }
         println!(
@@ -187,7 +90,7 @@ fn compare(format: WeightFormat, max_abs: f32, max_rel_rms: f32, min_same: f32) 
         // row count, so f32 weights agree only closely).
         let neighbour = fast.tokenizer.encode("Tell me about the sea.").expect("encode");
         let split = [prompt.len() / 3, prompt.len() / 2];
-        let packed = device_run(llama, &pool, &prompt, &split, &generated, Some(&neighbour));
+        let packed = ours(&dev, &prompt, &split, &generated, Some(&neighbour));
         for (i, (p, g)) in packed.iter().zip(&got).enumerate() {
             let (abs, _) = diff(p, g);
             if format == WeightFormat::F32 {
@@ -197,7 +100,7 @@ fn compare(format: WeightFormat, max_abs: f32, max_rel_rms: f32, min_same: f32) 
             }
         }
     }
-    assert_eq!(pool.free_blocks(), free, "every block came back");
+    assert_eq!(dev.pool.free_blocks(), free, "every block came back");
 }
 
 #[test]
@@ -221,7 +124,11 @@ fn the_device_forward_matches_the_fast_cpu_forward_on_q8_0_weights() {
 fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
     let (fast, generic) = load_pair(WeightFormat::Q8_0);
     let llama = device_llama(&generic);
-    let pool = llama.new_pool(16 << 20).expect("pool");
+    let dev = OnDevice {
+        llama,
+        pool: llama.new_pool(16 << 20).expect("pool"),
+    };
+    let pool = &dev.pool;
     let prompt = fast
         .tokenizer
         .encode("A long time ago, in a small village by the sea, there lived an old fisherman who")
@@ -234,19 +141,19 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 
     // The reference: one sequence reads the prompt, then the continuation token by token.
     let mut alone = PagedKv::new(pool.clone(), 256);
-    step(llama, &pool, &mut [(&mut alone, &prompt)]);
+    step(&dev, &mut [(&mut alone, &prompt)]);
     let want: Vec<Vec<f32>> = next
         .iter()
-        .map(|&t| step(llama, &pool, &mut [(&mut alone, &[t])]).remove(0))
+        .map(|&t| step(&dev, &mut [(&mut alone, &[t])]).remove(0))
         .collect();
 
     // A fork after the prompt, and the original beside it, each continue: both must equal the reference,
     // though they share the prompt's blocks and write into copies of the last one.
     let mut a = PagedKv::new(pool.clone(), 256);
-    step(llama, &pool, &mut [(&mut a, &prompt)]);
+    step(&dev, &mut [(&mut a, &prompt)]);
     let mut b = a.fork();
     for (i, &t) in next.iter().enumerate() {
-        let rows = step(llama, &pool, &mut [(&mut a, &[t]), (&mut b, &[t])]);
+        let rows = step(&dev, &mut [(&mut a, &[t]), (&mut b, &[t])]);
         assert_eq!(rows[0], want[i], "original, token {i}");
         assert_eq!(rows[1], want[i], "fork, token {i}");
     }
@@ -255,9 +162,9 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
     // rest itself.
     let mut c = PagedKv::new(pool.clone(), 256);
     assert!(c.copy_prefix(&alone, 17));
-    let last = step(llama, &pool, &mut [(&mut c, &prompt[17..])]);
+    let last = step(&dev, &mut [(&mut c, &prompt[17..])]);
     let mut fresh = PagedKv::new(pool.clone(), 256);
-    let want_last = step(llama, &pool, &mut [(&mut fresh, &prompt)]);
+    let want_last = step(&dev, &mut [(&mut fresh, &prompt)]);
     assert_eq!(last, want_last, "a shared prefix changed the logits");
 }
 
@@ -452,26 +359,17 @@ mod cuda {
         };
         let cpu = Model::load_on(&path, WeightFormat::Q8_0, Some((&Device::Cpu, info("candle-cpu")))).expect("cpu");
         let gpu_model = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info("cuda:0")))).expect("gpu");
-        let (c, g) = (device_llama(&cpu), device_llama(&gpu_model));
-        let (cpool, gpool) = (c.new_pool(64 << 20).expect("pool"), g.new_pool(64 << 20).expect("pool"));
+        let (c, g) = (
+            OnDevice::new(device_llama(&cpu)),
+            OnDevice::new(device_llama(&gpu_model)),
+        );
         let prompt = cpu
             .tokenizer
             .encode("The history of the Roman Empire begins with the founding of the city, which")
             .expect("encode");
         // Greedy on the GPU, then the CPU fed the same tokens.
-        let mut kv = PagedKv::new(gpool.clone(), 256);
-        let mut tokens = prompt.clone();
-        let mut generated = Vec::new();
-        let mut gpu_rows = Vec::new();
-        for _ in 0..=STEPS {
-            let row = step(g, &gpool, &mut [(&mut kv, &tokens)]).remove(0);
-            let next = argmax(&row);
-            gpu_rows.push(row);
-            generated.push(next);
-            tokens = vec![next];
-        }
-        generated.pop();
-        let cpu_rows = device_run(c, &cpool, &prompt, &[], &generated, None);
+        let (gpu_rows, generated) = greedy(&g, &prompt, STEPS);
+        let cpu_rows = ours(&c, &prompt, &[], &generated, None);
         let mut same = 0;
         for (i, (gr, cr)) in gpu_rows.iter().zip(&cpu_rows).enumerate() {
             let (abs, rel) = diff(gr, cr);
@@ -490,8 +388,8 @@ mod cuda {
         // Packed and chunked on the GPU: the matmul kernel changes with the row count (vector kernels up to 8
         // rows, tiled above), so rows agree closely rather than bit for bit; print how closely.
         let neighbour = cpu.tokenizer.encode("Tell me about the sea.").expect("encode");
-        let alone = device_run(g, &gpool, &prompt, &[], &generated, None);
-        let packed = device_run(g, &gpool, &prompt, &[prompt.len() / 2], &generated, Some(&neighbour));
+        let alone = ours(&g, &prompt, &[], &generated, None);
+        let packed = ours(&g, &prompt, &[prompt.len() / 2], &generated, Some(&neighbour));
         let worst = alone
             .iter()
             .zip(&packed)

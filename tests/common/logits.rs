@@ -125,10 +125,9 @@ pub fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-/// Compares one step's logits. Our greedy pick must be the reference's, or a token the reference scores
-/// within `max_abs` of its best (a near tie that the allowed error may flip).
-pub fn check(step: &str, ours: &[f32], reference: &[f32], tol: &Tolerance) -> Diff {
-    assert_eq!(ours.len(), reference.len(), "{step}: vocabulary sizes");
+/// Largest `|ours - reference|`, and the RMS of the difference relative to the RMS of the reference's (centred)
+/// values.
+pub fn diff(ours: &[f32], reference: &[f32]) -> (f32, f32) {
     let n = reference.len() as f64;
     let mean = reference.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
     let spread = (reference.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -139,14 +138,20 @@ pub fn check(step: &str, ours: &[f32], reference: &[f32], tol: &Tolerance) -> Di
         .sum::<f64>()
         / n)
         .sqrt();
-    let d = Diff {
-        max_abs: ours
-            .iter()
-            .zip(reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max),
-        rel_rms: (err / spread) as f32,
-    };
+    let max_abs = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    (max_abs, (err / spread) as f32)
+}
+
+/// Compares one step's logits. Our greedy pick must be the reference's, or a token the reference scores
+/// within `max_abs` of its best (a near tie that the allowed error may flip).
+pub fn check(step: &str, ours: &[f32], reference: &[f32], tol: &Tolerance) -> Diff {
+    assert_eq!(ours.len(), reference.len(), "{step}: vocabulary sizes");
+    let (max_abs, rel_rms) = diff(ours, reference);
+    let d = Diff { max_abs, rel_rms };
     assert!(
         d.max_abs.is_finite() && d.max_abs <= tol.max_abs && d.rel_rms <= tol.max_rel_rms,
         "{step}: max |diff| {} (allowed {}), relative RMS {} (allowed {})",
@@ -178,6 +183,19 @@ pub fn greedy_reference(
         let next = argmax(rows.last().expect("a row")) as u32;
         generated.push(next);
         rows.push(forward(&[next], prompt.len() + i));
+    }
+    (rows, generated)
+}
+
+/// `model`'s logits for the prompt and `steps` tokens it picks greedily, and those tokens.
+pub fn greedy<R: Runner>(model: &R, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut kv = model.cache(prompt.len() + steps + 1);
+    let mut rows = vec![model.step(&mut [(&mut kv, prompt, true)]).remove(0)];
+    let mut generated = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(rows.last().expect("a row")) as u32;
+        generated.push(next);
+        rows.push(model.step(&mut [(&mut kv, &[next], true)]).remove(0));
     }
     (rows, generated)
 }
