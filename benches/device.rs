@@ -2,6 +2,8 @@
 //! 1..64 over a cached context, and prompt reads of one sequence, each split into the host's time to issue the
 //! step, the wait for the device, and the copy of the logits back. Prints a table.
 //!
+//! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs.
+//!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
 
@@ -39,6 +41,9 @@ struct Args {
     /// Also time each stage of the forward (the device waited for after each) at these batch sizes.
     #[arg(long, value_delimiter = ',')]
     stages: Vec<usize>,
+    /// Measure each weight format a second time with decode steps replayed as CUDA graphs (`--cuda-graphs`).
+    #[arg(long)]
+    graphs: bool,
 }
 
 /// Milliseconds of one step: issuing it, waiting for the device, copying the logits back.
@@ -90,21 +95,24 @@ fn main() {
         .expect("a device, not the fast CPU forward");
     println!("device {} ({})", info.device, info.name.clone().unwrap_or_default());
     for &format in &args.weights {
-        let model = Model::load_on(&path, format, Some((&dev, info.clone()))).expect("model");
-        let Forward::Device(llama, _) = &model.forward else {
-            unreachable!()
-        };
-        println!(
-            "\nmodel {}, weights {format:?} ({} MiB on the device)",
-            model.name,
-            llama.weight_bytes >> 20
-        );
-        measure(&args, &model, llama);
+        for graphs in [false, true].into_iter().filter(|&g| !g || args.graphs) {
+            let model = Model::load_on(&path, format, Some((&dev, info.clone()))).expect("model");
+            let Forward::Device(llama, _) = &model.forward else {
+                unreachable!()
+            };
+            println!(
+                "\nmodel {}, weights {format:?} ({} MiB on the device), CUDA graphs {}",
+                model.name,
+                llama.weight_bytes >> 20,
+                if graphs { "on" } else { "off" }
+            );
+            measure(&args, &model, llama, graphs);
+        }
     }
 }
 
 /// The step table for one loaded model, then the per-stage tables asked for.
-fn measure(args: &Args, model: &Model, llama: &DeviceLlama) {
+fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     let max_batch = args.batches.iter().chain(&args.stages).copied().max().unwrap_or(1);
     let longest = args
         .prompts
@@ -113,6 +121,10 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama) {
         .max()
         .unwrap_or(1)
         .max(args.context + args.steps + 8);
+    // The first two decode steps of each batch size run op by op and record its graph: both are untimed.
+    if graphs && !llama.enable_decode_graphs(max_batch, longest) {
+        println!("(no CUDA device: graphs off)");
+    }
     let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
     let pool = llama
         .new_pool(per_token * (max_batch + 1) * (longest + 64))

@@ -44,27 +44,36 @@ fi
 echo "model sha256: $(sha256sum "$model" | cut -c1-16)"
 
 if [ "${GPU_TESTS:-1}" = 1 ]; then
-  AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: 2>&1 | tee "$out/cuda-tests.log"
+  AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda:: --skip decode_graphs 2>&1 \
+    | tee "$out/cuda-tests.log"
+  # Alone and last: a fault in a replayed graph would end the process that runs it.
+  AMLSERVE_TEST_MODEL=$model "$work/device_forward" --test-threads 1 --nocapture cuda::decode_graphs 2>&1 \
+    | tee "$out/cuda-graphs-test.log" || echo "gpu-check: the CUDA graphs test failed (see cuda-graphs-test.log)"
 fi
 
 # Step times of the forward alone (host issue, device wait, logits copy) per weight format, and where a decode
 # step's time goes at batch 1 and 64.
-weights=${WEIGHTS:-q8_0 f32 f16}
-# STAGES (default --stages 1,64; empty for none) is split into words on purpose.
+weights=${WEIGHTS:-q8_0 f32}
+# STAGES (default --stages 1,64; empty for none) and DEVICE_BENCH_ARGS (default --graphs: each format again with
+# CUDA graphs) are split into words on purpose.
 # shellcheck disable=SC2086
 "$work/device_bench" --device cuda --model "$model" --weights "$(echo "$weights" | tr ' ' ,)" \
-  ${STAGES-"--stages 1,64"} 2>&1 | tee "$out/device-bench.log"
+  ${STAGES-"--stages 1,64"} ${DEVICE_BENCH_ARGS-"--graphs"} 2>&1 | tee "$out/device-bench.log" \
+  || echo "gpu-check: the device bench failed (see device-bench.log)"
 
-# Serving variants, NAME:WEIGHTS:MAX_BATCH_TOKENS each.
-variants=${VARIANTS:-$(for w in $weights; do printf '%s:%s:2048 ' "$w" "$w"; done)}
+# Serving variants, NAME:WEIGHTS:MAX_BATCH_TOKENS[:graphs] each (graphs: --cuda-graphs).
+variants=${VARIANTS:-$(for w in $weights; do printf '%s:%s:2048 %s-graphs:%s:2048:graphs ' "$w" "$w" "$w" "$w"; done)}
 
 port=5001
 table="$out/serve-table.md"
 echo "| variant | load | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | errors |" > "$table"
 echo "|---|---|---:|---:|---:|---:|---:|---:|" >> "$table"
 for variant in $variants; do
-  IFS=: read -r w wformat mbt <<< "$variant"
+  IFS=: read -r w wformat mbt graphs <<< "$variant"
+  extra=()
+  [ "${graphs:-}" = graphs ] && extra+=(--cuda-graphs)
   "$work/amlserve" --device cuda --model "$model" --weights "$wformat" --host 127.0.0.1 --port $port --embedding-model none \
+    "${extra[@]}" \
     --max-batch-size 64 --max-batch-tokens "$mbt" --max-prefill-tokens-alone "$((mbt > 4096 ? mbt : 4096))" --kv-cache-mb 8192 \
     --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve-$w.log" 2>&1 &
   pid=$!
@@ -75,7 +84,13 @@ for variant in $variants; do
       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks-$w.txt"
   "$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
     --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
-    --json "$out/serve-$w.json" ${BENCH_ARGS:-} > "$out/loadtest-$w.log" 2>&1 || { tail -20 "$out/loadtest-$w.log"; exit 4; }
+    --json "$out/serve-$w.json" ${BENCH_ARGS:-} > "$out/loadtest-$w.log" 2>&1 || {
+    # One failing variant (e.g. an experimental setting) leaves the others to run.
+    tail -20 "$out/loadtest-$w.log"; tail -20 "$out/amlserve-$w.log"
+    echo "| $w | failed: see loadtest-$w.log and amlserve-$w.log | | | | | | |" >> "$table"
+    kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+    continue
+  }
   curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics-$w.txt" || true
   echo "server-side sums and counts, $variant:"
   grep -E '^amlserve_(forward|step|time_to_first_token|queue_time)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \

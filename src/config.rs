@@ -83,6 +83,12 @@ pub struct Args {
     #[arg(long, env = "AMLSERVE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 
+    /// Experimental, GPU only: replay decode steps as CUDA graphs, one recorded per batch size (up to
+    /// --max-batch-size), so a step costs one launch instead of a few hundred. Not yet measured on a GPU; off
+    /// by default. One language model per process; ignored (with a warning) when the model is not on CUDA.
+    #[arg(long, env = "AMLSERVE_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
+
     /// Compute threads for matrix kernels. Defaults to the CPUs available to the process.
     #[arg(long, env = "AMLSERVE_THREADS")]
     pub threads: Option<usize>,
@@ -515,6 +521,13 @@ impl Args {
             )));
         }
         let shares = models.len();
+        if self.cuda_graphs && shares > 1 {
+            return Err(ConfigError::Invalid(
+                "--cuda-graphs serves one language model per process: a stream recording one model's step would \
+                 take in the other engines' work on the same GPU"
+                    .into(),
+            ));
+        }
         if self.kv_cache_mb < shares {
             return Err(ConfigError::Invalid(format!(
                 "--kv-cache-mb ({}) is split equally among the {shares} language models: give each at least 1 MiB",
@@ -539,6 +552,7 @@ impl Args {
                 max_batch_size: self.max_batch_size,
                 max_batch_tokens: self.max_batch_tokens,
                 max_prefill_tokens_alone: self.max_prefill_tokens_alone,
+                cuda_graphs: self.cuda_graphs,
                 kv_cache_bytes: (self.kv_cache_mb << 20) / shares,
                 max_waiting: self.max_waiting,
                 prefix_cache_bytes: (self.prefix_cache_mb.min(self.kv_cache_mb) << 20) / shares,

@@ -349,6 +349,45 @@ mod cuda {
         }
     }
 
+    /// Decode steps replayed as CUDA graphs (`--cuda-graphs`) compute what the same steps compute op by op:
+    /// one sequence (batch 1) and two packed (batch 2), each batch size recorded on its second decode step, on
+    /// a device opened as the server opens it (a stream of its own: the legacy default stream cannot record).
+    #[test]
+    fn decode_graphs_replay_what_op_by_op_steps_compute() {
+        if gpu().is_none() {
+            return;
+        }
+        let (dev, info) = amlserve::model::device::open(amlserve::model::device::DeviceChoice::Cuda(0))
+            .expect("cuda:0 opens")
+            .expect("a GPU");
+        let path = common::model_path();
+        let plain = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info.clone()))).expect("plain");
+        let graphed = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info))).expect("graphed");
+        assert!(device_llama(&graphed).enable_decode_graphs(4, 512));
+        let (p, g) = (
+            OnDevice::new(device_llama(&plain)),
+            OnDevice::new(device_llama(&graphed)),
+        );
+        let prompt = plain
+            .tokenizer
+            .encode("The history of the Roman Empire begins with the founding of the city, which")
+            .expect("encode");
+        let neighbour = plain.tokenizer.encode("Tell me about the sea.").expect("encode");
+        let (want, generated) = greedy(&p, &prompt, STEPS);
+        let (got, got_tokens) = greedy(&g, &prompt, STEPS);
+        let packed_want = ours(&p, &prompt, &[], &generated, Some(&neighbour));
+        let packed_got = ours(&g, &prompt, &[], &generated, Some(&neighbour));
+        for (name, a, b) in [("alone", &got, &want), ("packed", &packed_got, &packed_want)] {
+            let worst = a.iter().zip(b).map(|(x, y)| diff(x, y).0).fold(0f32, f32::max);
+            println!(
+                "graphs vs op by op, {name}: max |diff| {worst} (bit for bit: {})",
+                a == b
+            );
+            assert!(worst < 1e-3, "{name}: a replayed step moved a logit by {worst}");
+        }
+        assert_eq!(got_tokens, generated);
+    }
+
     #[test]
     fn the_forward_on_the_gpu_matches_candle_cpu() {
         let Some(dev) = gpu() else { return };

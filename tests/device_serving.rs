@@ -24,9 +24,11 @@ async fn texts(s: &Server, body: Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_device_forward_serves_batched_forked_and_cached_requests() {
+    // --cuda-graphs is CUDA's alone: off CUDA it is ignored (with a warning) and serving is unchanged.
     let s = Server::start(&[
         "--device",
         "candle-cpu",
+        "--cuda-graphs",
         "--max-batch-tokens",
         "24",
         "--kv-cache-mb",

@@ -233,4 +233,18 @@ fn bad_model_values_stop_the_server_with_exit_code_2() {
         .output()
         .expect("run amlserve");
     assert_eq!(out.status.code(), Some(2));
+    // A stream recording one engine's step would take in another's launches on the same GPU.
+    let out = Command::new(env!("CARGO_BIN_EXE_amlserve"))
+        .args([
+            "--cuda-graphs",
+            "--model",
+            &format!("a={p}"),
+            "--model",
+            &format!("b={p}"),
+        ])
+        .output()
+        .expect("run amlserve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--cuda-graphs serves one language model"), "{stderr}");
 }

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use super::EngineConfig;
 use crate::model::device::forward::DeviceChunk;
 use crate::model::device::{KvPool, PagedKv};
 use crate::model::{Forward, Model, ModelError, SeqChunk, SeqKv, TextTokenizer};
@@ -213,15 +214,22 @@ pub struct DeviceBackend {
 }
 
 impl DeviceBackend {
-    /// The backend of a device model, with a pool of at least `kv_bytes` (plus a margin for partly filled blocks
-    /// and copies on write: an eighth, and 4 blocks per sequence for up to `max_sequences` sequences).
-    pub fn new(model: Arc<Model>, kv_bytes: usize, max_sequences: usize) -> Result<Self, StepError> {
-        let Forward::Device(llama, _) = &model.forward else {
+    /// The backend of a device model, with a pool of at least `config.kv_cache_bytes` (plus a margin for
+    /// partly filled blocks and copies on write: an eighth, and 4 blocks per sequence for up to
+    /// `max_batch_size` sequences); decode steps replayed as CUDA graphs when `config.cuda_graphs` asks and the
+    /// model is on CUDA.
+    pub fn new(model: Arc<Model>, config: &EngineConfig) -> Result<Self, StepError> {
+        let Forward::Device(llama, info) = &model.forward else {
             return Err(StepError("the model is not on a device forward".into()));
         };
+        let kv_bytes = config.kv_cache_bytes;
         let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
-        let margin = kv_bytes / 8 + 4 * max_sequences * crate::model::device::paged::BLOCK * per_token;
+        let margin = kv_bytes / 8 + 4 * config.max_batch_size * crate::model::device::paged::BLOCK * per_token;
         let pool = llama.new_pool(kv_bytes + margin)?;
+        let max_rows = config.max_batch_tokens.max(config.max_prefill_tokens_alone);
+        if config.cuda_graphs && llama.enable_decode_graphs(config.max_batch_size, max_rows) {
+            tracing::info!(device = %info.device, max_batch = config.max_batch_size, "decode steps replay as CUDA graphs");
+        }
         Ok(Self { model, pool })
     }
 

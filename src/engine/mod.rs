@@ -54,6 +54,8 @@ pub struct EngineConfig {
     /// Bytes of finished requests' KV kept for reuse by prompts with the same prefix (0: off). Counted within
     /// `kv_cache_bytes`: running requests evict it when they need the room.
     pub prefix_cache_bytes: usize,
+    /// Replay decode steps as CUDA graphs (`--cuda-graphs`; a model on a CUDA device only).
+    pub cuda_graphs: bool,
 }
 
 /// Why generation ended.
@@ -302,8 +304,7 @@ impl Engine {
         match &model.forward {
             Forward::Cpu(_) => Self::start_with(LlamaBackend(model), text, config, metrics),
             Forward::Device(..) => {
-                let backend = DeviceBackend::new(model, config.kv_cache_bytes, config.max_batch_size)
-                    .map_err(std::io::Error::other)?;
+                let backend = DeviceBackend::new(model, &config).map_err(std::io::Error::other)?;
                 Self::start_with(backend, text, config, metrics)
             }
         }

@@ -623,8 +623,7 @@ fn start_engine(
             )
         }
         Forward::Device(..) => {
-            let inner = DeviceBackend::new(model.clone(), engine.kv_cache_bytes, engine.max_batch_size)
-                .map_err(std::io::Error::other)?;
+            let inner = DeviceBackend::new(model.clone(), &engine).map_err(std::io::Error::other)?;
             Engine::start_with(
                 watchdog::Watched {
                     inner,
@@ -735,6 +734,9 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         Ok(on) => on,
         Err(e) => return fail(e.to_string()),
     };
+    if config.engine.cuda_graphs && !on.as_ref().is_some_and(|(d, _)| d.is_cuda()) {
+        tracing::warn!(device = %config.device, "--cuda-graphs ignored: the models do not compute on a CUDA device");
+    }
     let several = config.models.len() > 1;
     let mut language = Vec::with_capacity(config.models.len());
     for spec in &config.models {

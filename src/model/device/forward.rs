@@ -96,6 +96,9 @@ pub struct DeviceLlama {
     /// Where logits are copied to on the host (CUDA).
     #[cfg(feature = "cuda")]
     pinned: super::cuda::PinnedLogits,
+    /// Decode steps replayed as CUDA graphs, once switched on.
+    #[cfg(feature = "cuda")]
+    graphs: std::sync::OnceLock<Box<super::graphs::DecodeGraphs>>,
 }
 
 impl std::fmt::Debug for DeviceLlama {
@@ -219,6 +222,8 @@ impl DeviceLlama {
             stages: StageTimes::default(),
             #[cfg(feature = "cuda")]
             pinned: Default::default(),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -233,6 +238,24 @@ impl DeviceLlama {
             return Ok(());
         }
         crate::model::weights::copy_to_slice(logits, out)
+    }
+
+    /// Replays decode steps (one token per sequence, every row's logits wanted) of up to `max_batch`
+    /// sequences as CUDA graphs, each recorded the second time its batch size is seen (the first runs op by op,
+    /// loading the kernels). `max_rows`: the most tokens any step holds, so the matmuls' scratch buffers are
+    /// grown once before the first recording. Not while another model's engine computes on the same device: a
+    /// recording stream would take in that engine's work. False, and nothing changed, off CUDA.
+    pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        if matches!(self.device, Device::Cuda(_)) {
+            // A second call keeps the first's settings.
+            let _ = self
+                .graphs
+                .set(Box::new(super::graphs::DecodeGraphs::new(max_batch, max_rows)));
+            return true;
+        }
+        let _ = (max_batch, max_rows);
+        false
     }
 
     /// The device the model runs on.
@@ -263,36 +286,63 @@ impl DeviceLlama {
     }
 
     /// Runs one step over `chunks` and returns logits `[n, vocab]` (f32, on the device), one row per chunk with
-    /// `want_logits`, in chunk order. Every chunk's cache must come from `pool`.
+    /// `want_logits`, in chunk order. Every chunk's cache must come from `pool`. With decode graphs on
+    /// ([`Self::enable_decode_graphs`], CUDA), a decode step's logits live in a buffer the next step of the same
+    /// size overwrites: read them before the next step.
     pub fn forward(&self, chunks: &mut [DeviceChunk<'_>], pool: &KvPool) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
-        let mut seq_of = Vec::new();
-        let mut logit_rows = Vec::new();
-        for (s, c) in chunks.iter_mut().enumerate() {
-            let start = c.kv.len();
-            cfg.check_chunk(start, c.tokens)?;
-            slots.extend(c.kv.prepare(c.tokens.len())?);
-            ids.extend_from_slice(c.tokens);
-            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
-            seq_of.extend(std::iter::repeat_n(s, c.tokens.len()));
-            if c.want_logits {
-                logit_rows.push((ids.len() - 1) as u32);
+        let inputs = StepInputs::build(&self.config, chunks)?;
+        let logits = self.run(&inputs, pool)?;
+        for c in chunks.iter_mut() {
+            c.kv.advance(c.tokens.len());
+        }
+        Ok(logits)
+    }
+
+    /// The step's logits, replayed from a decode graph when one applies, else computed op by op.
+    fn run(&self, inputs: &StepInputs, pool: &KvPool) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = self.graphs.get() {
+            if !self.stages.recording() {
+                if let Some(logits) = graphs.run(self, inputs, pool)? {
+                    return Ok(logits);
+                }
             }
         }
-        let tables: Vec<&[u32]> = chunks.iter().map(|c| c.kv.blocks()).collect();
-        let meta = StepMeta::build(&positions, &slots, &seq_of, &tables);
-        let n_tok = ids.len();
         let dev = &self.device;
-        let meta_t = Tensor::from_vec(meta, (n_tok * 3 + tables.iter().map(|t| t.len()).sum::<usize>(),), dev)?;
-        let step = StepMeta { tokens: n_tok };
+        let ids = Tensor::from_vec(inputs.ids.clone(), inputs.tokens, dev)?;
+        let meta = Tensor::from_vec(inputs.meta.clone(), inputs.meta.len(), dev)?;
+        // No row list when every row is wanted; an empty one still runs the layers (they store the chunks'
+        // keys and values).
+        let rows = match inputs.every_row_wanted() {
+            true => None,
+            false => Some(Tensor::from_vec(
+                inputs.logit_rows.clone(),
+                inputs.logit_rows.len(),
+                dev,
+            )?),
+        };
+        self.compute(&ids, &meta, inputs.tokens, rows.as_ref(), pool)
+    }
+
+    /// The layers over `tokens` tokens (`ids`, metadata `meta` as [`StepMeta::build`] lays it out), then the
+    /// output projection of the rows `rows` names (every row when `None`). Touches the device only: no host
+    /// copies, no waits (unless stage timing is on), so a CUDA stream can record it as a graph.
+    pub(super) fn compute(
+        &self,
+        ids: &Tensor,
+        meta_t: &Tensor,
+        tokens: usize,
+        rows: Option<&Tensor>,
+        pool: &KvPool,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let dev = &self.device;
+        let step = StepMeta { tokens };
         let heads = self.heads();
         let eps = cfg.rms_eps as f32;
 
         let mut clock = self.stages.clock(dev)?;
-        let mut x = self.embed.index_select(&Tensor::from_vec(ids, n_tok, dev)?, 0)?;
+        let mut x = self.embed.index_select(ids, 0)?;
         if let Some(scale) = cfg.embed_scale {
             x = x.affine(f64::from(scale), 0.0)?;
         }
@@ -314,7 +364,7 @@ impl DeviceLlama {
             let qkv = qkv.contiguous()?;
             clock.mark("qkv matmul")?;
             qkv.inplace_op3(
-                &meta_t,
+                meta_t,
                 &self.ropes[layer.rope],
                 &Rope {
                     meta: step,
@@ -324,14 +374,14 @@ impl DeviceLlama {
             )?;
             clock.mark("rope")?;
             let cache = pool.layer(li);
-            cache.inplace_op3(&qkv, &meta_t, &StoreKv { meta: step, heads })?;
+            cache.inplace_op3(&qkv, meta_t, &StoreKv { meta: step, heads })?;
             clock.mark("kv store")?;
             let attention = PagedAttention {
                 meta: step,
                 heads,
                 window: layer.window,
             };
-            let y = qkv.apply_op3_no_bwd(cache, &meta_t, &attention)?;
+            let y = qkv.apply_op3_no_bwd(cache, meta_t, &attention)?;
             clock.mark("attention")?;
             let o = post_norm(layer.wo.forward(&y)?, layer.post_attn_norm.as_ref(), eps)?;
             clock.mark("out matmul")?;
@@ -361,18 +411,76 @@ impl DeviceLlama {
             }
             clock.mark("add + attn norm")?;
         }
-        for c in chunks.iter_mut() {
-            c.kv.advance(c.tokens.len());
-        }
-        let n_rows = logit_rows.len();
-        if n_rows == 0 {
-            return Tensor::zeros((0, cfg.vocab_size), DType::F32, dev);
-        }
-        let last = x.index_select(&Tensor::from_vec(logit_rows, n_rows, dev)?, 0)?;
+        let last = match rows {
+            Some(r) if r.dim(0)? == 0 => return Tensor::zeros((0, cfg.vocab_size), DType::F32, dev),
+            Some(r) => x.index_select(r, 0)?,
+            None => x,
+        };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
         let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
         clock.mark("output")?;
         Ok(logits)
+    }
+
+    /// Multiplies zeros of `rows` rows through one layer's projections, so candle's quantized matmuls grow
+    /// their per-device scratch buffers (they only grow) to what steps of up to `rows` tokens need.
+    #[cfg(feature = "cuda")]
+    pub(super) fn reserve_matmul_scratch(&self, rows: usize) -> candle_core::Result<()> {
+        let Some(l) = self.layers.first() else { return Ok(()) };
+        let cfg = &self.config;
+        let q_width = cfg.n_head * cfg.head_dim;
+        // 8 rows: the largest the vector kernels take; `rows`: the tiled kernels' largest.
+        for n in [8.min(rows), rows] {
+            let zeros = |k: usize| Tensor::zeros((n, k), DType::F32, &self.device);
+            l.qkv.forward(&zeros(cfg.hidden)?)?;
+            l.wo.forward(&zeros(q_width)?)?;
+            l.gate_up.forward(&zeros(cfg.hidden)?)?;
+            l.down.forward(&zeros(l.ffn_width)?)?;
+        }
+        self.device.synchronize()
+    }
+}
+
+/// One step's inputs as the host builds them: token ids, the ops' metadata, the rows whose logits are wanted.
+pub(super) struct StepInputs {
+    pub tokens: usize,
+    pub ids: Vec<u32>,
+    /// [`StepMeta::build`]'s layout.
+    pub meta: Vec<u32>,
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepInputs {
+    /// Checks the chunks, reserves their slots and lays out the step.
+    fn build(cfg: &LlamaConfig, chunks: &mut [DeviceChunk<'_>]) -> candle_core::Result<Self> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut seq_of = Vec::new();
+        let mut logit_rows = Vec::new();
+        for (s, c) in chunks.iter_mut().enumerate() {
+            let start = c.kv.len();
+            cfg.check_chunk(start, c.tokens)?;
+            slots.extend(c.kv.prepare(c.tokens.len())?);
+            ids.extend_from_slice(c.tokens);
+            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
+            seq_of.extend(std::iter::repeat_n(s, c.tokens.len()));
+            if c.want_logits {
+                logit_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let tables: Vec<&[u32]> = chunks.iter().map(|c| c.kv.blocks()).collect();
+        Ok(Self {
+            tokens: ids.len(),
+            meta: StepMeta::build(&positions, &slots, &seq_of, &tables),
+            ids,
+            logit_rows,
+        })
+    }
+
+    /// Whether every token's logits are wanted (a decode step: one token per sequence).
+    pub fn every_row_wanted(&self) -> bool {
+        self.tokens > 0 && self.logit_rows.len() == self.tokens
     }
 }
 

@@ -10,6 +10,8 @@
 //!   their slots, paged causal attention), each with a CPU implementation and a CUDA one (compiled at run time
 //!   by NVRTC, so the build needs no extra nvcc step).
 //! - [`forward`]: weights uploaded once as candle quantized tensors, the packed forward step.
+//! - `graphs` (CUDA builds): decode steps recorded once per batch size as CUDA graphs and replayed
+//!   (`--cuda-graphs`).
 //!
 //! The fast CPU path ([`super::llama`]) stays the CPU default; this one is what `--device cuda` runs, and its
 //! CPU run is what `make test` checks against the fast path.
@@ -21,6 +23,8 @@ pub mod stages;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod graphs;
 
 use candle_core::Device;
 

@@ -22,6 +22,11 @@ impl StageTimes {
         self.on.store(on, Ordering::Relaxed);
     }
 
+    /// Whether recording is on.
+    pub fn recording(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
     /// The totals so far (name, milliseconds, times seen), reset to none.
     pub fn take(&self) -> Vec<(&'static str, f64, usize)> {
         let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
