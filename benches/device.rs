@@ -122,8 +122,10 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         .unwrap_or(1)
         .max(args.context + args.steps + 8);
     // The first two decode steps of each batch size run op by op and record its graph: both are untimed.
-    if graphs && !llama.enable_decode_graphs(max_batch, longest) {
-        println!("(no CUDA device: graphs off)");
+    if graphs {
+        if let Err(why) = llama.enable_decode_graphs(max_batch, longest) {
+            println!("(graphs off: {why})");
+        }
     }
     let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
     let pool = llama

@@ -363,7 +363,7 @@ mod cuda {
         let path = common::model_path();
         let plain = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info.clone()))).expect("plain");
         let graphed = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info))).expect("graphed");
-        assert!(device_llama(&graphed).enable_decode_graphs(4, 512));
+        device_llama(&graphed).enable_decode_graphs(4, 512).expect("graphs on");
         let (p, g) = (
             OnDevice::new(device_llama(&plain)),
             OnDevice::new(device_llama(&graphed)),

@@ -227,8 +227,11 @@ impl DeviceBackend {
         let margin = kv_bytes / 8 + 4 * config.max_batch_size * crate::model::device::paged::BLOCK * per_token;
         let pool = llama.new_pool(kv_bytes + margin)?;
         let max_rows = config.max_batch_tokens.max(config.max_prefill_tokens_alone);
-        if config.cuda_graphs && llama.enable_decode_graphs(config.max_batch_size, max_rows) {
-            tracing::info!(device = %info.device, max_batch = config.max_batch_size, "decode steps replay as CUDA graphs");
+        if config.cuda_graphs {
+            match llama.enable_decode_graphs(config.max_batch_size, max_rows) {
+                Ok(()) => tracing::info!(max_batch = config.max_batch_size, "decode steps replay as CUDA graphs"),
+                Err(why) => tracing::warn!(device = %info.device, "--cuda-graphs ignored: {why}"),
+            }
         }
         Ok(Self { model, pool })
     }

@@ -244,18 +244,30 @@ impl DeviceLlama {
     /// sequences as CUDA graphs, each recorded the second time its batch size is seen (the first runs op by op,
     /// loading the kernels). `max_rows`: the most tokens any step holds, so the matmuls' scratch buffers are
     /// grown once before the first recording. Not while another model's engine computes on the same device: a
-    /// recording stream would take in that engine's work. False, and nothing changed, off CUDA.
-    pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> bool {
+    /// recording stream would take in that engine's work. Off CUDA, or for a family whose step needs what a
+    /// recording cannot hold, nothing changes and the error says why.
+    pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> Result<(), String> {
+        // candle's ops on strided or broadcast tensors copy their shapes from host memory at each call, which a
+        // graph cannot replay: q/k/v biases (broadcast), per-head norms (narrowed columns) and GELU gates
+        // (narrowed halves) take that path; the other families' steps run on contiguous tensors only.
+        let strided = self.layers.iter().any(|l| l.qkv_bias.is_some() || l.qk_norm.is_some())
+            || self.config.family.activation() != Activation::Silu;
+        if strided {
+            return Err(format!(
+                "the {:?} family's step uses strided tensors, which a graph cannot replay",
+                self.config.family
+            ));
+        }
         #[cfg(feature = "cuda")]
         if matches!(self.device, Device::Cuda(_)) {
             // A second call keeps the first's settings.
             let _ = self
                 .graphs
                 .set(Box::new(super::graphs::DecodeGraphs::new(max_batch, max_rows)));
-            return true;
+            return Ok(());
         }
         let _ = (max_batch, max_rows);
-        false
+        Err(format!("the model computes on {:?}, not CUDA", self.device.location()))
     }
 
     /// The device the model runs on.
