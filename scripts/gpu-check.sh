@@ -72,13 +72,16 @@ for variant in $variants; do
   IFS=: read -r w wformat mbt graphs <<< "$variant"
   extra=()
   [ "${graphs:-}" = graphs ] && extra+=(--cuda-graphs)
+  # Without KV_CACHE_MB the server sizes its KV cache from the GPU's free memory (logged below).
+  [ -n "${KV_CACHE_MB:-}" ] && extra+=(--kv-cache-mb "$KV_CACHE_MB")
   "$work/amlserve" --device cuda --model "$model" --weights "$wformat" --host 127.0.0.1 --port $port --embedding-model none \
     "${extra[@]}" \
-    --max-batch-size 64 --max-batch-tokens "$mbt" --max-prefill-tokens-alone "$((mbt > 4096 ? mbt : 4096))" --kv-cache-mb 8192 \
+    --max-batch-size 64 --max-batch-tokens "$mbt" --max-prefill-tokens-alone "$((mbt > 4096 ? mbt : 4096))" \
     --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve-$w.log" 2>&1 &
   pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
   for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+  grep -E 'KV cache sized|CUDA graphs|cuda-graphs' "$out/amlserve-$w.log" || true
   { curl -sf "http://127.0.0.1:$port/info"; echo
     curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks-$w.txt"

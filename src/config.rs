@@ -153,9 +153,11 @@ pub struct Args {
 
     /// Memory for the KV cache, in MiB. A request reserves room for its prompt plus max_tokens; requests wait
     /// for admission until their reservation fits. The process-wide total: with several language models
-    /// (--model repeated), each gets an equal share.
-    #[arg(long, env = "AMLSERVE_KV_CACHE_MB", default_value_t = 2048)]
-    pub kv_cache_mb: usize,
+    /// (--model repeated), each gets an equal share. Default: 2048; for one language model on a GPU, what the
+    /// GPU has free once the weights are in, less a tenth of its memory (at least 1 GiB) for activations, and no
+    /// more than --max-batch-size sequences at full context need.
+    #[arg(long, env = "AMLSERVE_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
 
     /// Memory, in MiB and within --kv-cache-mb, for keeping finished requests' KV cache so a new prompt that
     /// starts with the same tokens (a chat template's system preamble, a conversation's earlier turns) skips
@@ -424,6 +426,9 @@ fn checked_api_key(key: Option<String>) -> Result<Option<String>, ConfigError> {
     }
 }
 
+/// `--kv-cache-mb` when not given (and what a GPU-sized budget falls back to off the GPU).
+pub const DEFAULT_KV_CACHE_MB: usize = 2048;
+
 impl Args {
     /// Checks the settings and resolves the model path.
     pub fn validate(self) -> Result<Config, ConfigError> {
@@ -435,7 +440,7 @@ impl Args {
         let positive = [
             ("--max-batch-size", self.max_batch_size),
             ("--max-batch-tokens", self.max_batch_tokens),
-            ("--kv-cache-mb", self.kv_cache_mb),
+            ("--kv-cache-mb", self.kv_cache_mb.unwrap_or(1)),
             ("--max-body-bytes", self.max_body_bytes),
             ("--default-max-tokens", self.default_max_tokens),
             ("--max-waiting", self.max_waiting),
@@ -528,10 +533,11 @@ impl Args {
                     .into(),
             ));
         }
-        if self.kv_cache_mb < shares {
+        let kv_cache_mb = self.kv_cache_mb.unwrap_or(DEFAULT_KV_CACHE_MB);
+        if kv_cache_mb < shares {
             return Err(ConfigError::Invalid(format!(
-                "--kv-cache-mb ({}) is split equally among the {shares} language models: give each at least 1 MiB",
-                self.kv_cache_mb
+                "--kv-cache-mb ({kv_cache_mb}) is split equally among the {shares} language models: give each at \
+                 least 1 MiB"
             )));
         }
         let threads = self
@@ -553,9 +559,10 @@ impl Args {
                 max_batch_tokens: self.max_batch_tokens,
                 max_prefill_tokens_alone: self.max_prefill_tokens_alone,
                 cuda_graphs: self.cuda_graphs,
-                kv_cache_bytes: (self.kv_cache_mb << 20) / shares,
+                kv_cache_bytes: (kv_cache_mb << 20) / shares,
+                kv_cache_from_device: self.kv_cache_mb.is_none() && shares == 1,
                 max_waiting: self.max_waiting,
-                prefix_cache_bytes: (self.prefix_cache_mb.min(self.kv_cache_mb) << 20) / shares,
+                prefix_cache_bytes: (self.prefix_cache_mb.min(kv_cache_mb) << 20) / shares,
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             generation: GenerationDefaults {

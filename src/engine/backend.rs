@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::EngineConfig;
 use crate::model::device::forward::DeviceChunk;
-use crate::model::device::{KvPool, PagedKv};
+use crate::model::device::{budget, KvPool, PagedKv};
 use crate::model::{Forward, Model, ModelError, SeqChunk, SeqKv, TextTokenizer};
 
 /// One sequence's cache as the scheduler and the prefix cache see it.
@@ -214,18 +214,40 @@ pub struct DeviceBackend {
 }
 
 impl DeviceBackend {
-    /// The backend of a device model, with a pool of at least `config.kv_cache_bytes` (plus a margin for
-    /// partly filled blocks and copies on write: an eighth, and 4 blocks per sequence for up to
-    /// `max_batch_size` sequences); decode steps replayed as CUDA graphs when `config.cuda_graphs` asks and the
-    /// model is on CUDA.
-    pub fn new(model: Arc<Model>, config: &EngineConfig) -> Result<Self, StepError> {
+    /// The backend of a device model, with a pool of at least `config.kv_cache_bytes` (plus the margin
+    /// [`budget::pool_bytes`] keeps for up to `max_batch_size` sequences). When `config.kv_cache_from_device`
+    /// and the device reports its memory (a GPU), the budget is first set from its free memory
+    /// ([`budget::budget_from_memory`]). Decode steps replay as CUDA graphs when `config.cuda_graphs` asks and
+    /// the model can.
+    pub fn new(model: Arc<Model>, config: &mut EngineConfig) -> Result<Self, StepError> {
         let Forward::Device(llama, info) = &model.forward else {
             return Err(StepError("the model is not on a device forward".into()));
         };
-        let kv_bytes = config.kv_cache_bytes;
         let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
-        let margin = kv_bytes / 8 + 4 * config.max_batch_size * crate::model::device::paged::BLOCK * per_token;
-        let pool = llama.new_pool(kv_bytes + margin)?;
+        if config.kv_cache_from_device {
+            if let Some((free, total)) = llama.memory()? {
+                let kv = budget::budget_from_memory(
+                    free,
+                    total,
+                    per_token,
+                    model.config.context_length,
+                    config.max_batch_size,
+                );
+                tracing::info!(
+                    kv_cache_mb = kv >> 20,
+                    free_mb = free >> 20,
+                    total_mb = total >> 20,
+                    "KV cache sized from the GPU's free memory (--kv-cache-mb sets it)"
+                );
+                config.kv_cache_bytes = kv;
+                config.prefix_cache_bytes = config.prefix_cache_bytes.min(kv);
+            }
+        }
+        let pool = llama.new_pool(budget::pool_bytes(
+            config.kv_cache_bytes,
+            per_token,
+            config.max_batch_size,
+        ))?;
         let max_rows = config.max_batch_tokens.max(config.max_prefill_tokens_alone);
         if config.cuda_graphs {
             match llama.enable_decode_graphs(config.max_batch_size, max_rows) {

@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub max_prefill_tokens_alone: usize,
     /// Bytes of KV cache the running sequences may reserve in total.
     pub kv_cache_bytes: usize,
+    /// `kv_cache_bytes` is a default that a model on a GPU replaces by what the GPU's free memory holds
+    /// ([`backend::DeviceBackend::new`]).
+    pub kv_cache_from_device: bool,
     /// Most requests waiting for admission; more are refused.
     pub max_waiting: usize,
     /// Bytes of finished requests' KV kept for reuse by prompts with the same prefix (0: off). Counted within
@@ -304,7 +307,8 @@ impl Engine {
         match &model.forward {
             Forward::Cpu(_) => Self::start_with(LlamaBackend(model), text, config, metrics),
             Forward::Device(..) => {
-                let backend = DeviceBackend::new(model, &config).map_err(std::io::Error::other)?;
+                let mut config = config;
+                let backend = DeviceBackend::new(model, &mut config).map_err(std::io::Error::other)?;
                 Self::start_with(backend, text, config, metrics)
             }
         }

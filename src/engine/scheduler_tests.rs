@@ -23,6 +23,7 @@ fn config() -> EngineConfig {
         max_batch_tokens: 64,
         max_prefill_tokens_alone: 64,
         cuda_graphs: false,
+        kv_cache_from_device: false,
         kv_cache_bytes: 1000 * BYTES_PER_TOKEN,
         max_waiting: 16,
         prefix_cache_bytes: 0,

@@ -623,7 +623,8 @@ fn start_engine(
             )
         }
         Forward::Device(..) => {
-            let inner = DeviceBackend::new(model.clone(), &engine).map_err(std::io::Error::other)?;
+            let mut engine = engine;
+            let inner = DeviceBackend::new(model.clone(), &mut engine).map_err(std::io::Error::other)?;
             Engine::start_with(
                 watchdog::Watched {
                     inner,

@@ -270,6 +270,17 @@ impl DeviceLlama {
         Err(format!("the model computes on {:?}, not CUDA", self.device.location()))
     }
 
+    /// The device's free and total memory in bytes, where it reports them (CUDA).
+    pub fn memory(&self) -> candle_core::Result<Option<(usize, usize)>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            use candle_core::cuda_backend::WrapErr;
+            self.device.synchronize()?;
+            return Ok(Some(cuda.cuda_stream().context().mem_get_info().w()?));
+        }
+        Ok(None)
+    }
+
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device

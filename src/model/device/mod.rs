@@ -9,6 +9,8 @@
 //! - [`ops`]: the three kernels candle does not have (rotary embedding in place, writing keys and values to
 //!   their slots, paged causal attention), each with a CPU implementation and a CUDA one (compiled at run time
 //!   by NVRTC, so the build needs no extra nvcc step).
+//! - [`budget`]: the pool's size: its margin beyond the admission budget, and the budget a GPU's free memory
+//!   allows.
 //! - [`forward`]: weights uploaded once as candle quantized tensors, the packed forward step.
 //! - `graphs` (CUDA builds): decode steps recorded once per batch size as CUDA graphs and replayed
 //!   (`--cuda-graphs`).
@@ -16,6 +18,7 @@
 //! The fast CPU path ([`super::llama`]) stays the CPU default; this one is what `--device cuda` runs, and its
 //! CPU run is what `make test` checks against the fast path.
 
+pub mod budget;
 pub mod forward;
 pub mod ops;
 pub mod paged;
