@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: check-cuda gpu-pack
+.PHONY: check-cuda gpu-pack gpu-check-dry
 .PHONY: run test fuzz models models-gemma test-deps bench bench-embed bench-grammar bench-serve bench-structured bench-long \
 	bench-long-serving bench-context-serving soak lint fmt \
 	image image-demo sbom
@@ -133,3 +133,7 @@ gpu-pack: models
 	. target/cuda-toolchain/env.sh && $(CARGO) build --release --features cuda --lib
 	scripts/cuda-toolchain.sh stub
 	CUDA_ENV=target/cuda-toolchain/env.sh scripts/gpu-pack.sh
+
+## scripts/gpu-check.sh run here, without a GPU: CPU binaries on candle's CPU backend, small loads (~1 min).
+gpu-check-dry: models
+	scripts/gpu-pack.sh dry

@@ -12,12 +12,15 @@
 #                                the GPU forward against candle's CPU backend) and the serving benchmark with the
 #                                load tester (single stream and 64 concurrent streams), and print a table
 #
-# Logs and reports go to ${OUT:-$WORK/out}.
+# Logs and reports go to ${OUT:-$WORK/out}. DEVICE (default cuda; candle-cpu for a dry run of this script on a
+# machine without a GPU, with CPU binaries), CONCURRENCY (1,64), REQUESTS (16,512) and MAX_TOKENS (128) shape
+# the serving runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${GPU_DIR:-.gpu}
 work=${WORK:-/tmp/gpu}
 out=${OUT:-$work/out}
+device=${DEVICE:-cuda}
 mkdir -p "$work" "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
 
@@ -29,7 +32,7 @@ for part in a b; do
 done
 [ -x "$work/amlserve" ] || { echo "gpu-check: no binaries in $work (carry $src/bin.tar.xz)" >&2; exit 2; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || echo "gpu-check: no nvidia-smi"
 
 if [ "${1:-}" = stage ]; then
   "$work/device_forward" --test-threads 1 --nocapture cuda::the_cuda_kernels
@@ -57,7 +60,7 @@ weights=${WEIGHTS:-q8_0 f32}
 # STAGES (default --stages 1,64; empty for none) and DEVICE_BENCH_ARGS (default --graphs: each format again with
 # CUDA graphs) are split into words on purpose.
 # shellcheck disable=SC2086
-"$work/device_bench" --device cuda --model "$model" --weights "$(echo "$weights" | tr ' ' ,)" \
+"$work/device_bench" --device "$device" --model "$model" --weights "$(echo "$weights" | tr ' ' ,)" \
   ${STAGES-"--stages 1,64"} ${DEVICE_BENCH_ARGS-"--graphs"} 2>&1 | tee "$out/device-bench.log" \
   || echo "gpu-check: the device bench failed (see device-bench.log)"
 
@@ -74,7 +77,7 @@ for variant in $variants; do
   [ "${graphs:-}" = graphs ] && extra+=(--cuda-graphs)
   # Without KV_CACHE_MB the server sizes its KV cache from the GPU's free memory (logged below).
   [ -n "${KV_CACHE_MB:-}" ] && extra+=(--kv-cache-mb "$KV_CACHE_MB")
-  "$work/amlserve" --device cuda --model "$model" --weights "$wformat" --host 127.0.0.1 --port $port --embedding-model none \
+  "$work/amlserve" --device "$device" --model "$model" --weights "$wformat" --host 127.0.0.1 --port $port --embedding-model none \
     "${extra[@]}" \
     --max-batch-size 64 --max-batch-tokens "$mbt" --max-prefill-tokens-alone "$((mbt > 4096 ? mbt : 4096))" \
     --max-waiting 1024 ${AMLSERVE_ARGS:-} > "$out/amlserve-$w.log" 2>&1 &
@@ -85,8 +88,8 @@ for variant in $variants; do
   { curl -sf "http://127.0.0.1:$port/info"; echo
     curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks-$w.txt"
-  "$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency 1,64 --requests 16,512 \
-    --prompt-tokens 100 --max-tokens 128 --ignore-eos --temperature 0 --warmup 4 --seed 1 \
+  "$work/amlserve-loadtest" openai-chat "http://127.0.0.1:$port" --concurrency "${CONCURRENCY:-1,64}" \
+    --requests "${REQUESTS:-16,512}" --prompt-tokens 100 --max-tokens "${MAX_TOKENS:-128}" --ignore-eos --temperature 0 --warmup 4 --seed 1 \
     --json "$out/serve-$w.json" ${BENCH_ARGS:-} > "$out/loadtest-$w.log" 2>&1 || {
     # One failing variant (e.g. an experimental setting) leaves the others to run.
     tail -20 "$out/loadtest-$w.log"; tail -20 "$out/amlserve-$w.log"

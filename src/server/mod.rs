@@ -735,8 +735,9 @@ fn load(state: AppState, config: &Config, metrics: Arc<Metrics>) {
         Ok(on) => on,
         Err(e) => return fail(e.to_string()),
     };
-    if config.engine.cuda_graphs && !on.as_ref().is_some_and(|(d, _)| d.is_cuda()) {
-        tracing::warn!(device = %config.device, "--cuda-graphs ignored: the models do not compute on a CUDA device");
+    // A model on a device forward says itself whether it takes graphs (DeviceBackend::new).
+    if config.engine.cuda_graphs && on.is_none() {
+        tracing::warn!(device = %config.device, "--cuda-graphs ignored: the models run on the CPU forward");
     }
     let several = config.models.len() > 1;
     let mut language = Vec::with_capacity(config.models.len());
