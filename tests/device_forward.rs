@@ -174,7 +174,10 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use amlserve::model::device::ops::{AddRmsNorm, Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
+    use amlserve::model::arch::Activation;
+    use amlserve::model::device::ops::{
+        AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, StepMeta, StoreKv,
+    };
     use amlserve::model::device::paged::BLOCK;
     use candle_core::{DType, Tensor};
 
@@ -319,14 +322,49 @@ mod cuda {
         let x: Vec<f32> = (0..37 * 2 * 1536)
             .map(|i| ((i * 7919) % 1000) as f32 / 125.0 - 4.0)
             .collect();
-        let on = |d: &Device| {
-            Tensor::from_vec(x.clone(), (37, 2 * 1536), d)
-                .and_then(|t| t.apply_op1_no_bwd(&SwiGlu { width: 1536 }))
-                .expect("swiglu")
-        };
-        let es = rel_err(&on(&dev), &on(&Device::Cpu));
-        println!("swiglu {es:.2e}");
-        assert!(es < 1e-5, "swiglu {es}");
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let on = |d: &Device| {
+                Tensor::from_vec(x.clone(), (37, 2 * 1536), d)
+                    .and_then(|t| t.apply_op1_no_bwd(&GatedAct { width: 1536, act }))
+                    .expect("gated activation")
+            };
+            let es = rel_err(&on(&dev), &on(&Device::Cpu));
+            println!("gated {act:?} {es:.2e}");
+            assert!(es < 1e-5, "gated {act:?} {es}");
+        }
+        // qwen2's biases and the per-head norms of qwen3 (head 128, GQA) and Gemma 3 (head 256), in place.
+        for heads in [
+            Heads {
+                n_head: 16,
+                n_kv_head: 8,
+                head_dim: 128,
+            },
+            Heads {
+                n_head: 4,
+                n_kv_head: 1,
+                head_dim: 256,
+            },
+        ] {
+            let (rows, width) = (37, heads.width());
+            let v = |seed: usize, n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0)
+                    .collect()
+            };
+            let on = |d: &Device| {
+                let qkv = Tensor::from_vec(v(1, rows * width), (rows, width), d).expect("qkv");
+                let bias = Tensor::from_vec(v(2, width), width, d).expect("bias");
+                let qn = Tensor::from_vec(v(3, heads.head_dim), heads.head_dim, d).expect("qn");
+                let kn = Tensor::from_vec(v(4, heads.head_dim), heads.head_dim, d).expect("kn");
+                qkv.inplace_op2(&bias, &AddBias).expect("bias");
+                qkv.inplace_op3(&qn, &kn, &HeadNorms { heads, eps: 1e-6 })
+                    .expect("head norms");
+                qkv
+            };
+            let eh = rel_err(&on(&dev), &on(&Device::Cpu));
+            println!("bias + head norms, {heads:?}: {eh:.2e}");
+            assert!(eh < 1e-5, "bias + head norms {eh}");
+        }
         // The residual add and norm, on rows that start past offset 0 (as the residual view does), both widths.
         for hidden in [576, 640, 2048] {
             let v = |seed: usize, n: usize| -> Vec<f32> {

@@ -11,8 +11,9 @@ use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Device, Layout};
 
-use super::ops::{AddRmsNorm, PagedAttention, Rope, StoreKv, SwiGlu};
+use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Rope, StoreKv};
 use super::DeviceInfo;
+use crate::model::arch::Activation;
 
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "amlserve_kernels";
@@ -290,24 +291,84 @@ pub(super) fn rows_to_host(
     Ok(true)
 }
 
-pub(super) fn swiglu(op: &SwiGlu, x: &CudaStorage, l: &Layout, rows: usize) -> candle_core::Result<CudaStorage> {
+/// A grid-stride launch over `n` elements.
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(super) fn gated_act(op: &GatedAct, x: &CudaStorage, l: &Layout, rows: usize) -> candle_core::Result<CudaStorage> {
     let dev = x.device.clone();
-    let f = dev.get_or_load_custom_func("amlserve_swiglu", MODULE, ptx_for(&dev)?)?;
+    let f = dev.get_or_load_custom_func("amlserve_gated", MODULE, ptx_for(&dev)?)?;
     let src = x.as_cuda_slice::<f32>()?.slice(start(l, "gate/up")?..);
     let n = rows * op.width;
     // SAFETY: the kernel writes all rows * width outputs.
     let mut out = unsafe { dev.alloc::<f32>(n.max(1)) }?;
-    let (r, w) = (rows as i32, op.width as i32);
+    let (r, w, gelu) = (rows as i32, op.width as i32, i32::from(op.act == Activation::GeluTanh));
+    let mut b = f.builder();
+    b.arg(&mut out).arg(&src).arg(&r).arg(&w).arg(&gelu);
+    // SAFETY: the input holds rows * 2 * width floats (its layout's element count).
+    unsafe { b.launch(grid_stride(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn add_bias(
+    x: &mut CudaStorage,
+    xl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+    rows: usize,
+    width: usize,
+) -> candle_core::Result<()> {
+    let dev = x.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_add_bias", MODULE, ptx_for(&dev)?)?;
+    let xs = start(xl, "qkv")?;
+    let mut x = x.as_cuda_slice_mut::<f32>()?.slice_mut(xs..);
+    let b = bias.as_cuda_slice::<f32>()?.slice(start(bl, "bias")?..);
+    let (r, w) = (rows as i32, width as i32);
+    let mut builder = f.builder();
+    builder.arg(&mut x).arg(&b).arg(&r).arg(&w);
+    // SAFETY: x holds rows * width floats and the bias width (checked by the op).
+    unsafe { builder.launch(grid_stride(rows * width)) }.w()?;
+    Ok(())
+}
+
+pub(super) fn head_norms(
+    op: &HeadNorms,
+    qkv: &mut CudaStorage,
+    ql: &Layout,
+    (qn, nl): (&CudaStorage, &Layout),
+    (kn, kl): (&CudaStorage, &Layout),
+    rows: usize,
+) -> candle_core::Result<()> {
+    let h = op.heads;
+    let dev = qkv.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_head_norms", MODULE, ptx_for(&dev)?)?;
+    let qs = start(ql, "qkv")?;
+    let mut x = qkv.as_cuda_slice_mut::<f32>()?.slice_mut(qs..);
+    let q = qn.as_cuda_slice::<f32>()?.slice(start(nl, "query norm")?..);
+    let k = kn.as_cuda_slice::<f32>()?.slice(start(kl, "key norm")?..);
+    let (width, n_q, hd) = (h.width() as i32, h.n_head as i32, h.head_dim as i32);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (rows.max(1) as u32, (h.n_head + h.n_kv_head) as u32, 1),
+        // Whole warps (the reduction's unit), one thread per dimension up to 256.
+        block_dim: ((h.head_dim as u32).next_multiple_of(32).clamp(32, 256), 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = f.builder();
-    b.arg(&mut out).arg(&src).arg(&r).arg(&w);
-    // SAFETY: the input holds rows * 2 * width floats (its layout's element count).
+    b.arg(&mut x)
+        .arg(&q)
+        .arg(&k)
+        .arg(&width)
+        .arg(&n_q)
+        .arg(&hd)
+        .arg(&op.eps);
+    // SAFETY: qkv holds rows * width floats and each norm head_dim (checked by the op).
     unsafe { b.launch(cfg) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok(())
 }
 
 pub(super) fn add_rms_norm(

@@ -2,10 +2,12 @@
 //! once, activations on the device, keys and values in the paged pool ([`super::paged`]), attention by
 //! [`super::ops::PagedAttention`].
 //!
-//! The family's differences use candle's own ops, which run on every backend: q/k/v biases (qwen2), per-head
-//! q/k norms (qwen3, gemma3), norms after attention and the MLP, GELU gates and scaled embeddings (gemma3),
-//! fused projections (phi3); sliding windows are the attention op's, and each layer rotates with its own table
-//! (Gemma 3's local and global layers; Llama 3's frequency factors and linear scaling included).
+//! The family's differences: q/k/v biases (qwen2) and per-head q/k norms (qwen3, gemma3) are ops of ours
+//! ([`super::ops::AddBias`], [`super::ops::HeadNorms`]) as is the gated activation (SiLU, or Gemma's GELU);
+//! norms after attention and the MLP and scaled embeddings (gemma3) and fused projections (phi3) are candle's;
+//! sliding windows are the attention op's, and each layer rotates with its own table (Gemma 3's local and
+//! global layers; Llama 3's frequency factors and linear scaling included). Every op reads contiguous tensors
+//! (what CUDA graphs need, see [`DeviceLlama::enable_decode_graphs`]).
 //!
 //! One step packs every scheduled token of every sequence into one `[tokens, hidden]` matrix, as the CPU
 //! forward does: each projection is one quantized matmul per step, each token is rotated to its own position
@@ -18,10 +20,10 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::ops::{AddRmsNorm, Heads, PagedAttention, Rope, StepMeta, StoreKv, SwiGlu};
+use super::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, StepMeta, StoreKv};
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
-use crate::model::arch::{Activation, LlamaConfig};
+use crate::model::arch::LlamaConfig;
 use crate::model::block::{check_shapes, BlockTensors};
 use crate::model::rope::RopeTable;
 use crate::model::source::{GgufSource, TensorSource};
@@ -52,7 +54,7 @@ impl Projection {
 struct Layer {
     attn_norm: Tensor,
     qkv: Projection,
-    /// `[1, q + 2 kv]`, added to every row (qwen2).
+    /// `[q + 2 kv]`, added to every row (qwen2).
     qkv_bias: Option<Tensor>,
     /// Per-head RMS norm weights of queries and keys, `[head_dim]` each (qwen3, gemma3).
     qk_norm: Option<(Tensor, Tensor)>,
@@ -177,10 +179,7 @@ impl DeviceLlama {
             layers.push(Layer {
                 attn_norm: on(t.attn_norm)?,
                 qkv,
-                qkv_bias: t
-                    .qkv_bias
-                    .map(|b| Ok::<_, ModelError>(vec_on(b)?.unsqueeze(0)?))
-                    .transpose()?,
+                qkv_bias: t.qkv_bias.map(vec_on).transpose()?,
                 qk_norm: t
                     .qk_norm
                     .map(|(q, k)| Ok::<_, ModelError>((vec_on(q)?, vec_on(k)?)))
@@ -244,20 +243,12 @@ impl DeviceLlama {
     /// sequences as CUDA graphs, each recorded the second time its batch size is seen (the first runs op by op,
     /// loading the kernels). `max_rows`: the most tokens any step holds, so the matmuls' scratch buffers are
     /// grown once before the first recording. Not while another model's engine computes on the same device: a
-    /// recording stream would take in that engine's work. Off CUDA, or for a family whose step needs what a
-    /// recording cannot hold, nothing changes and the error says why.
+    /// recording stream would take in that engine's work. Off CUDA nothing changes and the error says so.
+    ///
+    /// Every op of the step (`compute`) reads contiguous tensors: candle's ops on strided or broadcast ones copy
+    /// their shapes from host memory at each call, which a graph cannot replay (hence [`AddBias`],
+    /// [`HeadNorms`] and [`GatedAct`] rather than candle's broadcast add, narrowed norms and narrowed GELU).
     pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> Result<(), String> {
-        // candle's ops on strided or broadcast tensors copy their shapes from host memory at each call, which a
-        // graph cannot replay: q/k/v biases (broadcast), per-head norms (narrowed columns) and GELU gates
-        // (narrowed halves) take that path; the other families' steps run on contiguous tensors only.
-        let strided = self.layers.iter().any(|l| l.qkv_bias.is_some() || l.qk_norm.is_some())
-            || self.config.family.activation() != Activation::Silu;
-        if strided {
-            return Err(format!(
-                "the {:?} family's step uses strided tensors, which a graph cannot replay",
-                self.config.family
-            ));
-        }
         #[cfg(feature = "cuda")]
         if matches!(self.device, Device::Cuda(_)) {
             // A second call keeps the first's settings.
@@ -377,14 +368,13 @@ impl DeviceLlama {
         clock.mark("attn norm")?;
         let add_norm = AddRmsNorm { eps };
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut qkv = layer.qkv.forward(&h)?;
+            let qkv = layer.qkv.forward(&h)?.contiguous()?;
             if let Some(bias) = &layer.qkv_bias {
-                qkv = qkv.broadcast_add(bias)?;
+                qkv.inplace_op2(bias, &AddBias)?;
             }
             if let Some((qn, kn)) = &layer.qk_norm {
-                qkv = head_norms(&qkv, heads, qn, kn, eps)?;
+                qkv.inplace_op3(qn, kn, &HeadNorms { heads, eps })?;
             }
-            let qkv = qkv.contiguous()?;
             clock.mark("qkv matmul")?;
             qkv.inplace_op3(
                 meta_t,
@@ -413,14 +403,11 @@ impl DeviceLlama {
             clock.mark("add + ffn norm")?;
             let gu = layer.gate_up.forward(&h)?;
             clock.mark("gate/up matmul")?;
-            let act = match cfg.family.activation() {
-                Activation::Silu => gu.contiguous()?.apply_op1_no_bwd(&SwiGlu { width: layer.ffn_width })?,
-                Activation::GeluTanh => {
-                    let w = layer.ffn_width;
-                    (gu.narrow(1, 0, w)?.gelu()? * gu.narrow(1, w, w)?)?
-                }
-            };
-            clock.mark("swiglu")?;
+            let act = gu.contiguous()?.apply_op1_no_bwd(&GatedAct {
+                width: layer.ffn_width,
+                act: cfg.family.activation(),
+            })?;
+            clock.mark("gated activation")?;
             let d = post_norm(layer.down.forward(&act)?, layer.post_ffn_norm.as_ref(), eps)?;
             clock.mark("down matmul")?;
             // The residual add fused with the next layer's attention norm; after the last layer, a plain add
@@ -513,18 +500,4 @@ fn post_norm(y: Tensor, w: Option<&Tensor>, eps: f32) -> candle_core::Result<Ten
         Some(w) => candle_nn::ops::rms_norm(&y.contiguous()?, w, eps),
         None => Ok(y),
     }
-}
-
-/// `qkv` (`[tokens, width]`) with each query head RMS-normed by `qn` and each key head by `kn` (values as
-/// they were).
-fn head_norms(qkv: &Tensor, h: Heads, qn: &Tensor, kn: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    let n = qkv.dim(0)?;
-    let norm = |col: usize, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
-        let part = qkv.narrow(1, col, heads * h.head_dim)?.contiguous()?;
-        candle_nn::ops::rms_norm(&part.reshape((n * heads, h.head_dim))?, w, eps)?.reshape((n, heads * h.head_dim))
-    };
-    let q = norm(0, h.n_head, qn)?;
-    let k = norm(h.k_col(), h.n_kv_head, kn)?;
-    let v = qkv.narrow(1, h.k_col() + h.kv_row(), h.kv_row())?;
-    Tensor::cat(&[q, k, v], 1)
 }

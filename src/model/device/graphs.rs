@@ -16,6 +16,9 @@
 //!   addresses. They are grown to the largest step (`max_rows`) before the first recording, and a step larger
 //!   than that drops every graph before it runs.
 //! - Nothing else may launch on the stream while it records: one engine per device.
+//! - No op may copy from host memory while recording (the copy would be replayed from a buffer long gone):
+//!   candle does so for ops on strided or broadcast tensors, so the forward's step uses contiguous ones only
+//!   ([`DeviceLlama::enable_decode_graphs`]).
 //!
 //! Any failure while recording turns graphs off for the process (logged) and the step runs op by op.
 // Replaying graphs and writing into device buffers are driver calls: each is commented where it is made.

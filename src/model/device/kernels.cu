@@ -44,14 +44,24 @@ extern "C" __global__ void amlserve_store_kv_bf16(unsigned short* pool, const fl
     for (int j = threadIdx.x; j < row2; j += blockDim.x) dst[j] = f32_to_bf16(src[j]);
 }
 
-// Grid-stride over tokens x width: out = silu(gate) * up, rows holding gate then up.
-extern "C" __global__ void amlserve_swiglu(float* out, const float* x, int rows, int width) {
+// Grid-stride over tokens x width: out = act(gate) * up, rows holding gate then up; act is SiLU, or GELU's tanh
+// form when `gelu` is set.
+extern "C" __global__ void amlserve_gated(float* out, const float* x, int rows, int width, int gelu) {
     size_t n = (size_t)rows * width;
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         size_t r = k / width, c = k % width;
         float g = x[r * 2 * width + c], u = x[r * 2 * width + width + c];
-        out[k] = g / (1.0f + __expf(-g)) * u;
+        float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * g * (1.0f + 0.044715f * g * g)))
+                       : g / (1.0f + __expf(-g));
+        out[k] = a * u;
     }
+}
+
+// Grid-stride over rows x width: x[r][c] += bias[c].
+extern "C" __global__ void amlserve_add_bias(float* x, const float* bias, int rows, int width) {
+    size_t n = (size_t)rows * width;
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x)
+        x[k] += bias[k % width];
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -178,6 +188,20 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
 }
 
 // Grid (rows), 256 threads. out[0] = (x + y) / rms(x + y) * w, out[1] = x + y (the residual).
+// Grid (tokens, query + key heads): RMS-normalises one head of a qkv row in place, by qn (query heads) or kn.
+extern "C" __global__ void amlserve_head_norms(float* qkv, const float* qn, const float* kn, int width, int n_q_heads,
+                                               int head_dim, float eps) {
+    __shared__ float red[32];
+    int i = blockIdx.x, h = blockIdx.y;
+    float* x = qkv + (size_t)i * width + (size_t)h * head_dim;
+    const float* w = h < n_q_heads ? qn : kn;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) ss += x[j] * x[j];
+    ss = block_reduce(ss, red, false);
+    float m = sqrtf(ss / head_dim + eps);
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) x[j] = x[j] / m * w[j];
+}
+
 extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, const float* y, const float* w,
                                                  int rows, int hidden, float eps) {
     __shared__ float red[32];

@@ -10,10 +10,11 @@
 //! `[slots, 2 * kv_row]`, a slot holding one token's keys then values, in bf16 (or f32). Slot `s` of a
 //! sequence's position `p` is `table[p / BLOCK] * BLOCK + p % BLOCK`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp3, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Shape};
 use half::bf16;
 
 use super::paged::BLOCK;
+use crate::model::arch::Activation;
 
 /// One step's metadata, as the ops read it.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +86,17 @@ fn cpu_slice<'a, T: candle_core::WithDType>(op: &str, s: &'a CpuStorage, l: &Lay
     Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
 
+/// The f32 values of a contiguous CPU storage, to change in place.
+fn cpu_f32_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: input must be f32")
+    };
+    Ok(&mut v[a..b])
+}
+
 /// Rotates every query and key head of `qkv` in place to its token's position and scales the queries (an
 /// [`InplaceOp3`] on `qkv`, with the step metadata and the rotary table `[positions, head_dim]`: the cosines
 /// of a position, then its sines).
@@ -110,15 +122,10 @@ impl InplaceOp3 for Rope {
     ) -> candle_core::Result<()> {
         let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
         let table = cpu_slice::<f32>(self.name(), table, tl)?;
-        let (a, b) = ql
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("rope: qkv is not contiguous".into()))?;
-        let CpuStorage::F32(qkv) = qkv else {
-            candle_core::bail!("rope: qkv must be f32")
-        };
+        let qkv = cpu_f32_mut(self.name(), qkv, ql)?;
         let h = self.heads;
         let (hd, half) = (h.head_dim, h.head_dim / 2);
-        for (i, row) in qkv[a..b].chunks_exact_mut(h.width()).enumerate() {
+        for (i, row) in qkv.chunks_exact_mut(h.width()).enumerate() {
             let cs = &table[self.meta.pos(meta, i) * hd..][..hd];
             let rotated = &mut row[..(h.n_head + h.n_kv_head) * hd];
             for (head, x) in rotated.chunks_exact_mut(hd).enumerate() {
@@ -388,15 +395,29 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
-/// The gated MLP's activation in one pass: `silu(gate) * up` of `[tokens, 2 * width]` rows holding the gate's
-/// outputs, then up's, giving `[tokens, width]` f32 (one kernel instead of three).
-pub struct SwiGlu {
+/// The gated MLP's activation in one pass: `act(gate) * up` of `[tokens, 2 * width]` rows holding the gate's
+/// outputs, then up's, giving `[tokens, width]` f32 (one kernel instead of three); `act` is SiLU or GELU's tanh
+/// form (Gemma).
+pub struct GatedAct {
     pub width: usize,
+    pub act: Activation,
 }
 
-impl CustomOp1 for SwiGlu {
+impl GatedAct {
+    fn apply(&self, g: f32) -> f32 {
+        match self.act {
+            Activation::Silu => g / (1.0 + (-g).exp()),
+            // candle's `gelu`: the tanh approximation.
+            Activation::GeluTanh => {
+                0.5 * g * (1.0 + ((2.0f32 / std::f32::consts::PI).sqrt() * g * (1.0 + 0.044715 * g * g)).tanh())
+            }
+        }
+    }
+}
+
+impl CustomOp1 for GatedAct {
     fn name(&self) -> &'static str {
-        "amlserve-swiglu"
+        "amlserve-gated-act"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -406,7 +427,7 @@ impl CustomOp1 for SwiGlu {
             .chunks_exact(2 * w)
             .flat_map(|row| {
                 let (gate, up) = row.split_at(w);
-                gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                gate.iter().zip(up).map(|(&g, &u)| self.apply(g) * u)
             })
             .collect();
         let rows = out.len() / w.max(1);
@@ -420,6 +441,125 @@ impl CustomOp1 for SwiGlu {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let rows = l.shape().elem_count() / (2 * self.width).max(1);
-        Ok((super::cuda::swiglu(self, s, l, rows)?, Shape::from((rows, self.width))))
+        Ok((
+            super::cuda::gated_act(self, s, l, rows)?,
+            Shape::from((rows, self.width)),
+        ))
+    }
+}
+
+/// Adds a bias row `[width]` to every row of `qkv` `[tokens, width]` in place (an [`InplaceOp2`] on `qkv`):
+/// qwen2's q/k/v biases, without the broadcast layout candle's own add would copy from the host.
+pub struct AddBias;
+
+impl AddBias {
+    fn check(ql: &Layout, bl: &Layout) -> candle_core::Result<(usize, usize)> {
+        let (rows, width) = ql.shape().dims2()?;
+        if bl.shape().elem_count() != width {
+            candle_core::bail!("add-bias: qkv {:?}, bias {:?}", ql.shape(), bl.shape())
+        }
+        Ok((rows, width))
+    }
+}
+
+impl InplaceOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "amlserve-add-bias"
+    }
+
+    fn cpu_fwd(&self, x: &mut CpuStorage, xl: &Layout, b: &CpuStorage, bl: &Layout) -> candle_core::Result<()> {
+        let (_, width) = Self::check(xl, bl)?;
+        let bias = cpu_slice::<f32>(self.name(), b, bl)?;
+        let x = cpu_f32_mut(self.name(), x, xl)?;
+        for row in x.chunks_exact_mut(width) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &mut candle_core::CudaStorage,
+        xl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (rows, width) = Self::check(xl, bl)?;
+        super::cuda::add_bias(x, xl, b, bl, rows, width)
+    }
+}
+
+/// RMS-normalises each query head of `qkv` by `qn` and each key head by `kn` (`[head_dim]` each) in place,
+/// values unchanged (an [`InplaceOp3`] on `qkv`): qwen3's and Gemma 3's per-head norms in one kernel, where
+/// candle's ops would copy the head columns out and back.
+pub struct HeadNorms {
+    pub heads: Heads,
+    pub eps: f32,
+}
+
+impl HeadNorms {
+    fn check(&self, ql: &Layout, nl: &Layout, kl: &Layout) -> candle_core::Result<usize> {
+        let h = self.heads;
+        let (rows, width) = ql.shape().dims2()?;
+        if width != h.width() || nl.shape().elem_count() != h.head_dim || kl.shape().elem_count() != h.head_dim {
+            candle_core::bail!(
+                "head-norms: qkv {:?}, norms {:?} and {:?} for {h:?}",
+                ql.shape(),
+                nl.shape(),
+                kl.shape()
+            )
+        }
+        Ok(rows)
+    }
+}
+
+impl InplaceOp3 for HeadNorms {
+    fn name(&self) -> &'static str {
+        "amlserve-head-norms"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &mut CpuStorage,
+        ql: &Layout,
+        qn: &CpuStorage,
+        nl: &Layout,
+        kn: &CpuStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<()> {
+        self.check(ql, nl, kl)?;
+        let (qn, kn) = (
+            cpu_slice::<f32>(self.name(), qn, nl)?,
+            cpu_slice::<f32>(self.name(), kn, kl)?,
+        );
+        let h = self.heads;
+        let x = cpu_f32_mut(self.name(), qkv, ql)?;
+        for row in x.chunks_exact_mut(h.width()) {
+            for (head, x) in row[..(h.n_head + h.n_kv_head) * h.head_dim]
+                .chunks_exact_mut(h.head_dim)
+                .enumerate()
+            {
+                let w = if head < h.n_head { qn } else { kn };
+                // As candle's rms_norm: divide by the root, then scale.
+                let m = (x.iter().map(|v| v * v).sum::<f32>() / h.head_dim as f32 + self.eps).sqrt();
+                x.iter_mut().zip(w).for_each(|(v, w)| *v = *v / m * w);
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &mut candle_core::CudaStorage,
+        ql: &Layout,
+        qn: &candle_core::CudaStorage,
+        nl: &Layout,
+        kn: &candle_core::CudaStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<()> {
+        let rows = self.check(ql, nl, kl)?;
+        super::cuda::head_norms(self, qkv, ql, (qn, nl), (kn, kl), rows)
     }
 }
