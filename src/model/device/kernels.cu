@@ -187,7 +187,6 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
     }
 }
 
-// Grid (rows), 256 threads. out[0] = (x + y) / rms(x + y) * w, out[1] = x + y (the residual).
 // Grid (tokens, query + key heads): RMS-normalises one head of a qkv row in place, by qn (query heads) or kn.
 extern "C" __global__ void amlserve_head_norms(float* qkv, const float* qn, const float* kn, int width, int n_q_heads,
                                                int head_dim, float eps) {
@@ -202,6 +201,7 @@ extern "C" __global__ void amlserve_head_norms(float* qkv, const float* qn, cons
     for (int j = threadIdx.x; j < head_dim; j += blockDim.x) x[j] = x[j] / m * w[j];
 }
 
+// Grid (rows), 256 threads. out[0] = (x + y) / rms(x + y) * w, out[1] = x + y (the residual).
 extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, const float* y, const float* w,
                                                  int rows, int hidden, float eps) {
     __shared__ float red[32];
