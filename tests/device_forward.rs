@@ -300,21 +300,29 @@ mod cuda {
                 head_dim: 96,
             }, // odd multiple, no GQA
         ];
-        // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions.
-        let seqs = [(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
+        // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions; then a
+        // step of a few decode tokens only, whose keys the kernel splits into runs (split-K), short and long
+        // contexts.
+        let mixed: &[(usize, usize)] = &[(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
+        let decode: &[(usize, usize)] = &[(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
         // Sliding windows (Gemma 3's local layers) narrower and wider than the attention kernel's key tile.
-        let cases = shapes
-            .into_iter()
-            .flat_map(|h| [(h, None), (h, Some(37)), (h, Some(512))]);
-        for (i, (heads, window)) in cases.enumerate() {
-            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, &seqs, i as u64, window);
-            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, &seqs, i as u64, window);
+        let cases = shapes.into_iter().flat_map(|h| {
+            [mixed, decode]
+                .into_iter()
+                .flat_map(move |s| [(h, s, None), (h, s, Some(37)), (h, s, Some(512))])
+        });
+        for (i, (heads, seqs, window)) in cases.enumerate() {
+            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, seqs, i as u64, window);
+            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, seqs, i as u64, window);
             let (eq, ep, eo) = (
                 rel_err(&q_gpu, &q_cpu),
                 rel_err(&p_gpu, &p_cpu),
                 rel_err(&o_gpu, &o_cpu),
             );
-            println!("{heads:?}, window {window:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)");
+            println!(
+                "{heads:?}, {} tokens, window {window:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)",
+                seqs.iter().map(|s| s.1).sum::<usize>()
+            );
             assert!(eq < 1e-5, "rope {eq}");
             assert!(ep < 1e-3, "store {ep}");
             assert!(eo < 1e-4, "attention {eo}");

@@ -21,6 +21,26 @@ const MODULE: &str = "amlserve_kernels";
 const ATTN_THREADS: u32 = 256;
 const ATTN_TILE: u32 = 256;
 const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
+/// The most runs a token's keys are split into (split-K attention).
+const MAX_SPLITS: usize = 16;
+
+/// How many runs to split each token's keys into: enough for tokens x heads x splits blocks to cover the GPU's
+/// multiprocessors twice (a decode step of a few sequences), 1 when the step's own blocks already do.
+fn attention_splits(dev: &CudaDevice, tokens: usize, n_head: usize) -> candle_core::Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    static SMS: OnceLock<usize> = OnceLock::new();
+    let sms = match SMS.get() {
+        Some(&n) => n,
+        None => {
+            let ctx = dev.cuda_stream().context().clone();
+            let n = ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .w()?;
+            *SMS.get_or_init(|| usize::try_from(n).unwrap_or(1).max(1))
+        }
+    };
+    Ok((2 * sms).div_ceil((tokens * n_head).max(1)).clamp(1, MAX_SPLITS))
+}
 
 /// Opens CUDA device `ordinal` and describes it.
 pub(super) fn open(ordinal: usize) -> Result<(Device, DeviceInfo), String> {
@@ -210,8 +230,17 @@ pub(super) fn paged_attention(
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
     let groups = (ATTN_THREADS / h.head_dim as u32).max(1);
     let n_out = op.meta.tokens * h.n_head * h.head_dim;
-    // SAFETY: the kernel writes every element: each (token, head) block writes its head_dim outputs.
+    let splits = attention_splits(&dev, op.meta.tokens, h.n_head)?;
+    // SAFETY: the kernels write every element: without splits each (token, head) block its head_dim outputs;
+    // with them each split its maximum, sum and outputs, and the combining kernel every output.
     let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
+    let mut partial = unsafe {
+        dev.alloc::<f32>(if splits > 1 {
+            n_out / h.head_dim * splits * (2 + h.head_dim)
+        } else {
+            1
+        })
+    }?;
     let (tokens, width, nh, nkv, hd) = (
         op.meta.tokens as i32,
         h.width() as i32,
@@ -222,13 +251,15 @@ pub(super) fn paged_attention(
     // 0: no window (a window beyond i32 is none in practice).
     let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let cfg = LaunchConfig {
-        grid_dim: (op.meta.tokens as u32, h.n_head as u32, 1),
+        grid_dim: (op.meta.tokens as u32, h.n_head as u32, splits as u32),
         block_dim: (ATTN_THREADS, 1, 1),
         // q, the tile's scores, the reduction, each thread group's partial output, the tile's slots.
         shared_mem_bytes: (h.head_dim as u32 * (1 + groups) + 2 * ATTN_TILE + 32) * 4,
     };
+    let n_splits = splits as i32;
     let mut b = f.builder();
     b.arg(&mut out)
+        .arg(&mut partial)
         .arg(&x)
         .arg(&p)
         .arg(&m)
@@ -237,9 +268,22 @@ pub(super) fn paged_attention(
         .arg(&nh)
         .arg(&nkv)
         .arg(&hd)
-        .arg(&window);
+        .arg(&window)
+        .arg(&n_splits);
     // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the caches.
     unsafe { b.launch(cfg) }.w()?;
+    if splits > 1 {
+        let combine = dev.get_or_load_custom_func("amlserve_attention_combine", MODULE, ptx_for(&dev)?)?;
+        let cfg = LaunchConfig {
+            grid_dim: (op.meta.tokens as u32, h.n_head as u32, 1),
+            block_dim: ((h.head_dim as u32).next_multiple_of(32).min(ATTN_THREADS), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = combine.builder();
+        b.arg(&mut out).arg(&partial).arg(&nh).arg(&hd).arg(&n_splits);
+        // SAFETY: `partial` holds tokens x heads x splits records of 2 + head_dim floats, all written above.
+        unsafe { b.launch(cfg) }.w()?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 

@@ -7,6 +7,8 @@
 #define ATTN_THREADS 256
 #define MAX_DIMS_PER_THREAD 4
 #define NEG_INF __int_as_float(0xff800000)
+// A split of a token's keys (split-K attention) takes at least this many keys.
+#define SPLIT_MIN_KEYS 64
 
 __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
     return __uint_as_float(((unsigned int)h) << 16);
@@ -90,9 +92,16 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 // side), summed across the warp. Values: when a head is narrower than the block, the threads form `groups`
 // groups of head_dim threads, each group taking every groups-th key (a group reads a value row side by side),
 // and the groups' sums are added at the end; a wider head gives each thread several dimensions.
-extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float* qkv, const unsigned short* pool,
-                                                         const unsigned int* meta, int tokens, int width,
-                                                         int n_head, int n_kv_head, int head_dim, int window) {
+//
+// Split-K (splits > 1, grid z = splits): a few tokens fill only tokens x heads blocks of the GPU, each scanning
+// its whole context in turn. Then block z takes the z-th of `splits` equal runs of the token's keys (at least
+// SPLIT_MIN_KEYS each, so a short context leaves the last blocks without keys) and writes its running maximum,
+// sum and unnormalised output to `partial` ([tokens, heads, splits, 2 + head_dim]); amlserve_attention_combine
+// merges them. Given `splits`, the runs depend on the token's own context only.
+extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* partial, const float* qkv,
+                                                         const unsigned short* pool, const unsigned int* meta,
+                                                         int tokens, int width, int n_head, int n_kv_head,
+                                                         int head_dim, int window, int splits) {
     extern __shared__ float smem[];
     int groups = max(1, (int)blockDim.x / head_dim);
     float* q = smem;
@@ -108,6 +117,11 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
     int n_keys = (int)meta[i] + 1;
     // A sliding window (window > 0) sees the last `window` keys up to the token's own.
     int first_key = window > 0 ? max(0, n_keys - window) : 0;
+    if (splits > 1) {
+        int chunk = max(SPLIT_MIN_KEYS, (n_keys - first_key + splits - 1) / splits);
+        first_key = min(n_keys, first_key + (int)blockIdx.z * chunk);
+        n_keys = min(n_keys, first_key + chunk);
+    }
     const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
     const float* qsrc = qkv + (size_t)i * width + (size_t)h * head_dim;
     for (int d = tid; d < head_dim; d += blockDim.x) q[d] = qsrc[d];
@@ -170,20 +184,51 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, const float
         m = new_m;
         __syncthreads();
     }
+    // Whole: the output. A split: its maximum, sum and unnormalised output (m = -inf, l = 0 without keys).
     float* o = out + (size_t)i * n_head * head_dim + (size_t)h * head_dim;
+    float scale = 1.0f / l;
+    if (splits > 1) {
+        float* p = partial + (((size_t)i * n_head + h) * splits + blockIdx.z) * (2 + head_dim);
+        if (tid == 0) {
+            p[0] = m;
+            p[1] = l;
+        }
+        o = p + 2;
+        scale = 1.0f;
+    }
     if (groups > 1) {
         if (g < groups) part[g * head_dim + gd] = acc[0];
         __syncthreads();
         for (int d = tid; d < head_dim; d += blockDim.x) {
             float a = 0.0f;
             for (int k = 0; k < groups; k++) a += part[k * head_dim + d];
-            o[d] = a / l;
+            o[d] = a * scale;
         }
     } else {
         for (int c = 0; c < MAX_DIMS_PER_THREAD; c++) {
             int d = tid + c * blockDim.x;
-            if (d < head_dim) o[d] = acc[c] / l;
+            if (d < head_dim) o[d] = acc[c] * scale;
         }
+    }
+}
+
+// Grid (tokens, query heads): merges a token's split-K partial results (amlserve_paged_attention_bf16) into its
+// output, each split weighted by exp(its maximum - the largest); splits without keys weigh nothing.
+extern "C" __global__ void amlserve_attention_combine(float* out, const float* partial, int n_head, int head_dim,
+                                                      int splits) {
+    int i = blockIdx.x, h = blockIdx.y, stride = 2 + head_dim;
+    const float* p = partial + ((size_t)i * n_head + h) * splits * stride;
+    float mx = NEG_INF;
+    for (int z = 0; z < splits; z++) mx = fmaxf(mx, p[z * stride]);
+    float l = 0.0f;
+    for (int z = 0; z < splits; z++)
+        if (p[z * stride] != NEG_INF) l += p[z * stride + 1] * __expf(p[z * stride] - mx);
+    float* o = out + ((size_t)i * n_head + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.0f;
+        for (int z = 0; z < splits; z++)
+            if (p[z * stride] != NEG_INF) a += p[z * stride + 2 + d] * __expf(p[z * stride] - mx);
+        o[d] = a / l;
     }
 }
 
