@@ -122,11 +122,12 @@ impl DecodeGraphs {
                 Ok(Some(r.logits.clone()))
             }
             Some(Slot::Seen) => {
-                if !st.reserved {
-                    model.reserve_matmul_scratch(self.max_rows)?;
-                    st.reserved = true;
-                }
-                match record(model, inputs, pool) {
+                let ready = match st.reserved {
+                    true => Ok(()),
+                    false => model.reserve_matmul_scratch(self.max_rows),
+                };
+                st.reserved |= ready.is_ok();
+                match ready.and_then(|()| record(model, inputs, pool)) {
                     Ok(r) => {
                         let logits = r.logits.clone();
                         st.by_batch.insert(batch, Slot::Ready(r));
