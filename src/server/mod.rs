@@ -675,7 +675,6 @@ fn load_language(
         hidden = c.hidden,
         context = c.context_length,
         weight_mb = model.weight_bytes() >> 20,
-        kv_cache_mb = config.engine.kv_cache_bytes >> 20,
         device = %model.device_info().device,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
@@ -686,6 +685,8 @@ fn load_language(
     let progress = Arc::new(watchdog::Progress::default());
     let (engine, thread) = start_engine(&model, config, &engine_metrics, &progress)
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    // The engine's own budget: on a GPU it may come from the device's free memory.
+    tracing::info!(model = %model.name, kv_cache_mb = engine.config().kv_cache_bytes >> 20, "engine started");
     watch_engine(thread);
     let gauge = engine_metrics.engine_stalled.clone();
     let watchdog = watchdog::Watchdog::start(engine.clone(), progress, config.engine_stall, gauge)
