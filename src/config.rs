@@ -562,7 +562,11 @@ impl Args {
                 kv_cache_bytes: (kv_cache_mb << 20) / shares,
                 kv_cache_from_device: self.kv_cache_mb.is_none() && shares == 1,
                 max_waiting: self.max_waiting,
-                prefix_cache_bytes: (self.prefix_cache_mb.min(kv_cache_mb) << 20) / shares,
+                // Within the KV budget: capped here, or where a GPU sizes that budget (Engine::start_with).
+                prefix_cache_bytes: match self.kv_cache_mb.is_none() && shares == 1 {
+                    true => self.prefix_cache_mb << 20,
+                    false => (self.prefix_cache_mb.min(kv_cache_mb) << 20) / shares,
+                },
             },
             request_timeout: Duration::from_millis(timeout_ms.max(1)),
             generation: GenerationDefaults {

@@ -432,6 +432,11 @@ mod cuda {
             assert!(worst < 1e-3, "{name}: a replayed step moved a logit by {worst}");
         }
         assert_eq!(got_tokens, generated);
+        // Not op by op against itself: the graphs were recorded and replayed (1 + 16 decode steps alone, as many
+        // packed; each batch size runs op by op once before its recording).
+        let replays = device_llama(&graphed).graph_replays();
+        println!("decode steps replayed from graphs: {replays}");
+        assert!(replays >= 2 * (STEPS - 1), "only {replays} steps came from graphs");
     }
 
     #[test]

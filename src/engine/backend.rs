@@ -240,7 +240,6 @@ impl DeviceBackend {
                     "KV cache sized from the GPU's free memory (--kv-cache-mb sets it)"
                 );
                 config.kv_cache_bytes = kv;
-                config.prefix_cache_bytes = config.prefix_cache_bytes.min(kv);
             }
         }
         let pool = llama.new_pool(budget::pool_bytes(

@@ -321,6 +321,11 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<ModelMetrics>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        // The prefix cache lives within the KV budget, which a GPU may have sized only now.
+        let config = EngineConfig {
+            prefix_cache_bytes: config.prefix_cache_bytes.min(config.kv_cache_bytes),
+            ..config
+        };
         let (engine, rx) = Self::channel(config, metrics.clone(), backend.kv_bytes_per_token());
         let stats = engine.stats.clone();
         let config = (*engine.config).clone();

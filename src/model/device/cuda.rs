@@ -28,6 +28,7 @@ const MAX_SPLITS: usize = 16;
 /// multiprocessors twice (a decode step of a few sequences), 1 when the step's own blocks already do.
 fn attention_splits(dev: &CudaDevice, tokens: usize, n_head: usize) -> candle_core::Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    // One GPU per process (the server opens one device for all its models).
     static SMS: OnceLock<usize> = OnceLock::new();
     let sms = match SMS.get() {
         Some(&n) => n,

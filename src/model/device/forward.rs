@@ -248,6 +248,8 @@ impl DeviceLlama {
     /// Every op of the step (`compute`) reads contiguous tensors: candle's ops on strided or broadcast ones copy
     /// their shapes from host memory at each call, which a graph cannot replay (hence [`AddBias`],
     /// [`HeadNorms`] and [`GatedAct`] rather than candle's broadcast add, narrowed norms and narrowed GELU).
+    /// candle's index_select uploads its shape even for contiguous ids; the recording takes it from candle's
+    /// parameter cache (see `graphs`).
     pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> Result<(), String> {
         #[cfg(feature = "cuda")]
         if matches!(self.device, Device::Cuda(_)) {
@@ -270,6 +272,15 @@ impl DeviceLlama {
             return Ok(Some(cuda.cuda_stream().context().mem_get_info().w()?));
         }
         Ok(None)
+    }
+
+    /// Decode steps replayed from CUDA graphs so far (0 with graphs off).
+    pub fn graph_replays(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graphs.get() {
+            return g.replays();
+        }
+        0
     }
 
     /// The device the model runs on.

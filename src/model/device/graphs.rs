@@ -10,21 +10,24 @@
 //! memory and are freed inside the graph.
 //!
 //! What else a recording needs:
-//! - A batch size is recorded the second time it is seen: the first step runs op by op and loads every kernel
-//!   it uses (loading a module while recording is not allowed).
+//! - A batch size is recorded the second time it is seen (one that comes once is not worth it). The recording
+//!   runs the step once for real first: that loads every module the step uses (loading one while recording is
+//!   not allowed) and, with candle's parameter cache on, puts the shape parameters candle uploads for some
+//!   kernels (index_select's) on the device once, where the recording reads them.
 //! - candle's quantized matmuls keep per-device scratch buffers that grow on demand; a graph holds their
 //!   addresses. They are grown to the largest step (`max_rows`) before the first recording, and a step larger
 //!   than that drops every graph before it runs.
 //! - Nothing else may launch on the stream while it records: one engine per device.
 //! - No op may copy from host memory while recording (the copy would be replayed from a buffer long gone):
 //!   candle does so for ops on strided or broadcast tensors, so the forward's step uses contiguous ones only
-//!   ([`DeviceLlama::enable_decode_graphs`]).
+//!   ([`DeviceLlama::enable_decode_graphs`]), and index_select's parameters come from the cache above.
 //!
 //! Any failure while recording turns graphs off for the process (logged) and the step runs op by op.
 // Replaying graphs and writing into device buffers are driver calls: each is commented where it is made.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
@@ -39,6 +42,8 @@ pub struct DecodeGraphs {
     max_batch: usize,
     max_rows: usize,
     state: Mutex<State>,
+    /// Steps replayed from a graph (recordings included).
+    replays: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -80,7 +85,13 @@ impl DecodeGraphs {
             max_batch,
             max_rows: max_rows.max(max_batch),
             state: Mutex::default(),
+            replays: AtomicUsize::new(0),
         }
+    }
+
+    /// Steps replayed from a graph so far (recordings included).
+    pub fn replays(&self) -> usize {
+        self.replays.load(Ordering::Relaxed)
     }
 
     /// The step's logits from a graph, or `None` when the step is to run op by op (not a decode step, a batch
@@ -119,6 +130,7 @@ impl DecodeGraphs {
                 r.ids.inplace_op1(&Upload(&inputs.ids))?;
                 r.meta.inplace_op1(&Upload(&inputs.meta))?;
                 r.graph.0.launch().w()?;
+                self.replays.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(r.logits.clone()))
             }
             Some(Slot::Seen) => {
@@ -131,6 +143,7 @@ impl DecodeGraphs {
                     Ok(r) => {
                         let logits = r.logits.clone();
                         st.by_batch.insert(batch, Slot::Ready(r));
+                        self.replays.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(batch, "decode step recorded as a CUDA graph");
                         Ok(Some(logits))
                     }
@@ -171,19 +184,39 @@ fn record(model: &DeviceLlama, inputs: &StepInputs, pool: &KvPool) -> candle_cor
     let logits = Tensor::zeros((batch, cfg.vocab_size), DType::F32, dev)?;
     ids.inplace_op1(&Upload(&inputs.ids))?;
     meta.inplace_op1(&Upload(&inputs.meta))?;
+    // The step, logits into the fixed buffer. Every tensor it makes is dropped inside, so while recording its
+    // free is recorded too.
+    let step = || {
+        model
+            .compute(&ids, &meta, batch, None, pool)
+            .and_then(|out| logits.slice_set(&out, 0, 0))
+    };
+    // candle uploads some kernels' shape parameters from host memory at each call (index_select's, for one);
+    // with this guard on it keeps each distinct vector on the device, so a recording reads a fixed copy (and a
+    // miss while recording is an error, not a copy).
+    let _params = cuda.enable_cuda_graph_htod_cache();
+    // Once for real first: loads every module the step uses (slice_set's copy kernel too) and fills that cache;
+    // the recorded step writes the same keys and values to the same slots again.
+    step()?;
     let stream = cuda.cuda_stream();
     stream.synchronize().w()?;
+    stream.context().check_err().w()?;
     // Thread-local: a call on this thread that cannot be recorded (a synchronous allocation, a copy to the
     // host) fails the recording instead of running outside it.
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .w()?;
-    // Every tensor the step makes is dropped inside this block, so its free is recorded too.
-    let recorded = model
-        .compute(&ids, &meta, batch, None, pool)
-        .and_then(|out| logits.slice_set(&out, 0, 0));
+    let recorded = step();
+    // Frees that failed inside a broken recording are kept by cudarc, which would return them from
+    // `end_capture` before ending the capture: take them first.
+    let pending = stream.context().check_err().w();
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+    if stream.capture_status().w()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        // Every later launch on this stream would fail too: say why once.
+        candle_core::bail!("the stream is still recording after a failed CUDA graph recording")
+    }
     recorded?;
+    pending?;
     let Some(graph) = graph? else {
         candle_core::bail!("the stream recorded no graph")
     };

@@ -97,7 +97,8 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 // its whole context in turn. Then block z takes the z-th of `splits` equal runs of the token's keys (at least
 // SPLIT_MIN_KEYS each, so a short context leaves the last blocks without keys) and writes its running maximum,
 // sum and unnormalised output to `partial` ([tokens, heads, splits, 2 + head_dim]); amlserve_attention_combine
-// merges them. Given `splits`, the runs depend on the token's own context only.
+// merges them. Given `splits`, the runs depend on the token's own context only; the launcher chooses `splits` from
+// the step's size, so a row's sums are ordered differently alone and in a large batch (close, not bit for bit).
 extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* partial, const float* qkv,
                                                          const unsigned short* pool, const unsigned int* meta,
                                                          int tokens, int width, int n_head, int n_kv_head,
