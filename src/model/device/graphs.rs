@@ -23,7 +23,7 @@
 //!   ([`DeviceLlama::enable_decode_graphs`]), and index_select's parameters come from the cache above.
 //!
 //! Any failure while recording turns graphs off for the process (logged) and the step runs op by op.
-// Replaying graphs and writing into device buffers are driver calls: each is commented where it is made.
+// One unsafe item: `Graph` is declared Send (its SAFETY comment says why).
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
