@@ -316,7 +316,7 @@ impl DeviceLlama {
     /// size overwrites: read them before the next step.
     pub fn forward(&self, chunks: &mut [DeviceChunk<'_>], pool: &KvPool) -> candle_core::Result<Tensor> {
         let inputs = StepInputs::build(&self.config, chunks)?;
-        let logits = self.run(&inputs, pool)?;
+        let logits = self.run(inputs, pool)?;
         for c in chunks.iter_mut() {
             c.kv.advance(c.tokens.len());
         }
@@ -324,29 +324,36 @@ impl DeviceLlama {
     }
 
     /// The step's logits, replayed from a decode graph when one applies, else computed op by op.
-    fn run(&self, inputs: &StepInputs, pool: &KvPool) -> candle_core::Result<Tensor> {
+    fn run(&self, inputs: StepInputs, pool: &KvPool) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(graphs) = self.graphs.get() {
             if !self.stages.recording() {
-                if let Some(logits) = graphs.run(self, inputs, pool)? {
+                if let Some(logits) = graphs.run(self, &inputs, pool)? {
                     return Ok(logits);
                 }
             }
         }
         let dev = &self.device;
-        let ids = Tensor::from_vec(inputs.ids.clone(), inputs.tokens, dev)?;
-        let meta = Tensor::from_vec(inputs.meta.clone(), inputs.meta.len(), dev)?;
         // No row list when every row is wanted; an empty one still runs the layers (they store the chunks'
         // keys and values).
-        let rows = match inputs.every_row_wanted() {
+        let every_row = inputs.every_row_wanted();
+        let StepInputs {
+            tokens,
+            ids,
+            meta,
+            logit_rows,
+        } = inputs;
+        let ids = Tensor::from_vec(ids, tokens, dev)?;
+        let meta_len = meta.len();
+        let meta = Tensor::from_vec(meta, meta_len, dev)?;
+        let rows = match every_row {
             true => None,
-            false => Some(Tensor::from_vec(
-                inputs.logit_rows.clone(),
-                inputs.logit_rows.len(),
-                dev,
-            )?),
+            false => {
+                let n = logit_rows.len();
+                Some(Tensor::from_vec(logit_rows, n, dev)?)
+            }
         };
-        self.compute(&ids, &meta, inputs.tokens, rows.as_ref(), pool)
+        self.compute(&ids, &meta, tokens, rows.as_ref(), pool)
     }
 
     /// The layers over `tokens` tokens (`ids`, metadata `meta` as [`StepMeta::build`] lays it out), then the
