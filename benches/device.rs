@@ -1,6 +1,8 @@
 //! The device forward's step times (`--device cuda` on a GPU; `candle-cpu` anywhere): decode steps at batch
 //! 1..64 over a cached context, and prompt reads of one sequence, each split into the host's time to issue the
-//! step, the wait for the device, and the copy of the logits back. Prints a table.
+//! step, the wait for the device, and the copy of the logits back; or, for greedy rows, the rows' argmax computed
+//! on the device and copied back instead (what the server does when every row of a step is plain greedy). Prints
+//! a table.
 //!
 //! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs.
 //!
@@ -46,12 +48,14 @@ struct Args {
     graphs: bool,
 }
 
-/// Milliseconds of one step: issuing it, waiting for the device, copying the logits back.
+/// Milliseconds of one step: issuing it, waiting for the device, copying the logits back (or instead their
+/// argmax, computed on the device).
 #[derive(Default, Clone, Copy)]
 struct Split {
     issue: f64,
     wait: f64,
     copy: f64,
+    argmax: f64,
 }
 
 fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &[Vec<u32>]) -> Split {
@@ -73,12 +77,15 @@ fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &
     let t2 = Instant::now();
     llama.rows_to_host(&logits, &mut rows).expect("logits");
     let t3 = Instant::now();
-    assert_eq!(rows.len(), tokens.len() * llama.config.vocab_size);
+    let mut ids = vec![0u32; tokens.len()];
+    llama.argmax_to_host(&logits, &mut ids).expect("argmax");
+    let t4 = Instant::now();
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     Split {
         issue: ms(t0, t1),
         wait: ms(t1, t2),
         copy: ms(t2, t3),
+        argmax: ms(t3, t4),
     }
 }
 
@@ -142,8 +149,10 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         timed_step(llama, &pool, &mut kvs, &prompt);
         kvs
     };
-    println!("\n| step | tokens | step ms | issue ms | device wait ms | logits copy ms | tok/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| step | tokens | step ms | issue ms | device wait ms | logits copy ms | tok/s | argmax ms | tok/s, argmax |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
         let mut kvs = started(b);
         let mut times = Vec::new();
@@ -157,12 +166,14 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         let m = median(times);
         let step = m.issue + m.wait + m.copy;
         println!(
-            "| decode, batch {b}, context {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| decode, batch {b}, context {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
             args.context,
             m.issue,
             m.wait,
             m.copy,
-            b as f64 * 1e3 / step
+            b as f64 * 1e3 / step,
+            m.argmax,
+            b as f64 * 1e3 / (m.issue + m.wait + m.argmax)
         );
     }
     for &n in &args.prompts {
@@ -178,11 +189,12 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         let m = median(times);
         let step = m.issue + m.wait + m.copy;
         println!(
-            "| prompt of {n} | {n} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| prompt of {n} | {n} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
             m.issue,
             m.wait,
             m.copy,
-            n as f64 * 1e3 / step
+            n as f64 * 1e3 / step,
+            m.argmax
         );
     }
     for &b in &args.stages {

@@ -175,11 +175,9 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 mod cuda {
     use super::*;
     use amlserve::model::arch::Activation;
-    use amlserve::model::device::ops::{
-        AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, StepMeta, StoreKv,
-    };
-    use amlserve::model::device::paged::BLOCK;
+    use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, RowArgmax};
     use candle_core::{DType, Tensor};
+    use common::kernel_cases::{attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, NORMED_HEADS};
 
     fn gpu() -> Option<Device> {
         match Device::new_cuda(0) {
@@ -192,128 +190,22 @@ mod cuda {
     }
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let a: Vec<f32> = a
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("a");
-        let b: Vec<f32> = b
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("b");
-        let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-        let den: f32 = b.iter().map(|y| y * y).sum();
-        assert!(num.is_finite(), "non-finite values");
-        (num / den.max(1e-30)).sqrt()
-    }
-
-    /// Runs rope, store and attention (with a sliding `window` if given) on `dev` over the same random inputs;
-    /// returns (qkv, pool, out).
-    fn run_ops(
-        dev: &Device,
-        heads: Heads,
-        seqs: &[(usize, usize)],
-        seed: u64,
-        window: Option<usize>,
-    ) -> (Tensor, Tensor, Tensor) {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let ctx = seqs.iter().map(|(s, t)| s + t).max().unwrap_or(1);
-        let n_blocks: usize = seqs.iter().map(|(s, t)| (s + t).div_ceil(BLOCK)).sum::<usize>() + 3;
-        let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, rng.random_range(0..=i));
-        }
-        let (mut positions, mut slots, mut seq_of, mut tables) = (vec![], vec![], vec![], vec![]);
-        let mut next = 0;
-        for (si, &(start, t)) in seqs.iter().enumerate() {
-            let blocks = ids[next..next + (start + t).div_ceil(BLOCK)].to_vec();
-            next += blocks.len();
-            for p in start..start + t {
-                positions.push(p as u32);
-                slots.push(blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32);
-                seq_of.push(si);
-            }
-            tables.push(blocks);
-        }
-        let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
-        let meta = StepMeta::build(&positions, &slots, &seq_of, &table_refs);
-        let tokens = positions.len();
-        let step = StepMeta { tokens };
-        let rand =
-            |n: usize, rng: &mut rand::rngs::StdRng| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
-        let qkv = Tensor::from_vec(rand(tokens * heads.width(), &mut rng), (tokens, heads.width()), dev).expect("qkv");
-        let table = Tensor::from_vec(rand(ctx * heads.head_dim, &mut rng), (ctx, heads.head_dim), dev).expect("rope");
-        let pool = Tensor::from_vec(
-            rand(n_blocks * BLOCK * 2 * heads.kv_row(), &mut rng),
-            (n_blocks * BLOCK, 2 * heads.kv_row()),
-            dev,
-        )
-        .and_then(|t| t.to_dtype(DType::BF16))
-        .expect("pool");
-        let meta_len = meta.len();
-        let meta = Tensor::from_vec(meta, meta_len, dev).expect("meta");
-        qkv.inplace_op3(
-            &meta,
-            &table,
-            &Rope {
-                meta: step,
-                heads,
-                q_scale: 0.125,
-            },
-        )
-        .expect("rope");
-        pool.inplace_op3(&qkv, &meta, &StoreKv { meta: step, heads })
-            .expect("store");
-        let out = qkv
-            .apply_op3_no_bwd(
-                &pool,
-                &meta,
-                &PagedAttention {
-                    meta: step,
-                    heads,
-                    window,
-                },
-            )
-            .expect("attention");
-        (qkv, pool, out)
+        let v = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("values")
+        };
+        rel_l2(&v(a), &v(b))
     }
 
     #[test]
     fn the_cuda_kernels_match_their_cpu_implementations() {
         let Some(dev) = gpu() else { return };
-        let shapes = [
-            Heads {
-                n_head: 9,
-                n_kv_head: 3,
-                head_dim: 64,
-            }, // SmolLM2
-            Heads {
-                n_head: 4,
-                n_kv_head: 1,
-                head_dim: 256,
-            }, // Gemma 3 270M
-            Heads {
-                n_head: 8,
-                n_kv_head: 8,
-                head_dim: 96,
-            }, // odd multiple, no GQA
-        ];
-        // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions; then a
-        // step of a few decode tokens only, whose keys the kernel splits into runs (split-K), short and long
-        // contexts.
-        let mixed: &[(usize, usize)] = &[(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
-        let decode: &[(usize, usize)] = &[(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
-        // Sliding windows (Gemma 3's local layers) narrower and wider than the attention kernel's key tile.
-        let cases = shapes.into_iter().flat_map(|h| {
-            [mixed, decode]
-                .into_iter()
-                .flat_map(move |s| [(h, s, None), (h, s, Some(37)), (h, s, Some(512))])
-        });
-        for (i, (heads, seqs, window)) in cases.enumerate() {
-            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, heads, seqs, i as u64, window);
-            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, heads, seqs, i as u64, window);
+        for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
+            let s = step(heads, &seqs, i as u64);
+            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
+            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, &s, window);
             let (eq, ep, eo) = (
                 rel_err(&q_gpu, &q_cpu),
                 rel_err(&p_gpu, &p_cpu),
@@ -321,18 +213,16 @@ mod cuda {
             );
             println!(
                 "{heads:?}, {} tokens, window {window:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)",
-                seqs.iter().map(|s| s.1).sum::<usize>()
+                s.tokens
             );
             assert!(eq < 1e-5, "rope {eq}");
             assert!(ep < 1e-3, "store {ep}");
             assert!(eo < 1e-4, "attention {eo}");
         }
-        let x: Vec<f32> = (0..37 * 2 * 1536)
-            .map(|i| ((i * 7919) % 1000) as f32 / 125.0 - 4.0)
-            .collect();
+        let x = ramp(0, 37 * 2 * 1536, 8.0, -4.0);
         for act in [Activation::Silu, Activation::GeluTanh] {
             let on = |d: &Device| {
-                Tensor::from_vec(x.clone(), (37, 2 * 1536), d)
+                Tensor::from_slice(&x, (37, 2 * 1536), d)
                     .and_then(|t| t.apply_op1_no_bwd(&GatedAct { width: 1536, act }))
                     .expect("gated activation")
             };
@@ -340,30 +230,14 @@ mod cuda {
             println!("gated {act:?} {es:.2e}");
             assert!(es < 1e-5, "gated {act:?} {es}");
         }
-        // qwen2's biases and the per-head norms of qwen3 (head 128, GQA) and Gemma 3 (head 256), in place.
-        for heads in [
-            Heads {
-                n_head: 16,
-                n_kv_head: 8,
-                head_dim: 128,
-            },
-            Heads {
-                n_head: 4,
-                n_kv_head: 1,
-                head_dim: 256,
-            },
-        ] {
+        // qwen2's biases and the per-head norms of qwen3 and Gemma 3, in place.
+        for heads in NORMED_HEADS {
             let (rows, width) = (37, heads.width());
-            let v = |seed: usize, n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0)
-                    .collect()
-            };
             let on = |d: &Device| {
-                let qkv = Tensor::from_vec(v(1, rows * width), (rows, width), d).expect("qkv");
-                let bias = Tensor::from_vec(v(2, width), width, d).expect("bias");
-                let qn = Tensor::from_vec(v(3, heads.head_dim), heads.head_dim, d).expect("qn");
-                let kn = Tensor::from_vec(v(4, heads.head_dim), heads.head_dim, d).expect("kn");
+                let qkv = Tensor::from_vec(ramp(1, rows * width, 4.0, -2.0), (rows, width), d).expect("qkv");
+                let bias = Tensor::from_vec(ramp(2, width, 4.0, -2.0), width, d).expect("bias");
+                let qn = Tensor::from_vec(ramp(3, heads.head_dim, 4.0, -2.0), heads.head_dim, d).expect("qn");
+                let kn = Tensor::from_vec(ramp(4, heads.head_dim, 4.0, -2.0), heads.head_dim, d).expect("kn");
                 qkv.inplace_op2(&bias, &AddBias).expect("bias");
                 qkv.inplace_op3(&qn, &kn, &HeadNorms { heads, eps: 1e-6 })
                     .expect("head norms");
@@ -373,19 +247,28 @@ mod cuda {
             println!("bias + head norms, {heads:?}: {eh:.2e}");
             assert!(eh < 1e-5, "bias + head norms {eh}");
         }
+        // Greedy rows' argmax, on rows past offset 0 with ties and NaN.
+        let mut rows = ramp(5, 65 * 49_152, 20.0, -10.0);
+        rows[49_152 + 7] = f32::NAN;
+        rows[2 * 49_152 + 9] = 1e9;
+        rows[2 * 49_152 + 40_000] = 1e9;
+        let on = |d: &Device| -> Vec<u32> {
+            Tensor::from_slice(&rows, (65, 49_152), d)
+                .and_then(|t| t.narrow(0, 1, 64))
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.apply_op1_no_bwd(&RowArgmax))
+                .and_then(|t| t.to_vec1())
+                .expect("argmax")
+        };
+        assert_eq!(on(&dev), on(&Device::Cpu), "row argmax");
         // The residual add and norm, on rows that start past offset 0 (as the residual view does), both widths.
         for hidden in [576, 640, 2048] {
-            let v = |seed: usize, n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| (((i + seed) * 7919) % 1000) as f32 / 250.0 - 2.0)
-                    .collect()
-            };
             let on = |d: &Device| {
                 let rows = 37;
-                let x = Tensor::from_vec(v(1, (rows + 3) * hidden), (rows + 3, hidden), d).expect("x");
+                let x = Tensor::from_vec(ramp(1, (rows + 3) * hidden, 4.0, -2.0), (rows + 3, hidden), d).expect("x");
                 let x = x.narrow(0, 3, rows).expect("offset rows");
-                let y = Tensor::from_vec(v(2, rows * hidden), (rows, hidden), d).expect("y");
-                let w = Tensor::from_vec(v(3, hidden), hidden, d).expect("w");
+                let y = Tensor::from_vec(ramp(2, rows * hidden, 4.0, -2.0), (rows, hidden), d).expect("y");
+                let w = Tensor::from_vec(ramp(3, hidden, 4.0, -2.0), hidden, d).expect("w");
                 x.apply_op3_no_bwd(&y, &w, &AddRmsNorm { eps: 1e-5 })
                     .expect("add-rms-norm")
             };

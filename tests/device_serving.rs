@@ -1,6 +1,7 @@
 //! The server on the device forward (`--device candle-cpu`: the GPU's forward on candle's CPU backend), end to
-//! end: `/info` names the device; greedy answers are the same alone, in a busy batch with chunked prefill, and
-//! from the prefix cache's shared blocks; seeded `n > 1` choices (forked caches) repeat.
+//! end: `/info` names the device; greedy answers are the same alone (from the rows' argmax, or from whole rows
+//! when log-probabilities are asked for), in a busy batch with chunked prefill, and from the prefix cache's
+//! shared blocks; seeded `n > 1` choices (forked caches) repeat.
 
 mod common;
 
@@ -41,6 +42,16 @@ async fn the_device_forward_serves_batched_forked_and_cached_requests() {
     let probe = completion("The history of the Roman Empire begins with", 24);
     let alone = texts(&s, probe.clone()).await.remove(0);
     assert!(!alone.trim().is_empty());
+
+    // Alone, a plain greedy row comes back as its argmax (computed where the logits are); asking for
+    // log-probabilities brings the whole row back for the host to pick from: the same text.
+    let mut whole = probe.clone();
+    whole["logprobs"] = json!(1);
+    assert_eq!(
+        texts(&s, whole).await.remove(0),
+        alone,
+        "the argmax of whole rows and the device's argmax differ"
+    );
 
     // The same request among 6 others with longer prompts (prefilled in chunks of the 24-token budget).
     let mut tasks = Vec::new();

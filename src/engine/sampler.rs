@@ -102,8 +102,22 @@ impl Sampler {
         } else {
             self.sample_random(logits)
         };
-        *self.generated.entry(token).or_insert(0) += 1;
+        self.record(token);
         token
+    }
+
+    /// Whether [`Self::sample`] picks the raw row's [`argmax`]: greedy, with no bias or penalty to apply first.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.logit_bias.is_empty()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
+
+    /// Records `token`, chosen as [`Self::sample`] would have (see [`Self::is_plain_greedy`]), for the penalties.
+    pub fn record(&mut self, token: u32) {
+        *self.generated.entry(token).or_insert(0) += 1;
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {

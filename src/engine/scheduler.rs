@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, Logits, StepError};
+use super::backend::{Backend, BatchEntry, Detokenizer, KvCache, Logits, Row, StepError};
 use super::constraint::{Constraint, ConstraintError, TokenMask};
 use super::prefix_cache::PrefixCache;
 use super::sequence::{Choice, Phase, Sequence};
@@ -296,6 +296,8 @@ impl<B: Backend> Scheduler<B> {
             }
             let start = seq.kv.len();
             let want_logits = start + take[i] == seq.tokens.len();
+            // Before its grammar is taken out for the mask.
+            let argmax_only = want_logits && seq.takes_argmax();
             if want_logits {
                 sampled.push(i);
                 if let Some(c) = seq.constraint.take() {
@@ -306,6 +308,7 @@ impl<B: Backend> Scheduler<B> {
                 kv: &mut seq.kv,
                 tokens: &seq.tokens[start..start + take[i]],
                 want_logits,
+                argmax_only,
             });
         }
         self.metrics.batch_size.observe(batch.len() as f64);
@@ -365,7 +368,7 @@ impl<B: Backend> Scheduler<B> {
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| wanted.next_if_eq(i).is_some())
-                .zip(self.logits.rows_mut())
+                .zip(self.logits.rows_to_sample())
                 .map(|((i, seq), row)| (seq, row, mask_of[i].take()))
                 .zip(choices.iter_mut());
             if sampled.len() >= PARALLEL_SAMPLING_ROWS {
@@ -388,14 +391,17 @@ impl<B: Backend> Scheduler<B> {
 
 type MaskResult = Result<TokenMask, ConstraintError>;
 
-/// One row to sample: the sequence, its logits row and grammar mask, and where its choice goes.
+/// One row to sample: the sequence, its logits row (or argmax) and grammar mask, and where its choice goes.
 type Pick<'a, K> = (
-    (&'a mut Sequence<K>, &'a mut [f32], Option<MaskResult>),
+    (&'a mut Sequence<K>, Row<'a>, Option<MaskResult>),
     &'a mut Option<Choice>,
 );
 
 fn choose<K: KvCache>(((seq, row, mask), out): Pick<'_, K>) {
-    *out = Some(seq.choose(row, mask));
+    *out = Some(match row {
+        Row::Logits(row) => seq.choose(row, mask),
+        Row::Argmax(id) => seq.choose_argmax(id),
+    });
 }
 
 /// Each grammar's mask for the next token, with the time it took.

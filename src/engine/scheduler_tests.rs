@@ -401,7 +401,8 @@ fn prefix_cache_hits_give_the_same_output_and_skip_prefill() {
         Part {
             start: 10,
             len: 2,
-            want_logits: true
+            want_logits: true,
+            argmax_only: true
         },
         "prefill starts after the cached prefix"
     );
@@ -676,5 +677,52 @@ fn greedy_picks_the_token_with_the_highest_logprob() {
     for t in &out[0].tokens {
         assert_eq!(t.top[0].0, t.id);
         assert!((t.top[0].1 - t.logprob).abs() < 1e-6 && t.logprob < 0.0);
+    }
+}
+
+#[test]
+fn plain_greedy_rows_come_back_as_their_argmax_and_the_others_whole() {
+    let penalised = |id: &str, prompt: &[u32]| GenerateRequest {
+        params: GenerationParams {
+            max_tokens: 4,
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            ..Default::default()
+        },
+        ..request(id, prompt, 4)
+    };
+    // (requests, whether their wanted rows may come back as argmax)
+    let cases: [(Vec<GenerateRequest>, bool); 3] = [
+        (vec![request("greedy", &[1, 2, 3], 4)], true),
+        (vec![penalised("penalised", &[4, 5])], false),
+        // Together: the greedy row is flagged, the step returns whole rows for both (the stub, as the device
+        // backend, returns indices only when every wanted row is flagged).
+        (
+            vec![request("greedy", &[1, 2, 3], 4), penalised("penalised", &[4, 5])],
+            false,
+        ),
+    ];
+    for (reqs, all_argmax) in cases {
+        let mut h = Harness::new(config());
+        let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| r.prompt.clone()).collect();
+        let mut rxs: Vec<_> = reqs.into_iter().map(|r| h.submit(r)).collect();
+        let out = run_to_end(&mut h, &mut rxs);
+        for (o, prompt) in out.iter().zip(&prompts) {
+            assert_eq!(o.text, text_of(&expected(prompt, 4)), "the same tokens either way");
+        }
+        let log = h.stub.log();
+        let wanted: Vec<&Part> = log.iter().flatten().filter(|p| p.want_logits).collect();
+        assert_eq!(wanted.len(), 4 * prompts.len());
+        let flagged = wanted.iter().filter(|p| p.argmax_only).count();
+        let steps_by_argmax = log
+            .iter()
+            .filter(|step| step.iter().any(|p| p.want_logits))
+            .filter(|step| step.iter().filter(|p| p.want_logits).all(|p| p.argmax_only))
+            .count();
+        match (all_argmax, prompts.len()) {
+            (true, _) => assert_eq!((flagged, steps_by_argmax), (4, 4)),
+            (false, 1) => assert_eq!((flagged, steps_by_argmax), (0, 0)),
+            (false, _) => assert_eq!(flagged, 4, "the greedy request's rows are flagged"),
+        }
     }
 }

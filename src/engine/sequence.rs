@@ -243,6 +243,19 @@ impl<K: super::backend::KvCache> Sequence<K> {
         self.commit(tok, metrics, choice)
     }
 
+    /// Whether this step's choice is the raw logits row's first largest value, so a backend may return that
+    /// index instead of the row ([`super::backend::BatchEntry::argmax_only`]): a plain greedy sampler, no
+    /// grammar, no log-probabilities, no choices still to fork off the row.
+    pub fn takes_argmax(&self) -> bool {
+        self.sampler.is_plain_greedy() && self.constraint.is_none() && self.logprobs.is_none() && !self.has_forks()
+    }
+
+    /// [`Self::choose`] for a sequence that [`Self::takes_argmax`], given the row's argmax.
+    pub fn choose_argmax(&mut self, id: u32) -> Choice {
+        self.sampler.record(id);
+        Choice::Token { id, raw: None }
+    }
+
     /// The first half of [`Self::accept_logits`]: what touches only this sequence's sampler and its logits row,
     /// so the scheduler runs it for every row of a step in parallel. Applies the mask and samples.
     pub fn choose(&mut self, logits: &mut [f32], mask: Option<Result<TokenMask, ConstraintError>>) -> Choice {

@@ -26,6 +26,8 @@ pub struct Part {
     /// Tokens it contributed.
     pub len: usize,
     pub want_logits: bool,
+    /// Whether the scheduler let its row come back as the row's argmax.
+    pub argmax_only: bool,
 }
 
 /// A stub sequence cache: the tokens fed so far.
@@ -122,6 +124,7 @@ impl Backend for StubBackend {
                 start: e.kv.tokens.len(),
                 len: e.tokens.len(),
                 want_logits: e.want_logits,
+                argmax_only: e.argmax_only,
             });
             e.kv.tokens.extend_from_slice(e.tokens);
             if e.want_logits {
@@ -134,6 +137,11 @@ impl Backend for StubBackend {
         }
         if let Ok(mut steps) = self.steps.lock() {
             steps.push(parts);
+        }
+        // As the device backend: only the indices when every wanted row takes its argmax.
+        if super::backend::argmax_suffices(batch) {
+            logits.reset_argmax(rows.len()).copy_from_slice(&rows);
+            return Ok(());
         }
         logits.reset(rows.len(), VOCAB).fill(0.0);
         for (row, next) in logits.rows_mut().zip(rows) {

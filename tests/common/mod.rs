@@ -2,6 +2,7 @@
 //! when the guard drops. Each test gets its own server (the model loads in well under a second).
 #![allow(dead_code)]
 
+pub mod kernel_cases;
 pub mod logits;
 
 use std::io::{BufRead, BufReader};

@@ -11,36 +11,35 @@ use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Device, Layout};
 
+use super::launch::{self, Dims};
 use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Rope, StoreKv};
 use super::DeviceInfo;
 use crate::model::arch::Activation;
 
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "amlserve_kernels";
-/// Threads per attention block and the most head dimensions a block covers (kernels.cu's constants).
-const ATTN_THREADS: u32 = 256;
-const ATTN_TILE: u32 = 256;
-const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
-/// The most runs a token's keys are split into (split-K attention).
-const MAX_SPLITS: usize = 16;
-
-/// How many runs to split each token's keys into: enough for tokens x heads x splits blocks to cover the GPU's
-/// multiprocessors twice (a decode step of a few sequences), 1 when the step's own blocks already do.
-fn attention_splits(dev: &CudaDevice, tokens: usize, n_head: usize) -> candle_core::Result<usize> {
+/// The GPU's multiprocessor count, read once (one GPU per process: the server opens one device for all its
+/// models).
+fn multiprocessors(dev: &CudaDevice) -> candle_core::Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    // One GPU per process (the server opens one device for all its models).
     static SMS: OnceLock<usize> = OnceLock::new();
-    let sms = match SMS.get() {
-        Some(&n) => n,
-        None => {
-            let ctx = dev.cuda_stream().context().clone();
-            let n = ctx
-                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .w()?;
-            *SMS.get_or_init(|| usize::try_from(n).unwrap_or(1).max(1))
-        }
-    };
-    Ok((2 * sms).div_ceil((tokens * n_head).max(1)).clamp(1, MAX_SPLITS))
+    if let Some(&n) = SMS.get() {
+        return Ok(n);
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    let n = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(*SMS.get_or_init(|| usize::try_from(n).unwrap_or(1).max(1)))
+}
+
+/// cudarc's launch configuration for a kernel's geometry.
+fn config(d: Dims) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: d.grid,
+        block_dim: (d.block, 1, 1),
+        shared_mem_bytes: d.shared,
+    }
 }
 
 /// Opens CUDA device `ordinal` and describes it.
@@ -133,11 +132,7 @@ pub(super) fn rope(
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
     let t = table.as_cuda_slice::<f32>()?.slice(ts..);
     let (width, n_q, hd) = (h.width() as i32, h.n_head as i32, h.head_dim as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (op.meta.tokens as u32, (h.n_head + h.n_kv_head) as u32, 1),
-        block_dim: ((h.head_dim as u32 / 2).clamp(32, 128), 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(launch::rope(op.meta.tokens, h));
     let mut b = f.builder();
     b.arg(&mut x)
         .arg(&m)
@@ -181,11 +176,7 @@ pub(super) fn store_kv(
         h.k_col() as i32,
         2 * h.kv_row() as i32,
     );
-    let cfg = LaunchConfig {
-        grid_dim: (op.meta.tokens as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(launch::store_kv(op.meta.tokens));
     let mut b = f.builder();
     b.arg(&mut p)
         .arg(&x)
@@ -209,11 +200,7 @@ pub(super) fn paged_attention(
     ml: &Layout,
 ) -> candle_core::Result<CudaStorage> {
     let h = op.heads;
-    if h.head_dim > MAX_HEAD_DIM
-        || !h.head_dim.is_multiple_of(2)
-        || h.n_kv_head == 0
-        || !h.n_head.is_multiple_of(h.n_kv_head)
-    {
+    if !launch::attention_supports(h) {
         candle_core::bail!("paged attention: unsupported heads {h:?}")
     }
     if ql.shape().elem_count() != op.meta.tokens * h.width() {
@@ -229,19 +216,12 @@ pub(super) fn paged_attention(
     let x = qkv.as_cuda_slice::<f32>()?.slice(qs..);
     let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
-    let groups = (ATTN_THREADS / h.head_dim as u32).max(1);
     let n_out = op.meta.tokens * h.n_head * h.head_dim;
-    let splits = attention_splits(&dev, op.meta.tokens, h.n_head)?;
+    let splits = launch::attention_splits(multiprocessors(&dev)?, op.meta.tokens, h.n_head);
     // SAFETY: the kernels write every element: without splits each (token, head) block its head_dim outputs;
     // with them each split its maximum, sum and outputs, and the combining kernel every output.
     let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
-    let mut partial = unsafe {
-        dev.alloc::<f32>(if splits > 1 {
-            n_out / h.head_dim * splits * (2 + h.head_dim)
-        } else {
-            1
-        })
-    }?;
+    let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(op.meta.tokens, h, splits)) }?;
     let (tokens, width, nh, nkv, hd) = (
         op.meta.tokens as i32,
         h.width() as i32,
@@ -251,12 +231,7 @@ pub(super) fn paged_attention(
     );
     // 0: no window (a window beyond i32 is none in practice).
     let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
-    let cfg = LaunchConfig {
-        grid_dim: (op.meta.tokens as u32, h.n_head as u32, splits as u32),
-        block_dim: (ATTN_THREADS, 1, 1),
-        // q, the tile's scores, the reduction, each thread group's partial output, the tile's slots.
-        shared_mem_bytes: (h.head_dim as u32 * (1 + groups) + 2 * ATTN_TILE + 32) * 4,
-    };
+    let cfg = config(launch::attention(op.meta.tokens, h, splits));
     let n_splits = splits as i32;
     let mut b = f.builder();
     b.arg(&mut out)
@@ -275,11 +250,7 @@ pub(super) fn paged_attention(
     unsafe { b.launch(cfg) }.w()?;
     if splits > 1 {
         let combine = dev.get_or_load_custom_func("amlserve_attention_combine", MODULE, ptx_for(&dev)?)?;
-        let cfg = LaunchConfig {
-            grid_dim: (op.meta.tokens as u32, h.n_head as u32, 1),
-            block_dim: ((h.head_dim as u32).next_multiple_of(32).min(ATTN_THREADS), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::attention_combine(op.meta.tokens, h));
         let mut b = combine.builder();
         b.arg(&mut out).arg(&partial).arg(&nh).arg(&hd).arg(&n_splits);
         // SAFETY: `partial` holds tokens x heads x splits records of 2 + head_dim floats, all written above.
@@ -336,15 +307,6 @@ pub(super) fn rows_to_host(
     Ok(true)
 }
 
-/// A grid-stride launch over `n` elements.
-fn grid_stride(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 pub(super) fn gated_act(op: &GatedAct, x: &CudaStorage, l: &Layout, rows: usize) -> candle_core::Result<CudaStorage> {
     let dev = x.device.clone();
     let f = dev.get_or_load_custom_func("amlserve_gated", MODULE, ptx_for(&dev)?)?;
@@ -356,7 +318,7 @@ pub(super) fn gated_act(op: &GatedAct, x: &CudaStorage, l: &Layout, rows: usize)
     let mut b = f.builder();
     b.arg(&mut out).arg(&src).arg(&r).arg(&w).arg(&gelu);
     // SAFETY: the input holds rows * 2 * width floats (its layout's element count).
-    unsafe { b.launch(grid_stride(n)) }.w()?;
+    unsafe { b.launch(config(launch::grid_stride(n))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -377,7 +339,7 @@ pub(super) fn add_bias(
     let mut builder = f.builder();
     builder.arg(&mut x).arg(&b).arg(&r).arg(&w);
     // SAFETY: x holds rows * width floats and the bias width (checked by the op).
-    unsafe { builder.launch(grid_stride(rows * width)) }.w()?;
+    unsafe { builder.launch(config(launch::grid_stride(rows * width))) }.w()?;
     Ok(())
 }
 
@@ -397,12 +359,7 @@ pub(super) fn head_norms(
     let q = qn.as_cuda_slice::<f32>()?.slice(start(nl, "query norm")?..);
     let k = kn.as_cuda_slice::<f32>()?.slice(start(kl, "key norm")?..);
     let (width, n_q, hd) = (h.width() as i32, h.n_head as i32, h.head_dim as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.max(1) as u32, (h.n_head + h.n_kv_head) as u32, 1),
-        // Whole warps (the reduction's unit), one thread per dimension up to 256.
-        block_dim: ((h.head_dim as u32).next_multiple_of(32).clamp(32, 256), 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(launch::head_norms(rows, h));
     let mut b = f.builder();
     b.arg(&mut x)
         .arg(&q)
@@ -432,14 +389,24 @@ pub(super) fn add_rms_norm(
     // SAFETY: the kernel writes both halves of every row.
     let mut out = unsafe { dev.alloc::<f32>((2 * rows * hidden).max(1)) }?;
     let (r, h) = (rows as i32, hidden as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(launch::add_rms_norm(rows));
     let mut b = f.builder();
     b.arg(&mut out).arg(&xs).arg(&ys).arg(&ws).arg(&r).arg(&h).arg(&op.eps);
     // SAFETY: x and y hold rows * hidden floats and w hidden (checked by the op).
     unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn row_argmax(x: &CudaStorage, l: &Layout, rows: usize, vocab: usize) -> candle_core::Result<CudaStorage> {
+    let dev = x.device.clone();
+    let f = dev.get_or_load_custom_func("amlserve_row_argmax", MODULE, ptx_for(&dev)?)?;
+    let src = x.as_cuda_slice::<f32>()?.slice(start(l, "logits")?..);
+    // SAFETY: the kernel writes one index per row.
+    let mut out = unsafe { dev.alloc::<u32>(rows.max(1)) }?;
+    let (r, v) = (rows as i32, vocab as i32);
+    let mut b = f.builder();
+    b.arg(&mut out).arg(&src).arg(&r).arg(&v);
+    // SAFETY: the input holds rows * vocab floats (its layout's shape).
+    unsafe { b.launch(config(launch::row_argmax(rows))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

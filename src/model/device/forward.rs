@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, StepMeta, StoreKv};
+use super::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, RowArgmax, StepMeta, StoreKv};
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
 use crate::model::arch::LlamaConfig;
@@ -237,6 +237,20 @@ impl DeviceLlama {
             return Ok(());
         }
         crate::model::weights::copy_to_slice(logits, out)
+    }
+
+    /// The index of each row's first largest logit (of [`Self::forward`]'s `[n, vocab]`) into `out` (`[n]`),
+    /// computed where the rows are ([`RowArgmax`]), so that only the indices are copied to the host.
+    pub fn argmax_to_host(&self, logits: &Tensor, out: &mut [u32]) -> candle_core::Result<()> {
+        if logits.dim(0)? == 0 {
+            return Ok(());
+        }
+        let ids: Vec<u32> = logits.contiguous()?.apply_op1_no_bwd(&RowArgmax)?.to_vec1()?;
+        if ids.len() != out.len() {
+            candle_core::bail!("{} argmax rows for {} wanted", ids.len(), out.len())
+        }
+        out.copy_from_slice(&ids);
+        Ok(())
     }
 
     /// Replays decode steps (one token per sequence, every row's logits wanted) of up to `max_batch`

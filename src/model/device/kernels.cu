@@ -1,6 +1,7 @@
 // amlserve's CUDA kernels for the device forward (src/model/device/ops.rs says what each computes; the CPU
 // implementations there are the reference). Compiled at run time by NVRTC, so no CUDA headers are included:
-// bf16 is handled as its 16 bits.
+// bf16 is handled as its 16 bits. The same source also compiles as C++ for the CPU emulation in kernel-emu
+// (tests/kernels_emulated.rs), which defines the CUDA names this file uses.
 
 #define BLOCK_TOKENS 16
 #define ATTN_TILE 256
@@ -9,6 +10,10 @@
 #define NEG_INF __int_as_float(0xff800000)
 // A split of a token's keys (split-K attention) takes at least this many keys.
 #define SPLIT_MIN_KEYS 64
+// A kernel's dynamic shared memory (a macro, so that the CPU emulation can give its own).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
     return __uint_as_float(((unsigned int)h) << 16);
@@ -103,7 +108,7 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
                                                          const unsigned short* pool, const unsigned int* meta,
                                                          int tokens, int width, int n_head, int n_kv_head,
                                                          int head_dim, int window, int splits) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     int groups = max(1, (int)blockDim.x / head_dim);
     float* q = smem;
     float* s = q + head_dim;
@@ -266,4 +271,41 @@ extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, con
     ss = block_reduce(ss, red, false);
     float inv = 1.0f / sqrtf(ss / hidden + eps);
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) nr[j] = sr[j] * inv * w[j];
+}
+
+// Grid (rows), ARGMAX_THREADS threads: out[r] = the index of row r's first largest value (src/engine/sampler.rs's
+// argmax: NaN never wins, -0 equals 0, a row of NaN gives 0). Each thread keeps the best of a strided share of
+// the row, then the block halves its candidates, the lower index winning ties.
+#define ARGMAX_THREADS 256
+extern "C" __global__ void amlserve_row_argmax(unsigned int* out, const float* x, int rows, int vocab) {
+    __shared__ float best_v[ARGMAX_THREADS];
+    __shared__ unsigned int best_i[ARGMAX_THREADS];
+    int r = blockIdx.x, tid = threadIdx.x;
+    if (r >= rows) return;
+    const float* row = x + (size_t)r * vocab;
+    float bv = NEG_INF;
+    unsigned int bi = 0xffffffffu;
+    for (int j = tid; j < vocab; j += blockDim.x) {
+        float v = row[j];
+        // Ascending j: only a larger value replaces (a NaN never compares larger or equal).
+        if (v > bv || (v == bv && (unsigned int)j < bi)) {
+            bv = v;
+            bi = (unsigned int)j;
+        }
+    }
+    best_v[tid] = bv;
+    best_i[tid] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            float v = best_v[tid + s];
+            unsigned int i = best_i[tid + s];
+            if (v > best_v[tid] || (v == best_v[tid] && i < best_i[tid])) {
+                best_v[tid] = v;
+                best_i[tid] = i;
+            }
+        }
+        __syncthreads();
+    }
+    if (tid == 0) out[r] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
 }

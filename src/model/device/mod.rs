@@ -12,6 +12,7 @@
 //!   at run time by NVRTC, so the build needs no extra nvcc step).
 //! - [`budget`]: the pool's size: its margin beyond the admission budget, and the budget a GPU's free memory
 //!   allows.
+//! - [`launch`]: the kernels' launch geometry, shared with their CPU emulation in the tests.
 //! - [`forward`]: weights uploaded once as candle quantized tensors, the packed forward step.
 //! - `graphs` (CUDA builds): decode steps recorded once per batch size as CUDA graphs and replayed
 //!   (`--cuda-graphs`).
@@ -21,6 +22,7 @@
 
 pub mod budget;
 pub mod forward;
+pub mod launch;
 pub mod ops;
 pub mod paged;
 pub mod stages;

@@ -563,3 +563,35 @@ impl InplaceOp3 for HeadNorms {
         super::cuda::head_norms(self, qkv, ql, (qn, nl), (kn, kl), rows)
     }
 }
+
+/// The index of each row's first largest value (`[rows, vocab]` f32 to `[rows]` u32), as
+/// [`crate::engine::sampler::argmax`] picks a greedy token: for rows whose sampler takes the raw row's argmax, so
+/// that only the indices, not the rows, leave the device.
+pub struct RowArgmax;
+
+impl CustomOp1 for RowArgmax {
+    fn name(&self) -> &'static str {
+        "amlserve-row-argmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let x = cpu_slice::<f32>(self.name(), s, l)?;
+        let out: Vec<u32> = x
+            .chunks_exact(vocab.max(1))
+            .take(rows)
+            .map(crate::engine::sampler::argmax)
+            .collect();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        Ok((super::cuda::row_argmax(s, l, rows, vocab)?, Shape::from(rows)))
+    }
+}

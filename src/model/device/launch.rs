@@ -1,0 +1,136 @@
+//! Launch geometry of `kernels.cu`'s kernels: each kernel's grid, block and dynamic shared memory, and how many
+//! runs split-K attention cuts a token's keys into. Plain arithmetic with no CUDA types, so the CUDA launcher
+//! (`super::cuda`) and the CPU emulation of the kernels (`kernel-emu`, `tests/kernels_emulated.rs`) launch with
+//! the same numbers.
+
+use super::ops::Heads;
+
+/// Threads per attention block (kernels.cu's `ATTN_THREADS`).
+pub const ATTN_THREADS: u32 = 256;
+/// Keys an attention block scores at a time (kernels.cu's `ATTN_TILE`).
+pub const ATTN_TILE: u32 = 256;
+/// The widest head the attention kernel takes: four dimensions per thread (kernels.cu's `MAX_DIMS_PER_THREAD`).
+pub const MAX_HEAD_DIM: usize = 4 * ATTN_THREADS as usize;
+/// The most runs a token's keys are split into (split-K attention).
+pub const MAX_SPLITS: usize = 16;
+
+/// A kernel launch's shape: grid `(x, y, z)`, threads per block (1-D blocks only) and dynamic shared bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub shared: u32,
+}
+
+impl Dims {
+    fn new(grid: (usize, usize, usize), block: u32, shared: u32) -> Self {
+        // Grids are sized by tokens, heads and splits, far below u32::MAX.
+        Self {
+            grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block,
+            shared,
+        }
+    }
+}
+
+/// `amlserve_rope`: a block per (token, rotated head), a thread per rotary pair up to 128.
+pub fn rope(tokens: usize, h: Heads) -> Dims {
+    Dims::new(
+        (tokens, h.n_head + h.n_kv_head, 1),
+        (h.head_dim as u32 / 2).clamp(32, 128),
+        0,
+    )
+}
+
+/// `amlserve_store_kv_bf16`: a block per token.
+pub fn store_kv(tokens: usize) -> Dims {
+    Dims::new((tokens, 1, 1), 128, 0)
+}
+
+/// Whether the attention kernel takes these heads.
+pub fn attention_supports(h: Heads) -> bool {
+    h.head_dim <= MAX_HEAD_DIM
+        && h.head_dim.is_multiple_of(2)
+        && h.n_kv_head > 0
+        && h.n_head.is_multiple_of(h.n_kv_head)
+}
+
+/// How many runs to split each token's keys into on a GPU of `sms` multiprocessors: enough for tokens x heads x
+/// splits blocks to cover the multiprocessors twice (a decode step of a few sequences), 1 when the step's own
+/// blocks already do.
+pub fn attention_splits(sms: usize, tokens: usize, n_head: usize) -> usize {
+    (2 * sms.max(1)).div_ceil((tokens * n_head).max(1)).clamp(1, MAX_SPLITS)
+}
+
+/// `amlserve_paged_attention_bf16`: a block per (token, query head, split). Shared memory: the query, the tile's
+/// scores, the reduction's 32 floats, each thread group's partial output and the tile's slots.
+pub fn attention(tokens: usize, h: Heads, splits: usize) -> Dims {
+    let groups = (ATTN_THREADS / h.head_dim as u32).max(1);
+    Dims::new(
+        (tokens, h.n_head, splits),
+        ATTN_THREADS,
+        (h.head_dim as u32 * (1 + groups) + 2 * ATTN_TILE + 32) * 4,
+    )
+}
+
+/// Floats of split-K's partial results: per (token, head, split) its maximum, sum and head_dim outputs (one
+/// unused float without splits, as a buffer cannot be empty).
+pub fn attention_partial_len(tokens: usize, h: Heads, splits: usize) -> usize {
+    if splits > 1 {
+        tokens * h.n_head * splits * (2 + h.head_dim)
+    } else {
+        1
+    }
+}
+
+/// `amlserve_attention_combine`: a block per (token, query head), whole warps over the head's dimensions.
+pub fn attention_combine(tokens: usize, h: Heads) -> Dims {
+    Dims::new(
+        (tokens, h.n_head, 1),
+        (h.head_dim as u32).next_multiple_of(32).min(ATTN_THREADS),
+        0,
+    )
+}
+
+/// A grid-stride launch over `n` elements (`amlserve_gated`, `amlserve_add_bias`).
+pub fn grid_stride(n: usize) -> Dims {
+    Dims::new((n.div_ceil(256).clamp(1, 65_535), 1, 1), 256, 0)
+}
+
+/// `amlserve_head_norms`: a block per (row, normed head); whole warps (the reduction's unit), a thread per
+/// dimension up to 256.
+pub fn head_norms(rows: usize, h: Heads) -> Dims {
+    Dims::new(
+        (rows.max(1), h.n_head + h.n_kv_head, 1),
+        (h.head_dim as u32).next_multiple_of(32).clamp(32, 256),
+        0,
+    )
+}
+
+/// `amlserve_add_rms_norm`: a block of 256 threads per row.
+pub fn add_rms_norm(rows: usize) -> Dims {
+    Dims::new((rows.max(1), 1, 1), 256, 0)
+}
+
+/// Threads per row of `amlserve_row_argmax` (kernels.cu's `ARGMAX_THREADS`, a power of two).
+pub const ARGMAX_THREADS: u32 = 256;
+
+/// `amlserve_row_argmax`: a block per row.
+pub fn row_argmax(rows: usize) -> Dims {
+    Dims::new((rows.max(1), 1, 1), ARGMAX_THREADS, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_gpu_twice_and_stop_at_sixteen() {
+        // H200: 132 multiprocessors. One sequence of 9 heads: 264 / 9 -> 30, capped at 16.
+        assert_eq!(attention_splits(132, 1, 9), 16);
+        assert_eq!(attention_splits(132, 4, 9), 8);
+        // 64 decode rows already give 576 blocks.
+        assert_eq!(attention_splits(132, 64, 9), 1);
+        assert_eq!(attention_splits(0, 0, 0), 2);
+    }
+}

@@ -1,0 +1,177 @@
+//! Inputs for checking the device forward's kernels against their CPU implementations (`model::device::ops`):
+//! steps of random sequences over a paged pool, the attention cases, and deterministic rows for the element-wise
+//! kernels. Shared by the GPU test (`tests/device_forward.rs`, CUDA builds) and the CPU emulation of the kernels
+//! (`tests/kernels_emulated.rs`), so both check the same things.
+
+use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv};
+use amlserve::model::device::paged::BLOCK;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// One step's inputs: a packed batch of sequences over a pool of shuffled blocks.
+pub struct Step {
+    pub heads: Heads,
+    pub tokens: usize,
+    /// `StepMeta::build`'s metadata.
+    pub meta: Vec<u32>,
+    /// `[tokens, heads.width()]`, uniform in [-1, 1).
+    pub qkv: Vec<f32>,
+    /// The rotary table `[ctx, head_dim]` (random values: the kernels only read it).
+    pub table: Vec<f32>,
+    pub ctx: usize,
+    /// The pool `[slots, 2 * kv_row]` before rounding to bf16.
+    pub pool: Vec<f32>,
+    pub slots: usize,
+}
+
+/// A step of `seqs` (cached tokens, new tokens) with a random block table each, from `seed`.
+pub fn step(heads: Heads, seqs: &[(usize, usize)], seed: u64) -> Step {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ctx = seqs.iter().map(|(s, t)| s + t).max().unwrap_or(1);
+    let n_blocks: usize = seqs.iter().map(|(s, t)| (s + t).div_ceil(BLOCK)).sum::<usize>() + 3;
+    let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.random_range(0..=i));
+    }
+    let (mut positions, mut slots, mut seq_of, mut tables) = (vec![], vec![], vec![], vec![]);
+    let mut next = 0;
+    for (si, &(start, t)) in seqs.iter().enumerate() {
+        let blocks = ids[next..next + (start + t).div_ceil(BLOCK)].to_vec();
+        next += blocks.len();
+        for p in start..start + t {
+            positions.push(p as u32);
+            slots.push(blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32);
+            seq_of.push(si);
+        }
+        tables.push(blocks);
+    }
+    let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+    let meta = StepMeta::build(&positions, &slots, &seq_of, &table_refs);
+    let tokens = positions.len();
+    let mut rand = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
+    Step {
+        heads,
+        tokens,
+        meta,
+        qkv: rand(tokens * heads.width()),
+        table: rand(ctx * heads.head_dim),
+        ctx,
+        pool: rand(n_blocks * BLOCK * 2 * heads.kv_row()),
+        slots: n_blocks * BLOCK,
+    }
+}
+
+/// The rope's query scale the cases use.
+pub const Q_SCALE: f32 = 0.125;
+
+/// Runs the ops rope, store and attention (with a sliding `window` if given) on `dev` over one step's inputs;
+/// returns (qkv, pool, out).
+pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor, Tensor) {
+    let heads = s.heads;
+    let step = StepMeta { tokens: s.tokens };
+    let qkv = Tensor::from_slice(&s.qkv, (s.tokens, heads.width()), dev).expect("qkv");
+    let table = Tensor::from_slice(&s.table, (s.ctx, heads.head_dim), dev).expect("rope");
+    let pool = Tensor::from_slice(&s.pool, (s.slots, 2 * heads.kv_row()), dev)
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .expect("pool");
+    let meta = Tensor::from_slice(&s.meta, s.meta.len(), dev).expect("meta");
+    qkv.inplace_op3(
+        &meta,
+        &table,
+        &Rope {
+            meta: step,
+            heads,
+            q_scale: Q_SCALE,
+        },
+    )
+    .expect("rope");
+    pool.inplace_op3(&qkv, &meta, &StoreKv { meta: step, heads })
+        .expect("store");
+    let out = qkv
+        .apply_op3_no_bwd(
+            &pool,
+            &meta,
+            &PagedAttention {
+                meta: step,
+                heads,
+                window,
+            },
+        )
+        .expect("attention");
+    (qkv, pool, out)
+}
+
+/// SmolLM2's heads (9 query heads over 3 kv heads of 64).
+pub const SMOLLM2: Heads = Heads {
+    n_head: 9,
+    n_kv_head: 3,
+    head_dim: 64,
+};
+/// Gemma 3 270M's (4 over 1 of 256).
+pub const GEMMA3: Heads = Heads {
+    n_head: 4,
+    n_kv_head: 1,
+    head_dim: 256,
+};
+/// No grouping, a head an odd multiple of 32 wide.
+pub const ODD: Heads = Heads {
+    n_head: 8,
+    n_kv_head: 8,
+    head_dim: 96,
+};
+
+/// One attention case: the heads, the step's (cached tokens, new tokens) per sequence, the sliding window.
+pub struct AttentionCase {
+    pub heads: Heads,
+    pub seqs: Vec<(usize, usize)>,
+    pub window: Option<usize>,
+}
+
+/// The attention cases: each head shape over a mixed step and a decode-only step (whose keys the kernel splits
+/// into runs), each without a window and with windows narrower and wider than the kernel's key tile (Gemma 3's
+/// local layers).
+pub fn attention_cases() -> Vec<AttentionCase> {
+    // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions; then a step of
+    // a few decode tokens only, short and long contexts.
+    let mixed = vec![(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
+    let decode = vec![(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
+    let mut cases = Vec::new();
+    for h in [SMOLLM2, GEMMA3, ODD] {
+        for seqs in [&mixed, &decode] {
+            for window in [None, Some(37), Some(512)] {
+                cases.push(AttentionCase {
+                    heads: h,
+                    seqs: seqs.clone(),
+                    window,
+                });
+            }
+        }
+    }
+    cases
+}
+
+/// Deterministic values in [lo, lo + span) from a seed, for the element-wise kernels.
+pub fn ramp(seed: usize, n: usize, span: f32, lo: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i + seed) * 7919) % 1000) as f32 / 1000.0 * span + lo)
+        .collect()
+}
+
+/// The per-head norm cases: qwen3's (head 128, GQA) and Gemma 3's (head 256).
+pub const NORMED_HEADS: [Heads; 2] = [
+    Heads {
+        n_head: 16,
+        n_kv_head: 8,
+        head_dim: 128,
+    },
+    GEMMA3,
+];
+
+/// Relative L2 distance of `a` from `b`; panics on non-finite values.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    assert!(num.is_finite(), "non-finite values");
+    (num / den.max(1e-30)).sqrt()
+}

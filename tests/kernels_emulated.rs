@@ -1,0 +1,319 @@
+//! The device forward's CUDA kernels (`src/model/device/kernels.cu`) run on the CPU by `kernel-emu`, with the
+//! launch geometry the CUDA launcher uses (`model::device::launch`), against the ops' CPU implementations
+//! (`model::device::ops`): the same cases the GPU test runs (`tests/common/kernel_cases.rs`). So a change to a kernel is checked on every machine, not only when a GPU is at hand. Every buffer
+//! carries NaN canaries on both sides (a write past it fails, a read past it poisons the result), and every
+//! output starts as NaN (an element the kernel never writes fails the comparison).
+// The emulated kernels take raw pointers, as on a GPU.
+#![allow(unsafe_code)]
+
+mod common;
+
+use amlserve::model::arch::Activation;
+use amlserve::model::device::launch::{self, Dims};
+use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads};
+use amlserve_kernel_emu::{Arg, Guarded};
+use candle_core::{DType, Device, Tensor};
+use common::kernel_cases::{attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, Step, NORMED_HEADS, Q_SCALE};
+
+/// Launches kernel `name` in the emulation; panics with its message if it cannot run.
+fn run(name: &str, d: Dims, args: &[Arg]) {
+    // SAFETY: each test passes buffers sized for the kernel's arguments as the CUDA launcher does; the
+    // canaries around them turn an overrun into a test failure.
+    unsafe { amlserve_kernel_emu::launch(name, d.grid, d.block, d.shared, args) }.unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn nan(n: usize) -> Guarded<f32> {
+    Guarded::new(&vec![f32::NAN; n], f32::NAN)
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("values")
+}
+
+fn int(n: usize) -> Arg {
+    Arg::I32(i32::try_from(n).expect("fits i32"))
+}
+
+/// What the emulated rope, store and attention (split into `splits` runs) give for a step: (qkv, pool as f32,
+/// out).
+fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let h: Heads = s.heads;
+    let mut qkv = Guarded::new(&s.qkv, f32::NAN);
+    let mut meta = Guarded::new(&s.meta, u32::MAX);
+    let mut table = Guarded::new(&s.table, f32::NAN);
+    let bits: Vec<u16> = s.pool.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    // A bf16 NaN.
+    let mut pool = Guarded::new(&bits, 0x7fc1);
+    run(
+        "amlserve_rope",
+        launch::rope(s.tokens, h),
+        &[
+            qkv.ptr(),
+            meta.ptr(),
+            table.ptr(),
+            int(h.width()),
+            int(h.n_head),
+            int(h.head_dim),
+            Arg::F32(Q_SCALE),
+        ],
+    );
+    run(
+        "amlserve_store_kv_bf16",
+        launch::store_kv(s.tokens),
+        &[
+            pool.ptr(),
+            qkv.ptr(),
+            meta.ptr(),
+            int(s.tokens),
+            int(h.width()),
+            int(h.k_col()),
+            int(2 * h.kv_row()),
+        ],
+    );
+    let mut out = nan(s.tokens * h.n_head * h.head_dim);
+    let mut partial = nan(launch::attention_partial_len(s.tokens, h, splits));
+    let window = window.map_or(0, |w| i32::try_from(w).expect("window"));
+    run(
+        "amlserve_paged_attention_bf16",
+        launch::attention(s.tokens, h, splits),
+        &[
+            out.ptr(),
+            partial.ptr(),
+            qkv.ptr(),
+            pool.ptr(),
+            meta.ptr(),
+            int(s.tokens),
+            int(h.width()),
+            int(h.n_head),
+            int(h.n_kv_head),
+            int(h.head_dim),
+            Arg::I32(window),
+            int(splits),
+        ],
+    );
+    if splits > 1 {
+        run(
+            "amlserve_attention_combine",
+            launch::attention_combine(s.tokens, h),
+            &[out.ptr(), partial.ptr(), int(h.n_head), int(h.head_dim), int(splits)],
+        );
+    }
+    for (buf, what) in [
+        (&qkv, "qkv"),
+        (&table, "rope table"),
+        (&out, "out"),
+        (&partial, "partial"),
+    ] {
+        buf.check(what).unwrap_or_else(|e| panic!("{e}"));
+    }
+    meta.check("meta").unwrap_or_else(|e| panic!("{e}"));
+    pool.check("pool").unwrap_or_else(|e| panic!("{e}"));
+    let pool = pool.data().iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+    (qkv.data().to_vec(), pool, out.data().to_vec())
+}
+
+#[test]
+fn rope_store_and_paged_attention_match_the_cpu_ops_whole_and_split() {
+    for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
+        let s = step(heads, &seqs, i as u64);
+        let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
+        let (q_cpu, p_cpu, o_cpu) = (values(&q_cpu), values(&p_cpu), values(&o_cpu));
+        // Whole, and split as on an H200 (132 multiprocessors) when that splits this step at all.
+        let h200 = launch::attention_splits(132, s.tokens, heads.n_head);
+        let mut splits = vec![1, h200];
+        splits.dedup();
+        for splits in splits {
+            let (q, p, o) = emulate(&s, window, splits);
+            let (eq, ep, eo) = (rel_l2(&q, &q_cpu), rel_l2(&p, &p_cpu), rel_l2(&o, &o_cpu));
+            println!(
+                "{heads:?}, {} tokens, window {window:?}, {splits} splits: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e}",
+                s.tokens
+            );
+            assert!(eq < 1e-6, "rope {eq}");
+            // The same rounding to bf16 on both sides.
+            assert_eq!(p, p_cpu, "store");
+            assert!(eo < 1e-5, "attention {eo}");
+        }
+    }
+}
+
+#[test]
+fn the_gated_activations_match_the_cpu_op() {
+    let (rows, width) = (37, 1536);
+    let x = ramp(0, rows * 2 * width, 8.0, -4.0);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let cpu = Tensor::from_slice(&x, (rows, 2 * width), &Device::Cpu)
+            .and_then(|t| t.apply_op1_no_bwd(&GatedAct { width, act }))
+            .expect("gated activation");
+        let mut input = Guarded::new(&x, f32::NAN);
+        let mut out = nan(rows * width);
+        let gelu = i32::from(act == Activation::GeluTanh);
+        run(
+            "amlserve_gated",
+            launch::grid_stride(rows * width),
+            &[out.ptr(), input.ptr(), int(rows), int(width), Arg::I32(gelu)],
+        );
+        out.check("out").unwrap_or_else(|e| panic!("{e}"));
+        let e = rel_l2(out.data(), &values(&cpu));
+        println!("gated {act:?}: {e:.2e}");
+        assert!(e < 1e-6, "gated {act:?} {e}");
+    }
+}
+
+#[test]
+fn biases_and_per_head_norms_match_the_cpu_ops() {
+    for heads in NORMED_HEADS {
+        let (rows, width, hd) = (37, heads.width(), heads.head_dim);
+        let (x, bias, qn, kn) = (
+            ramp(1, rows * width, 4.0, -2.0),
+            ramp(2, width, 4.0, -2.0),
+            ramp(3, hd, 4.0, -2.0),
+            ramp(4, hd, 4.0, -2.0),
+        );
+        let cpu = {
+            let d = &Device::Cpu;
+            let qkv = Tensor::from_slice(&x, (rows, width), d).expect("qkv");
+            qkv.inplace_op2(&Tensor::from_slice(&bias, width, d).expect("bias"), &AddBias)
+                .expect("bias");
+            let (q, k) = (
+                Tensor::from_slice(&qn, hd, d).expect("qn"),
+                Tensor::from_slice(&kn, hd, d).expect("kn"),
+            );
+            qkv.inplace_op3(&q, &k, &HeadNorms { heads, eps: 1e-6 })
+                .expect("head norms");
+            values(&qkv)
+        };
+        let mut qkv = Guarded::new(&x, f32::NAN);
+        let (mut b, mut q, mut k) = (
+            Guarded::new(&bias, f32::NAN),
+            Guarded::new(&qn, f32::NAN),
+            Guarded::new(&kn, f32::NAN),
+        );
+        run(
+            "amlserve_add_bias",
+            launch::grid_stride(rows * width),
+            &[qkv.ptr(), b.ptr(), int(rows), int(width)],
+        );
+        run(
+            "amlserve_head_norms",
+            launch::head_norms(rows, heads),
+            &[
+                qkv.ptr(),
+                q.ptr(),
+                k.ptr(),
+                int(width),
+                int(heads.n_head),
+                int(hd),
+                Arg::F32(1e-6),
+            ],
+        );
+        qkv.check("qkv").unwrap_or_else(|e| panic!("{e}"));
+        let e = rel_l2(qkv.data(), &cpu);
+        println!("bias + head norms, {heads:?}: {e:.2e}");
+        assert!(e < 1e-6, "bias + head norms {e}");
+    }
+}
+
+#[test]
+fn the_residual_add_and_norm_match_the_cpu_op() {
+    let rows = 37;
+    for hidden in [576, 640, 2048] {
+        let (x, y, w) = (
+            ramp(1, rows * hidden, 4.0, -2.0),
+            ramp(2, rows * hidden, 4.0, -2.0),
+            ramp(3, hidden, 4.0, -2.0),
+        );
+        let d = &Device::Cpu;
+        let cpu = Tensor::from_slice(&x, (rows, hidden), d)
+            .and_then(|xt| {
+                xt.apply_op3_no_bwd(
+                    &Tensor::from_slice(&y, (rows, hidden), d)?,
+                    &Tensor::from_slice(&w, hidden, d)?,
+                    &AddRmsNorm { eps: 1e-5 },
+                )
+            })
+            .expect("add-rms-norm");
+        let mut out = nan(2 * rows * hidden);
+        let (mut xg, mut yg, mut wg) = (
+            Guarded::new(&x, f32::NAN),
+            Guarded::new(&y, f32::NAN),
+            Guarded::new(&w, f32::NAN),
+        );
+        run(
+            "amlserve_add_rms_norm",
+            launch::add_rms_norm(rows),
+            &[
+                out.ptr(),
+                xg.ptr(),
+                yg.ptr(),
+                wg.ptr(),
+                int(rows),
+                int(hidden),
+                Arg::F32(1e-5),
+            ],
+        );
+        out.check("out").unwrap_or_else(|e| panic!("{e}"));
+        let e = rel_l2(out.data(), &values(&cpu));
+        println!("add + rms norm, hidden {hidden}: {e:.2e}");
+        assert!(e < 1e-6, "add + rms norm {e}");
+    }
+}
+
+#[test]
+fn row_argmax_picks_the_greedy_token_as_the_sampler_does() {
+    use amlserve::model::device::ops::RowArgmax;
+    for vocab in [49_152, 1_000, 37] {
+        let mut rows: Vec<Vec<f32>> = (0..6).map(|r| ramp(r * 13, vocab, 20.0, -10.0)).collect();
+        // Ties (the first wins), NaN (never wins), -0 against 0, a row of NaN, a row of -inf.
+        let top = vocab - 3;
+        rows[0][top] = 50.0;
+        rows[0][vocab - 1] = 50.0;
+        rows[1][0] = f32::NAN;
+        rows[1][5] = f32::NAN;
+        rows[1][top] = 60.0;
+        rows[2].iter_mut().for_each(|v| *v = v.min(-1.0));
+        rows[2][vocab / 2] = -0.0;
+        rows[2][vocab - 1] = 0.0;
+        rows[3].iter_mut().for_each(|v| *v = f32::NAN);
+        rows[4].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        rows[4][vocab - 2] = f32::NAN;
+        let flat: Vec<f32> = rows.concat();
+        let expected: Vec<u32> = rows.iter().map(|r| amlserve::engine::sampler::argmax(r)).collect();
+        assert_eq!(expected[0], top as u32);
+        assert_eq!(expected[2], (vocab / 2) as u32);
+        let cpu: Vec<u32> = Tensor::from_slice(&flat, (rows.len(), vocab), &Device::Cpu)
+            .and_then(|t| t.apply_op1_no_bwd(&RowArgmax))
+            .and_then(|t| t.to_vec1())
+            .expect("argmax op");
+        assert_eq!(cpu, expected, "the op's CPU implementation");
+        let mut x = Guarded::new(&flat, f32::NAN);
+        let mut out = Guarded::new(&vec![u32::MAX; rows.len()], 0xdead_beef);
+        run(
+            "amlserve_row_argmax",
+            launch::row_argmax(rows.len()),
+            &[out.ptr(), x.ptr(), int(rows.len()), int(vocab)],
+        );
+        out.check("out").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.data(), &expected[..], "vocabulary {vocab}");
+    }
+}
+
+#[test]
+fn every_kernel_in_the_source_is_emulated() {
+    let source = include_str!("../src/model/device/kernels.cu");
+    let names: Vec<&str> = source
+        .split("__global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .collect();
+    assert!(names.len() >= 8, "kernels found: {names:?}");
+    for name in names {
+        assert!(
+            amlserve_kernel_emu::knows(name),
+            "kernel-emu/emu.cpp does not list {name}"
+        );
+    }
+}
