@@ -122,6 +122,7 @@ fmt:
 check-cuda:
 	scripts/cuda-toolchain.sh
 	. target/cuda-toolchain/env.sh && $(CARGO) check --locked --features cuda --all-targets
+	. target/cuda-toolchain/env.sh && LD_LIBRARY_PATH=$$CUDA_HOME/lib python3 scripts/nvrtc-check.py
 
 ## What scripts/gpu-check.sh runs on a GPU machine: the CUDA binaries (for compute capability 9.0 unless
 ## CUDA_COMPUTE_CAP says otherwise) and the model in two pieces, under .gpu (see scripts/gpu-pack.sh).

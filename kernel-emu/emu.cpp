@@ -265,7 +265,6 @@ struct Kernel {
 #define KERNEL(k) Kernel{#k, arity(k), [](void** a) { return bind_all(k, a); }}
 
 const Kernel KERNELS[] = {
-    KERNEL(amlserve_rope),
     KERNEL(amlserve_store_kv_bf16),
     KERNEL(amlserve_gated),
     KERNEL(amlserve_add_bias),

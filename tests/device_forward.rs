@@ -204,18 +204,13 @@ mod cuda {
         let Some(dev) = gpu() else { return };
         for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
             let s = step(heads, &seqs, i as u64);
-            let (q_cpu, p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
-            let (q_gpu, p_gpu, o_gpu) = run_ops(&dev, &s, window);
-            let (eq, ep, eo) = (
-                rel_err(&q_gpu, &q_cpu),
-                rel_err(&p_gpu, &p_cpu),
-                rel_err(&o_gpu, &o_cpu),
-            );
+            let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
+            let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
+            let (ep, eo) = (rel_err(&p_gpu, &p_cpu), rel_err(&o_gpu, &o_cpu));
             println!(
-                "{heads:?}, {} tokens, window {window:?}: rope {eq:.2e}, store {ep:.2e}, attention {eo:.2e} (relative L2)",
+                "{heads:?}, {} tokens, window {window:?}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
                 s.tokens
             );
-            assert!(eq < 1e-5, "rope {eq}");
             assert!(ep < 1e-3, "store {ep}");
             assert!(eo < 1e-4, "attention {eo}");
         }

@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn unknown_kernels_and_wrong_arity_are_errors() {
-        assert!(knows("amlserve_rope"));
+        assert!(knows("amlserve_paged_attention_bf16"));
         assert!(!knows("amlserve_nothing"));
         // SAFETY: the launch is refused before any kernel runs.
         let e = unsafe { launch("amlserve_nothing", (1, 1, 1), 32, 0, &[]) }.unwrap_err();

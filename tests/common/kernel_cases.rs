@@ -3,7 +3,7 @@
 //! kernels. Shared by the GPU test (`tests/device_forward.rs`, CUDA builds) and the CPU emulation of the kernels
 //! (`tests/kernels_emulated.rs`), so both check the same things.
 
-use amlserve::model::device::ops::{Heads, PagedAttention, Rope, StepMeta, StoreKv};
+use amlserve::model::device::ops::{Heads, PagedAttention, Rotary, StepMeta, StoreKv};
 use amlserve::model::device::paged::BLOCK;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -64,9 +64,9 @@ pub fn step(heads: Heads, seqs: &[(usize, usize)], seed: u64) -> Step {
 /// The rope's query scale the cases use.
 pub const Q_SCALE: f32 = 0.125;
 
-/// Runs the ops rope, store and attention (with a sliding `window` if given) on `dev` over one step's inputs;
-/// returns (qkv, pool, out).
-pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor, Tensor) {
+/// Runs the ops store (keys rotated) and attention (queries rotated; with a sliding `window` if given) on `dev`
+/// over one step's inputs; returns (pool, out).
+pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor) {
     let heads = s.heads;
     let step = StepMeta { tokens: s.tokens };
     let qkv = Tensor::from_slice(&s.qkv, (s.tokens, heads.width()), dev).expect("qkv");
@@ -75,18 +75,20 @@ pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor
         .and_then(|t| t.to_dtype(DType::BF16))
         .expect("pool");
     let meta = Tensor::from_slice(&s.meta, s.meta.len(), dev).expect("meta");
-    qkv.inplace_op3(
+    let rotary = Rotary {
+        table: &table,
+        q_scale: Q_SCALE,
+    };
+    pool.inplace_op3(
+        &qkv,
         &meta,
-        &table,
-        &Rope {
+        &StoreKv {
             meta: step,
             heads,
-            q_scale: Q_SCALE,
+            rotary,
         },
     )
-    .expect("rope");
-    pool.inplace_op3(&qkv, &meta, &StoreKv { meta: step, heads })
-        .expect("store");
+    .expect("store");
     let out = qkv
         .apply_op3_no_bwd(
             &pool,
@@ -95,10 +97,11 @@ pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor
                 meta: step,
                 heads,
                 window,
+                rotary,
             },
         )
         .expect("attention");
-    (qkv, pool, out)
+    (pool, out)
 }
 
 /// SmolLM2's heads (9 query heads over 3 kv heads of 64).

@@ -12,7 +12,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Device, Layout};
 
 use super::launch::{self, Dims};
-use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Rope, StoreKv};
+use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Rotary, StoreKv};
 use super::DeviceInfo;
 use crate::model::arch::Activation;
 
@@ -101,50 +101,23 @@ fn ptx_for(dev: &CudaDevice) -> candle_core::Result<&'static str> {
     ptx(major, minor).map_err(candle_core::Error::Msg)
 }
 
+/// Runs `f` on the rotary table's device values (an op holds the table, so candle does not hand it over).
+fn with_table<R>(
+    rotary: &Rotary<'_>,
+    f: impl FnOnce(candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = rotary.table.storage_and_layout();
+    let candle_core::Storage::Cuda(t) = &*storage else {
+        candle_core::bail!("the rotary table is not on the GPU")
+    };
+    f(t.as_cuda_slice::<f32>()?.slice(start(layout, "rotary table")?..))
+}
+
 /// Start offset of a contiguous layout, or an error.
 fn start(l: &Layout, what: &str) -> candle_core::Result<usize> {
     l.contiguous_offsets()
         .map(|(a, _)| a)
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} is not contiguous")))
-}
-
-pub(super) fn rope(
-    op: &Rope,
-    qkv: &mut CudaStorage,
-    ql: &Layout,
-    meta: &CudaStorage,
-    ml: &Layout,
-    table: &CudaStorage,
-    tl: &Layout,
-) -> candle_core::Result<()> {
-    let h = op.heads;
-    if ql.shape().elem_count() != op.meta.tokens * h.width() {
-        candle_core::bail!(
-            "rope: qkv has {} values for {} tokens",
-            ql.shape().elem_count(),
-            op.meta.tokens
-        )
-    }
-    let dev = qkv.device.clone();
-    let f = dev.get_or_load_custom_func("amlserve_rope", MODULE, ptx_for(&dev)?)?;
-    let (qs, ms, ts) = (start(ql, "qkv")?, start(ml, "meta")?, start(tl, "rope table")?);
-    let mut x = qkv.as_cuda_slice_mut::<f32>()?.slice_mut(qs..);
-    let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
-    let t = table.as_cuda_slice::<f32>()?.slice(ts..);
-    let (width, n_q, hd) = (h.width() as i32, h.n_head as i32, h.head_dim as i32);
-    let cfg = config(launch::rope(op.meta.tokens, h));
-    let mut b = f.builder();
-    b.arg(&mut x)
-        .arg(&m)
-        .arg(&t)
-        .arg(&width)
-        .arg(&n_q)
-        .arg(&hd)
-        .arg(&op.q_scale);
-    // SAFETY: qkv holds tokens * width floats (checked above); positions index the table, built for the
-    // context, and the engine validated them against it.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
 }
 
 pub(super) fn store_kv(
@@ -170,24 +143,30 @@ pub(super) fn store_kv(
     let mut p = pool.as_cuda_slice_mut::<half::bf16>()?.slice_mut(ps..);
     let x = qkv.as_cuda_slice::<f32>()?.slice(qs..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
-    let (tokens, width, k_col, row2) = (
+    let (tokens, width, k_col, row2, hd) = (
         op.meta.tokens as i32,
         h.width() as i32,
         h.k_col() as i32,
         2 * h.kv_row() as i32,
+        h.head_dim as i32,
     );
     let cfg = config(launch::store_kv(op.meta.tokens));
-    let mut b = f.builder();
-    b.arg(&mut p)
-        .arg(&x)
-        .arg(&m)
-        .arg(&tokens)
-        .arg(&width)
-        .arg(&k_col)
-        .arg(&row2);
-    // SAFETY: slots come from blocks of this pool (PagedKv::prepare), so every write is inside it.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    with_table(&op.rotary, |t| {
+        let mut b = f.builder();
+        b.arg(&mut p)
+            .arg(&x)
+            .arg(&m)
+            .arg(&t)
+            .arg(&tokens)
+            .arg(&width)
+            .arg(&k_col)
+            .arg(&row2)
+            .arg(&hd);
+        // SAFETY: slots come from blocks of this pool (PagedKv::prepare), so every write is inside it;
+        // positions index the rotary table, built for the context, and the engine validated them against it.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })
 }
 
 pub(super) fn paged_attention(
@@ -233,21 +212,27 @@ pub(super) fn paged_attention(
     let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let cfg = config(launch::attention(op.meta.tokens, h, splits));
     let n_splits = splits as i32;
-    let mut b = f.builder();
-    b.arg(&mut out)
-        .arg(&mut partial)
-        .arg(&x)
-        .arg(&p)
-        .arg(&m)
-        .arg(&tokens)
-        .arg(&width)
-        .arg(&nh)
-        .arg(&nkv)
-        .arg(&hd)
-        .arg(&window)
-        .arg(&n_splits);
-    // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the caches.
-    unsafe { b.launch(cfg) }.w()?;
+    with_table(&op.rotary, |t| {
+        let mut b = f.builder();
+        b.arg(&mut out)
+            .arg(&mut partial)
+            .arg(&x)
+            .arg(&p)
+            .arg(&m)
+            .arg(&t)
+            .arg(&op.rotary.q_scale)
+            .arg(&tokens)
+            .arg(&width)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&window)
+            .arg(&n_splits);
+        // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the
+        // caches; positions index the rotary table, built for the context.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
     if splits > 1 {
         let combine = dev.get_or_load_custom_func("amlserve_attention_combine", MODULE, ptx_for(&dev)?)?;
         let cfg = config(launch::attention_combine(op.meta.tokens, h));

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rope, RowArgmax, StepMeta, StoreKv};
+use super::ops::{
+    AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rotary, RowArgmax, StepMeta, StoreKv,
+};
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
 use crate::model::arch::LlamaConfig;
@@ -408,23 +410,27 @@ impl DeviceLlama {
                 qkv.inplace_op3(qn, kn, &HeadNorms { heads, eps })?;
             }
             clock.mark("qkv matmul")?;
-            qkv.inplace_op3(
+            // The rotary embedding is applied as the keys are stored and as the queries are read.
+            let rotary = Rotary {
+                table: &self.ropes[layer.rope],
+                q_scale: cfg.attn_scale,
+            };
+            let cache = pool.layer(li);
+            cache.inplace_op3(
+                &qkv,
                 meta_t,
-                &self.ropes[layer.rope],
-                &Rope {
+                &StoreKv {
                     meta: step,
                     heads,
-                    q_scale: cfg.attn_scale,
+                    rotary,
                 },
             )?;
-            clock.mark("rope")?;
-            let cache = pool.layer(li);
-            cache.inplace_op3(&qkv, meta_t, &StoreKv { meta: step, heads })?;
             clock.mark("kv store")?;
             let attention = PagedAttention {
                 meta: step,
                 heads,
                 window: layer.window,
+                rotary,
             };
             let y = qkv.apply_op3_no_bwd(cache, meta_t, &attention)?;
             clock.mark("attention")?;

@@ -27,28 +27,28 @@ __device__ __forceinline__ unsigned short f32_to_bf16(float x) {
     return (unsigned short)((bits + round) >> 16);
 }
 
-// Grid (tokens, query + key heads); rotates pairs (j, j + hd/2) of each head to the token's position.
-extern "C" __global__ void amlserve_rope(float* qkv, const unsigned int* meta, const float* table, int width,
-                                         int n_q_heads, int head_dim, float q_scale) {
-    int i = blockIdx.x, h = blockIdx.y, half = head_dim / 2;
-    const float* cs = table + (size_t)meta[i] * head_dim;
-    float* x = qkv + (size_t)i * width + (size_t)h * head_dim;
-    float s = h < n_q_heads ? q_scale : 1.0f;
-    for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        float c = cs[j], sn = cs[half + j];
-        float x1 = x[j] * s, x2 = x[j + half] * s;
-        x[j] = x1 * c - x2 * sn;
-        x[j + half] = x1 * sn + x2 * c;
-    }
+// The rotary embedding of dimension d of a head x scaled by s, at the position whose cosines and sines are cs: pairs
+// (j, j + hd/2) rotate together (as ops.rs's `rotate`, the same expressions).
+__device__ __forceinline__ float rotated(const float* x, const float* cs, int d, int half, float s) {
+    int j = d < half ? d : d - half;
+    float x1 = x[j] * s, x2 = x[j + half] * s;
+    return d < half ? x1 * cs[j] - x2 * cs[half + j] : x1 * cs[half + j] + x2 * cs[j];
 }
 
-// Grid (tokens); copies a token's keys and values (row2 floats from column k_col) to its slot, in bf16.
+// Grid (tokens); writes a token's keys, rotated to its position, and its values (from column k_col of its qkv
+// row) to its slot, in bf16.
 extern "C" __global__ void amlserve_store_kv_bf16(unsigned short* pool, const float* qkv, const unsigned int* meta,
-                                                  int tokens, int width, int k_col, int row2) {
-    int i = blockIdx.x;
+                                                  const float* table, int tokens, int width, int k_col, int row2,
+                                                  int head_dim) {
+    int i = blockIdx.x, kv_row = row2 / 2, half = head_dim / 2;
     const float* src = qkv + (size_t)i * width + k_col;
+    const float* cs = table + (size_t)meta[i] * head_dim;
     unsigned short* dst = pool + (size_t)meta[tokens + i] * row2;
-    for (int j = threadIdx.x; j < row2; j += blockDim.x) dst[j] = f32_to_bf16(src[j]);
+    for (int j = threadIdx.x; j < kv_row; j += blockDim.x) {
+        int d = j % head_dim;
+        dst[j] = f32_to_bf16(rotated(src + (j - d), cs, d, half, 1.0f));
+        dst[kv_row + j] = f32_to_bf16(src[kv_row + j]);
+    }
 }
 
 // Grid-stride over tokens x width: out = act(gate) * up, rows holding gate then up; act is SiLU, or GELU's tanh
@@ -92,7 +92,8 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
     return is_max ? warp_max(r) : warp_sum(r);
 }
 
-// Grid (tokens, query heads), ATTN_THREADS threads. Online softmax over the sequence's keys 0..=pos in tiles of
+// Grid (tokens, query heads), ATTN_THREADS threads. The query is scaled by q_scale and rotated to the token's
+// position as it is read (rope: the rotary table). Online softmax over the sequence's keys 0..=pos in tiles of
 // ATTN_TILE. Scores: a warp per key, its lanes over dimension pairs (one 32-bit load of two bf16 each, side by
 // side), summed across the warp. Values: when a head is narrower than the block, the threads form `groups`
 // groups of head_dim threads, each group taking every groups-th key (a group reads a value row side by side),
@@ -106,8 +107,9 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 // the step's size, so a row's sums are ordered differently alone and in a large batch (close, not bit for bit).
 extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* partial, const float* qkv,
                                                          const unsigned short* pool, const unsigned int* meta,
-                                                         int tokens, int width, int n_head, int n_kv_head,
-                                                         int head_dim, int window, int splits) {
+                                                         const float* rope, float q_scale, int tokens, int width,
+                                                         int n_head, int n_kv_head, int head_dim, int window,
+                                                         int splits) {
     DYNAMIC_SHARED(float, smem);
     int groups = max(1, (int)blockDim.x / head_dim);
     float* q = smem;
@@ -130,7 +132,8 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
     }
     const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
     const float* qsrc = qkv + (size_t)i * width + (size_t)h * head_dim;
-    for (int d = tid; d < head_dim; d += blockDim.x) q[d] = qsrc[d];
+    const float* cs = rope + (size_t)meta[i] * head_dim;
+    for (int d = tid; d < head_dim; d += blockDim.x) q[d] = rotated(qsrc, cs, d, head_dim / 2, q_scale);
     __syncthreads();
 
     int g = tid / head_dim, gd = tid % head_dim;

@@ -33,15 +33,6 @@ impl Dims {
     }
 }
 
-/// `amlserve_rope`: a block per (token, rotated head), a thread per rotary pair up to 128.
-pub fn rope(tokens: usize, h: Heads) -> Dims {
-    Dims::new(
-        (tokens, h.n_head + h.n_kv_head, 1),
-        (h.head_dim as u32 / 2).clamp(32, 128),
-        0,
-    )
-}
-
 /// `amlserve_store_kv_bf16`: a block per token.
 pub fn store_kv(tokens: usize) -> Dims {
     Dims::new((tokens, 1, 1), 128, 0)

@@ -10,7 +10,7 @@
 //! `[slots, 2 * kv_row]`, a slot holding one token's keys then values, in bf16 (or f32). Slot `s` of a
 //! sequence's position `p` is `table[p / BLOCK] * BLOCK + p % BLOCK`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use half::bf16;
 
 use super::paged::BLOCK;
@@ -97,72 +97,45 @@ fn cpu_f32_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> candle_core::
     Ok(&mut v[a..b])
 }
 
-/// Rotates every query and key head of `qkv` in place to its token's position and scales the queries (an
-/// [`InplaceOp3`] on `qkv`, with the step metadata and the rotary table `[positions, head_dim]`: the cosines
-/// of a position, then its sines).
-pub struct Rope {
-    pub meta: StepMeta,
-    pub heads: Heads,
+/// The rotary embedding of a layer, applied as keys are stored ([`StoreKv`]) and as queries are read
+/// ([`PagedAttention`]), so `qkv` itself is never rotated: the table `[positions, head_dim]` (a position's cosines,
+/// then its sines, on the step's device) and the scale of the queries.
+#[derive(Clone, Copy)]
+pub struct Rotary<'a> {
+    pub table: &'a Tensor,
     pub q_scale: f32,
 }
 
-impl InplaceOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "amlserve-rope"
-    }
+/// The rotary table's values from its storage (the CPU implementations; the caller holds the storage's guard
+/// from `table.storage_and_layout()`).
+fn cpu_table<'a>(op: &str, storage: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(s) = storage else {
+        candle_core::bail!("{op}: the rotary table is not on the CPU")
+    };
+    cpu_slice::<f32>(op, s, l)
+}
 
-    fn cpu_fwd(
-        &self,
-        qkv: &mut CpuStorage,
-        ql: &Layout,
-        meta: &CpuStorage,
-        ml: &Layout,
-        table: &CpuStorage,
-        tl: &Layout,
-    ) -> candle_core::Result<()> {
-        let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
-        let table = cpu_slice::<f32>(self.name(), table, tl)?;
-        let qkv = cpu_f32_mut(self.name(), qkv, ql)?;
-        let h = self.heads;
-        let (hd, half) = (h.head_dim, h.head_dim / 2);
-        for (i, row) in qkv.chunks_exact_mut(h.width()).enumerate() {
-            let cs = &table[self.meta.pos(meta, i) * hd..][..hd];
-            let rotated = &mut row[..(h.n_head + h.n_kv_head) * hd];
-            for (head, x) in rotated.chunks_exact_mut(hd).enumerate() {
-                let s = if head < h.n_head { self.q_scale } else { 1.0 };
-                let (lo, hi) = x.split_at_mut(half);
-                for j in 0..half {
-                    let (x1, x2) = (lo[j] * s, hi[j] * s);
-                    lo[j] = x1 * cs[j] - x2 * cs[half + j];
-                    hi[j] = x1 * cs[half + j] + x2 * cs[j];
-                }
-            }
-        }
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qkv: &mut candle_core::CudaStorage,
-        ql: &Layout,
-        meta: &candle_core::CudaStorage,
-        ml: &Layout,
-        table: &candle_core::CudaStorage,
-        tl: &Layout,
-    ) -> candle_core::Result<()> {
-        super::cuda::rope(self, qkv, ql, meta, ml, table, tl)
+/// `x` (one head, rotary pairs `(j, j + head_dim / 2)`) scaled by `s` and rotated by the cosines and sines `cs`
+/// of a position, into `out`.
+fn rotate(x: &[f32], cs: &[f32], s: f32, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (lo, hi) = out.split_at_mut(half);
+    for j in 0..half {
+        let (x1, x2) = (x[j] * s, x[j + half] * s);
+        lo[j] = x1 * cs[j] - x2 * cs[half + j];
+        hi[j] = x1 * cs[half + j] + x2 * cs[j];
     }
 }
 
-/// Writes each token's keys and values from `qkv` to its slot of a layer's pool (an [`InplaceOp3`] on the
-/// pool, with `qkv` and the step metadata), rounding to the pool's type.
-pub struct StoreKv {
+/// Writes each token's keys, rotated to its position, and its values from `qkv` to its slot of a layer's pool
+/// (an [`InplaceOp3`] on the pool, with `qkv` and the step metadata), rounding to the pool's type.
+pub struct StoreKv<'a> {
     pub meta: StepMeta,
     pub heads: Heads,
+    pub rotary: Rotary<'a>,
 }
 
-impl InplaceOp3 for StoreKv {
+impl InplaceOp3 for StoreKv<'_> {
     fn name(&self) -> &'static str {
         "amlserve-store-kv"
     }
@@ -179,18 +152,26 @@ impl InplaceOp3 for StoreKv {
         let meta = cpu_slice::<u32>(self.name(), meta, ml)?;
         let qkv = cpu_slice::<f32>(self.name(), qkv, ql)?;
         let h = self.heads;
-        let row2 = 2 * h.kv_row();
+        let (row2, hd) = (2 * h.kv_row(), h.head_dim);
         let start = pl.start_offset();
+        let (guard, tl) = self.rotary.table.storage_and_layout();
+        let table = cpu_table(self.name(), &guard, tl)?;
+        let mut src = vec![0f32; row2];
         for (i, row) in qkv.chunks_exact(h.width()).enumerate() {
-            let src = &row[h.k_col()..][..row2];
+            let kv = &row[h.k_col()..][..row2];
+            let cs = &table[self.meta.pos(meta, i) * hd..][..hd];
+            for (x, out) in kv[..h.kv_row()].chunks_exact(hd).zip(src.chunks_exact_mut(hd)) {
+                rotate(x, cs, 1.0, out);
+            }
+            src[h.kv_row()..].copy_from_slice(&kv[h.kv_row()..]);
             let at = start + self.meta.slot(meta, i) * row2;
             match pool {
                 CpuStorage::BF16(p) => {
-                    for (d, s) in p[at..at + row2].iter_mut().zip(src) {
+                    for (d, s) in p[at..at + row2].iter_mut().zip(&src) {
                         *d = bf16::from_f32(*s);
                     }
                 }
-                CpuStorage::F32(p) => p[at..at + row2].copy_from_slice(src),
+                CpuStorage::F32(p) => p[at..at + row2].copy_from_slice(&src),
                 _ => candle_core::bail!("store-kv: the pool must be bf16 or f32"),
             }
         }
@@ -213,16 +194,18 @@ impl InplaceOp3 for StoreKv {
 
 /// Causal attention of each token's query heads over its own sequence's cached keys and values, up to and
 /// including its own position (a [`CustomOp3`] of `qkv`, a layer's pool and the step metadata), giving
-/// `[tokens, n_head * head_dim]` f32. Queries arrive rotated and scaled. A query head reads the kv head of its
-/// group (grouped-query attention). Softmax is computed online over the keys in order, in f32. With a sliding
+/// `[tokens, n_head * head_dim]` f32. Queries are scaled and rotated to their token's position as they are read
+/// (`rotary`); the cached keys were rotated as they were stored. A query head reads the kv head of its group
+/// (grouped-query attention). Softmax is computed online over the keys in order, in f32. With a sliding
 /// `window`, a token sees only the last `window` keys up to its own (llama.cpp's and Hugging Face's count).
-pub struct PagedAttention {
+pub struct PagedAttention<'a> {
     pub meta: StepMeta,
     pub heads: Heads,
     pub window: Option<usize>,
+    pub rotary: Rotary<'a>,
 }
 
-impl PagedAttention {
+impl PagedAttention<'_> {
     /// The first key a token at `pos` sees.
     fn first_key(&self, pos: usize) -> usize {
         self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
@@ -233,7 +216,7 @@ impl PagedAttention {
     }
 }
 
-impl CustomOp3 for PagedAttention {
+impl CustomOp3 for PagedAttention<'_> {
     fn name(&self) -> &'static str {
         "amlserve-paged-attention"
     }
@@ -264,15 +247,19 @@ impl CustomOp3 for PagedAttention {
             }
             other => candle_core::bail!("paged attention: a {other:?} pool"),
         };
+        let (guard, tl) = self.rotary.table.storage_and_layout();
+        let rope = cpu_table(self.name(), &guard, tl)?;
         let mut out = vec![0f32; self.meta.tokens * h.n_head * hd];
         let mut scores = Vec::new();
+        let mut q = vec![0f32; hd];
         for (i, row) in qkv.chunks_exact(h.width()).enumerate() {
             let pos = self.meta.pos(meta, i);
             let keys = self.first_key(pos)..pos + 1;
             let table = self.meta.table(meta, i);
             let slot = |key: usize| table[key / BLOCK] as usize * BLOCK + key % BLOCK;
+            let cs = &rope[pos * hd..][..hd];
             for head in 0..h.n_head {
-                let q = &row[head * hd..][..hd];
+                rotate(&row[head * hd..][..hd], cs, self.rotary.q_scale, &mut q);
                 let (k_at, v_at) = ((head / group) * hd, h.kv_row() + (head / group) * hd);
                 scores.clear();
                 scores.extend(keys.clone().map(|key| {
