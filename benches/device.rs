@@ -4,7 +4,9 @@
 //! on the device and copied back instead (what the server does when every row of a step is plain greedy). Prints
 //! a table.
 //!
-//! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs.
+//! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs. `--packed 16x128`
+//! (the default) times a step reading 16 prompts of 128 tokens together, the shape of a burst of requests;
+//! `--packed-stages` splits it into stages.
 //!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
@@ -46,6 +48,24 @@ struct Args {
     /// Measure each weight format a second time with decode steps replayed as CUDA graphs (`--cuda-graphs`).
     #[arg(long)]
     graphs: bool,
+    /// Steps reading SEQSxTOKENS prompts together (a burst of requests prefilled in one step).
+    #[arg(long, value_delimiter = ',', default_value = "16x128", value_parser = packed_shape)]
+    packed: Vec<(usize, usize)>,
+    /// Also time each stage of the packed prompt steps.
+    #[arg(long)]
+    packed_stages: bool,
+}
+
+/// `SEQSxTOKENS`, both positive.
+fn packed_shape(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s.split_once('x').ok_or("expected SEQSxTOKENS, e.g. 16x128")?;
+    let n = |v: &str| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(format!("{v} is not a positive count"))
+    };
+    Ok((n(a)?, n(b)?))
 }
 
 /// Milliseconds of one step: issuing it, waiting for the device, copying the logits back (or instead their
@@ -135,8 +155,9 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         }
     }
     let per_token = KvPool::bytes_per_token(model.config.kv_shape(), llama.kv_dtype());
+    let packed_tokens = args.packed.iter().map(|&(n, t)| n * (t + 16)).max().unwrap_or(0);
     let pool = llama
-        .new_pool(per_token * (max_batch + 1) * (longest + 64))
+        .new_pool(per_token * ((max_batch + 1) * (longest + 64)).max(packed_tokens))
         .expect("pool");
     let vocab = model.config.vocab_size as u32;
     let token = |i: usize| (i as u32 * 7919 + 13) % vocab;
@@ -197,6 +218,33 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             m.argmax
         );
     }
+    // Fresh sequences each time: `seqs` prompts of `n` tokens.
+    let packed = |seqs: usize, n: usize| -> (Vec<PagedKv>, Vec<Vec<u32>>) {
+        let kvs = (0..seqs).map(|_| PagedKv::new(pool.clone(), n)).collect();
+        let prompts = (0..seqs).map(|s| (0..n).map(|i| token(i + 7 * s)).collect()).collect();
+        (kvs, prompts)
+    };
+    for &(seqs, n) in &args.packed {
+        let mut times = Vec::new();
+        for i in 0..4 {
+            let (mut kvs, prompts) = packed(seqs, n);
+            let t = timed_step(llama, &pool, &mut kvs, &prompts);
+            if i > 0 {
+                times.push(t);
+            }
+        }
+        let m = median(times);
+        let step = m.issue + m.wait + m.copy;
+        println!(
+            "| {seqs} prompts of {n}, packed | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
+            seqs * n,
+            m.issue,
+            m.wait,
+            m.copy,
+            (seqs * n) as f64 * 1e3 / step,
+            m.argmax
+        );
+    }
     for &b in &args.stages {
         let mut kvs = started(b);
         llama.stages.set(true);
@@ -205,18 +253,32 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             timed_step(llama, &pool, &mut kvs, &next);
         }
         llama.stages.set(false);
-        let stages = llama.stages.take();
-        let total: f64 = stages.iter().map(|s| s.1).sum();
-        println!(
-            "\nstages of a decode step, batch {b}, context {} (device waited for after each stage)",
-            args.context
-        );
-        println!("\n| stage | ms per step | share |");
-        println!("|---|---:|---:|");
-        for (name, ms, _) in &stages {
-            let per = ms / args.steps as f64;
-            println!("| {name} | {per:.3} | {:.0}% |", 100.0 * ms / total);
-        }
-        println!("| total | {:.3} | |", total / args.steps as f64);
+        let title = format!("a decode step, batch {b}, context {}", args.context);
+        print_stages(llama, &title, args.steps);
     }
+    if args.packed_stages {
+        for &(seqs, n) in &args.packed {
+            llama.stages.set(true);
+            for _ in 0..3 {
+                let (mut kvs, prompts) = packed(seqs, n);
+                timed_step(llama, &pool, &mut kvs, &prompts);
+            }
+            llama.stages.set(false);
+            print_stages(llama, &format!("a step reading {seqs} prompts of {n}"), 3);
+        }
+    }
+}
+
+/// The stage times `llama` collected over `steps` steps, as a table.
+fn print_stages(llama: &DeviceLlama, title: &str, steps: usize) {
+    let stages = llama.stages.take();
+    let total: f64 = stages.iter().map(|s| s.1).sum();
+    println!("\nstages of {title} (device waited for after each stage)");
+    println!("\n| stage | ms per step | share |");
+    println!("|---|---:|---:|");
+    for (name, ms, _) in &stages {
+        let per = ms / steps as f64;
+        println!("| {name} | {per:.3} | {:.0}% |", 100.0 * ms / total);
+    }
+    println!("| total | {:.3} | |", total / steps as f64);
 }

@@ -54,14 +54,15 @@ if [ "${GPU_TESTS:-1}" = 1 ]; then
     | tee "$out/cuda-graphs-test.log" || echo "gpu-check: the CUDA graphs test failed (see cuda-graphs-test.log)"
 fi
 
-# Step times of the forward alone (host issue, device wait, logits copy) per weight format, and where a decode
-# step's time goes at batch 1 and 64.
+# Step times of the forward alone (host issue, device wait, logits copy or the rows' argmax) per weight format,
+# and where a step's time goes: decode at batch 1 and 64, and a step reading 16 prompts of 128 tokens together
+# (a burst of requests: what TTFT at 64 streams waits for).
 weights=${WEIGHTS:-q8_0 f32}
-# STAGES (default --stages 1,64; empty for none) and DEVICE_BENCH_ARGS (default --graphs: each format again with
-# CUDA graphs) are split into words on purpose.
+# STAGES (default --stages 1,64; empty for none) and DEVICE_BENCH_ARGS (default --graphs --packed-stages: each
+# format again with CUDA graphs, and the packed step's stages) are split into words on purpose.
 # shellcheck disable=SC2086
 "$work/device_bench" --device "$device" --model "$model" --weights "$(echo "$weights" | tr ' ' ,)" \
-  ${STAGES-"--stages 1,64"} ${DEVICE_BENCH_ARGS-"--graphs"} 2>&1 | tee "$out/device-bench.log" \
+  ${STAGES-"--stages 1,64"} ${DEVICE_BENCH_ARGS-"--graphs --packed-stages"} 2>&1 | tee "$out/device-bench.log" \
   || echo "gpu-check: the device bench failed (see device-bench.log)"
 
 # Serving variants, NAME:WEIGHTS:MAX_BATCH_TOKENS[:graphs] each (graphs: --cuda-graphs).
