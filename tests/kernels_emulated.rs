@@ -5,6 +5,7 @@
 //! output starts as NaN (an element the kernel never writes fails the comparison).
 // The emulated kernels take raw pointers, as on a GPU.
 #![allow(unsafe_code)]
+#![cfg(target_os = "linux")]
 
 mod common;
 

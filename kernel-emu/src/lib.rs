@@ -3,14 +3,17 @@
 //!
 //! `emu.cpp` compiles `kernels.cu` as C++ with the CUDA names it uses defined for the CPU: each thread of a
 //! block is a fiber with its own stack, `__syncthreads` and warp shuffles are points where a fiber waits for the
-//! others of its block or warp, and blocks run one after another. [`launch`] takes a kernel's name, its launch
-//! shape and its arguments as `cuLaunchKernel` would (pointers here point to host memory). [`Guarded`] buffers
-//! carry NaN canaries on both sides, so writes past a buffer fail the test and reads past it poison the result.
+//! others of its block or warp, and blocks run one after another (emu.cpp's header says how it schedules them
+//! so that a missing barrier shows, and what it refuses). [`launch`] takes a kernel's name, its launch shape and
+//! its arguments as `cuLaunchKernel` would (pointers here point to host memory), and checks each argument's kind
+//! against the kernel's parameters. [`Guarded`] buffers carry NaN canaries on both sides, so writes past a
+//! buffer fail the test and reads past it poison the result; shared memory starts as NaN in every block.
 //!
-//! What this does not check: the timing and memory-ordering questions of real hardware (a race between two
-//! threads runs here in one fixed order), and the launcher's own argument order in `super::cuda`.
+//! What this does not check: the memory-ordering questions of real hardware beyond barriers (threads of one
+//! warp run here one after another between shuffles), and the argument order `super::cuda` passes.
 // The kernels are foreign functions taking raw pointers.
 #![allow(unsafe_code)]
+#![cfg(target_os = "linux")]
 
 use std::ffi::{c_char, c_void, CString};
 
@@ -22,7 +25,7 @@ extern "C" {
         block: u32,
         shared: u32,
         args: *mut *mut c_void,
-        n_args: usize,
+        arg_kinds: *const c_char,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -69,10 +72,20 @@ pub unsafe fn launch(name: &str, grid: (u32, u32, u32), block: u32, shared: u32,
         })
         .collect();
     let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut Slot as *mut c_void).collect();
+    let kinds: String = args
+        .iter()
+        .map(|a| match a {
+            Arg::Ptr(_) => 'p',
+            Arg::I32(_) => 'i',
+            Arg::F32(_) => 'f',
+        })
+        .collect();
+    let kinds = CString::new(kinds).map_err(|e| e.to_string())?;
     let grid = [grid.0, grid.1, grid.2];
     let mut err = vec![0u8; 512];
-    // SAFETY: the strings are NUL-terminated, `ptrs` holds one pointer per argument to a slot that lives until
-    // the call returns, `err` is writable for its length; the buffers are the caller's promise.
+    // SAFETY: the strings are NUL-terminated, `ptrs` holds one pointer per argument (as many as `kinds` has
+    // letters) to a slot that lives until the call returns, `err` is writable for its length; the buffers are
+    // the caller's promise.
     let rc = unsafe {
         amlserve_emu_launch(
             c.as_ptr(),
@@ -80,7 +93,7 @@ pub unsafe fn launch(name: &str, grid: (u32, u32, u32), block: u32, shared: u32,
             block,
             shared,
             ptrs.as_mut_ptr(),
-            ptrs.len(),
+            kinds.as_ptr(),
             err.as_mut_ptr().cast(),
             err.len(),
         )
@@ -212,7 +225,31 @@ mod tests {
         let mut out = Guarded::new(&[0.0f32; 32], f32::NAN);
         // SAFETY: out holds a float per thread.
         let e = unsafe { launch("emu_test_divergent", (1, 1, 1), 32, 0, &[out.ptr()]) }.unwrap_err();
-        assert!(e.contains("different barriers"), "{e}");
+        assert!(
+            e.contains("at a shuffle on line") && e.contains("while thread 16 at a barrier"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_barrier_between_warps_reads_nan() {
+        // emu.cpp's own test kernel: each warp's lane 0 writes its slot and every thread sums all slots with no
+        // barrier between: the warp run first sees the other's slot unwritten (NaN), whichever order.
+        for blocks in [1, 2] {
+            let mut out = Guarded::new(&vec![0.0f32; 64], f32::NAN);
+            // SAFETY: out holds a float per thread; every block writes the same 64.
+            unsafe { launch("emu_test_missing_barrier", (blocks, 1, 1), 64, 0, &[out.ptr()]) }.unwrap();
+            assert!(out.data().iter().any(|v| v.is_nan()), "{:?}", out.data());
+        }
+    }
+
+    #[test]
+    fn an_argument_of_the_wrong_kind_is_an_error() {
+        let mut x = Guarded::new(&[0.0f32; 4], f32::NAN);
+        let args = [x.ptr(), x.ptr(), Arg::F32(1.0), Arg::I32(4)];
+        // SAFETY: refused before the kernel runs.
+        let e = unsafe { launch("amlserve_add_bias", (1, 1, 1), 32, 0, &args) }.unwrap_err();
+        assert!(e.contains("argument 2 is a float, the kernel takes an int"), "{e}");
     }
 
     #[test]

@@ -139,8 +139,9 @@ impl Logits {
         self.rows
     }
 
-    /// Row `i`.
+    /// Row `i` (not after [`Self::reset_argmax`]: the rows were not returned).
     pub fn row(&self, i: usize) -> &[f32] {
+        debug_assert!(!self.is_argmax(), "a logits row asked of an argmax step");
         &self.data[i * self.vocab..(i + 1) * self.vocab]
     }
 

@@ -10,9 +10,10 @@
 #define NEG_INF __int_as_float(0xff800000)
 // A split of a token's keys (split-K attention) takes at least this many keys.
 #define SPLIT_MIN_KEYS 64
-// A kernel's dynamic shared memory (a macro, so that the CPU emulation can give its own).
+// A kernel's dynamic shared memory and its shared arrays (macros, so that the CPU emulation can give its own).
 #ifndef DYNAMIC_SHARED
 #define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define SHARED_ARRAY(T, name, n) __shared__ T name[n]
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
@@ -244,7 +245,7 @@ extern "C" __global__ void amlserve_attention_combine(float* out, const float* p
 // Grid (tokens, query + key heads): RMS-normalises one head of a qkv row in place, by qn (query heads) or kn.
 extern "C" __global__ void amlserve_head_norms(float* qkv, const float* qn, const float* kn, int width, int n_q_heads,
                                                int head_dim, float eps) {
-    __shared__ float red[32];
+    SHARED_ARRAY(float, red, 32);
     int i = blockIdx.x, h = blockIdx.y;
     float* x = qkv + (size_t)i * width + (size_t)h * head_dim;
     const float* w = h < n_q_heads ? qn : kn;
@@ -258,7 +259,7 @@ extern "C" __global__ void amlserve_head_norms(float* qkv, const float* qn, cons
 // Grid (rows), 256 threads. out[0] = (x + y) / rms(x + y) * w, out[1] = x + y (the residual).
 extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, const float* y, const float* w,
                                                  int rows, int hidden, float eps) {
-    __shared__ float red[32];
+    SHARED_ARRAY(float, red, 32);
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (size_t)r * hidden;
@@ -281,8 +282,8 @@ extern "C" __global__ void amlserve_add_rms_norm(float* out, const float* x, con
 // the row, then the block halves its candidates, the lower index winning ties.
 #define ARGMAX_THREADS 256
 extern "C" __global__ void amlserve_row_argmax(unsigned int* out, const float* x, int rows, int vocab) {
-    __shared__ float best_v[ARGMAX_THREADS];
-    __shared__ unsigned int best_i[ARGMAX_THREADS];
+    SHARED_ARRAY(float, best_v, ARGMAX_THREADS);
+    SHARED_ARRAY(unsigned int, best_i, ARGMAX_THREADS);
     int r = blockIdx.x, tid = threadIdx.x;
     if (r >= rows) return;
     const float* row = x + (size_t)r * vocab;

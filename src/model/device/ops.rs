@@ -563,9 +563,12 @@ impl CustomOp1 for RowArgmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
+        if vocab == 0 {
+            candle_core::bail!("row-argmax: rows of no values")
+        }
         let x = cpu_slice::<f32>(self.name(), s, l)?;
         let out: Vec<u32> = x
-            .chunks_exact(vocab.max(1))
+            .chunks_exact(vocab)
             .take(rows)
             .map(crate::engine::sampler::argmax)
             .collect();
@@ -579,6 +582,9 @@ impl CustomOp1 for RowArgmax {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
+        if vocab == 0 {
+            candle_core::bail!("row-argmax: rows of no values")
+        }
         Ok((super::cuda::row_argmax(s, l, rows, vocab)?, Shape::from(rows)))
     }
 }
