@@ -6,7 +6,8 @@
 //!
 //! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs. `--packed 16x128`
 //! (the default) times a step reading 16 prompts of 128 tokens together, the shape of a burst of requests;
-//! `--packed-stages` splits it into stages.
+//! `--packed-stages` splits it into stages. Prompt steps are timed with the tiled attention kernel (the default)
+//! and with the per-row one.
 //!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
@@ -16,7 +17,7 @@ mod common;
 use std::time::Instant;
 
 use amlserve::model::device::forward::DeviceChunk;
-use amlserve::model::device::{self, DeviceChoice, DeviceLlama, KvPool, PagedKv};
+use amlserve::model::device::{self, launch, DeviceChoice, DeviceLlama, KvPool, PagedKv};
 use amlserve::model::{Forward, Model, WeightFormat};
 use clap::Parser;
 
@@ -197,53 +198,44 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             b as f64 * 1e3 / (m.issue + m.wait + m.argmax)
         );
     }
-    for &n in &args.prompts {
-        let prompt: Vec<u32> = (0..n).map(token).collect();
-        let mut times = Vec::new();
-        for i in 0..4 {
-            let mut kvs = vec![PagedKv::new(pool.clone(), n)];
-            let t = timed_step(llama, &pool, &mut kvs, std::slice::from_ref(&prompt));
-            if i > 0 {
-                times.push(t);
-            }
-        }
-        let m = median(times);
-        let step = m.issue + m.wait + m.copy;
-        println!(
-            "| prompt of {n} | {n} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
-            m.issue,
-            m.wait,
-            m.copy,
-            n as f64 * 1e3 / step,
-            m.argmax
-        );
-    }
     // Fresh sequences each time: `seqs` prompts of `n` tokens.
     let packed = |seqs: usize, n: usize| -> (Vec<PagedKv>, Vec<Vec<u32>>) {
         let kvs = (0..seqs).map(|_| PagedKv::new(pool.clone(), n)).collect();
         let prompts = (0..seqs).map(|s| (0..n).map(|i| token(i + 7 * s)).collect()).collect();
         (kvs, prompts)
     };
-    for &(seqs, n) in &args.packed {
-        let mut times = Vec::new();
-        for i in 0..4 {
-            let (mut kvs, prompts) = packed(seqs, n);
-            let t = timed_step(llama, &pool, &mut kvs, &prompts);
-            if i > 0 {
-                times.push(t);
+    let shapes = args.prompts.iter().map(|&n| (1, n)).chain(args.packed.iter().copied());
+    for (seqs, n) in shapes {
+        // Prompt steps read keys a tile at a time (the default), then a row at a time, to compare.
+        for tiled in [true, false] {
+            launch::set_tiled_attention(tiled);
+            let mut times = Vec::new();
+            for i in 0..4 {
+                let (mut kvs, prompts) = packed(seqs, n);
+                let t = timed_step(llama, &pool, &mut kvs, &prompts);
+                if i > 0 {
+                    times.push(t);
+                }
             }
+            let m = median(times);
+            let step = m.issue + m.wait + m.copy;
+            let what = if seqs == 1 {
+                format!("prompt of {n}")
+            } else {
+                format!("{seqs} prompts of {n}, packed")
+            };
+            println!(
+                "| {what}, attention {} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
+                if tiled { "tiled" } else { "per row" },
+                seqs * n,
+                m.issue,
+                m.wait,
+                m.copy,
+                (seqs * n) as f64 * 1e3 / step,
+                m.argmax
+            );
         }
-        let m = median(times);
-        let step = m.issue + m.wait + m.copy;
-        println!(
-            "| {seqs} prompts of {n}, packed | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
-            seqs * n,
-            m.issue,
-            m.wait,
-            m.copy,
-            (seqs * n) as f64 * 1e3 / step,
-            m.argmax
-        );
+        launch::set_tiled_attention(true);
     }
     for &b in &args.stages {
         let mut kvs = started(b);

@@ -376,6 +376,7 @@ const Kernel KERNELS[] = {
     KERNEL(amlserve_gated),
     KERNEL(amlserve_add_bias),
     KERNEL(amlserve_paged_attention_bf16),
+    KERNEL(amlserve_prefill_attention_bf16),
     KERNEL(amlserve_attention_combine),
     KERNEL(amlserve_head_norms),
     KERNEL(amlserve_add_rms_norm),

@@ -175,6 +175,7 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 mod cuda {
     use super::*;
     use amlserve::model::arch::Activation;
+    use amlserve::model::device::launch;
     use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, RowArgmax};
     use candle_core::{DType, Tensor};
     use common::kernel_cases::{attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, NORMED_HEADS};
@@ -205,14 +206,21 @@ mod cuda {
         for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
             let s = step(heads, &seqs, i as u64);
             let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
-            let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
-            let (ep, eo) = (rel_err(&p_gpu, &p_cpu), rel_err(&o_gpu, &o_cpu));
-            println!(
-                "{heads:?}, {} tokens, window {window:?}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
-                s.tokens
-            );
-            assert!(ep < 1e-3, "store {ep}");
-            assert!(eo < 1e-4, "attention {eo}");
+            // A step of prompt chunks takes the tiled kernel; the per-row one too, with tiles turned off.
+            let tiled = launch::tiled_attention(s.tokens, s.seqs, heads).is_some();
+            for tiles in [true, false].into_iter().filter(|&t| tiled || t) {
+                launch::set_tiled_attention(tiles);
+                let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
+                launch::set_tiled_attention(true);
+                let (ep, eo) = (rel_err(&p_gpu, &p_cpu), rel_err(&o_gpu, &o_cpu));
+                println!(
+                    "{heads:?}, {} tokens, window {window:?}, {}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
+                    s.tokens,
+                    if tiled && tiles { "tiled" } else { "per row" }
+                );
+                assert!(ep < 1e-3, "store {ep}");
+                assert!(eo < 1e-4, "attention {eo}");
+            }
         }
         let x = ramp(0, 37 * 2 * 1536, 8.0, -4.0);
         for act in [Activation::Silu, Activation::GeluTanh] {

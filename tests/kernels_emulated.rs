@@ -38,8 +38,8 @@ fn int(n: usize) -> Arg {
     Arg::I32(i32::try_from(n).expect("fits i32"))
 }
 
-/// What the emulated store and attention (split into `splits` runs) give for a step: (pool as f32, out). The
-/// rotary embedding is applied as keys are stored and queries read: `qkv` must come back unchanged.
+/// What the emulated store and attention (the per-row kernel with its keys split into `splits` runs, or the tiled
+/// kernel when `splits` is 0) give for a step: (pool as f32, out). The rotary embedding is applied as keys are stored and queries read: `qkv` must come back unchanged.
 fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32>) {
     let h: Heads = s.heads;
     let mut qkv = Guarded::new(&s.qkv, f32::NAN);
@@ -64,28 +64,53 @@ fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32
         ],
     );
     let mut out = nan(s.tokens * h.n_head * h.head_dim);
-    let mut partial = nan(launch::attention_partial_len(s.tokens, h, splits));
+    let mut partial = nan(launch::attention_partial_len(s.tokens, h, splits.max(1)));
     let window = window.map_or(0, |w| i32::try_from(w).expect("window"));
-    run(
-        "amlserve_paged_attention_bf16",
-        launch::attention(s.tokens, h, splits),
-        &[
-            out.ptr(),
-            partial.ptr(),
-            qkv.ptr(),
-            pool.ptr(),
-            meta.ptr(),
-            table.ptr(),
-            Arg::F32(Q_SCALE),
-            int(s.tokens),
-            int(h.width()),
-            int(h.n_head),
-            int(h.n_kv_head),
-            int(h.head_dim),
-            Arg::I32(window),
-            int(splits),
-        ],
-    );
+    if splits == 0 {
+        // The tiled kernel instead, whatever the step's runs.
+        let t = launch::tiled_shape(s.tokens, h).expect("tiles for these heads");
+        run(
+            "amlserve_prefill_attention_bf16",
+            t.dims,
+            &[
+                out.ptr(),
+                qkv.ptr(),
+                pool.ptr(),
+                meta.ptr(),
+                table.ptr(),
+                Arg::F32(Q_SCALE),
+                int(s.tokens),
+                int(h.width()),
+                int(h.n_head),
+                int(h.n_kv_head),
+                int(h.head_dim),
+                Arg::I32(window),
+                int(t.qt),
+                int(t.kt),
+            ],
+        );
+    } else {
+        run(
+            "amlserve_paged_attention_bf16",
+            launch::attention(s.tokens, h, splits),
+            &[
+                out.ptr(),
+                partial.ptr(),
+                qkv.ptr(),
+                pool.ptr(),
+                meta.ptr(),
+                table.ptr(),
+                Arg::F32(Q_SCALE),
+                int(s.tokens),
+                int(h.width()),
+                int(h.n_head),
+                int(h.n_kv_head),
+                int(h.head_dim),
+                Arg::I32(window),
+                int(splits),
+            ],
+        );
+    }
     if splits > 1 {
         run(
             "amlserve_attention_combine",
@@ -114,15 +139,16 @@ fn store_and_paged_attention_match_the_cpu_ops_whole_and_split() {
         let s = step(heads, &seqs, i as u64);
         let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
         let (p_cpu, o_cpu) = (values(&p_cpu), values(&o_cpu));
-        // Whole, and split as on an H200 (132 multiprocessors) when that splits this step at all.
+        // Whole, split as on an H200 (132 multiprocessors) when that splits this step at all, and tiled (0).
         let h200 = launch::attention_splits(132, s.tokens, heads.n_head);
         let mut splits = vec![1, h200];
         splits.dedup();
+        splits.push(0);
         for splits in splits {
             let (p, o) = emulate(&s, window, splits);
             let (ep, eo) = (rel_l2(&p, &p_cpu), rel_l2(&o, &o_cpu));
             println!(
-                "{heads:?}, {} tokens, window {window:?}, {splits} splits: store {ep:.2e}, attention {eo:.2e}",
+                "{heads:?}, {} tokens, window {window:?}, {splits} splits (0: tiled): store {ep:.2e}, attention {eo:.2e}",
                 s.tokens
             );
             // The same rotation and rounding to bf16 on both sides.

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 pub struct Step {
     pub heads: Heads,
     pub tokens: usize,
+    pub seqs: usize,
     /// `StepMeta::build`'s metadata.
     pub meta: Vec<u32>,
     /// `[tokens, heads.width()]`, uniform in [-1, 1).
@@ -52,6 +53,7 @@ pub fn step(heads: Heads, seqs: &[(usize, usize)], seed: u64) -> Step {
     Step {
         heads,
         tokens,
+        seqs: seqs.len(),
         meta,
         qkv: rand(tokens * heads.width()),
         table: rand(ctx * heads.head_dim),
@@ -68,7 +70,10 @@ pub const Q_SCALE: f32 = 0.125;
 /// over one step's inputs; returns (pool, out).
 pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor) {
     let heads = s.heads;
-    let step = StepMeta { tokens: s.tokens };
+    let step = StepMeta {
+        tokens: s.tokens,
+        seqs: s.seqs,
+    };
     let qkv = Tensor::from_slice(&s.qkv, (s.tokens, heads.width()), dev).expect("qkv");
     let table = Tensor::from_slice(&s.table, (s.ctx, heads.head_dim), dev).expect("rope");
     let pool = Tensor::from_slice(&s.pool, (s.slots, 2 * heads.kv_row()), dev)

@@ -196,11 +196,8 @@ pub(super) fn paged_attention(
     let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
     let n_out = op.meta.tokens * h.n_head * h.head_dim;
-    let splits = launch::attention_splits(multiprocessors(&dev)?, op.meta.tokens, h.n_head);
-    // SAFETY: the kernels write every element: without splits each (token, head) block its head_dim outputs;
-    // with them each split its maximum, sum and outputs, and the combining kernel every output.
-    let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
-    let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(op.meta.tokens, h, splits)) }?;
+    // 0: no window (a window beyond i32 is none in practice).
+    let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let (tokens, width, nh, nkv, hd) = (
         op.meta.tokens as i32,
         h.width() as i32,
@@ -208,8 +205,38 @@ pub(super) fn paged_attention(
         h.n_kv_head as i32,
         h.head_dim as i32,
     );
-    // 0: no window (a window beyond i32 is none in practice).
-    let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
+    if let Some(t) = launch::tiled_attention(op.meta.tokens, op.meta.seqs, h) {
+        let f = dev.get_or_load_custom_func("amlserve_prefill_attention_bf16", MODULE, ptx_for(&dev)?)?;
+        // SAFETY: the kernel writes every (token, head) row: each token belongs to one run of one tile.
+        let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
+        let (qt, kt) = (t.qt as i32, t.kt as i32);
+        with_table(&op.rotary, |table| {
+            let mut b = f.builder();
+            b.arg(&mut out)
+                .arg(&x)
+                .arg(&p)
+                .arg(&m)
+                .arg(&table)
+                .arg(&op.rotary.q_scale)
+                .arg(&tokens)
+                .arg(&width)
+                .arg(&nh)
+                .arg(&nkv)
+                .arg(&hd)
+                .arg(&window)
+                .arg(&qt)
+                .arg(&kt);
+            // SAFETY: as the per-row kernel below; shared memory as launch::tiled_shape sized it.
+            unsafe { b.launch(config(t.dims)) }.w()?;
+            Ok(())
+        })?;
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+    }
+    let splits = launch::attention_splits(multiprocessors(&dev)?, op.meta.tokens, h.n_head);
+    // SAFETY: the kernels write every element: without splits each (token, head) block its head_dim outputs;
+    // with them each split its maximum, sum and outputs, and the combining kernel every output.
+    let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
+    let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(op.meta.tokens, h, splits)) }?;
     let cfg = config(launch::attention(op.meta.tokens, h, splits));
     let n_splits = splits as i32;
     with_table(&op.rotary, |t| {

@@ -353,13 +353,11 @@ impl DeviceLlama {
         // No row list when every row is wanted; an empty one still runs the layers (they store the chunks'
         // keys and values).
         let every_row = inputs.every_row_wanted();
+        let step = inputs.step();
         let StepInputs {
-            tokens,
-            ids,
-            meta,
-            logit_rows,
+            ids, meta, logit_rows, ..
         } = inputs;
-        let ids = Tensor::from_vec(ids, tokens, dev)?;
+        let ids = Tensor::from_vec(ids, step.tokens, dev)?;
         let meta_len = meta.len();
         let meta = Tensor::from_vec(meta, meta_len, dev)?;
         let rows = match every_row {
@@ -369,23 +367,22 @@ impl DeviceLlama {
                 Some(Tensor::from_vec(logit_rows, n, dev)?)
             }
         };
-        self.compute(&ids, &meta, tokens, rows.as_ref(), pool)
+        self.compute(&ids, &meta, step, rows.as_ref(), pool)
     }
 
-    /// The layers over `tokens` tokens (`ids`, metadata `meta` as [`StepMeta::build`] lays it out), then the
+    /// The layers over `step`'s tokens (`ids`, metadata `meta` as [`StepMeta::build`] lays it out), then the
     /// output projection of the rows `rows` names (every row when `None`). Touches the device only: no host
     /// copies, no waits (unless stage timing is on), so a CUDA stream can record it as a graph.
     pub(super) fn compute(
         &self,
         ids: &Tensor,
         meta_t: &Tensor,
-        tokens: usize,
+        step: StepMeta,
         rows: Option<&Tensor>,
         pool: &KvPool,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let dev = &self.device;
-        let step = StepMeta { tokens };
         let heads = self.heads();
         let eps = cfg.rms_eps as f32;
 
@@ -492,6 +489,8 @@ impl DeviceLlama {
 /// One step's inputs as the host builds them: token ids, the ops' metadata, the rows whose logits are wanted.
 pub(super) struct StepInputs {
     pub tokens: usize,
+    /// Sequences in the step (one chunk each).
+    pub seqs: usize,
     pub ids: Vec<u32>,
     /// [`StepMeta::build`]'s layout.
     pub meta: Vec<u32>,
@@ -520,10 +519,19 @@ impl StepInputs {
         let tables: Vec<&[u32]> = chunks.iter().map(|c| c.kv.blocks()).collect();
         Ok(Self {
             tokens: ids.len(),
+            seqs: chunks.len(),
             meta: StepMeta::build(&positions, &slots, &seq_of, &tables),
             ids,
             logit_rows,
         })
+    }
+
+    /// What the ops read of the step besides its metadata.
+    pub fn step(&self) -> StepMeta {
+        StepMeta {
+            tokens: self.tokens,
+            seqs: self.seqs,
+        }
     }
 
     /// Whether every token's logits are wanted (a decode step: one token per sequence).

@@ -188,7 +188,7 @@ fn record(model: &DeviceLlama, inputs: &StepInputs, pool: &KvPool) -> candle_cor
     // free is recorded too.
     let step = || {
         model
-            .compute(&ids, &meta, batch, None, pool)
+            .compute(&ids, &meta, inputs.step(), None, pool)
             .and_then(|out| logits.slice_set(&out, 0, 0))
     };
     // candle uploads some kernels' shape parameters from host memory at each call (index_select's, for one);

@@ -222,6 +222,127 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
     }
 }
 
+// The most output values a thread of amlserve_prefill_attention_bf16 accumulates (registers).
+#define TILE_OUT_PER_THREAD 16
+
+// Grid (token tiles of qt, kv heads), ATTN_THREADS threads: attention for steps whose sequences bring runs of
+// tokens (prompt chunks). A block takes qt consecutive tokens of the step and the query heads of one kv head, and
+// for each run of them from one sequence (usually one run) reads that sequence's keys and values kt at a time into
+// shared memory once for all of the run's rows (tokens x query heads), where amlserve_paged_attention_bf16 reads
+// them once per row. Queries are scaled and rotated as they are read; each row keeps its own causal and window
+// limit and an online softmax over the tiles. The host sizes qt so that rows x head_dim outputs fit
+// TILE_OUT_PER_THREAD per thread, and kt so that shared memory holds: the rows' queries, a key tile (rows padded
+// by one float against bank conflicts), a value tile, the rows' scores, their running max, sum and correction, and
+// the tile's slots.
+extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const float* qkv, const unsigned short* pool,
+                                                           const unsigned int* meta, const float* rope,
+                                                           float q_scale, int tokens, int width, int n_head,
+                                                           int n_kv_head, int head_dim, int window, int qt, int kt) {
+    DYNAMIC_SHARED(float, smem);
+    int group = n_head / n_kv_head, hd = head_dim, ks = hd + 1, max_rows = qt * group;
+    float* qs = smem;
+    float* kts = qs + max_rows * hd;
+    float* vts = kts + kt * ks;
+    float* sc = vts + kt * hd;
+    float* run_max = sc + max_rows * kt;
+    float* run_sum = run_max + max_rows;
+    float* corr = run_sum + max_rows;
+    unsigned int* slots = (unsigned int*)(corr + max_rows);
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
+    int kvh = blockIdx.y, t0 = blockIdx.x * qt, t1 = min(tokens, t0 + qt);
+    int row2 = 2 * n_kv_head * hd, k_at = kvh * hd, v_at = n_kv_head * hd + kvh * hd;
+    const unsigned int* starts = meta + 2 * tokens;
+    for (int a = t0; a < t1;) {
+        int b = a + 1;
+        while (b < t1 && starts[b] == starts[a]) b++;
+        // Rows r of this run: token a + r / group, query head kvh * group + r % group.
+        int rows = (b - a) * group;
+        for (int e = tid; e < rows * hd; e += blockDim.x) {
+            int r = e / hd, d = e % hd, i = a + r / group, h = kvh * group + r % group;
+            qs[e] = rotated(qkv + (size_t)i * width + (size_t)h * hd, rope + (size_t)meta[i] * hd, d, hd / 2, q_scale);
+        }
+        for (int r = tid; r < rows; r += blockDim.x) {
+            run_max[r] = NEG_INF;
+            run_sum[r] = 0.0f;
+        }
+        float acc[TILE_OUT_PER_THREAD];
+        for (int c = 0; c < TILE_OUT_PER_THREAD; c++) acc[c] = 0.0f;
+        const unsigned int* table = meta + 3 * tokens + starts[a];
+        // The keys any row of the run sees: from the first row's window start to the last row's own position.
+        int lo = window > 0 ? max(0, (int)meta[a] + 1 - window) : 0, hi = (int)meta[b - 1] + 1;
+        for (int k0 = lo; k0 < hi; k0 += kt) {
+            int n = min(kt, hi - k0);
+            for (int j = tid; j < n; j += blockDim.x) {
+                int key = k0 + j;
+                slots[j] = table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
+            }
+            __syncthreads();
+            for (int e = tid; e < n * hd; e += blockDim.x) {
+                int j = e / hd, d = e % hd;
+                const unsigned short* src = pool + (size_t)slots[j] * row2;
+                kts[j * ks + d] = bf16_to_f32(src[k_at + d]);
+                vts[j * hd + d] = bf16_to_f32(src[v_at + d]);
+            }
+            __syncthreads();
+            for (int e = tid; e < rows * kt; e += blockDim.x) {
+                int r = e / kt, j = e % kt, key = k0 + j, pos = (int)meta[a + r / group];
+                int first = window > 0 ? max(0, pos + 1 - window) : 0;
+                float s = NEG_INF;
+                if (j < n && key <= pos && key >= first) {
+                    const float* q = qs + r * hd;
+                    const float* k = kts + j * ks;
+                    s = 0.0f;
+                    for (int d = 0; d < hd; d++) s += q[d] * k[d];
+                }
+                sc[e] = s;
+            }
+            __syncthreads();
+            // A warp per row: the tile's maximum, the row's new running maximum, the tile's weights and sum.
+            for (int r = warp; r < rows; r += n_warps) {
+                float mx = NEG_INF;
+                for (int j = lane; j < kt; j += 32) mx = fmaxf(mx, sc[r * kt + j]);
+                mx = warp_max(mx);
+                float m_old = run_max[r], m_new = fmaxf(m_old, mx), sum = 0.0f;
+                for (int j = lane; j < kt; j += 32) {
+                    float s = sc[r * kt + j];
+                    float p = s == NEG_INF ? 0.0f : __expf(s - m_new);
+                    sc[r * kt + j] = p;
+                    sum += p;
+                }
+                sum = warp_sum(sum);
+                if (lane == 0) {
+                    // Before the row's first key its sum is 0, whatever the correction.
+                    float c = m_old == NEG_INF ? 0.0f : __expf(m_old - m_new);
+                    corr[r] = c;
+                    run_sum[r] = run_sum[r] * c + sum;
+                    run_max[r] = m_new;
+                }
+            }
+            __syncthreads();
+            for (int c = 0; c < TILE_OUT_PER_THREAD; c++) {
+                int e = tid + c * blockDim.x;
+                if (e < rows * hd) {
+                    int r = e / hd, d = e % hd;
+                    const float* p = sc + r * kt;
+                    float o = acc[c] * corr[r];
+                    for (int j = 0; j < n; j++) o += p[j] * vts[j * hd + d];
+                    acc[c] = o;
+                }
+            }
+            __syncthreads();
+        }
+        for (int c = 0; c < TILE_OUT_PER_THREAD; c++) {
+            int e = tid + c * blockDim.x;
+            if (e < rows * hd) {
+                int r = e / hd, d = e % hd, i = a + r / group, h = kvh * group + r % group;
+                out[((size_t)i * n_head + h) * hd + d] = acc[c] / run_sum[r];
+            }
+        }
+        __syncthreads();
+        a = b;
+    }
+}
+
 // Grid (tokens, query heads): merges a token's split-K partial results (amlserve_paged_attention_bf16) into its
 // output, each split weighted by exp(its maximum - the largest); splits without keys weigh nothing.
 extern "C" __global__ void amlserve_attention_combine(float* out, const float* partial, int n_head, int head_dim,

@@ -64,6 +64,66 @@ pub fn attention(tokens: usize, h: Heads, splits: usize) -> Dims {
     )
 }
 
+/// `amlserve_prefill_attention_bf16`'s shape for a step: a block per (tile of `qt` tokens, kv head), reading
+/// `kt` keys at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiled {
+    pub dims: Dims,
+    pub qt: usize,
+    pub kt: usize,
+}
+
+/// Outputs one thread of the tiled kernel accumulates (kernels.cu's `TILE_OUT_PER_THREAD`).
+const TILE_OUT_PER_THREAD: usize = 16;
+/// The most tokens a tile of the tiled kernel takes.
+const TILE_TOKENS: usize = 16;
+/// Shared memory a block may take without asking for more (48 KiB).
+const SHARED_BYTES: usize = 48 * 1024;
+/// Tokens per sequence, on average, from which a step reads keys a tile at a time for a run of its tokens.
+pub const TILED_MIN_RUN: usize = 8;
+
+/// Whether steps of many tokens per sequence use the tiled kernel (the default; a switch for benchmarks).
+static TILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the tiled prefill kernel on or off for this process (benchmarks compare the two).
+pub fn set_tiled_attention(on: bool) {
+    TILED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The tiled kernel's shape for a step of `tokens` tokens in `seqs` sequences, or `None` when the step is mostly
+/// single tokens (decode), or the heads do not fit its tiles: then the per-row kernel runs.
+pub fn tiled_attention(tokens: usize, seqs: usize, h: Heads) -> Option<Tiled> {
+    if !TILED.load(std::sync::atomic::Ordering::Relaxed) || seqs == 0 || tokens < TILED_MIN_RUN * seqs {
+        return None;
+    }
+    tiled_shape(tokens, h)
+}
+
+/// The tiled kernel's shape for `tokens` tokens, whatever their runs, or `None` when the heads do not fit its
+/// tiles.
+pub fn tiled_shape(tokens: usize, h: Heads) -> Option<Tiled> {
+    if !attention_supports(h) {
+        return None;
+    }
+    let (group, hd) = (h.n_head / h.n_kv_head, h.head_dim);
+    let qt = (TILE_OUT_PER_THREAD * ATTN_THREADS as usize / (group * hd)).min(TILE_TOKENS);
+    if qt == 0 {
+        return None;
+    }
+    let rows = qt * group;
+    let floats = |kt: usize| rows * hd + kt * (hd + 1) + kt * hd + rows * kt + 3 * rows + kt;
+    let kt = [64, 32, 16, 8].into_iter().find(|&kt| 4 * floats(kt) <= SHARED_BYTES)?;
+    Some(Tiled {
+        dims: Dims::new(
+            (tokens.div_ceil(qt), h.n_kv_head, 1),
+            ATTN_THREADS,
+            (4 * floats(kt)) as u32,
+        ),
+        qt,
+        kt,
+    })
+}
+
 /// Floats of split-K's partial results: per (token, head, split) its maximum, sum and head_dim outputs (one
 /// unused float without splits, as a buffer cannot be empty).
 pub fn attention_partial_len(tokens: usize, h: Heads, splits: usize) -> usize {
@@ -123,5 +183,33 @@ mod tests {
         // 64 decode rows already give 576 blocks.
         assert_eq!(attention_splits(132, 64, 9), 1);
         assert_eq!(attention_splits(0, 0, 0), 2);
+    }
+
+    #[test]
+    fn prompt_steps_take_tiles_and_decode_steps_do_not() {
+        let smol = Heads {
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 64,
+        };
+        let t = tiled_attention(2048, 16, smol).expect("a burst of prompts");
+        // 16 tokens x 3 query heads x 64 dimensions = 3,072 outputs, 12 per thread; keys 32 at a time.
+        assert_eq!((t.qt, t.kt, t.dims.grid), (16, 32, (128, 3, 1)));
+        assert!(t.dims.shared as usize <= SHARED_BYTES);
+        assert_eq!(tiled_attention(64, 64, smol), None, "decode");
+        assert_eq!(tiled_attention(60, 16, smol), None, "mostly decode");
+        let gemma = Heads {
+            n_head: 4,
+            n_kv_head: 1,
+            head_dim: 256,
+        };
+        let t = tiled_attention(512, 1, gemma).expect("a Gemma prompt");
+        assert_eq!((t.qt, t.kt), (4, 8));
+        let wide = Heads {
+            n_head: 64,
+            n_kv_head: 1,
+            head_dim: 128,
+        };
+        assert_eq!(tiled_attention(512, 1, wide), None, "a group too wide for one tile");
     }
 }

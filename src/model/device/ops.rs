@@ -21,6 +21,8 @@ use crate::model::arch::Activation;
 pub struct StepMeta {
     /// Tokens in the step.
     pub tokens: usize,
+    /// Sequences in the step (its tokens in runs, one run per sequence).
+    pub seqs: usize,
 }
 
 impl StepMeta {
