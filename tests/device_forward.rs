@@ -207,7 +207,7 @@ mod cuda {
             let s = step(heads, &seqs, i as u64);
             let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
             // A step of prompt chunks takes the tiled kernel; the per-row one too, with tiles turned off.
-            let tiled = launch::tiled_attention(s.tokens, s.seqs, heads).is_some();
+            let tiled = launch::attention_plan(s.meta(), heads, 132).tiled.is_some();
             for tiles in [true, false].into_iter().filter(|&t| tiled || t) {
                 launch::set_tiled_attention(tiles);
                 let (p_gpu, o_gpu) = run_ops(&dev, &s, window);

@@ -10,7 +10,7 @@
 mod common;
 
 use amlserve::model::arch::Activation;
-use amlserve::model::device::launch::{self, Dims};
+use amlserve::model::device::launch::{self, AttentionPlan, Dims};
 use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads};
 use amlserve_kernel_emu::{Arg, Guarded};
 use candle_core::{DType, Device, Tensor};
@@ -38,9 +38,10 @@ fn int(n: usize) -> Arg {
     Arg::I32(i32::try_from(n).expect("fits i32"))
 }
 
-/// What the emulated store and attention (the per-row kernel with its keys split into `splits` runs, or the tiled
-/// kernel when `splits` is 0) give for a step: (pool as f32, out). The rotary embedding is applied as keys are stored and queries read: `qkv` must come back unchanged.
-fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32>) {
+/// What the emulated store and attention give for a step, the attention run as `plan` says (as the CUDA launcher
+/// runs it): (pool as f32, out). The rotary embedding is applied as keys are stored and queries read: `qkv` must
+/// come back unchanged.
+fn emulate(s: &Step, window: Option<usize>, plan: AttentionPlan) -> (Vec<f32>, Vec<f32>) {
     let h: Heads = s.heads;
     let mut qkv = Guarded::new(&s.qkv, f32::NAN);
     let mut meta = Guarded::new(&s.meta, u32::MAX);
@@ -64,35 +65,12 @@ fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32
         ],
     );
     let mut out = nan(s.tokens * h.n_head * h.head_dim);
-    let mut partial = nan(launch::attention_partial_len(s.tokens, h, splits.max(1)));
+    let mut partial = nan(launch::attention_partial_len(plan.per_row, h, plan.splits));
     let window = window.map_or(0, |w| i32::try_from(w).expect("window"));
-    if splits == 0 {
-        // The tiled kernel instead, whatever the step's runs.
-        let t = launch::tiled_shape(s.tokens, h).expect("tiles for these heads");
-        run(
-            "amlserve_prefill_attention_bf16",
-            t.dims,
-            &[
-                out.ptr(),
-                qkv.ptr(),
-                pool.ptr(),
-                meta.ptr(),
-                table.ptr(),
-                Arg::F32(Q_SCALE),
-                int(s.tokens),
-                int(h.width()),
-                int(h.n_head),
-                int(h.n_kv_head),
-                int(h.head_dim),
-                Arg::I32(window),
-                int(t.qt),
-                int(t.kt),
-            ],
-        );
-    } else {
+    if plan.per_row > 0 {
         run(
             "amlserve_paged_attention_bf16",
-            launch::attention(s.tokens, h, splits),
+            launch::attention(plan.per_row, h, plan.splits),
             &[
                 out.ptr(),
                 partial.ptr(),
@@ -107,15 +85,44 @@ fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32
                 int(h.n_kv_head),
                 int(h.head_dim),
                 Arg::I32(window),
-                int(splits),
+                int(plan.splits),
             ],
         );
+        if plan.splits > 1 {
+            run(
+                "amlserve_attention_combine",
+                launch::attention_combine(plan.per_row, h),
+                &[
+                    out.ptr(),
+                    partial.ptr(),
+                    int(h.n_head),
+                    int(h.head_dim),
+                    int(plan.splits),
+                ],
+            );
+        }
     }
-    if splits > 1 {
+    if let Some(t) = plan.tiled {
         run(
-            "amlserve_attention_combine",
-            launch::attention_combine(s.tokens, h),
-            &[out.ptr(), partial.ptr(), int(h.n_head), int(h.head_dim), int(splits)],
+            "amlserve_prefill_attention_bf16",
+            t.dims,
+            &[
+                out.ptr(),
+                qkv.ptr(),
+                pool.ptr(),
+                meta.ptr(),
+                table.ptr(),
+                Arg::F32(Q_SCALE),
+                int(s.tokens),
+                int(t.first),
+                int(h.width()),
+                int(h.n_head),
+                int(h.n_kv_head),
+                int(h.head_dim),
+                Arg::I32(window),
+                int(t.qt),
+                int(t.kt),
+            ],
         );
     }
     for (buf, what) in [
@@ -133,29 +140,67 @@ fn emulate(s: &Step, window: Option<usize>, splits: usize) -> (Vec<f32>, Vec<f32
     (pool, out.data().to_vec())
 }
 
-#[test]
-fn store_and_paged_attention_match_the_cpu_ops_whole_and_split() {
-    for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
-        let s = step(heads, &seqs, i as u64);
-        let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
-        let (p_cpu, o_cpu) = (values(&p_cpu), values(&o_cpu));
-        // Whole, split as on an H200 (132 multiprocessors) when that splits this step at all, and tiled (0).
-        let h200 = launch::attention_splits(132, s.tokens, heads.n_head);
-        let mut splits = vec![1, h200];
-        splits.dedup();
-        splits.push(0);
-        for splits in splits {
-            let (p, o) = emulate(&s, window, splits);
-            let (ep, eo) = (rel_l2(&p, &p_cpu), rel_l2(&o, &o_cpu));
-            println!(
-                "{heads:?}, {} tokens, window {window:?}, {splits} splits (0: tiled): store {ep:.2e}, attention {eo:.2e}",
-                s.tokens
-            );
-            // The same rotation and rounding to bf16 on both sides.
-            assert_eq!(p, p_cpu, "store");
-            assert!(eo < 1e-5, "attention {eo}");
-        }
+/// The plans a step is checked under: per row whole, per row split as on an H200 (132 multiprocessors), the
+/// launcher's own plan for an H200, and every token tiled.
+fn plans(s: &Step) -> Vec<(&'static str, AttentionPlan)> {
+    let per_row = |splits| AttentionPlan {
+        per_row: s.tokens,
+        splits,
+        tiled: None,
+    };
+    let mut plans = vec![
+        ("per row", per_row(1)),
+        (
+            "per row, split",
+            per_row(launch::attention_splits(132, s.tokens, s.heads.n_head)),
+        ),
+        ("the launcher's", launch::attention_plan(s.meta(), s.heads, 132)),
+    ];
+    if let Some(t) = launch::tiled_shape(0, s.tokens, s.heads) {
+        let tiled = AttentionPlan {
+            per_row: 0,
+            splits: 1,
+            tiled: Some(t),
+        };
+        plans.push(("tiled", tiled));
     }
+    let mut seen = Vec::new();
+    plans.retain(|(_, p)| {
+        let fresh = !seen.contains(p);
+        seen.push(*p);
+        fresh
+    });
+    plans
+}
+
+#[test]
+fn store_and_paged_attention_match_the_cpu_ops_under_every_plan() {
+    let cases: Vec<_> = attention_cases().into_iter().enumerate().collect();
+    // The cases on every core: each emulated launch runs on its own thread.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|scope| {
+        for chunk in cases.chunks(cases.len().div_ceil(threads)) {
+            scope.spawn(move || {
+                for (i, AttentionCase { heads, seqs, window }) in chunk {
+                    let (heads, window) = (*heads, *window);
+                    let s = step(heads, seqs, *i as u64);
+                    let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
+                    let (p_cpu, o_cpu) = (values(&p_cpu), values(&o_cpu));
+                    for (name, plan) in plans(&s) {
+                        let (p, o) = emulate(&s, window, plan);
+                        let (ep, eo) = (rel_l2(&p, &p_cpu), rel_l2(&o, &o_cpu));
+                        println!(
+                            "{heads:?}, {} tokens, window {window:?}, {name} {plan:?}: store {ep:.2e}, attention {eo:.2e}",
+                            s.tokens
+                        );
+                        // The same rotation and rounding to bf16 on both sides.
+                        assert_eq!(p, p_cpu, "store");
+                        assert!(eo < 1e-5, "attention {eo}: {heads:?}, {seqs:?}, window {window:?}, {name} {plan:?}");
+                    }
+                }
+            });
+        }
+    });
 }
 
 #[test]
@@ -317,6 +362,30 @@ fn row_argmax_picks_the_greedy_token_as_the_sampler_does() {
         out.check("out").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.data(), &expected[..], "vocabulary {vocab}");
     }
+}
+
+#[test]
+fn the_launchers_constants_are_the_kernels_own() {
+    let source = include_str!("../src/model/device/kernels.cu");
+    let define = |name: &str| -> usize {
+        let line = source
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("kernels.cu defines {name}"));
+        line.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    };
+    assert_eq!(define("ATTN_THREADS"), launch::ATTN_THREADS as usize);
+    assert_eq!(define("ATTN_TILE"), launch::ATTN_TILE as usize);
+    assert_eq!(
+        define("MAX_DIMS_PER_THREAD") * define("ATTN_THREADS"),
+        launch::MAX_HEAD_DIM
+    );
+    assert_eq!(define("TILE_OUT_PER_THREAD"), launch::TILE_OUT_PER_THREAD);
+    assert_eq!(define("ARGMAX_THREADS"), launch::ARGMAX_THREADS as usize);
+    assert_eq!(define("BLOCK_TOKENS"), amlserve::model::device::paged::BLOCK);
 }
 
 #[test]

@@ -13,6 +13,8 @@ pub struct Step {
     pub heads: Heads,
     pub tokens: usize,
     pub seqs: usize,
+    /// Leading sequences of one token (decode rows).
+    pub singles: usize,
     /// `StepMeta::build`'s metadata.
     pub meta: Vec<u32>,
     /// `[tokens, heads.width()]`, uniform in [-1, 1).
@@ -23,6 +25,17 @@ pub struct Step {
     /// The pool `[slots, 2 * kv_row]` before rounding to bf16.
     pub pool: Vec<f32>,
     pub slots: usize,
+}
+
+impl Step {
+    /// What the ops read of the step besides its metadata.
+    pub fn meta(&self) -> StepMeta {
+        StepMeta {
+            tokens: self.tokens,
+            seqs: self.seqs,
+            singles: self.singles,
+        }
+    }
 }
 
 /// A step of `seqs` (cached tokens, new tokens) with a random block table each, from `seed`.
@@ -54,6 +67,7 @@ pub fn step(heads: Heads, seqs: &[(usize, usize)], seed: u64) -> Step {
         heads,
         tokens,
         seqs: seqs.len(),
+        singles: seqs.iter().take_while(|s| s.1 == 1).count(),
         meta,
         qkv: rand(tokens * heads.width()),
         table: rand(ctx * heads.head_dim),
@@ -70,10 +84,7 @@ pub const Q_SCALE: f32 = 0.125;
 /// over one step's inputs; returns (pool, out).
 pub fn run_ops(dev: &Device, s: &Step, window: Option<usize>) -> (Tensor, Tensor) {
     let heads = s.heads;
-    let step = StepMeta {
-        tokens: s.tokens,
-        seqs: s.seqs,
-    };
+    let step = s.meta();
     let qkv = Tensor::from_slice(&s.qkv, (s.tokens, heads.width()), dev).expect("qkv");
     let table = Tensor::from_slice(&s.table, (s.ctx, heads.head_dim), dev).expect("rope");
     let pool = Tensor::from_slice(&s.pool, (s.slots, 2 * heads.kv_row()), dev)
@@ -127,6 +138,24 @@ pub const ODD: Heads = Heads {
     n_kv_head: 8,
     head_dim: 96,
 };
+/// Llama 3's grouping and head (4 query heads a kv head, 128 wide): the tiled kernel's 8-token tiles.
+pub const LLAMA3: Heads = Heads {
+    n_head: 8,
+    n_kv_head: 2,
+    head_dim: 128,
+};
+/// Narrow rows: the tiled kernel reads 64 keys at a time.
+pub const NARROW: Heads = Heads {
+    n_head: 2,
+    n_kv_head: 2,
+    head_dim: 64,
+};
+/// A head of 80 (not a multiple of 32: a warp spans two rows).
+pub const HEAD80: Heads = Heads {
+    n_head: 4,
+    n_kv_head: 2,
+    head_dim: 80,
+};
 
 /// One attention case: the heads, the step's (cached tokens, new tokens) per sequence, the sliding window.
 pub struct AttentionCase {
@@ -135,17 +164,18 @@ pub struct AttentionCase {
     pub window: Option<usize>,
 }
 
-/// The attention cases: each head shape over a mixed step and a decode-only step (whose keys the kernel splits
-/// into runs), each without a window and with windows narrower and wider than the kernel's key tile (Gemma 3's
-/// local layers).
+/// The attention cases: each head shape over a mixed step, a decode-only step (whose keys the per-row kernel
+/// splits into runs) and decode rows followed by prompt chunks (as the scheduler packs a step), each without a
+/// window and with windows narrower and wider than the kernels' key tiles (Gemma 3's local layers).
 pub fn attention_cases() -> Vec<AttentionCase> {
     // (cached tokens, new tokens) per sequence: decode steps, a prompt, chunks at long positions; then a step of
     // a few decode tokens only, short and long contexts.
     let mixed = vec![(0, 5), (290, 1), (17, 40), (650, 3), (0, 1), (1200, 64)];
     let decode = vec![(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
+    let then_prompts = vec![(290, 1), (1200, 1), (37, 1), (0, 48), (650, 20)];
     let mut cases = Vec::new();
-    for h in [SMOLLM2, GEMMA3, ODD] {
-        for seqs in [&mixed, &decode] {
+    for h in [SMOLLM2, GEMMA3, ODD, LLAMA3, NARROW, HEAD80] {
+        for seqs in [&mixed, &decode, &then_prompts] {
             for window in [None, Some(37), Some(512)] {
                 cases.push(AttentionCase {
                     heads: h,

@@ -190,14 +190,19 @@ pub(super) fn paged_attention(
         )
     }
     let dev = qkv.device.clone();
-    let f = dev.get_or_load_custom_func("amlserve_paged_attention_bf16", MODULE, ptx_for(&dev)?)?;
     let (qs, ps, ms) = (start(ql, "qkv")?, start(pl, "pool")?, start(ml, "meta")?);
     let x = qkv.as_cuda_slice::<f32>()?.slice(qs..);
     let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
-    let n_out = op.meta.tokens * h.n_head * h.head_dim;
+    let plan = launch::attention_plan(op.meta, h, multiprocessors(&dev)?);
+    // SAFETY: the kernels write every element: tokens 0..plan.per_row the per-row kernel (without splits each
+    // (token, head) block its head_dim outputs; with them each split its maximum, sum and outputs, and the
+    // combining kernel every output), the rest the tiled kernel (each token in one run of one tile).
+    let mut out = unsafe { dev.alloc::<f32>(op.meta.tokens * h.n_head * h.head_dim) }?;
     // 0: no window (a window beyond i32 is none in practice).
     let window = op.window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
+    // The kernels' arguments after the buffers: the scale of the queries, the step's tokens (the metadata's
+    // layout), the heads.
     let (tokens, width, nh, nkv, hd) = (
         op.meta.tokens as i32,
         h.width() as i32,
@@ -205,11 +210,45 @@ pub(super) fn paged_attention(
         h.n_kv_head as i32,
         h.head_dim as i32,
     );
-    if let Some(t) = launch::tiled_attention(op.meta.tokens, op.meta.seqs, h) {
+    if plan.per_row > 0 {
+        let f = dev.get_or_load_custom_func("amlserve_paged_attention_bf16", MODULE, ptx_for(&dev)?)?;
+        let splits = plan.splits;
+        let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(plan.per_row, h, splits)) }?;
+        let cfg = config(launch::attention(plan.per_row, h, splits));
+        let n_splits = splits as i32;
+        with_table(&op.rotary, |t| {
+            let mut b = f.builder();
+            b.arg(&mut out)
+                .arg(&mut partial)
+                .arg(&x)
+                .arg(&p)
+                .arg(&m)
+                .arg(&t)
+                .arg(&op.rotary.q_scale)
+                .arg(&tokens)
+                .arg(&width)
+                .arg(&nh)
+                .arg(&nkv)
+                .arg(&hd)
+                .arg(&window)
+                .arg(&n_splits);
+            // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the
+            // caches; positions index the rotary table, built for the context.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })?;
+        if splits > 1 {
+            let combine = dev.get_or_load_custom_func("amlserve_attention_combine", MODULE, ptx_for(&dev)?)?;
+            let cfg = config(launch::attention_combine(plan.per_row, h));
+            let mut b = combine.builder();
+            b.arg(&mut out).arg(&partial).arg(&nh).arg(&hd).arg(&n_splits);
+            // SAFETY: `partial` holds per_row x heads x splits records of 2 + head_dim floats, all written above.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+    }
+    if let Some(t) = plan.tiled {
         let f = dev.get_or_load_custom_func("amlserve_prefill_attention_bf16", MODULE, ptx_for(&dev)?)?;
-        // SAFETY: the kernel writes every (token, head) row: each token belongs to one run of one tile.
-        let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
-        let (qt, kt) = (t.qt as i32, t.kt as i32);
+        let (first, qt, kt) = (t.first as i32, t.qt as i32, t.kt as i32);
         with_table(&op.rotary, |table| {
             let mut b = f.builder();
             b.arg(&mut out)
@@ -219,6 +258,7 @@ pub(super) fn paged_attention(
                 .arg(&table)
                 .arg(&op.rotary.q_scale)
                 .arg(&tokens)
+                .arg(&first)
                 .arg(&width)
                 .arg(&nh)
                 .arg(&nkv)
@@ -226,47 +266,10 @@ pub(super) fn paged_attention(
                 .arg(&window)
                 .arg(&qt)
                 .arg(&kt);
-            // SAFETY: as the per-row kernel below; shared memory as launch::tiled_shape sized it.
+            // SAFETY: as the per-row kernel above; shared memory as launch::tiled_shape sized it.
             unsafe { b.launch(config(t.dims)) }.w()?;
             Ok(())
         })?;
-        return Ok(CudaStorage::wrap_cuda_slice(out, dev));
-    }
-    let splits = launch::attention_splits(multiprocessors(&dev)?, op.meta.tokens, h.n_head);
-    // SAFETY: the kernels write every element: without splits each (token, head) block its head_dim outputs;
-    // with them each split its maximum, sum and outputs, and the combining kernel every output.
-    let mut out = unsafe { dev.alloc::<f32>(n_out) }?;
-    let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(op.meta.tokens, h, splits)) }?;
-    let cfg = config(launch::attention(op.meta.tokens, h, splits));
-    let n_splits = splits as i32;
-    with_table(&op.rotary, |t| {
-        let mut b = f.builder();
-        b.arg(&mut out)
-            .arg(&mut partial)
-            .arg(&x)
-            .arg(&p)
-            .arg(&m)
-            .arg(&t)
-            .arg(&op.rotary.q_scale)
-            .arg(&tokens)
-            .arg(&width)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd)
-            .arg(&window)
-            .arg(&n_splits);
-        // SAFETY: positions, table offsets and block ids come from this step's metadata, built from the
-        // caches; positions index the rotary table, built for the context.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
-    })?;
-    if splits > 1 {
-        let combine = dev.get_or_load_custom_func("amlserve_attention_combine", MODULE, ptx_for(&dev)?)?;
-        let cfg = config(launch::attention_combine(op.meta.tokens, h));
-        let mut b = combine.builder();
-        b.arg(&mut out).arg(&partial).arg(&nh).arg(&hd).arg(&n_splits);
-        // SAFETY: `partial` holds tokens x heads x splits records of 2 + head_dim floats, all written above.
-        unsafe { b.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

@@ -491,6 +491,8 @@ pub(super) struct StepInputs {
     pub tokens: usize,
     /// Sequences in the step (one chunk each).
     pub seqs: usize,
+    /// Leading chunks of one token each.
+    pub singles: usize,
     pub ids: Vec<u32>,
     /// [`StepMeta::build`]'s layout.
     pub meta: Vec<u32>,
@@ -520,6 +522,7 @@ impl StepInputs {
         Ok(Self {
             tokens: ids.len(),
             seqs: chunks.len(),
+            singles: chunks.iter().take_while(|c| c.tokens.len() == 1).count(),
             meta: StepMeta::build(&positions, &slots, &seq_of, &tables),
             ids,
             logit_rows,
@@ -531,6 +534,7 @@ impl StepInputs {
         StepMeta {
             tokens: self.tokens,
             seqs: self.seqs,
+            singles: self.singles,
         }
     }
 

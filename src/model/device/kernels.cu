@@ -225,23 +225,25 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
 // The most output values a thread of amlserve_prefill_attention_bf16 accumulates (registers).
 #define TILE_OUT_PER_THREAD 16
 
-// Grid (token tiles of qt, kv heads), ATTN_THREADS threads: attention for steps whose sequences bring runs of
-// tokens (prompt chunks). A block takes qt consecutive tokens of the step and the query heads of one kv head, and
+// Grid (token tiles of qt from token `first`, kv heads), ATTN_THREADS threads: attention for the tokens of a step
+// that come in runs (prompt chunks; the step's leading single tokens, decode rows, go to the per-row kernel). A
+// block takes qt consecutive tokens and the query heads of one kv head, and
 // for each run of them from one sequence (usually one run) reads that sequence's keys and values kt at a time into
 // shared memory once for all of the run's rows (tokens x query heads), where amlserve_paged_attention_bf16 reads
 // them once per row. Queries are scaled and rotated as they are read; each row keeps its own causal and window
 // limit and an online softmax over the tiles. The host sizes qt so that rows x head_dim outputs fit
-// TILE_OUT_PER_THREAD per thread, and kt so that shared memory holds: the rows' queries, a key tile (rows padded
-// by one float against bank conflicts), a value tile, the rows' scores, their running max, sum and correction, and
-// the tile's slots.
+// TILE_OUT_PER_THREAD per thread, and kt so that shared memory holds: the rows' queries and a key tile (both with
+// rows padded by one float against bank conflicts), a value tile, the rows' scores, their running max, sum and
+// correction, and the tile's slots.
 extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const float* qkv, const unsigned short* pool,
                                                            const unsigned int* meta, const float* rope,
-                                                           float q_scale, int tokens, int width, int n_head,
-                                                           int n_kv_head, int head_dim, int window, int qt, int kt) {
+                                                           float q_scale, int tokens, int first, int width,
+                                                           int n_head, int n_kv_head, int head_dim, int window,
+                                                           int qt, int kt) {
     DYNAMIC_SHARED(float, smem);
     int group = n_head / n_kv_head, hd = head_dim, ks = hd + 1, max_rows = qt * group;
     float* qs = smem;
-    float* kts = qs + max_rows * hd;
+    float* kts = qs + max_rows * ks;
     float* vts = kts + kt * ks;
     float* sc = vts + kt * hd;
     float* run_max = sc + max_rows * kt;
@@ -249,7 +251,7 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
     float* corr = run_sum + max_rows;
     unsigned int* slots = (unsigned int*)(corr + max_rows);
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
-    int kvh = blockIdx.y, t0 = blockIdx.x * qt, t1 = min(tokens, t0 + qt);
+    int kvh = blockIdx.y, t0 = first + blockIdx.x * qt, t1 = min(tokens, t0 + qt);
     int row2 = 2 * n_kv_head * hd, k_at = kvh * hd, v_at = n_kv_head * hd + kvh * hd;
     const unsigned int* starts = meta + 2 * tokens;
     for (int a = t0; a < t1;) {
@@ -259,13 +261,14 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
         int rows = (b - a) * group;
         for (int e = tid; e < rows * hd; e += blockDim.x) {
             int r = e / hd, d = e % hd, i = a + r / group, h = kvh * group + r % group;
-            qs[e] = rotated(qkv + (size_t)i * width + (size_t)h * hd, rope + (size_t)meta[i] * hd, d, hd / 2, q_scale);
+            qs[r * ks + d] = rotated(qkv + (size_t)i * width + (size_t)h * hd, rope + (size_t)meta[i] * hd, d, hd / 2, q_scale);
         }
         for (int r = tid; r < rows; r += blockDim.x) {
             run_max[r] = NEG_INF;
             run_sum[r] = 0.0f;
         }
         float acc[TILE_OUT_PER_THREAD];
+#pragma unroll
         for (int c = 0; c < TILE_OUT_PER_THREAD; c++) acc[c] = 0.0f;
         const unsigned int* table = meta + 3 * tokens + starts[a];
         // The keys any row of the run sees: from the first row's window start to the last row's own position.
@@ -289,7 +292,7 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
                 int first = window > 0 ? max(0, pos + 1 - window) : 0;
                 float s = NEG_INF;
                 if (j < n && key <= pos && key >= first) {
-                    const float* q = qs + r * hd;
+                    const float* q = qs + r * ks;
                     const float* k = kts + j * ks;
                     s = 0.0f;
                     for (int d = 0; d < hd; d++) s += q[d] * k[d];
@@ -319,6 +322,8 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
                 }
             }
             __syncthreads();
+            // Unrolled, so acc stays in registers.
+#pragma unroll
             for (int c = 0; c < TILE_OUT_PER_THREAD; c++) {
                 int e = tid + c * blockDim.x;
                 if (e < rows * hd) {
@@ -331,6 +336,7 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
             }
             __syncthreads();
         }
+#pragma unroll
         for (int c = 0; c < TILE_OUT_PER_THREAD; c++) {
             int e = tid + c * blockDim.x;
             if (e < rows * hd) {

@@ -3,7 +3,7 @@
 //! (`super::cuda`) and the CPU emulation of the kernels (`kernel-emu`, `tests/kernels_emulated.rs`) launch with
 //! the same numbers.
 
-use super::ops::Heads;
+use super::ops::{Heads, StepMeta};
 
 /// Threads per attention block (kernels.cu's `ATTN_THREADS`).
 pub const ATTN_THREADS: u32 = 256;
@@ -64,45 +64,79 @@ pub fn attention(tokens: usize, h: Heads, splits: usize) -> Dims {
     )
 }
 
-/// `amlserve_prefill_attention_bf16`'s shape for a step: a block per (tile of `qt` tokens, kv head), reading
-/// `kt` keys at a time.
+/// `amlserve_prefill_attention_bf16`'s shape: a block per (tile of `qt` tokens from token `first`, kv head),
+/// reading `kt` keys at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tiled {
     pub dims: Dims,
+    pub first: usize,
     pub qt: usize,
     pub kt: usize,
 }
 
 /// Outputs one thread of the tiled kernel accumulates (kernels.cu's `TILE_OUT_PER_THREAD`).
-const TILE_OUT_PER_THREAD: usize = 16;
+pub const TILE_OUT_PER_THREAD: usize = 16;
 /// The most tokens a tile of the tiled kernel takes.
 const TILE_TOKENS: usize = 16;
 /// Shared memory a block may take without asking for more (48 KiB).
 const SHARED_BYTES: usize = 48 * 1024;
-/// Tokens per sequence, on average, from which a step reads keys a tile at a time for a run of its tokens.
+/// Tokens per sequence, on average, from which the tokens after a step's leading single tokens are read a tile
+/// of keys at a time.
 pub const TILED_MIN_RUN: usize = 8;
 
-/// Whether steps of many tokens per sequence use the tiled kernel (the default; a switch for benchmarks).
-static TILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+thread_local! {
+    /// Whether this thread's steps may use the tiled kernel (the default; benchmarks and tests compare the two).
+    static TILED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
 
-/// Turns the tiled prefill kernel on or off for this process (benchmarks compare the two).
+/// Turns the tiled prompt kernel on or off for the steps this thread runs (the engine's thread keeps it on).
 pub fn set_tiled_attention(on: bool) {
-    TILED.store(on, std::sync::atomic::Ordering::Relaxed);
+    TILED.with(|t| t.set(on));
 }
 
-/// The tiled kernel's shape for a step of `tokens` tokens in `seqs` sequences, or `None` when the step is mostly
-/// single tokens (decode), or the heads do not fit its tiles: then the per-row kernel runs.
-pub fn tiled_attention(tokens: usize, seqs: usize, h: Heads) -> Option<Tiled> {
-    if !TILED.load(std::sync::atomic::Ordering::Relaxed) || seqs == 0 || tokens < TILED_MIN_RUN * seqs {
-        return None;
+/// How a step's attention runs: the per-row kernel over tokens `0..per_row` (its keys split into `splits` runs),
+/// and the tiled kernel over the rest, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub per_row: usize,
+    pub splits: usize,
+    pub tiled: Option<Tiled>,
+}
+
+/// The plan for `step` on a GPU of `sms` multiprocessors. The step's leading single tokens (decode rows: the
+/// scheduler puts them first) take the per-row kernel, with split-K when they are few; the tokens after them take
+/// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and the heads fit its
+/// tiles; otherwise every token takes the per-row kernel.
+pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
+    let (rest, rest_seqs) = (
+        step.tokens - step.singles.min(step.tokens),
+        step.seqs.saturating_sub(step.singles),
+    );
+    let tiled = if TILED.with(|t| t.get()) && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
+        tiled_shape(step.singles.min(step.tokens), rest, h)
+    } else {
+        None
+    };
+    let per_row = if tiled.is_some() {
+        step.singles.min(step.tokens)
+    } else {
+        step.tokens
+    };
+    AttentionPlan {
+        per_row,
+        splits: if per_row > 0 {
+            attention_splits(sms, per_row, h.n_head)
+        } else {
+            1
+        },
+        tiled,
     }
-    tiled_shape(tokens, h)
 }
 
-/// The tiled kernel's shape for `tokens` tokens, whatever their runs, or `None` when the heads do not fit its
-/// tiles.
-pub fn tiled_shape(tokens: usize, h: Heads) -> Option<Tiled> {
-    if !attention_supports(h) {
+/// The tiled kernel's shape for the `tokens` tokens from token `first`, whatever their runs, or `None` when the
+/// heads do not fit its tiles.
+pub fn tiled_shape(first: usize, tokens: usize, h: Heads) -> Option<Tiled> {
+    if !attention_supports(h) || tokens == 0 {
         return None;
     }
     let (group, hd) = (h.n_head / h.n_kv_head, h.head_dim);
@@ -111,7 +145,8 @@ pub fn tiled_shape(tokens: usize, h: Heads) -> Option<Tiled> {
         return None;
     }
     let rows = qt * group;
-    let floats = |kt: usize| rows * hd + kt * (hd + 1) + kt * hd + rows * kt + 3 * rows + kt;
+    // Queries and keys in rows of hd + 1 floats, values, scores, three floats per row, the slots.
+    let floats = |kt: usize| rows * (hd + 1) + kt * (hd + 1) + kt * hd + rows * kt + 3 * rows + kt;
     let kt = [64, 32, 16, 8].into_iter().find(|&kt| 4 * floats(kt) <= SHARED_BYTES)?;
     Some(Tiled {
         dims: Dims::new(
@@ -119,6 +154,7 @@ pub fn tiled_shape(tokens: usize, h: Heads) -> Option<Tiled> {
             ATTN_THREADS,
             (4 * floats(kt)) as u32,
         ),
+        first,
         qt,
         kt,
     })
@@ -185,6 +221,10 @@ mod tests {
         assert_eq!(attention_splits(0, 0, 0), 2);
     }
 
+    fn step(tokens: usize, seqs: usize, singles: usize) -> StepMeta {
+        StepMeta { tokens, seqs, singles }
+    }
+
     #[test]
     fn prompt_steps_take_tiles_and_decode_steps_do_not() {
         let smol = Heads {
@@ -192,24 +232,37 @@ mod tests {
             n_kv_head: 3,
             head_dim: 64,
         };
-        let t = tiled_attention(2048, 16, smol).expect("a burst of prompts");
+        let p = attention_plan(step(2048, 16, 0), smol, 132);
+        let t = p.tiled.expect("a burst of prompts");
         // 16 tokens x 3 query heads x 64 dimensions = 3,072 outputs, 12 per thread; keys 32 at a time.
-        assert_eq!((t.qt, t.kt, t.dims.grid), (16, 32, (128, 3, 1)));
+        assert_eq!(
+            (p.per_row, t.first, t.qt, t.kt, t.dims.grid),
+            (0, 0, 16, 32, (128, 3, 1))
+        );
         assert!(t.dims.shared as usize <= SHARED_BYTES);
-        assert_eq!(tiled_attention(64, 64, smol), None, "decode");
-        assert_eq!(tiled_attention(60, 16, smol), None, "mostly decode");
+        // Decode rows first, then a prompt chunk: the rows per row (split-K for 3 of them), the chunk tiled.
+        let p = attention_plan(step(2048, 4, 3), smol, 132);
+        assert_eq!((p.per_row, p.splits), (3, 10));
+        assert_eq!(p.tiled.map(|t| (t.first, t.dims.grid.0)), Some((3, 128)));
+        let decode = attention_plan(step(64, 64, 64), smol, 132);
+        assert_eq!((decode.per_row, decode.tiled), (64, None));
+        let mostly_decode = attention_plan(step(60, 16, 0), smol, 132);
+        assert_eq!((mostly_decode.per_row, mostly_decode.tiled), (60, None));
+        set_tiled_attention(false);
+        assert_eq!(attention_plan(step(2048, 16, 0), smol, 132).tiled, None, "switched off");
+        set_tiled_attention(true);
         let gemma = Heads {
             n_head: 4,
             n_kv_head: 1,
             head_dim: 256,
         };
-        let t = tiled_attention(512, 1, gemma).expect("a Gemma prompt");
+        let t = tiled_shape(0, 512, gemma).expect("a Gemma prompt");
         assert_eq!((t.qt, t.kt), (4, 8));
         let wide = Heads {
             n_head: 64,
             n_kv_head: 1,
             head_dim: 128,
         };
-        assert_eq!(tiled_attention(512, 1, wide), None, "a group too wide for one tile");
+        assert_eq!(tiled_shape(0, 512, wide), None, "a group too wide for one tile");
     }
 }

@@ -23,6 +23,8 @@ pub struct StepMeta {
     pub tokens: usize,
     /// Sequences in the step (its tokens in runs, one run per sequence).
     pub seqs: usize,
+    /// Leading tokens that are each a sequence's only token in the step (decode rows come first).
+    pub singles: usize,
 }
 
 impl StepMeta {
