@@ -6,8 +6,9 @@
 //!
 //! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs. `--packed 16x128`
 //! (the default) times a step reading 16 prompts of 128 tokens together, the shape of a burst of requests;
-//! `--packed-stages` splits it into stages. Prompt steps are timed with the tiled attention kernel (the default)
-//! and with the per-row one.
+//! `--packed-stages` splits it into stages; `--beside 1984` (the default) times the largest decode batch beside
+//! a prompt chunk. Steps with prompts are timed with the tiled attention kernel (the default) and with the
+//! per-row one.
 //!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
@@ -55,6 +56,10 @@ struct Args {
     /// Also time each stage of the packed prompt steps.
     #[arg(long)]
     packed_stages: bool,
+    /// Steps of the largest decode batch beside a prompt chunk of this many tokens (what the streams' ITL
+    /// pays while a prompt is read); 0 for none.
+    #[arg(long, default_value_t = 1984)]
+    beside: usize,
 }
 
 /// `SEQSxTOKENS`, both positive.
@@ -148,7 +153,8 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
         .copied()
         .max()
         .unwrap_or(1)
-        .max(args.context + args.steps + 8);
+        .max(args.context + args.steps + 8)
+        .max(args.beside);
     // The first two decode steps of each batch size run op by op and record its graph: both are untimed.
     if graphs {
         if let Err(why) = llama.enable_decode_graphs(max_batch, longest) {
@@ -232,6 +238,39 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 m.wait,
                 m.copy,
                 (seqs * n) as f64 * 1e3 / step,
+                m.argmax
+            );
+        }
+        launch::set_tiled_attention(true);
+    }
+    if let Some(&b) = args.batches.iter().max().filter(|_| args.beside > 0) {
+        let n = args.beside;
+        let prompt: Vec<u32> = (0..n).map(token).collect();
+        for tiled in [true, false] {
+            launch::set_tiled_attention(tiled);
+            let mut kvs = started(b);
+            let mut times = Vec::new();
+            for i in 0..4 {
+                // The decode rows first, as the scheduler packs a step, then a fresh prompt chunk.
+                let mut step: Vec<Vec<u32>> = (0..b).map(|s| vec![token(i * 31 + s)]).collect();
+                step.push(prompt.clone());
+                kvs.push(PagedKv::new(pool.clone(), n));
+                let t = timed_step(llama, &pool, &mut kvs, &step);
+                kvs.pop();
+                if i > 0 {
+                    times.push(t);
+                }
+            }
+            let m = median(times);
+            let step = m.issue + m.wait + m.copy;
+            println!(
+                "| decode, batch {b}, beside a prompt of {n}, attention {} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
+                if tiled { "tiled" } else { "per row" },
+                b + n,
+                m.issue,
+                m.wait,
+                m.copy,
+                (b + n) as f64 * 1e3 / step,
                 m.argmax
             );
         }

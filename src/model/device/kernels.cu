@@ -280,11 +280,15 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
                 slots[j] = table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
             }
             __syncthreads();
-            for (int e = tid; e < n * hd; e += blockDim.x) {
-                int j = e / hd, d = e % hd;
+            // Two dimensions per load (head_dim is even, so a pair never straddles a head).
+            for (int e = tid; e < n * hd / 2; e += blockDim.x) {
+                int j = e / (hd / 2), d = 2 * (e % (hd / 2));
                 const unsigned short* src = pool + (size_t)slots[j] * row2;
-                kts[j * ks + d] = bf16_to_f32(src[k_at + d]);
-                vts[j * hd + d] = bf16_to_f32(src[v_at + d]);
+                unsigned int k2 = *(const unsigned int*)(src + k_at + d), v2 = *(const unsigned int*)(src + v_at + d);
+                kts[j * ks + d] = __uint_as_float(k2 << 16);
+                kts[j * ks + d + 1] = __uint_as_float(k2 & 0xffff0000u);
+                vts[j * hd + d] = __uint_as_float(v2 << 16);
+                vts[j * hd + d + 1] = __uint_as_float(v2 & 0xffff0000u);
             }
             __syncthreads();
             for (int e = tid; e < rows * kt; e += blockDim.x) {
