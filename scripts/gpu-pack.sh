@@ -42,4 +42,7 @@ tar -cf - -C "$tmp" . | xz -T0 -6 > .gpu/bin.tar.xz
 half=$(( 63000000 - $(stat -c %s .gpu/bin.tar.xz) ))
 head -c "$half" "$model" > .gpu/model.part-a
 tail -c +"$((half + 1))" "$model" > .gpu/model.part-b
+# What the pack was built from, so a later session can tell whether it is stale (not carried: not needed there).
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no | sed 's/^/modified: /'; } > .gpu/COMMIT
 ls -l .gpu
+cat .gpu/COMMIT
