@@ -22,7 +22,7 @@ if [ "${1:-}" = dry ]; then
   cp "$(executable device_forward test --release --test device_forward --no-run)" "$work/device_forward"
   cp "$(executable device bench --bench device --no-run)" "$work/device_bench"
   WORK=$work GPU_DIR=/nonexistent DEVICE=candle-cpu WEIGHTS=q8_0 STAGES="--stages 1" \
-    DEVICE_BENCH_ARGS="--graphs --context 32 --batches 1,2 --prompts 16 --steps 3" \
+    DEVICE_BENCH_ARGS="--graphs --packed-stages --context 32 --batches 1,2 --prompts 16 --packed 2x8 --beside 24 --steps 3" \
     CONCURRENCY=1,2 REQUESTS=2,4 MAX_TOKENS=8 exec scripts/gpu-check.sh
 fi
 # shellcheck disable=SC1090
