@@ -6,10 +6,10 @@
 //! - [`paged`]: the KV cache as one pool of fixed-size blocks per layer on the device, shared by every sequence
 //!   (a sequence holds a block table), with blocks shared between a prefix-cache entry and the sequences that
 //!   start with it.
-//! - [`ops`]: the kernels candle does not have (rotary embedding in place, writing keys and values to their
-//!   slots, paged causal attention) or has only as several launches (the residual add with the next norm, the
-//!   gated activation, q/k/v biases, per-head norms), each with a CPU implementation and a CUDA one (compiled
-//!   at run time by NVRTC, so the build needs no extra nvcc step).
+//! - [`ops`]: the kernels candle does not have (writing keys, rotated, and values to their slots; paged causal
+//!   attention, rotating the queries as it reads them; greedy rows' argmax) or has only as several launches
+//!   (the residual add with the next norm, the gated activation, q/k/v biases, per-head norms), each with a CPU
+//!   implementation and a CUDA one (compiled at run time by NVRTC, so the build needs no extra nvcc step).
 //! - [`budget`]: the pool's size: its margin beyond the admission budget, and the budget a GPU's free memory
 //!   allows.
 //! - [`launch`]: the kernels' launch geometry, shared with their CPU emulation in the tests.
