@@ -348,3 +348,50 @@ impl Backend for DeviceBackend {
         Ok(llama.rows_to_host(&rows, logits.reset(n, self.model.config.vocab_size))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kv: &mut (), want_logits: bool, argmax_only: bool) -> BatchEntry<'_, ()> {
+        BatchEntry {
+            kv,
+            tokens: &[1],
+            want_logits,
+            argmax_only,
+        }
+    }
+
+    #[test]
+    fn indices_only_when_rows_are_wanted_and_every_one_takes_its_argmax() {
+        let (mut a, mut b) = ((), ());
+        // A prompt chunk that wants no row does not count either way.
+        assert!(argmax_suffices(&[
+            entry(&mut a, true, true),
+            entry(&mut b, false, false)
+        ]));
+        assert!(!argmax_suffices(&[
+            entry(&mut a, true, true),
+            entry(&mut b, true, false)
+        ]));
+        assert!(!argmax_suffices(&[entry(&mut a, false, true)]), "no row wanted");
+        let mut logits = Logits::default();
+        logits.reset_argmax(2).copy_from_slice(&[7, 9]);
+        assert!(logits.is_argmax());
+        let ids: Vec<u32> = logits
+            .rows_to_sample()
+            .into_iter()
+            .map(|r| match r {
+                Row::Argmax(i) => i,
+                Row::Logits(_) => panic!("a row after reset_argmax"),
+            })
+            .collect();
+        assert_eq!(ids, [7, 9]);
+        logits.reset(2, 3).fill(0.5);
+        assert!(!logits.is_argmax());
+        assert!(logits
+            .rows_to_sample()
+            .iter()
+            .all(|r| matches!(r, Row::Logits(l) if l.len() == 3)));
+    }
+}
