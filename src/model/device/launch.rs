@@ -83,6 +83,10 @@ const SHARED_BYTES: usize = 48 * 1024;
 /// Tokens per sequence, on average, from which the tokens after a step's leading single tokens are read a tile
 /// of keys at a time.
 pub const TILED_MIN_RUN: usize = 8;
+/// The fewest keys a tile must take for the launcher to choose the tiled kernel: each tile costs the block five
+/// barriers, so wide heads (Gemma's 256, whose tiles fit 8 keys in shared memory; 128 with a group of 4: 16) keep
+/// the per-row kernel until a GPU measures otherwise.
+pub const TILED_MIN_KEYS: usize = 32;
 
 thread_local! {
     /// Whether this thread's steps may use the tiled kernel (the default; benchmarks and tests compare the two).
@@ -105,15 +109,15 @@ pub struct AttentionPlan {
 
 /// The plan for `step` on a GPU of `sms` multiprocessors. The step's leading single tokens (decode rows: the
 /// scheduler puts them first) take the per-row kernel, with split-K when they are few; the tokens after them take
-/// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and the heads fit its
-/// tiles; otherwise every token takes the per-row kernel.
+/// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and its tiles hold
+/// `TILED_MIN_KEYS` keys for these heads; otherwise every token takes the per-row kernel.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
     let (rest, rest_seqs) = (
         step.tokens - step.singles.min(step.tokens),
         step.seqs.saturating_sub(step.singles),
     );
     let tiled = if TILED.with(|t| t.get()) && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
-        tiled_shape(step.singles.min(step.tokens), rest, h)
+        tiled_shape(step.singles.min(step.tokens), rest, h).filter(|t| t.kt >= TILED_MIN_KEYS)
     } else {
         None
     };
@@ -258,6 +262,11 @@ mod tests {
         };
         let t = tiled_shape(0, 512, gemma).expect("a Gemma prompt");
         assert_eq!((t.qt, t.kt), (4, 8));
+        assert_eq!(
+            attention_plan(step(512, 1, 0), gemma, 132).tiled,
+            None,
+            "8-key tiles: per row"
+        );
         let wide = Heads {
             n_head: 64,
             n_kv_head: 1,
