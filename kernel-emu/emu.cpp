@@ -95,12 +95,11 @@ struct Block {
 static thread_local Block* block = nullptr;
 // Counts blocks run on this thread: a shared array is poisoned the first time a block reaches its declaration.
 static thread_local unsigned long generation = 0;
-static thread_local std::map<void*, unsigned long>* shared_arrays = nullptr;
+static thread_local std::map<void*, unsigned long> shared_arrays;
 
 // Fills `bytes` at `p` with 0xff (a NaN) once per block, the first time any of the block's threads declares it.
 static void shared_array(void* p, std::size_t bytes) {
-    if (shared_arrays == nullptr) shared_arrays = new std::map<void*, unsigned long>();
-    auto [it, fresh] = shared_arrays->try_emplace(p, generation);
+    auto [it, fresh] = shared_arrays.try_emplace(p, generation);
     if (fresh || it->second != generation) {
         std::memset(p, 0xff, bytes);
         it->second = generation;

@@ -112,20 +112,14 @@ pub struct AttentionPlan {
 /// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and its tiles hold
 /// `TILED_MIN_KEYS` keys for these heads; otherwise every token takes the per-row kernel.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
-    let (rest, rest_seqs) = (
-        step.tokens - step.singles.min(step.tokens),
-        step.seqs.saturating_sub(step.singles),
-    );
+    let singles = step.singles.min(step.tokens);
+    let (rest, rest_seqs) = (step.tokens - singles, step.seqs.saturating_sub(singles));
     let tiled = if TILED.with(|t| t.get()) && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
-        tiled_shape(step.singles.min(step.tokens), rest, h).filter(|t| t.kt >= TILED_MIN_KEYS)
+        tiled_shape(singles, rest, h).filter(|t| t.kt >= TILED_MIN_KEYS)
     } else {
         None
     };
-    let per_row = if tiled.is_some() {
-        step.singles.min(step.tokens)
-    } else {
-        step.tokens
-    };
+    let per_row = if tiled.is_some() { singles } else { step.tokens };
     AttentionPlan {
         per_row,
         splits: if per_row > 0 {
