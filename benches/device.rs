@@ -7,8 +7,9 @@
 //! `--graphs` measures each weight format again with decode steps replayed as CUDA graphs. `--packed 16x128`
 //! (the default) times a step reading 16 prompts of 128 tokens together, the shape of a burst of requests;
 //! `--packed-stages` splits it into stages; `--beside 1984` (the default) times the largest decode batch beside
-//! a prompt chunk. Steps with prompts are timed with the tiled attention kernel (the default) and with the
-//! per-row one.
+//! a prompt chunk. Each step is timed with each attention kernel it may take: decode steps with the grouped
+//! kernel (the default) and the per-row one; steps with prompts also with the tiled kernel (the default for
+//! prompt chunks).
 //!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
@@ -18,7 +19,8 @@ mod common;
 use std::time::Instant;
 
 use amlserve::model::device::forward::DeviceChunk;
-use amlserve::model::device::{self, launch, DeviceChoice, DeviceLlama, KvPool, PagedKv};
+use amlserve::model::device::launch::{self, AttentionKernels};
+use amlserve::model::device::{self, DeviceChoice, DeviceLlama, KvPool, PagedKv};
 use amlserve::model::{Forward, Model, WeightFormat};
 use clap::Parser;
 
@@ -144,6 +146,20 @@ fn main() {
     }
 }
 
+/// The attention kernel sets steps are timed with: the launcher's (prompt chunks tiled, tokens read one at a time
+/// grouped), grouped without tiles, and the per-row kernel alone.
+const KERNEL_SETS: [(&str, AttentionKernels); 3] = [
+    ("tiled", AttentionKernels::ALL),
+    (
+        "grouped",
+        AttentionKernels {
+            tiled: false,
+            grouped: true,
+        },
+    ),
+    ("per row", AttentionKernels::PER_ROW),
+];
+
 /// The step table for one loaded model, then the per-stage tables asked for.
 fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     let max_batch = args.batches.iter().chain(&args.stages).copied().max().unwrap_or(1);
@@ -182,27 +198,36 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
-        let mut kvs = started(b);
-        let mut times = Vec::new();
-        for i in 0..args.steps + 3 {
-            let next: Vec<Vec<u32>> = (0..b).map(|s| vec![token(i * 31 + s)]).collect();
-            let t = timed_step(llama, &pool, &mut kvs, &next);
-            if i >= 3 {
-                times.push(t);
+        // Decode steps have no prompt chunks to tile: the grouped kernel and the per-row one.
+        for (what, kernels) in [
+            ("grouped", AttentionKernels::ALL),
+            ("per row", AttentionKernels::PER_ROW),
+        ] {
+            launch::set_attention_kernels(kernels);
+            let mut kvs = started(b);
+            let mut times = Vec::new();
+            for i in 0..args.steps + 3 {
+                let next: Vec<Vec<u32>> = (0..b).map(|s| vec![token(i * 31 + s)]).collect();
+                let t = timed_step(llama, &pool, &mut kvs, &next);
+                if i >= 3 {
+                    times.push(t);
+                }
             }
+            let m = median(times);
+            let step = m.issue + m.wait + m.copy;
+            println!(
+                "| decode, batch {b}, context {}, attention {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
+                args.context,
+                what,
+                m.issue,
+                m.wait,
+                m.copy,
+                b as f64 * 1e3 / step,
+                m.argmax,
+                b as f64 * 1e3 / (m.issue + m.wait + m.argmax)
+            );
         }
-        let m = median(times);
-        let step = m.issue + m.wait + m.copy;
-        println!(
-            "| decode, batch {b}, context {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
-            args.context,
-            m.issue,
-            m.wait,
-            m.copy,
-            b as f64 * 1e3 / step,
-            m.argmax,
-            b as f64 * 1e3 / (m.issue + m.wait + m.argmax)
-        );
+        launch::set_attention_kernels(AttentionKernels::ALL);
     }
     // Fresh sequences each time: `seqs` prompts of `n` tokens.
     let packed = |seqs: usize, n: usize| -> (Vec<PagedKv>, Vec<Vec<u32>>) {
@@ -212,9 +237,8 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     };
     let shapes = args.prompts.iter().map(|&n| (1, n)).chain(args.packed.iter().copied());
     for (seqs, n) in shapes {
-        // Prompt steps read keys a tile at a time (the default), then a row at a time, to compare.
-        for tiled in [true, false] {
-            launch::set_tiled_attention(tiled);
+        for (what, kernels) in KERNEL_SETS {
+            launch::set_attention_kernels(kernels);
             let mut times = Vec::new();
             for i in 0..4 {
                 let (mut kvs, prompts) = packed(seqs, n);
@@ -225,14 +249,13 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             }
             let m = median(times);
             let step = m.issue + m.wait + m.copy;
-            let what = if seqs == 1 {
+            let shape = if seqs == 1 {
                 format!("prompt of {n}")
             } else {
                 format!("{seqs} prompts of {n}, packed")
             };
             println!(
-                "| {what}, attention {} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
-                if tiled { "tiled" } else { "per row" },
+                "| {shape}, attention {what} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
                 seqs * n,
                 m.issue,
                 m.wait,
@@ -241,13 +264,13 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 m.argmax
             );
         }
-        launch::set_tiled_attention(true);
+        launch::set_attention_kernels(AttentionKernels::ALL);
     }
     if let Some(&b) = args.batches.iter().max().filter(|_| args.beside > 0) {
         let n = args.beside;
         let prompt: Vec<u32> = (0..n).map(token).collect();
-        for tiled in [true, false] {
-            launch::set_tiled_attention(tiled);
+        for (what, kernels) in KERNEL_SETS {
+            launch::set_attention_kernels(kernels);
             let mut kvs = started(b);
             let mut times = Vec::new();
             for i in 0..4 {
@@ -264,8 +287,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             let m = median(times);
             let step = m.issue + m.wait + m.copy;
             println!(
-                "| decode, batch {b}, beside a prompt of {n}, attention {} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
-                if tiled { "tiled" } else { "per row" },
+                "| decode, batch {b}, beside a prompt of {n}, attention {what} | {} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | |",
                 b + n,
                 m.issue,
                 m.wait,
@@ -274,7 +296,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 m.argmax
             );
         }
-        launch::set_tiled_attention(true);
+        launch::set_attention_kernels(AttentionKernels::ALL);
     }
     for &b in &args.stages {
         let mut kvs = started(b);

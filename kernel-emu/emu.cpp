@@ -93,6 +93,12 @@ struct Block {
 };
 
 static thread_local Block* block = nullptr;
+// The first fault a launch's threads met (a GPU would stop the kernel with an error), empty if none.
+static thread_local std::string faulted;
+
+static void fault(const char* what) {
+    if (faulted.empty()) faulted = what;
+}
 // Counts blocks run on this thread: a shared array is poisoned the first time a block reaches its declaration.
 static thread_local unsigned long generation = 0;
 static thread_local std::map<void*, unsigned long> shared_arrays;
@@ -295,6 +301,19 @@ static std::string run_block(Block& b, bool reverse) {
     emu::shared_array(name, sizeof(name))
 #define __syncthreads() emu_syncthreads(__LINE__)
 #define __shfl_xor_sync(mask, v, lane_mask) emu_shfl_xor((mask), (v), (lane_mask), __LINE__)
+// A warp's barrier: every lane meets it as at a shuffle (a full mask, at one line).
+#define __syncwarp() emu_shfl_xor(0xffffffffu, 0.0f, 0, __LINE__)
+
+// CUDA's built-in vector type of four 32-bit words, loaded 16 bytes at a time on a GPU, which faults on an address
+// that is not a multiple of 16: so does the emulated launch (a copy from such an address fails it).
+struct uint4 {
+    unsigned x = 0, y = 0, z = 0, w = 0;
+    uint4() = default;
+    uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) {
+        if (reinterpret_cast<std::uintptr_t>(&o) % 16 != 0) emu::fault("a 16-byte load from a misaligned address");
+    }
+    uint4& operator=(const uint4& o) = default;
+};
 
 using std::max;
 using std::min;
@@ -332,6 +351,12 @@ extern "C" __global__ void emu_test_missing_barrier(float* out) {
     float sum = 0.0f;
     for (unsigned w = 0; w < blockDim.x / 32; w++) sum += slots[w];
     out[threadIdx.x] = sum;
+}
+
+// Thread t loads the 16 bytes from word `offset` + 4t of `in`: a fault unless offset is a multiple of 4 words.
+extern "C" __global__ void emu_test_vector_load(unsigned* out, const unsigned* in, int offset) {
+    uint4 w = *(const uint4*)(in + offset + 4 * threadIdx.x);
+    out[threadIdx.x] = w.x + w.y + w.z + w.w;
 }
 
 namespace {
@@ -376,12 +401,16 @@ const Kernel KERNELS[] = {
     KERNEL(amlserve_add_bias),
     KERNEL(amlserve_paged_attention_bf16),
     KERNEL(amlserve_prefill_attention_bf16),
+    KERNEL(amlserve_grouped_attention_bf16_64),
+    KERNEL(amlserve_grouped_attention_bf16_128),
+    KERNEL(amlserve_grouped_attention_bf16_256),
     KERNEL(amlserve_attention_combine),
     KERNEL(amlserve_head_norms),
     KERNEL(amlserve_add_rms_norm),
     KERNEL(amlserve_row_argmax),
     KERNEL(emu_test_divergent),
     KERNEL(emu_test_missing_barrier),
+    KERNEL(emu_test_vector_load),
 };
 
 const Kernel* find(const char* name) {
@@ -426,6 +455,7 @@ std::string launch(const char* name, const unsigned* grid, unsigned block, unsig
     blockDim = Dim3{block, 1, 1};
     gridDim = Dim3{grid[0], grid[1], grid[2]};
     emu::block = &b;
+    emu::faulted.clear();
     std::string failure;
     unsigned long index = 0;
     for (unsigned z = 0; z < grid[2] && failure.empty(); z++)
@@ -434,6 +464,7 @@ std::string launch(const char* name, const unsigned* grid, unsigned block, unsig
                 blockIdx = Dim3{x, y, z};
                 std::fill(dynamic.begin(), dynamic.end(), (char)0xff);
                 failure = emu::run_block(b, index % 2 == 1);
+                if (failure.empty() && !emu::faulted.empty()) failure = emu::faulted;
                 bool guards = std::all_of(dynamic.begin(), dynamic.begin() + SHARED_GUARD,
                                           [](char c) { return c == (char)0xff; }) &&
                               std::all_of(dynamic.end() - SHARED_GUARD, dynamic.end(),

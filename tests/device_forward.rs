@@ -175,7 +175,7 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 mod cuda {
     use super::*;
     use amlserve::model::arch::Activation;
-    use amlserve::model::device::launch;
+    use amlserve::model::device::launch::{self, AttentionKernels};
     use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, RowArgmax};
     use candle_core::{DType, Tensor};
     use common::kernel_cases::{attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, NORMED_HEADS};
@@ -206,17 +206,27 @@ mod cuda {
         for (i, AttentionCase { heads, seqs, window }) in attention_cases().into_iter().enumerate() {
             let s = step(heads, &seqs, i as u64);
             let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
-            // A step of prompt chunks takes the tiled kernel; the per-row one too, with tiles turned off.
-            let tiled = launch::attention_plan(s.meta(), heads, 132).tiled.is_some();
-            for tiles in [true, false].into_iter().filter(|&t| tiled || t) {
-                launch::set_tiled_attention(tiles);
+            // The launcher's kernels (a step of prompt chunks takes the tiled kernel, tokens read one at a time
+            // the grouped one), then each turned off in turn down to the per-row kernel alone.
+            let kernel_sets = [
+                ("all", AttentionKernels::ALL),
+                (
+                    "grouped, no tiles",
+                    AttentionKernels {
+                        tiled: false,
+                        grouped: true,
+                    },
+                ),
+                ("per row", AttentionKernels::PER_ROW),
+            ];
+            for (what, kernels) in kernel_sets {
+                launch::set_attention_kernels(kernels);
                 let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
-                launch::set_tiled_attention(true);
+                launch::set_attention_kernels(AttentionKernels::ALL);
                 let (ep, eo) = (rel_err(&p_gpu, &p_cpu), rel_err(&o_gpu, &o_cpu));
                 println!(
-                    "{heads:?}, {} tokens, window {window:?}, {}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
+                    "{heads:?}, {} tokens, window {window:?}, {what}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
                     s.tokens,
-                    if tiled && tiles { "tiled" } else { "per row" }
                 );
                 assert!(ep < 1e-3, "store {ep}");
                 assert!(eo < 1e-4, "attention {eo}");

@@ -68,9 +68,10 @@ fn emulate(s: &Step, window: Option<usize>, plan: AttentionPlan) -> (Vec<f32>, V
     let mut partial = nan(launch::attention_partial_len(plan.per_row, h, plan.splits));
     let window = window.map_or(0, |w| i32::try_from(w).expect("window"));
     if plan.per_row > 0 {
+        let (kernel, dims) = plan.row_kernel(h);
         run(
-            "amlserve_paged_attention_bf16",
-            launch::attention(plan.per_row, h, plan.splits),
+            kernel,
+            dims,
             &[
                 out.ptr(),
                 partial.ptr(),
@@ -140,26 +141,37 @@ fn emulate(s: &Step, window: Option<usize>, plan: AttentionPlan) -> (Vec<f32>, V
     (pool, out.data().to_vec())
 }
 
-/// The plans a step is checked under: per row whole, per row split as on an H200 (132 multiprocessors), the
-/// launcher's own plan for an H200, and every token tiled.
+/// The plans a step is checked under: every token read one at a time by the per-row kernel and (where it takes
+/// the heads) the grouped one, whole and split as on an H200 (132 multiprocessors); the launcher's own plan for an
+/// H200; and every token tiled.
 fn plans(s: &Step) -> Vec<(&'static str, AttentionPlan)> {
-    let per_row = |splits| AttentionPlan {
+    let h = s.heads;
+    let one_at_a_time = |grouped: bool, splits| AttentionPlan {
         per_row: s.tokens,
         splits,
+        grouped,
         tiled: None,
     };
     let mut plans = vec![
-        ("per row", per_row(1)),
+        ("per row", one_at_a_time(false, 1)),
         (
             "per row, split",
-            per_row(launch::attention_splits(132, s.tokens, s.heads.n_head)),
+            one_at_a_time(false, launch::attention_splits(132, s.tokens, h.n_head)),
         ),
-        ("the launcher's", launch::attention_plan(s.meta(), s.heads, 132)),
+        ("the launcher's", launch::attention_plan(s.meta(), h, 132)),
     ];
-    if let Some(t) = launch::tiled_shape(0, s.tokens, s.heads) {
+    if launch::grouped_kernel(h).is_some() {
+        plans.push(("grouped", one_at_a_time(true, 1)));
+        plans.push((
+            "grouped, split",
+            one_at_a_time(true, launch::attention_splits(132, s.tokens, h.n_kv_head)),
+        ));
+    }
+    if let Some(t) = launch::tiled_shape(0, s.tokens, h) {
         let tiled = AttentionPlan {
             per_row: 0,
             splits: 1,
+            grouped: false,
             tiled: Some(t),
         };
         plans.push(("tiled", tiled));
@@ -386,17 +398,33 @@ fn the_launchers_constants_are_the_kernels_own() {
     assert_eq!(define("TILE_OUT_PER_THREAD"), launch::TILE_OUT_PER_THREAD);
     assert_eq!(define("ARGMAX_THREADS"), launch::ARGMAX_THREADS as usize);
     assert_eq!(define("BLOCK_TOKENS"), amlserve::model::device::paged::BLOCK);
+    assert_eq!(define("GROUPED_WARPS"), launch::GROUPED_WARPS as usize);
 }
 
 #[test]
 fn every_kernel_in_the_source_is_emulated() {
     let source = include_str!("../src/model/device/kernels.cu");
+    // Kernels defined directly, and those a macro instantiates (`GROUPED_ATTENTION(name, ...)`, whose own
+    // definition names its parameter `name`).
     let names: Vec<&str> = source
         .split("__global__ void ")
         .skip(1)
         .filter_map(|rest| rest.split('(').next())
+        .filter(|&n| n != "name")
+        .chain(source.lines().filter_map(|l| {
+            l.strip_prefix("GROUPED_ATTENTION(")
+                .and_then(|rest| rest.split(',').next())
+        }))
         .collect();
-    assert!(names.len() >= 8, "kernels found: {names:?}");
+    assert!(names.len() >= 11, "kernels found: {names:?}");
+    for h in [
+        common::kernel_cases::SMOLLM2,
+        common::kernel_cases::LLAMA3,
+        common::kernel_cases::GEMMA3,
+    ] {
+        let grouped = launch::grouped_kernel(h).expect("a grouped kernel");
+        assert!(names.contains(&grouped), "{grouped} is not in kernels.cu");
+    }
     for name in names {
         assert!(
             amlserve_kernel_emu::knows(name),

@@ -244,6 +244,34 @@ mod tests {
     }
 
     #[test]
+    fn a_16_byte_load_from_a_misaligned_address_fails_the_launch() {
+        let words: Vec<u32> = (0..40).collect();
+        let mut input = Guarded::new(&words, u32::MAX);
+        assert_eq!(input.data().as_ptr() as usize % 16, 0, "the buffer itself is aligned");
+        for (offset, aligned) in [(0, true), (4, true), (2, false)] {
+            let mut out = Guarded::new(&[0u32; 8], u32::MAX);
+            // SAFETY: 8 threads read 4 words each from word `offset` <= 4: inside the 40 words.
+            let r = unsafe {
+                launch(
+                    "emu_test_vector_load",
+                    (1, 1, 1),
+                    8,
+                    0,
+                    &[out.ptr(), input.ptr(), Arg::I32(offset)],
+                )
+            };
+            match (r, aligned) {
+                (Ok(()), true) => {
+                    let o = offset as u32;
+                    assert_eq!(out.data()[1], 4 * (o + 4) + 6);
+                }
+                (Err(e), false) => assert!(e.contains("misaligned"), "{e}"),
+                (r, _) => panic!("offset {offset}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn an_argument_of_the_wrong_kind_is_an_error() {
         let mut x = Guarded::new(&[0.0f32; 4], f32::NAN);
         let args = [x.ptr(), x.ptr(), Arg::F32(1.0), Arg::I32(4)];

@@ -156,6 +156,12 @@ pub const HEAD80: Heads = Heads {
     n_kv_head: 2,
     head_dim: 80,
 };
+/// Eight query heads to a kv head: the most the grouped kernel keeps in a lane's registers at this width.
+pub const GROUP8: Heads = Heads {
+    n_head: 16,
+    n_kv_head: 2,
+    head_dim: 64,
+};
 
 /// One attention case: the heads, the step's (cached tokens, new tokens) per sequence, the sliding window.
 pub struct AttentionCase {
@@ -174,7 +180,7 @@ pub fn attention_cases() -> Vec<AttentionCase> {
     let decode = vec![(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
     let then_prompts = vec![(290, 1), (1200, 1), (37, 1), (0, 48), (650, 20)];
     let mut cases = Vec::new();
-    for h in [SMOLLM2, GEMMA3, ODD, LLAMA3, NARROW, HEAD80] {
+    for h in [SMOLLM2, GEMMA3, ODD, LLAMA3, NARROW, HEAD80, GROUP8] {
         for seqs in [&mixed, &decode, &then_prompts] {
             for window in [None, Some(37), Some(512)] {
                 cases.push(AttentionCase {

@@ -195,8 +195,12 @@ pub(super) fn paged_attention(
     let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
     let plan = launch::attention_plan(op.meta, h, multiprocessors(&dev)?);
-    // SAFETY: the kernels write every element: tokens 0..plan.per_row the per-row kernel (without splits each
-    // (token, head) block its head_dim outputs; with them each split its maximum, sum and outputs, and the
+    if plan.grouped && ps % 8 != 0 {
+        // The grouped kernel reads keys 16 bytes at a time; the pool is a whole allocation, so this never happens.
+        candle_core::bail!("paged attention: the KV pool does not start on a 16-byte boundary")
+    }
+    // SAFETY: the kernels write every element: tokens 0..plan.per_row the per-row or grouped kernel (without
+    // splits each block its heads' head_dim outputs; with them each split its maximum, sum and outputs, and the
     // combining kernel every output), the rest the tiled kernel (each token in one run of one tile).
     let mut out = unsafe { dev.alloc::<f32>(op.meta.tokens * h.n_head * h.head_dim) }?;
     // 0: no window (a window beyond i32 is none in practice).
@@ -211,10 +215,11 @@ pub(super) fn paged_attention(
         h.head_dim as i32,
     );
     if plan.per_row > 0 {
-        let f = dev.get_or_load_custom_func("amlserve_paged_attention_bf16", MODULE, ptx_for(&dev)?)?;
+        let (name, dims) = plan.row_kernel(h);
+        let f = dev.get_or_load_custom_func(name, MODULE, ptx_for(&dev)?)?;
         let splits = plan.splits;
         let mut partial = unsafe { dev.alloc::<f32>(launch::attention_partial_len(plan.per_row, h, splits)) }?;
-        let cfg = config(launch::attention(plan.per_row, h, splits));
+        let cfg = config(dims);
         let n_splits = splits as i32;
         with_table(&op.rotary, |t| {
             let mut b = f.builder();

@@ -20,6 +20,10 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
     return __uint_as_float(((unsigned int)h) << 16);
 }
 
+// The two bf16 halves of a 32-bit word, as floats (the lower one first in memory).
+__device__ __forceinline__ float bf16_lo(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+
 // Round to nearest, ties to even; NaN stays NaN (as src/model/kv_cache.rs::to_bf16).
 __device__ __forceinline__ unsigned short f32_to_bf16(float x) {
     unsigned int bits = __float_as_uint(x);
@@ -151,7 +155,7 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
             float dot = 0.0f;
             for (int p = lane; p < half_dim; p += 32) {
                 unsigned int w = k2[p];
-                dot += q[2 * p] * __uint_as_float(w << 16) + q[2 * p + 1] * __uint_as_float(w & 0xffff0000u);
+                dot += q[2 * p] * bf16_lo(w) + q[2 * p + 1] * bf16_hi(w);
             }
             dot = warp_sum(dot);
             if (lane == 0) {
@@ -222,13 +226,188 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
     }
 }
 
+// Warps per block of the grouped attention kernels (amlserve_grouped_attention_bf16_*).
+#define GROUPED_WARPS 4
+
+// Grid (tokens, kv heads, splits), GROUPED_WARPS warps: attention for one token and the `group` query heads that
+// share one kv head, so each key and value row is read once for all of them (amlserve_paged_attention_bf16 reads
+// it once per query head). Queries are scaled and rotated as they are read, into shared memory. The warps take
+// the token's keys 32 at a time in turn, a lane per key: the lane reads its key row 16 bytes at a time (head_dim
+// a multiple of 8) and scores it against each query head, and the warp keeps an online softmax per query head.
+// Then the warp reads the 32 value rows side by side, a lane per pair of dimensions (PAIRS pairs a lane: head_dim
+// up to 64 * PAIRS), weighting each by its probabilities. The warps' maxima, sums and outputs are merged at the end.
+// A lane keeps group x 2 * PAIRS outputs in registers, so group is at most GMAX. Splits as in
+// amlserve_paged_attention_bf16, written in its partial layout for amlserve_attention_combine.
+template <int PAIRS>
+__device__ void grouped_attention(float* smem, float* out, float* partial, const float* qkv, const unsigned short* pool,
+                                  const unsigned int* meta, const float* rope, float q_scale, int tokens, int width,
+                                  int n_head, int n_kv_head, int head_dim, int window, int splits) {
+    constexpr int GMAX = PAIRS > 2 ? 4 : 8;
+    int group = n_head / n_kv_head, pairs = head_dim / 2;
+    int i = blockIdx.x, kvh = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Shared: the queries [group][head_dim]; each warp's chunk probabilities [group][32] and slots [32]; the
+    // warps' maxima and sums [warps][group] and outputs [warps][group][head_dim] for the merge.
+    float* q = smem;
+    float* probs = q + group * head_dim + warp * group * 32;
+    unsigned int* slots = (unsigned int*)(q + group * head_dim + GROUPED_WARPS * group * 32) + warp * 32;
+    float* w_max = q + group * head_dim + GROUPED_WARPS * (group + 1) * 32;
+    float* w_sum = w_max + GROUPED_WARPS * group;
+    float* w_out = w_sum + GROUPED_WARPS * group;
+    int row2 = 2 * n_kv_head * head_dim;
+    int k_at = kvh * head_dim, v_at = n_kv_head * head_dim + kvh * head_dim;
+    int n_keys = (int)meta[i] + 1;
+    int first_key = window > 0 ? max(0, n_keys - window) : 0;
+    if (splits > 1) {
+        int chunk = max(SPLIT_MIN_KEYS, (n_keys - first_key + splits - 1) / splits);
+        first_key = min(n_keys, first_key + (int)blockIdx.z * chunk);
+        n_keys = min(n_keys, first_key + chunk);
+    }
+    const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
+    const float* cs = rope + (size_t)meta[i] * head_dim;
+    for (int d = tid; d < group * head_dim; d += blockDim.x) {
+        const float* qsrc = qkv + (size_t)i * width + (size_t)(kvh * group + d / head_dim) * head_dim;
+        q[d] = rotated(qsrc, cs, d % head_dim, pairs, q_scale);
+    }
+    __syncthreads();
+
+    float m[GMAX], l[GMAX], acc[GMAX][2 * PAIRS];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 2 * PAIRS; c++) acc[g][c] = 0.0f;
+    }
+    for (int base = first_key + 32 * warp; base < n_keys; base += 32 * GROUPED_WARPS) {
+        int key = base + lane;
+        bool valid = key < n_keys;
+        unsigned int slot = 0;
+        float dot[GMAX];
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) dot[g] = 0.0f;
+        if (valid) {
+            slot = table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
+            const uint4* k8 = (const uint4*)(pool + (size_t)slot * row2 + k_at);
+            for (int c = 0; c < head_dim / 8; c++) {
+                uint4 w = k8[c];
+                float k[8] = {bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y),
+                              bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)};
+#pragma unroll
+                for (int g = 0; g < GMAX; g++) {
+                    if (g < group) {
+                        const float* qg = q + g * head_dim + 8 * c;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) dot[g] += qg[e] * k[e];
+                    }
+                }
+            }
+        }
+        // The warp's lanes have read the last chunk's probabilities and slots.
+        __syncwarp();
+        slots[lane] = slot;
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            if (g < group) {
+                float s = valid ? dot[g] : NEG_INF;
+                float new_m = fmaxf(m[g], warp_max(s));
+                float corr = __expf(m[g] - new_m);
+                float p = valid ? __expf(s - new_m) : 0.0f;
+                l[g] = l[g] * corr + warp_sum(p);
+                m[g] = new_m;
+                probs[g * 32 + lane] = p;
+#pragma unroll
+                for (int c = 0; c < 2 * PAIRS; c++) acc[g][c] *= corr;
+            }
+        }
+        __syncwarp();
+        int n = min(32, n_keys - base);
+#pragma unroll 4
+        for (int j = 0; j < n; j++) {
+            const unsigned int* v2 = (const unsigned int*)(pool + (size_t)slots[j] * row2 + v_at);
+#pragma unroll
+            for (int c = 0; c < PAIRS; c++) {
+                if (lane + 32 * c < pairs) {
+                    unsigned int w = v2[lane + 32 * c];
+                    float lo = bf16_lo(w), hi = bf16_hi(w);
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g < group) {
+                            float pg = probs[g * 32 + j];
+                            acc[g][2 * c] += pg * lo;
+                            acc[g][2 * c + 1] += pg * hi;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Merge the warps: each weighted by exp(its maximum - the largest); a warp without keys weighs nothing.
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        if (g < group) {
+            int at = warp * group + g;
+            if (lane == 0) {
+                w_max[at] = m[g];
+                w_sum[at] = l[g];
+            }
+#pragma unroll
+            for (int c = 0; c < PAIRS; c++) {
+                int p = lane + 32 * c;
+                if (p < pairs) {
+                    w_out[at * head_dim + 2 * p] = acc[g][2 * c];
+                    w_out[at * head_dim + 2 * p + 1] = acc[g][2 * c + 1];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int d = tid; d < group * head_dim; d += blockDim.x) {
+        int g = d / head_dim, e = d % head_dim, h = kvh * group + g;
+        float big = NEG_INF;
+        for (int w = 0; w < GROUPED_WARPS; w++) big = fmaxf(big, w_max[w * group + g]);
+        float sum = 0.0f, a = 0.0f;
+        for (int w = 0; w < GROUPED_WARPS; w++) {
+            float mw = w_max[w * group + g];
+            if (mw != NEG_INF) {
+                float f = __expf(mw - big);
+                sum += w_sum[w * group + g] * f;
+                a += w_out[(w * group + g) * head_dim + e] * f;
+            }
+        }
+        if (splits > 1) {
+            // A split's maximum, sum and unnormalised output (-inf, 0 and zeros without keys).
+            float* p = partial + (((size_t)i * n_head + h) * splits + blockIdx.z) * (2 + head_dim);
+            if (e == 0) {
+                p[0] = big;
+                p[1] = sum;
+            }
+            p[2 + e] = a;
+        } else {
+            out[((size_t)i * n_head + h) * head_dim + e] = a / sum;
+        }
+    }
+}
+
+// The grouped kernel for heads up to 64, 128 and 256 wide (one, two and four pairs of dimensions a lane).
+#define GROUPED_ATTENTION(name, PAIRS)                                                                     \
+    extern "C" __global__ void name(float* out, float* partial, const float* qkv, const unsigned short* pool, \
+                                    const unsigned int* meta, const float* rope, float q_scale, int tokens,   \
+                                    int width, int n_head, int n_kv_head, int head_dim, int window,           \
+                                    int splits) {                                                             \
+        DYNAMIC_SHARED(float, smem);                                                                          \
+        grouped_attention<PAIRS>(smem, out, partial, qkv, pool, meta, rope, q_scale, tokens, width, n_head,    \
+                                 n_kv_head, head_dim, window, splits);                                        \
+    }
+GROUPED_ATTENTION(amlserve_grouped_attention_bf16_64, 1)
+GROUPED_ATTENTION(amlserve_grouped_attention_bf16_128, 2)
+GROUPED_ATTENTION(amlserve_grouped_attention_bf16_256, 4)
+
 // The most output values a thread of amlserve_prefill_attention_bf16 accumulates (registers).
 #define TILE_OUT_PER_THREAD 16
 
 // Grid (token tiles of qt from token `first`, kv heads), ATTN_THREADS threads: attention for the tokens of a step
-// that come in runs (prompt chunks; the step's leading single tokens, decode rows, go to the per-row kernel). A
-// block takes qt consecutive tokens and the query heads of one kv head, and
-// for each run of them from one sequence (usually one run) reads that sequence's keys and values kt at a time into
+// that come in runs (prompt chunks; the step's leading single tokens, decode rows, go to the grouped or per-row
+// kernel). A block takes qt consecutive tokens and the query heads of one kv head, and for each run of them from one sequence (usually one run) reads that sequence's keys and values kt at a time into
 // shared memory once for all of the run's rows (tokens x query heads), where amlserve_paged_attention_bf16 reads
 // them once per row. Queries are scaled and rotated as they are read; each row keeps its own causal and window
 // limit and an online softmax over the tiles. The host sizes qt so that rows x head_dim outputs fit
@@ -285,10 +464,10 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
                 int j = e / (hd / 2), d = 2 * (e % (hd / 2));
                 const unsigned short* src = pool + (size_t)slots[j] * row2;
                 unsigned int k2 = *(const unsigned int*)(src + k_at + d), v2 = *(const unsigned int*)(src + v_at + d);
-                kts[j * ks + d] = __uint_as_float(k2 << 16);
-                kts[j * ks + d + 1] = __uint_as_float(k2 & 0xffff0000u);
-                vts[j * hd + d] = __uint_as_float(v2 << 16);
-                vts[j * hd + d + 1] = __uint_as_float(v2 & 0xffff0000u);
+                kts[j * ks + d] = bf16_lo(k2);
+                kts[j * ks + d + 1] = bf16_hi(k2);
+                vts[j * hd + d] = bf16_lo(v2);
+                vts[j * hd + d + 1] = bf16_hi(v2);
             }
             __syncthreads();
             for (int e = tid; e < rows * kt; e += blockDim.x) {

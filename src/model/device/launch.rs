@@ -46,11 +46,39 @@ pub fn attention_supports(h: Heads) -> bool {
         && h.n_head.is_multiple_of(h.n_kv_head)
 }
 
-/// How many runs to split each token's keys into on a GPU of `sms` multiprocessors: enough for tokens x heads x
-/// splits blocks to cover the multiprocessors twice (a decode step of a few sequences), 1 when the step's own
-/// blocks already do.
-pub fn attention_splits(sms: usize, tokens: usize, n_head: usize) -> usize {
-    (2 * sms.max(1)).div_ceil((tokens * n_head).max(1)).clamp(1, MAX_SPLITS)
+/// How many runs to split each token's keys into on a GPU of `sms` multiprocessors when each token takes `blocks`
+/// blocks (its query heads, or its kv heads): enough for tokens x blocks x splits to cover the multiprocessors
+/// twice (a decode step of a few sequences), 1 when the step's own blocks already do.
+pub fn attention_splits(sms: usize, tokens: usize, blocks: usize) -> usize {
+    (2 * sms.max(1)).div_ceil((tokens * blocks).max(1)).clamp(1, MAX_SPLITS)
+}
+
+/// Warps per block of the grouped attention kernels (kernels.cu's `GROUPED_WARPS`).
+pub const GROUPED_WARPS: u32 = 4;
+
+/// The grouped attention kernel for these heads (`amlserve_grouped_attention_bf16_{64,128,256}`, by the widest
+/// head each takes), or `None` where it does not take them: a head a multiple of 8 wide (keys are read 16 bytes at
+/// a time) up to 256, and at most 8 query heads to a kv head (4 above 128 wide), whose outputs a lane keeps in
+/// registers.
+pub fn grouped_kernel(h: Heads) -> Option<&'static str> {
+    if !attention_supports(h) || !h.head_dim.is_multiple_of(8) {
+        return None;
+    }
+    let (name, max_group) = match h.head_dim {
+        0..=64 => ("amlserve_grouped_attention_bf16_64", 8),
+        65..=128 => ("amlserve_grouped_attention_bf16_128", 8),
+        129..=256 => ("amlserve_grouped_attention_bf16_256", 4),
+        _ => return None,
+    };
+    (h.n_head / h.n_kv_head <= max_group).then_some(name)
+}
+
+/// `amlserve_grouped_attention_bf16_*`: a block per (token, kv head, split). Shared memory: the group's queries,
+/// each warp's probabilities for its 32 keys and their slots, and each warp's maxima, sums and outputs.
+pub fn grouped_attention(tokens: usize, h: Heads, splits: usize) -> Dims {
+    let (g, hd, w) = ((h.n_head / h.n_kv_head) as u32, h.head_dim as u32, GROUPED_WARPS);
+    let floats = g * hd + w * (g + 1) * 32 + 2 * w * g + w * g * hd;
+    Dims::new((tokens, h.n_kv_head, splits), 32 * w, 4 * floats)
 }
 
 /// `amlserve_paged_attention_bf16`: a block per (token, query head, split). Shared memory: the query, the tile's
@@ -88,45 +116,83 @@ pub const TILED_MIN_RUN: usize = 8;
 /// the per-row kernel until a GPU measures otherwise.
 pub const TILED_MIN_KEYS: usize = 32;
 
+/// Which attention kernels a thread's steps may use: both by default (benchmarks and tests compare them with the
+/// per-row kernel, which takes every shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionKernels {
+    /// Prompt chunks read a tile of keys at a time (`amlserve_prefill_attention_bf16`).
+    pub tiled: bool,
+    /// Tokens read one at a time read each key once for all the query heads of its kv head
+    /// (`amlserve_grouped_attention_bf16_*`), rather than once per query head.
+    pub grouped: bool,
+}
+
+impl AttentionKernels {
+    pub const ALL: Self = Self {
+        tiled: true,
+        grouped: true,
+    };
+    pub const PER_ROW: Self = Self {
+        tiled: false,
+        grouped: false,
+    };
+}
+
 thread_local! {
-    /// Whether this thread's steps may use the tiled kernel (the default; benchmarks and tests compare the two).
-    static TILED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static KERNELS: std::cell::Cell<AttentionKernels> = const { std::cell::Cell::new(AttentionKernels::ALL) };
 }
 
-/// Turns the tiled prompt kernel on or off for the steps this thread runs (the engine's thread keeps it on).
-pub fn set_tiled_attention(on: bool) {
-    TILED.with(|t| t.set(on));
+/// The attention kernels the steps this thread runs may use (the engine's thread keeps them all).
+pub fn set_attention_kernels(k: AttentionKernels) {
+    KERNELS.with(|c| c.set(k));
 }
 
-/// How a step's attention runs: the per-row kernel over tokens `0..per_row` (its keys split into `splits` runs),
-/// and the tiled kernel over the rest, if any.
+/// How a step's attention runs: tokens `0..per_row` one at a time (their keys split into `splits` runs), by the
+/// grouped kernel when `grouped`, else by the per-row one; the tiled kernel over the rest, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionPlan {
     pub per_row: usize,
     pub splits: usize,
+    pub grouped: bool,
     pub tiled: Option<Tiled>,
 }
 
+impl AttentionPlan {
+    /// The kernel that reads tokens `0..per_row` and its launch shape (both kernels take the same arguments).
+    pub fn row_kernel(&self, h: Heads) -> (&'static str, Dims) {
+        match grouped_kernel(h).filter(|_| self.grouped) {
+            Some(name) => (name, grouped_attention(self.per_row, h, self.splits)),
+            None => ("amlserve_paged_attention_bf16", attention(self.per_row, h, self.splits)),
+        }
+    }
+}
+
 /// The plan for `step` on a GPU of `sms` multiprocessors. The step's leading single tokens (decode rows: the
-/// scheduler puts them first) take the per-row kernel, with split-K when they are few; the tokens after them take
+/// scheduler puts them first) are read one at a time, with split-K when they are few; the tokens after them take
 /// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and its tiles hold
-/// `TILED_MIN_KEYS` keys for these heads; otherwise every token takes the per-row kernel.
+/// `TILED_MIN_KEYS` keys for these heads; otherwise every token is read one at a time. Tokens read one at a time
+/// take the grouped kernel where it takes the heads, else the per-row one.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
+    let kernels = KERNELS.with(|c| c.get());
     let singles = step.singles.min(step.tokens);
     let (rest, rest_seqs) = (step.tokens - singles, step.seqs.saturating_sub(singles));
-    let tiled = if TILED.with(|t| t.get()) && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
+    let tiled = if kernels.tiled && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
         tiled_shape(singles, rest, h).filter(|t| t.kt >= TILED_MIN_KEYS)
     } else {
         None
     };
     let per_row = if tiled.is_some() { singles } else { step.tokens };
+    let grouped = kernels.grouped && grouped_kernel(h).is_some();
+    // A grouped block takes a kv head's query heads.
+    let heads_a_block = if grouped { h.n_head / h.n_kv_head } else { 1 };
     AttentionPlan {
         per_row,
         splits: if per_row > 0 {
-            attention_splits(sms, per_row, h.n_head)
+            attention_splits(sms, per_row, h.n_head / heads_a_block)
         } else {
             1
         },
+        grouped,
         tiled,
     }
 }
@@ -238,17 +304,29 @@ mod tests {
             (0, 0, 16, 32, (128, 3, 1))
         );
         assert!(t.dims.shared as usize <= SHARED_BYTES);
-        // Decode rows first, then a prompt chunk: the rows per row (split-K for 3 of them), the chunk tiled.
+        // Decode rows first, then a prompt chunk: the rows one at a time, grouped (3 rows x 3 kv heads: split-K
+        // up to 16 runs), the chunk tiled.
         let p = attention_plan(step(2048, 4, 3), smol, 132);
-        assert_eq!((p.per_row, p.splits), (3, 10));
+        assert_eq!((p.per_row, p.grouped, p.splits), (3, true, 16));
         assert_eq!(p.tiled.map(|t| (t.first, t.dims.grid.0)), Some((3, 128)));
+        // 64 decode rows: 192 grouped blocks, split in two to cover 132 multiprocessors twice.
         let decode = attention_plan(step(64, 64, 64), smol, 132);
-        assert_eq!((decode.per_row, decode.tiled), (64, None));
+        assert_eq!(
+            (decode.per_row, decode.grouped, decode.splits, decode.tiled),
+            (64, true, 2, None)
+        );
         let mostly_decode = attention_plan(step(60, 16, 0), smol, 132);
         assert_eq!((mostly_decode.per_row, mostly_decode.tiled), (60, None));
-        set_tiled_attention(false);
+        set_attention_kernels(AttentionKernels {
+            tiled: false,
+            grouped: true,
+        });
         assert_eq!(attention_plan(step(2048, 16, 0), smol, 132).tiled, None, "switched off");
-        set_tiled_attention(true);
+        set_attention_kernels(AttentionKernels::PER_ROW);
+        // The per-row kernel: a block per query head, so 64 rows need no split.
+        let decode = attention_plan(step(64, 64, 64), smol, 132);
+        assert_eq!((decode.grouped, decode.splits), (false, 1));
+        set_attention_kernels(AttentionKernels::ALL);
         let gemma = Heads {
             n_head: 4,
             n_kv_head: 1,
@@ -267,5 +345,36 @@ mod tests {
             head_dim: 128,
         };
         assert_eq!(tiled_shape(0, 512, wide), None, "a group too wide for one tile");
+        // Gemma 3's prompt: its tiles are too small, so it is read a token at a time, grouped.
+        assert!(attention_plan(step(512, 1, 0), gemma, 132).grouped);
+        assert!(
+            !attention_plan(step(1, 1, 1), wide, 132).grouped,
+            "64 query heads to a kv head"
+        );
+    }
+
+    #[test]
+    fn the_grouped_kernel_takes_the_common_heads() {
+        let heads = |n_head, n_kv_head, head_dim| Heads {
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
+        // SmolLM2, Qwen2.5-0.5B, Llama 3 8B, Phi-3 (no grouping), Gemma 3 270M, head 80.
+        for (h, kernel) in [
+            (heads(9, 3, 64), "amlserve_grouped_attention_bf16_64"),
+            (heads(14, 2, 64), "amlserve_grouped_attention_bf16_64"),
+            (heads(32, 8, 128), "amlserve_grouped_attention_bf16_128"),
+            (heads(32, 32, 96), "amlserve_grouped_attention_bf16_128"),
+            (heads(4, 1, 256), "amlserve_grouped_attention_bf16_256"),
+            (heads(8, 8, 80), "amlserve_grouped_attention_bf16_128"),
+        ] {
+            assert_eq!(grouped_kernel(h), Some(kernel), "{h:?}");
+            assert!(grouped_attention(64, h, 1).shared as usize <= SHARED_BYTES, "{h:?}");
+        }
+        // A head not a multiple of 8, too wide a group for its registers, a head wider than 256.
+        for h in [heads(8, 8, 36), heads(16, 1, 64), heads(8, 1, 256), heads(2, 1, 512)] {
+            assert_eq!(grouped_kernel(h), None, "{h:?}");
+        }
     }
 }
