@@ -8,10 +8,12 @@
 // A fiber runs until it reaches __syncthreads or a warp shuffle and then yields to the block's scheduler. The
 // scheduler runs one warp at a time as far as it can go (through its own shuffles) before the next warp starts, so
 // a missing barrier between warps shows as one warp reading shared memory another has not written yet; blocks
-// alternate the warps' order (first to last, then last to first). A shuffle is released when every lane of the
-// warp has reached it, at the same line with the same mask (a full mask needs all 32 lanes); a barrier when every
-// thread of the block that has not returned has reached it, at the same line. Anything else fails the launch with
-// a message instead of hanging. Everything is thread-local, so launches on different threads do not meet.
+// alternate the order of the warps and of each warp's lanes (first to last, then last to first), so a missing
+// __syncwarp shows too (a shuffle also orders shared memory here, which on a GPU it does not: that gap remains).
+// A shuffle or __syncwarp is released when every lane of the warp has reached it, at the same line with the same
+// mask (a full mask needs all 32 lanes); a barrier when every thread of the block that has not returned has
+// reached it, at the same line. Anything else fails the launch with a message instead of hanging. Everything is
+// thread-local, so launches on different threads do not meet.
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -206,11 +208,12 @@ static std::string at(std::size_t thread, const Fiber& f) {
     return "thread " + std::to_string(thread) + " at " + what + " on line " + std::to_string(f.site);
 }
 
-// Runs the warp of threads [w, end) as far as it can: its fibers until each waits or ends, then its shuffles,
-// until none is left to release. An empty string, or what went wrong.
-static std::string run_warp(Block& b, std::size_t w, std::size_t end) {
+// Runs the warp of threads [w, end) as far as it can: its fibers (last lane first when `reverse`) until each
+// waits or ends, then its shuffles, until none is left to release. An empty string, or what went wrong.
+static std::string run_warp(Block& b, std::size_t w, std::size_t end, bool reverse) {
     for (;;) {
-        for (std::size_t i = w; i < end; i++) {
+        for (std::size_t k = w; k < end; k++) {
+            std::size_t i = reverse ? end - 1 - (k - w) : k;
             if (b.fibers[i].state != State::Runnable) continue;
             b.current = (int)i;
             threadIdx = Dim3{(unsigned)i, 0, 0};
@@ -259,7 +262,7 @@ static std::string run_warp(Block& b, std::size_t w, std::size_t end) {
     }
 }
 
-// Runs one block to its end, its warps in reverse order when `reverse`; an empty string when it ended, else why
+// Runs one block to its end, its warps and each warp's lanes in reverse order when `reverse`; an empty string when it ended, else why
 // it could not.
 static std::string run_block(Block& b, bool reverse) {
     std::size_t n = b.fibers.size();
@@ -272,7 +275,7 @@ static std::string run_block(Block& b, bool reverse) {
     for (;;) {
         for (std::size_t k = 0; k < warps; k++) {
             std::size_t w = 32 * (reverse ? warps - 1 - k : k);
-            std::string failure = run_warp(b, w, std::min(n, w + 32));
+            std::string failure = run_warp(b, w, std::min(n, w + 32), reverse);
             if (!failure.empty()) return failure;
         }
         // Every thread now waits at a barrier or has returned.
@@ -304,16 +307,21 @@ static std::string run_block(Block& b, bool reverse) {
 // A warp's barrier: every lane meets it as at a shuffle (a full mask, at one line).
 #define __syncwarp() emu_shfl_xor(0xffffffffu, 0.0f, 0, __LINE__)
 
-// CUDA's built-in vector type of four 32-bit words, loaded 16 bytes at a time on a GPU, which faults on an address
-// that is not a multiple of 16: so does the emulated launch (a copy from such an address fails it).
+// CUDA's built-in vector types of four 32-bit words, which a GPU loads 16 bytes at a time.
 struct uint4 {
-    unsigned x = 0, y = 0, z = 0, w = 0;
-    uint4() = default;
-    uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) {
-        if (reinterpret_cast<std::uintptr_t>(&o) % 16 != 0) emu::fault("a 16-byte load from a misaligned address");
-    }
-    uint4& operator=(const uint4& o) = default;
+    unsigned x, y, z, w;
 };
+struct float4 {
+    float x, y, z, w;
+};
+
+// A load through the read-only cache. A GPU faults on an address that is not a multiple of the load's size: so
+// does the emulated launch.
+template <typename T>
+static inline T __ldg(const T* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % sizeof(T) != 0) emu::fault("a load from a misaligned address");
+    return *p;
+}
 
 using std::max;
 using std::min;
@@ -355,7 +363,7 @@ extern "C" __global__ void emu_test_missing_barrier(float* out) {
 
 // Thread t loads the 16 bytes from word `offset` + 4t of `in`: a fault unless offset is a multiple of 4 words.
 extern "C" __global__ void emu_test_vector_load(unsigned* out, const unsigned* in, int offset) {
-    uint4 w = *(const uint4*)(in + offset + 4 * threadIdx.x);
+    uint4 w = __ldg((const uint4*)(in + offset + 4 * threadIdx.x));
     out[threadIdx.x] = w.x + w.y + w.z + w.w;
 }
 

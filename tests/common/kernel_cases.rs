@@ -156,11 +156,17 @@ pub const HEAD80: Heads = Heads {
     n_kv_head: 2,
     head_dim: 80,
 };
-/// Eight query heads to a kv head: the most the grouped kernel keeps in a lane's registers at this width.
+/// Eight query heads to a kv head, 128 wide: the most outputs the grouped kernel keeps in a lane's registers.
 pub const GROUP8: Heads = Heads {
     n_head: 16,
     n_kv_head: 2,
-    head_dim: 64,
+    head_dim: 128,
+};
+/// A head of 192: the last of the grouped kernel's four pairs of dimensions a lane is only partly used.
+pub const HEAD192: Heads = Heads {
+    n_head: 4,
+    n_kv_head: 2,
+    head_dim: 192,
 };
 
 /// One attention case: the heads, the step's (cached tokens, new tokens) per sequence, the sliding window.
@@ -180,7 +186,7 @@ pub fn attention_cases() -> Vec<AttentionCase> {
     let decode = vec![(290, 1), (4999, 1), (0, 1), (37, 1), (1200, 1)];
     let then_prompts = vec![(290, 1), (1200, 1), (37, 1), (0, 48), (650, 20)];
     let mut cases = Vec::new();
-    for h in [SMOLLM2, GEMMA3, ODD, LLAMA3, NARROW, HEAD80, GROUP8] {
+    for h in [SMOLLM2, GEMMA3, ODD, LLAMA3, NARROW, HEAD80, GROUP8, HEAD192] {
         for seqs in [&mixed, &decode, &then_prompts] {
             for window in [None, Some(37), Some(512)] {
                 cases.push(AttentionCase {

@@ -195,7 +195,7 @@ pub(super) fn paged_attention(
     let p = pool.as_cuda_slice::<half::bf16>()?.slice(ps..);
     let m = meta.as_cuda_slice::<u32>()?.slice(ms..);
     let plan = launch::attention_plan(op.meta, h, multiprocessors(&dev)?);
-    if plan.grouped && ps % 8 != 0 {
+    if plan.per_row > 0 && plan.grouped && ps % 8 != 0 {
         // The grouped kernel reads keys 16 bytes at a time; the pool is a whole allocation, so this never happens.
         candle_core::bail!("paged attention: the KV pool does not start on a 16-byte boundary")
     }

@@ -233,7 +233,8 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
 // share one kv head, so each key and value row is read once for all of them (amlserve_paged_attention_bf16 reads
 // it once per query head). Queries are scaled and rotated as they are read, into shared memory. The warps take
 // the token's keys 32 at a time in turn, a lane per key: the lane reads its key row 16 bytes at a time (head_dim
-// a multiple of 8) and scores it against each query head, and the warp keeps an online softmax per query head.
+// a multiple of 8; the pool is read-only here, so through the read-only cache) and scores it against each query
+// head, and the warp keeps an online softmax per query head.
 // Then the warp reads the 32 value rows side by side, a lane per pair of dimensions (PAIRS pairs a lane: head_dim
 // up to 64 * PAIRS), weighting each by its probabilities. The warps' maxima, sums and outputs are merged at the end.
 // A lane keeps group x 2 * PAIRS outputs in registers, so group is at most GMAX. Splits as in
@@ -289,15 +290,15 @@ __device__ void grouped_attention(float* smem, float* out, float* partial, const
             slot = table[key / BLOCK_TOKENS] * BLOCK_TOKENS + key % BLOCK_TOKENS;
             const uint4* k8 = (const uint4*)(pool + (size_t)slot * row2 + k_at);
             for (int c = 0; c < head_dim / 8; c++) {
-                uint4 w = k8[c];
-                float k[8] = {bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y),
-                              bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)};
+                uint4 w = __ldg(k8 + c);
 #pragma unroll
                 for (int g = 0; g < GMAX; g++) {
                     if (g < group) {
-                        const float* qg = q + g * head_dim + 8 * c;
-#pragma unroll
-                        for (int e = 0; e < 8; e++) dot[g] += qg[e] * k[e];
+                        // The query's 8 dimensions in two 16-byte reads (head_dim is a multiple of 8, so aligned).
+                        const float4* qg = (const float4*)(q + g * head_dim + 8 * c);
+                        float4 a = qg[0], b = qg[1];
+                        dot[g] += a.x * bf16_lo(w.x) + a.y * bf16_hi(w.x) + a.z * bf16_lo(w.y) + a.w * bf16_hi(w.y) +
+                                  b.x * bf16_lo(w.z) + b.y * bf16_hi(w.z) + b.z * bf16_lo(w.w) + b.w * bf16_hi(w.w);
                     }
                 }
             }
@@ -321,7 +322,7 @@ __device__ void grouped_attention(float* smem, float* out, float* partial, const
         }
         __syncwarp();
         int n = min(32, n_keys - base);
-#pragma unroll 4
+#pragma unroll 8
         for (int j = 0; j < n; j++) {
             const unsigned int* v2 = (const unsigned int*)(pool + (size_t)slots[j] * row2 + v_at);
 #pragma unroll

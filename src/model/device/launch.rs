@@ -46,11 +46,18 @@ pub fn attention_supports(h: Heads) -> bool {
         && h.n_head.is_multiple_of(h.n_kv_head)
 }
 
+/// Warps a multiprocessor should have from a step's attention for split-K not to split further: two blocks of the
+/// per-row kernel's 8 warps.
+const SPLIT_WARPS_PER_SM: usize = 16;
+
 /// How many runs to split each token's keys into on a GPU of `sms` multiprocessors when each token takes `blocks`
-/// blocks (its query heads, or its kv heads): enough for tokens x blocks x splits to cover the multiprocessors
-/// twice (a decode step of a few sequences), 1 when the step's own blocks already do.
-pub fn attention_splits(sms: usize, tokens: usize, blocks: usize) -> usize {
-    (2 * sms.max(1)).div_ceil((tokens * blocks).max(1)).clamp(1, MAX_SPLITS)
+/// blocks of `warps` warps (the per-row kernel: a block of 8 per query head; the grouped one: 4 per kv head):
+/// enough for the step's blocks to give each multiprocessor `SPLIT_WARPS_PER_SM` warps (a decode step of a few
+/// sequences needs many runs), 1 when the step's own blocks already do.
+pub fn attention_splits(sms: usize, tokens: usize, blocks: usize, warps: usize) -> usize {
+    (SPLIT_WARPS_PER_SM * sms.max(1))
+        .div_ceil((tokens * blocks * warps).max(1))
+        .clamp(1, MAX_SPLITS)
 }
 
 /// Warps per block of the grouped attention kernels (kernels.cu's `GROUPED_WARPS`).
@@ -171,7 +178,7 @@ impl AttentionPlan {
 /// scheduler puts them first) are read one at a time, with split-K when they are few; the tokens after them take
 /// the tiled kernel when they average `TILED_MIN_RUN` or more per sequence (prompt chunks) and its tiles hold
 /// `TILED_MIN_KEYS` keys for these heads; otherwise every token is read one at a time. Tokens read one at a time
-/// take the grouped kernel where it takes the heads, else the per-row one.
+/// take the grouped kernel where it takes the heads and a kv head has several query heads, else the per-row one.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
     let kernels = KERNELS.with(|c| c.get());
     let singles = step.singles.min(step.tokens);
@@ -182,13 +189,18 @@ pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
         None
     };
     let per_row = if tiled.is_some() { singles } else { step.tokens };
-    let grouped = kernels.grouped && grouped_kernel(h).is_some();
-    // A grouped block takes a kv head's query heads.
-    let heads_a_block = if grouped { h.n_head / h.n_kv_head } else { 1 };
+    // Without query heads to share a kv head (a group of 1) the grouped kernel saves no reads: the per-row kernel
+    // until a GPU measures the two there.
+    let grouped = kernels.grouped && h.n_head > h.n_kv_head && grouped_kernel(h).is_some();
+    let (blocks, warps) = if grouped {
+        (h.n_kv_head, GROUPED_WARPS as usize)
+    } else {
+        (h.n_head, (ATTN_THREADS / 32) as usize)
+    };
     AttentionPlan {
         per_row,
         splits: if per_row > 0 {
-            attention_splits(sms, per_row, h.n_head / heads_a_block)
+            attention_splits(sms, per_row, blocks, warps)
         } else {
             1
         },
@@ -276,13 +288,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_fill_the_gpu_twice_and_stop_at_sixteen() {
-        // H200: 132 multiprocessors. One sequence of 9 heads: 264 / 9 -> 30, capped at 16.
-        assert_eq!(attention_splits(132, 1, 9), 16);
-        assert_eq!(attention_splits(132, 4, 9), 8);
+    fn splits_give_each_multiprocessor_16_warps_and_stop_at_sixteen() {
+        // H200: 132 multiprocessors, 16 warps each: 2,112. The per-row kernel (8 warps a block), one sequence of
+        // 9 heads: 2,112 / 72 -> 30, capped at 16.
+        assert_eq!(attention_splits(132, 1, 9, 8), 16);
+        assert_eq!(attention_splits(132, 4, 9, 8), 8);
         // 64 decode rows already give 576 blocks.
-        assert_eq!(attention_splits(132, 64, 9), 1);
-        assert_eq!(attention_splits(0, 0, 0), 2);
+        assert_eq!(attention_splits(132, 64, 9, 8), 1);
+        // The grouped kernel: 64 rows x 3 kv heads x 4 warps = 768 warps -> 3 runs.
+        assert_eq!(attention_splits(132, 64, 3, 4), 3);
+        assert_eq!(attention_splits(0, 0, 0, 0), 16);
     }
 
     fn step(tokens: usize, seqs: usize, singles: usize) -> StepMeta {
@@ -309,11 +324,11 @@ mod tests {
         let p = attention_plan(step(2048, 4, 3), smol, 132);
         assert_eq!((p.per_row, p.grouped, p.splits), (3, true, 16));
         assert_eq!(p.tiled.map(|t| (t.first, t.dims.grid.0)), Some((3, 128)));
-        // 64 decode rows: 192 grouped blocks, split in two to cover 132 multiprocessors twice.
+        // 64 decode rows: 192 grouped blocks of 4 warps, split in three for 16 warps on each of 132 multiprocessors.
         let decode = attention_plan(step(64, 64, 64), smol, 132);
         assert_eq!(
             (decode.per_row, decode.grouped, decode.splits, decode.tiled),
-            (64, true, 2, None)
+            (64, true, 3, None)
         );
         let mostly_decode = attention_plan(step(60, 16, 0), smol, 132);
         assert_eq!((mostly_decode.per_row, mostly_decode.tiled), (60, None));
@@ -351,6 +366,12 @@ mod tests {
             !attention_plan(step(1, 1, 1), wide, 132).grouped,
             "64 query heads to a kv head"
         );
+        let mha = Heads {
+            n_head: 32,
+            n_kv_head: 32,
+            head_dim: 96,
+        };
+        assert!(!attention_plan(step(1, 1, 1), mha, 132).grouped, "no kv head shared");
     }
 
     #[test]
