@@ -198,15 +198,12 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
-        // Decode steps have no prompt chunks to tile: the grouped kernel and the per-row one. A decode graph,
-        // recorded once per batch size, replays the kernels it was recorded with: with graphs, the default only.
+        // Decode steps have no prompt chunks to tile: the grouped kernel and the per-row one (with graphs, each
+        // records its own: graphs are kept per batch size and kernel set).
         for (what, kernels) in [
             ("grouped", AttentionKernels::ALL),
             ("per row", AttentionKernels::PER_ROW),
-        ]
-        .into_iter()
-        .filter(|&(_, k)| !graphs || k == AttentionKernels::ALL)
-        {
+        ] {
             launch::set_attention_kernels(kernels);
             let mut kvs = started(b);
             let mut times = Vec::new();

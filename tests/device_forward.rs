@@ -175,6 +175,7 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
 mod cuda {
     use super::*;
     use amlserve::model::arch::Activation;
+    use amlserve::model::device::forward::DeviceChunk;
     use amlserve::model::device::launch::{self, AttentionKernels};
     use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, RowArgmax};
     use candle_core::{DType, Tensor};
@@ -292,8 +293,11 @@ mod cuda {
     }
 
     /// Decode steps replayed as CUDA graphs (`--cuda-graphs`) compute what the same steps compute op by op:
-    /// one sequence (batch 1) and two packed (batch 2), each batch size recorded on its second decode step, on
-    /// a device opened as the server opens it (a stream of its own: the legacy default stream cannot record).
+    /// one sequence (batch 1), two packed (batch 2) and twelve (batch 12: candle's tiled matmul kernels, where
+    /// up to 8 rows take its vector ones), each batch size recorded on its second decode step, on a device
+    /// opened as the server opens it (a stream of its own: the legacy default stream cannot record). A step
+    /// larger than the graphs' `max_rows` between replays drops them (it grows the matmuls' scratch), and the
+    /// batch is recorded again; the greedy tokens read through the device's argmax agree throughout.
     #[test]
     fn decode_graphs_replay_what_op_by_op_steps_compute() {
         if gpu().is_none() {
@@ -305,7 +309,7 @@ mod cuda {
         let path = common::model_path();
         let plain = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info.clone()))).expect("plain");
         let graphed = Model::load_on(&path, WeightFormat::Q8_0, Some((&dev, info))).expect("graphed");
-        device_llama(&graphed).enable_decode_graphs(4, 512).expect("graphs on");
+        device_llama(&graphed).enable_decode_graphs(16, 512).expect("graphs on");
         let (p, g) = (
             OnDevice::new(device_llama(&plain)),
             OnDevice::new(device_llama(&graphed)),
@@ -333,6 +337,75 @@ mod cuda {
         let replays = device_llama(&graphed).graph_replays();
         println!("decode steps replayed from graphs: {replays}");
         assert!(replays >= 2 * (STEPS - 1), "only {replays} steps came from graphs");
+
+        // Twelve sequences decoding together, with a 600-token prompt (past max_rows, 512) read between.
+        let prompts: Vec<Vec<u32>> = (0..12)
+            .map(|i| {
+                let text = format!("Story number {i}: once upon a time, in a land far away, there lived");
+                plain.tokenizer.encode(&text).expect("encode")
+            })
+            .collect();
+        let long: Vec<u32> = prompt.iter().copied().cycle().take(600).collect();
+        let (mut pk, mut gk): (Vec<PagedKv>, Vec<PagedKv>) = (
+            prompts.iter().map(|_| PagedKv::new(p.pool.clone(), 256)).collect(),
+            prompts.iter().map(|_| PagedKv::new(g.pool.clone(), 256)).collect(),
+        );
+        let mut next: Vec<u32> = batch_step(&p, &mut pk, &prompts)
+            .iter()
+            .map(|r| argmax(r) as u32)
+            .collect();
+        batch_step(&g, &mut gk, &prompts);
+        let before = device_llama(&graphed).graph_replays();
+        for i in 0..8 {
+            if i == 4 {
+                let mut kv = PagedKv::new(g.pool.clone(), 640);
+                batch_step(&g, std::slice::from_mut(&mut kv), std::slice::from_ref(&long));
+            }
+            let ids: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            let want = batch_step(&p, &mut pk, &ids);
+            let (got, got_argmax) = batch_step_argmax(&g, &mut gk, &ids);
+            let worst = got.iter().zip(&want).map(|(x, y)| diff(x, y).0).fold(0f32, f32::max);
+            println!("graphs vs op by op, batch 12, step {i}: max |diff| {worst}");
+            assert!(
+                worst < 1e-3,
+                "batch 12, step {i}: a replayed step moved a logit by {worst}"
+            );
+            next = want.iter().map(|r| argmax(r) as u32).collect();
+            assert_eq!(got_argmax, next, "batch 12, step {i}: the device's argmax");
+        }
+        // Steps 0-3: seen, recorded, replayed twice; 4 (after the long prompt dropped the graphs): seen again;
+        // 5: recorded; 6 and 7: replayed.
+        let batch12 = device_llama(&graphed).graph_replays() - before;
+        println!("batch-12 steps from graphs: {batch12}");
+        assert_eq!(
+            batch12, 6,
+            "batch 12 was not recorded, dropped and recorded again as expected"
+        );
+    }
+
+    /// One step of `chunks[i]` reading `tokens[i]`, every row's logits wanted.
+    fn batch_step(dev: &OnDevice<'_>, kvs: &mut [PagedKv], tokens: &[Vec<u32>]) -> Vec<Vec<f32>> {
+        let mut chunks: Vec<(&mut PagedKv, &[u32], bool)> =
+            kvs.iter_mut().zip(tokens).map(|(kv, t)| (kv, &t[..], true)).collect();
+        dev.step(&mut chunks)
+    }
+
+    /// As `batch_step`, with each row's argmax also read through the device (`argmax_to_host`, the server's
+    /// greedy path) from the same logits.
+    fn batch_step_argmax(dev: &OnDevice<'_>, kvs: &mut [PagedKv], tokens: &[Vec<u32>]) -> (Vec<Vec<f32>>, Vec<u32>) {
+        let mut chunks: Vec<DeviceChunk<'_>> = kvs
+            .iter_mut()
+            .zip(tokens)
+            .map(|(kv, t)| DeviceChunk {
+                kv,
+                tokens: t,
+                want_logits: true,
+            })
+            .collect();
+        let logits = dev.llama.forward(&mut chunks, &dev.pool).expect("device forward");
+        let mut ids = vec![0u32; tokens.len()];
+        dev.llama.argmax_to_host(&logits, &mut ids).expect("argmax");
+        (logits.to_vec2::<f32>().expect("logits"), ids)
     }
 
     #[test]

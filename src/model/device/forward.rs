@@ -258,8 +258,9 @@ impl DeviceLlama {
     /// Replays decode steps (one token per sequence, every row's logits wanted) of up to `max_batch`
     /// sequences as CUDA graphs, each recorded the second time its batch size is seen (the first runs op by op,
     /// loading the kernels). `max_rows`: the most tokens any step holds, so the matmuls' scratch buffers are
-    /// grown once before the first recording. Not while another model's engine computes on the same device: a
-    /// recording stream would take in that engine's work. Off CUDA nothing changes and the error says so.
+    /// grown once before the first recording. Not while another model computes on the same device: a recording
+    /// stream would take in its work, and its matmuls could grow the scratch buffers the graphs hold (they are
+    /// per device). Off CUDA, or with cudarc's event tracking on, nothing changes and the error says why.
     ///
     /// Every op of the step (`compute`) reads contiguous tensors: candle's ops on strided or broadcast ones copy
     /// their shapes from host memory at each call, which a graph cannot replay (hence [`AddBias`],
@@ -268,7 +269,11 @@ impl DeviceLlama {
     /// parameter cache (see `graphs`).
     pub fn enable_decode_graphs(&self, max_batch: usize, max_rows: usize) -> Result<(), String> {
         #[cfg(feature = "cuda")]
-        if matches!(self.device, Device::Cuda(_)) {
+        if let Device::Cuda(cuda) = &self.device {
+            if cuda.cuda_stream().context().is_event_tracking() {
+                // cudarc would make the recording stream wait on events from before the recording.
+                return Err("CUDA graphs cannot record with event tracking on (AMLSERVE_CUDA_EVENT_TRACKING)".into());
+            }
             // A second call keeps the first's settings.
             let _ = self
                 .graphs
@@ -343,10 +348,9 @@ impl DeviceLlama {
     fn run(&self, inputs: StepInputs, pool: &KvPool) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(graphs) = self.graphs.get() {
-            if !self.stages.recording() {
-                if let Some(logits) = graphs.run(self, &inputs, pool)? {
-                    return Ok(logits);
-                }
+            // Stage timing needs the ops; the graphs still see the step's size (a larger one drops them).
+            if let Some(logits) = graphs.run(self, &inputs, pool, !self.stages.recording())? {
+                return Ok(logits);
             }
         }
         let dev = &self.device;
@@ -467,20 +471,27 @@ impl DeviceLlama {
         Ok(logits)
     }
 
-    /// Multiplies zeros of `rows` rows through one layer's projections, so candle's quantized matmuls grow
-    /// their per-device scratch buffers (they only grow) to what steps of up to `rows` tokens need.
+    /// Multiplies zeros through every projection, so candle's quantized matmuls grow their per-device scratch
+    /// buffers (they only grow) to what any step needs: the layers' projections at up to `rows` tokens, the
+    /// output projection at up to `max_batch` rows (one per sequence). Every layer, as a model's layers may
+    /// hold different quantizations (each with its own kernels).
     #[cfg(feature = "cuda")]
-    pub(super) fn reserve_matmul_scratch(&self, rows: usize) -> candle_core::Result<()> {
-        let Some(l) = self.layers.first() else { return Ok(()) };
+    pub(super) fn reserve_matmul_scratch(&self, rows: usize, max_batch: usize) -> candle_core::Result<()> {
         let cfg = &self.config;
         let q_width = cfg.n_head * cfg.head_dim;
-        // 8 rows: the largest the vector kernels take; `rows`: the tiled kernels' largest.
+        let zeros = |n: usize, k: usize| Tensor::zeros((n, k), DType::F32, &self.device);
+        // 8 rows: the largest the vector kernels take; then the tiled kernels' largest.
         for n in [8.min(rows), rows] {
-            let zeros = |k: usize| Tensor::zeros((n, k), DType::F32, &self.device);
-            l.qkv.forward(&zeros(cfg.hidden)?)?;
-            l.wo.forward(&zeros(q_width)?)?;
-            l.gate_up.forward(&zeros(cfg.hidden)?)?;
-            l.down.forward(&zeros(l.ffn_width)?)?;
+            let (hidden, q) = (zeros(n, cfg.hidden)?, zeros(n, q_width)?);
+            for l in &self.layers {
+                l.qkv.forward(&hidden)?;
+                l.wo.forward(&q)?;
+                l.gate_up.forward(&hidden)?;
+                l.down.forward(&zeros(n, l.ffn_width)?)?;
+            }
+        }
+        for n in [8.min(max_batch), max_batch] {
+            self.lm_head.forward(&zeros(n, cfg.hidden)?)?;
         }
         self.device.synchronize()
     }

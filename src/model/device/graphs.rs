@@ -3,26 +3,33 @@
 //! graph records the step's launches once and replays them with one call.
 //!
 //! A graph replays the same kernels with the same arguments, so everything a step's kernels read is given a
-//! fixed place: per batch size, device buffers for the token ids and the metadata (sized for every sequence's
-//! longest block table) and one for the logits. Before a replay the host writes this step's ids and metadata
-//! into them; the kernels already take every per-step value (positions, slots, block tables) from the
-//! metadata, and the row count is fixed per batch size. Tensors the recorded step allocates come from graph
-//! memory and are freed inside the graph.
+//! fixed place: device buffers for the token ids and the metadata (sized for every sequence's longest block
+//! table) and one for the logits, each sized for the largest batch and shared by every batch size's graph (a
+//! graph uses their first rows; replays are one at a time and the logits are read before the next step).
+//! Before a replay the host writes this step's ids and metadata into them; the kernels already take every
+//! per-step value (positions, slots, block tables) from the metadata, and the row count is fixed per batch size.
+//! Tensors the recorded step allocates come from graph memory and are freed inside the graph.
 //!
 //! What else a recording needs:
-//! - A batch size is recorded the second time it is seen (one that comes once is not worth it). The recording
+//! - A batch size is recorded the second time it is seen (one that comes once is not worth it), per set of
+//!   attention kernels (`launch::attention_kernels`: a graph replays the kernels it recorded). The recording
 //!   runs the step once for real first: that loads every module the step uses (loading one while recording is
 //!   not allowed) and, with candle's parameter cache on, puts the shape parameters candle uploads for some
 //!   kernels (index_select's) on the device once, where the recording reads them.
 //! - candle's quantized matmuls keep per-device scratch buffers that grow on demand; a graph holds their
-//!   addresses. They are grown to the largest step (`max_rows`) before the first recording, and a step larger
-//!   than that drops every graph before it runs.
-//! - Nothing else may launch on the stream while it records: one engine per device.
+//!   addresses. They are grown before the first recording, through every projection, to the largest step
+//!   (`max_rows`) and the largest batch (the output projection's rows), and a step larger than `max_rows`
+//!   drops every graph before it runs (also while stages are timed).
+//! - Nothing else may launch on the stream while it records, nor grow those scratch buffers: one model per
+//!   device.
+//! - cudarc's event tracking (`AMLSERVE_CUDA_EVENT_TRACKING=1`) makes the recording stream wait on events
+//!   recorded before the capture, which CUDA refuses: graphs are refused with it.
 //! - No op may copy from host memory while recording (the copy would be replayed from a buffer long gone):
 //!   candle does so for ops on strided or broadcast tensors, so the forward's step uses contiguous ones only
 //!   ([`DeviceLlama::enable_decode_graphs`]), and index_select's parameters come from the cache above.
 //!
-//! Any failure while recording turns graphs off for the process (logged) and the step runs op by op.
+//! Any failure while recording or replaying turns graphs off for the process (logged) and the step runs op by op
+//! (an error that leaves the GPU unusable fails that step instead).
 // One unsafe item: `Graph` is declared Send (its SAFETY comment says why).
 #![allow(unsafe_code)]
 
@@ -35,9 +42,10 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::forward::{DeviceLlama, StepInputs};
+use super::launch::{self, AttentionKernels};
 use super::paged::{KvPool, BLOCK};
 
-/// Decode graphs of one model, by batch size.
+/// Decode graphs of one model, by batch size and attention kernels.
 pub struct DecodeGraphs {
     max_batch: usize,
     max_rows: usize,
@@ -54,7 +62,17 @@ struct State {
     off: bool,
     /// The KV pool the graphs write into (its first layer's tensor id).
     pool: Option<candle_core::TensorId>,
-    by_batch: HashMap<usize, Slot>,
+    /// The fixed buffers every graph reads and writes, made at the first recording.
+    buffers: Option<Buffers>,
+    by_batch: HashMap<(usize, AttentionKernels), Slot>,
+}
+
+/// Token ids `[max_batch]`, metadata `[meta_len(max_batch)]` and logits `[max_batch, vocab]`: a graph of batch
+/// `b` uses their first `b`, `meta_len(b)` and `b` rows.
+struct Buffers {
+    ids: Tensor,
+    meta: Tensor,
+    logits: Tensor,
 }
 
 enum Slot {
@@ -64,6 +82,7 @@ enum Slot {
 }
 
 struct Recorded {
+    /// The views of the shared buffers this batch size's graph uses.
     ids: Tensor,
     meta: Tensor,
     logits: Tensor,
@@ -95,12 +114,13 @@ impl DecodeGraphs {
     }
 
     /// The step's logits from a graph, or `None` when the step is to run op by op (not a decode step, a batch
-    /// size seen for the first time, graphs off).
+    /// size seen for the first time, graphs off, or `may_replay` false: stage timing, which needs the ops).
     pub(super) fn run(
         &self,
         model: &DeviceLlama,
         inputs: &StepInputs,
         pool: &KvPool,
+        may_replay: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if inputs.tokens > self.max_rows {
@@ -110,7 +130,7 @@ impl DecodeGraphs {
             return Ok(None);
         }
         let batch = inputs.tokens;
-        if st.off || !inputs.every_row_wanted() || batch > self.max_batch {
+        if !may_replay || st.off || !inputs.every_row_wanted() || batch > self.max_batch {
             return Ok(None);
         }
         let pool_id = pool.layer(0).id();
@@ -118,43 +138,52 @@ impl DecodeGraphs {
             st.by_batch.clear();
             st.pool = Some(pool_id);
         }
-        match st.by_batch.get(&batch) {
+        let key = (batch, launch::attention_kernels());
+        match st.by_batch.get(&key) {
             None => {
-                st.by_batch.insert(batch, Slot::Seen);
+                st.by_batch.insert(key, Slot::Seen);
                 Ok(None)
             }
             Some(Slot::Ready(r)) => {
                 if inputs.meta.len() > r.meta.dim(0)? {
                     return Ok(None);
                 }
-                r.ids.inplace_op1(&Upload(&inputs.ids))?;
-                r.meta.inplace_op1(&Upload(&inputs.meta))?;
-                r.graph.0.launch().w()?;
-                self.replays.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(r.logits.clone()))
+                let replayed = r
+                    .ids
+                    .inplace_op1(&Upload(&inputs.ids))
+                    .and_then(|()| r.meta.inplace_op1(&Upload(&inputs.meta)))
+                    .and_then(|()| r.graph.0.launch().w());
+                match replayed {
+                    Ok(()) => {
+                        self.replays.fetch_add(1, Ordering::Relaxed);
+                        Ok(Some(r.logits.clone()))
+                    }
+                    Err(e) => {
+                        // Op by op from now on; if the GPU itself is broken, the step fails there.
+                        st.turn_off(batch, "replaying a CUDA graph failed", &e);
+                        Ok(None)
+                    }
+                }
             }
             Some(Slot::Seen) => {
                 let ready = match st.reserved {
                     true => Ok(()),
-                    false => model.reserve_matmul_scratch(self.max_rows),
+                    false => model.reserve_matmul_scratch(self.max_rows, self.max_batch),
                 };
                 st.reserved |= ready.is_ok();
-                match ready.and_then(|()| record(model, inputs, pool)) {
+                let recorded = ready
+                    .and_then(|()| st.buffers(model, self.max_batch))
+                    .and_then(|b| record(model, inputs, pool, b));
+                match recorded {
                     Ok(r) => {
                         let logits = r.logits.clone();
-                        st.by_batch.insert(batch, Slot::Ready(r));
+                        st.by_batch.insert(key, Slot::Ready(r));
                         self.replays.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(batch, "decode step recorded as a CUDA graph");
                         Ok(Some(logits))
                     }
                     Err(e) => {
-                        st.off = true;
-                        st.by_batch.clear();
-                        tracing::warn!(
-                            batch,
-                            error = %crate::model::candle_message(&e),
-                            "recording a CUDA graph failed: decode steps run op by op from now on"
-                        );
+                        st.turn_off(batch, "recording a CUDA graph failed", &e);
                         Ok(None)
                     }
                 }
@@ -163,25 +192,57 @@ impl DecodeGraphs {
     }
 }
 
-/// Records the step `inputs` describes as a graph and launches it once (recording does not run the step).
-fn record(model: &DeviceLlama, inputs: &StepInputs, pool: &KvPool) -> candle_core::Result<Recorded> {
+impl State {
+    fn turn_off(&mut self, batch: usize, what: &str, e: &candle_core::Error) {
+        self.off = true;
+        self.by_batch.clear();
+        tracing::warn!(
+            batch,
+            error = %crate::model::candle_message(e),
+            "{what}: decode steps run op by op from now on"
+        );
+    }
+
+    /// The shared buffers, made the first time.
+    fn buffers(&mut self, model: &DeviceLlama, max_batch: usize) -> candle_core::Result<&Buffers> {
+        if self.buffers.is_none() {
+            let dev = model.device();
+            self.buffers = Some(Buffers {
+                ids: Tensor::zeros(max_batch, DType::U32, dev)?,
+                meta: Tensor::zeros(meta_len(model, max_batch), DType::U32, dev)?,
+                logits: Tensor::zeros((max_batch, model.config.vocab_size), DType::F32, dev)?,
+            });
+        }
+        Ok(self.buffers.as_ref().expect("made above"))
+    }
+}
+
+/// Metadata room for `batch` sequences: positions, slots, table starts, then every sequence's table at its
+/// longest.
+fn meta_len(model: &DeviceLlama, batch: usize) -> usize {
+    3 * batch + batch * model.config.context_length.div_ceil(BLOCK)
+}
+
+/// Records the step `inputs` describes as a graph over the first rows of `buffers`. The step runs once op by op
+/// first (into the same buffers), then is recorded, then the graph is launched once: the step's keys and
+/// values are written three times to the same slots, and its logits are the graph's.
+fn record(model: &DeviceLlama, inputs: &StepInputs, pool: &KvPool, buffers: &Buffers) -> candle_core::Result<Recorded> {
     let dev = model.device();
     let Device::Cuda(cuda) = dev else {
         candle_core::bail!("CUDA graphs need a CUDA device")
     };
     let batch = inputs.tokens;
-    let cfg = &model.config;
-    // Positions, slots, table starts, then every sequence's table at its longest.
-    let meta_len = 3 * batch + batch * cfg.context_length.div_ceil(BLOCK);
+    let meta_len = meta_len(model, batch);
     if inputs.meta.len() > meta_len {
         candle_core::bail!(
             "a step's metadata ({}) is past its room ({meta_len})",
             inputs.meta.len()
         )
     }
-    let ids = Tensor::zeros(batch, DType::U32, dev)?;
-    let meta = Tensor::zeros(meta_len, DType::U32, dev)?;
-    let logits = Tensor::zeros((batch, cfg.vocab_size), DType::F32, dev)?;
+    // Views at offset 0 of the shared buffers: contiguous, so the kernels read them as they would their own.
+    let ids = buffers.ids.narrow(0, 0, batch)?;
+    let meta = buffers.meta.narrow(0, 0, meta_len)?;
+    let logits = buffers.logits.narrow(0, 0, batch)?;
     ids.inplace_op1(&Upload(&inputs.ids))?;
     meta.inplace_op1(&Upload(&inputs.meta))?;
     // The step, logits into the fixed buffer. Every tensor it makes is dropped inside, so while recording its
@@ -189,7 +250,7 @@ fn record(model: &DeviceLlama, inputs: &StepInputs, pool: &KvPool) -> candle_cor
     let step = || {
         model
             .compute(&ids, &meta, inputs.step(), None, pool)
-            .and_then(|out| logits.slice_set(&out, 0, 0))
+            .and_then(|out| buffers.logits.slice_set(&out, 0, 0))
     };
     // candle uploads some kernels' shape parameters from host memory at each call (index_select's, for one);
     // with this guard on it keeps each distinct vector on the device, so a recording reads a fixed copy (and a

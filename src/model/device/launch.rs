@@ -125,7 +125,7 @@ pub const TILED_MIN_KEYS: usize = 32;
 
 /// Which attention kernels a thread's steps may use: both by default (benchmarks and tests compare them with the
 /// per-row kernel, which takes every shape).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionKernels {
     /// Prompt chunks read a tile of keys at a time (`amlserve_prefill_attention_bf16`).
     pub tiled: bool,
@@ -154,6 +154,11 @@ pub fn set_attention_kernels(k: AttentionKernels) {
     KERNELS.with(|c| c.set(k));
 }
 
+/// The attention kernels this thread's steps may use.
+pub fn attention_kernels() -> AttentionKernels {
+    KERNELS.with(|c| c.get())
+}
+
 /// How a step's attention runs: tokens `0..per_row` one at a time (their keys split into `splits` runs), by the
 /// grouped kernel when `grouped`, else by the per-row one; the tiled kernel over the rest, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +185,7 @@ impl AttentionPlan {
 /// `TILED_MIN_KEYS` keys for these heads; otherwise every token is read one at a time. Tokens read one at a time
 /// take the grouped kernel where it takes the heads and a kv head has several query heads, else the per-row one.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
-    let kernels = KERNELS.with(|c| c.get());
+    let kernels = attention_kernels();
     let singles = step.singles.min(step.tokens);
     let (rest, rest_seqs) = (step.tokens - singles, step.seqs.saturating_sub(singles));
     let tiled = if kernels.tiled && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
