@@ -85,7 +85,8 @@ pub struct Args {
 
     /// Experimental, GPU only: replay decode steps as CUDA graphs, one recorded per batch size (up to
     /// --max-batch-size), so a step costs one launch instead of a few hundred. Not yet measured on a GPU; off
-    /// by default. One language model per process; ignored (with a warning) when the model is not on CUDA.
+    /// by default. One language model per process; ignored (with a warning) when the model is not on CUDA or
+    /// with AMLSERVE_CUDA_EVENT_TRACKING=1.
     #[arg(long, env = "AMLSERVE_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
 
