@@ -85,7 +85,7 @@ for variant in $variants; do
   pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
   for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
-  grep -E 'KV cache sized|CUDA graphs|cuda-graphs' "$out/amlserve-$w.log" || true
+  grep -E 'KV cache sized|warmed up|CUDA graphs|cuda-graphs' "$out/amlserve-$w.log" || true
   { curl -sf "http://127.0.0.1:$port/info"; echo
     curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'; echo; } | tee "$out/checks-$w.txt"

@@ -18,14 +18,17 @@ const STEPS: usize = 16;
 
 fn load_pair(format: WeightFormat) -> (Model, Model) {
     amlserve::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), false);
-    let path = common::model_path();
-    let fast = Model::load(&path, format).expect("fast CPU model");
+    let fast = Model::load(&common::model_path(), format).expect("fast CPU model");
+    (fast, device_model(format))
+}
+
+/// The model on the device forward, on candle's CPU backend (`--device candle-cpu`).
+fn device_model(format: WeightFormat) -> Model {
     let info = DeviceInfo {
         device: "candle-cpu".into(),
         ..DeviceInfo::cpu()
     };
-    let generic = Model::load_on(&path, format, Some((&Device::Cpu, info))).expect("device model");
-    (fast, generic)
+    Model::load_on(&common::model_path(), format, Some((&Device::Cpu, info))).expect("device model")
 }
 
 fn device_llama(model: &Model) -> &DeviceLlama {
@@ -166,6 +169,27 @@ fn forks_and_shared_prefixes_give_the_same_logits_as_their_own_cache() {
     let mut fresh = PagedKv::new(pool.clone(), 256);
     let want_last = step(&dev, &mut [(&mut fresh, &prompt)]);
     assert_eq!(last, want_last, "a shared prefix changed the logits");
+}
+
+#[test]
+fn the_warm_up_runs_each_way_a_step_can_go_and_returns_its_blocks() {
+    let warm = device_model(WeightFormat::Q8_0);
+    let llama = device_llama(&warm);
+    let pool = llama.new_pool(16 << 20).expect("pool");
+    let free = pool.free_blocks();
+    llama.warm_up(&pool).expect("warm-up");
+    assert_eq!(
+        pool.free_blocks(),
+        free,
+        "the warm-up's sequences gave their blocks back"
+    );
+    // A model warmed up serves as one that was not: the same greedy logits after it.
+    let dev = OnDevice { llama, pool };
+    let prompt = warm.tokenizer.encode("Tell me about the sea.").expect("encode");
+    let cold = device_model(WeightFormat::Q8_0);
+    let (warm_rows, _) = greedy(&dev, &prompt, 2);
+    let (cold_rows, _) = greedy(&OnDevice::new(device_llama(&cold)), &prompt, 2);
+    assert!(warm_rows == cold_rows, "the warm-up changed what a request computes");
 }
 
 /// On a GPU (a `--features cuda` build on a machine with one; `scripts/gpu-check.sh` runs these there): the

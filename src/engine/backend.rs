@@ -266,8 +266,9 @@ impl DeviceBackend {
     /// The backend of a device model, with a pool of at least `config.kv_cache_bytes` (plus the margin
     /// [`budget::pool_bytes`] keeps for up to `max_batch_size` sequences). When `config.kv_cache_from_device`
     /// and the device reports its memory (a GPU), the budget is first set from its free memory
-    /// ([`budget::budget_from_memory`]). Decode steps replay as CUDA graphs when `config.cuda_graphs` asks and
-    /// the model can.
+    /// ([`budget::budget_from_memory`]). On a GPU, two small steps load every kernel the first requests need
+    /// ([`crate::model::device::DeviceLlama::warm_up`]). Decode steps replay as CUDA graphs when
+    /// `config.cuda_graphs` asks and the model can.
     pub fn new(model: Arc<Model>, config: &mut EngineConfig) -> Result<Self, StepError> {
         let Forward::Device(llama, info) = &model.forward else {
             return Err(StepError("the model is not on a device forward".into()));
@@ -296,6 +297,16 @@ impl DeviceBackend {
             per_token,
             config.max_batch_size,
         ))?;
+        if llama.device().is_cuda() {
+            // Loads the kernels (the driver compiles candle's PTX at first use) before the server is ready, so the
+            // first requests do not wait for it and a kernel that cannot run fails the load.
+            let started = std::time::Instant::now();
+            llama.warm_up(&pool)?;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "warmed up: the kernels the first requests need are loaded"
+            );
+        }
         let max_rows = config.max_batch_tokens.max(config.max_prefill_tokens_alone);
         if config.cuda_graphs {
             match llama.enable_decode_graphs(config.max_batch_size, max_rows) {

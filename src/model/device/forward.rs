@@ -255,6 +255,52 @@ impl DeviceLlama {
         Ok(())
     }
 
+    /// Runs two small steps over fresh sequences of `pool`, so every kernel the first requests need is loaded
+    /// before the server says it is ready (on a GPU the driver compiles candle's PTX modules at first use, which
+    /// takes seconds): a decode row beside a 24-token prompt (the per-token and tiled attention kernels, split-K,
+    /// the matmuls above 8 rows), its logits copied to the host; then a decode step of the two (the matmuls'
+    /// vector kernels), read through the device's argmax. The sequences' blocks go back to the pool.
+    pub fn warm_up(&self, pool: &Arc<KvPool>) -> candle_core::Result<()> {
+        let vocab = self.config.vocab_size as u32;
+        let prompt: Vec<u32> = (0..24u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let (mut a, mut b) = (PagedKv::new(pool.clone(), 64), PagedKv::new(pool.clone(), 64));
+        let logits = self.forward(
+            &mut [
+                DeviceChunk {
+                    kv: &mut b,
+                    tokens: &prompt[..1],
+                    want_logits: true,
+                },
+                DeviceChunk {
+                    kv: &mut a,
+                    tokens: &prompt,
+                    want_logits: true,
+                },
+            ],
+            pool,
+        )?;
+        let mut rows = vec![0f32; 2 * self.config.vocab_size];
+        self.rows_to_host(&logits, &mut rows)?;
+        let next = [prompt[1]];
+        let logits = self.forward(
+            &mut [
+                DeviceChunk {
+                    kv: &mut b,
+                    tokens: &next,
+                    want_logits: true,
+                },
+                DeviceChunk {
+                    kv: &mut a,
+                    tokens: &next,
+                    want_logits: true,
+                },
+            ],
+            pool,
+        )?;
+        let mut ids = [0u32; 2];
+        self.argmax_to_host(&logits, &mut ids)
+    }
+
     /// Replays decode steps (one token per sequence, every row's logits wanted) of up to `max_batch`
     /// sequences as CUDA graphs, each recorded the second time its batch size is seen (the first runs op by op,
     /// loading the kernels). `max_rows`: the most tokens any step holds, so the matmuls' scratch buffers are
