@@ -97,6 +97,21 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
     return is_max ? warp_max(r) : warp_sum(r);
 }
 
+// The keys [*first, *end) a token at `pos` reads in split z of `splits`: its keys 0..=pos, or with a sliding
+// window (window > 0) the last `window` of them up to its own; split-K (splits > 1) cuts those into `splits` equal
+// runs of at least SPLIT_MIN_KEYS each, so a short context leaves the last runs empty (*first == *end).
+__device__ __forceinline__ void key_range(unsigned int pos, int window, int splits, int z, int* first, int* end) {
+    int n = (int)pos + 1;
+    int f = window > 0 ? max(0, n - window) : 0;
+    if (splits > 1) {
+        int chunk = max(SPLIT_MIN_KEYS, (n - f + splits - 1) / splits);
+        f = min(n, f + z * chunk);
+        n = min(n, f + chunk);
+    }
+    *first = f;
+    *end = n;
+}
+
 // Grid (tokens, query heads), ATTN_THREADS threads. The query is scaled by q_scale and rotated to the token's
 // position as it is read (rope: the rotary table). Online softmax over the sequence's keys 0..=pos in tiles of
 // ATTN_TILE. Scores: a warp per key, its lanes over dimension pairs (one 32-bit load of two bf16 each, side by
@@ -127,14 +142,8 @@ extern "C" __global__ void amlserve_paged_attention_bf16(float* out, float* part
     int kvh = h / (n_head / n_kv_head);
     int row2 = 2 * n_kv_head * head_dim;
     int k_at = kvh * head_dim, v_at = n_kv_head * head_dim + kvh * head_dim;
-    int n_keys = (int)meta[i] + 1;
-    // A sliding window (window > 0) sees the last `window` keys up to the token's own.
-    int first_key = window > 0 ? max(0, n_keys - window) : 0;
-    if (splits > 1) {
-        int chunk = max(SPLIT_MIN_KEYS, (n_keys - first_key + splits - 1) / splits);
-        first_key = min(n_keys, first_key + (int)blockIdx.z * chunk);
-        n_keys = min(n_keys, first_key + chunk);
-    }
+    int first_key, n_keys;
+    key_range(meta[i], window, splits, (int)blockIdx.z, &first_key, &n_keys);
     const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
     const float* qsrc = qkv + (size_t)i * width + (size_t)h * head_dim;
     const float* cs = rope + (size_t)meta[i] * head_dim;
@@ -256,13 +265,8 @@ __device__ void grouped_attention(float* smem, float* out, float* partial, const
     float* w_out = w_sum + GROUPED_WARPS * group;
     int row2 = 2 * n_kv_head * head_dim;
     int k_at = kvh * head_dim, v_at = n_kv_head * head_dim + kvh * head_dim;
-    int n_keys = (int)meta[i] + 1;
-    int first_key = window > 0 ? max(0, n_keys - window) : 0;
-    if (splits > 1) {
-        int chunk = max(SPLIT_MIN_KEYS, (n_keys - first_key + splits - 1) / splits);
-        first_key = min(n_keys, first_key + (int)blockIdx.z * chunk);
-        n_keys = min(n_keys, first_key + chunk);
-    }
+    int first_key, n_keys;
+    key_range(meta[i], window, splits, (int)blockIdx.z, &first_key, &n_keys);
     const unsigned int* table = meta + 3 * tokens + meta[2 * tokens + i];
     const float* cs = rope + (size_t)meta[i] * head_dim;
     for (int d = tid; d < group * head_dim; d += blockDim.x) {
@@ -472,10 +476,10 @@ extern "C" __global__ void amlserve_prefill_attention_bf16(float* out, const flo
             }
             __syncthreads();
             for (int e = tid; e < rows * kt; e += blockDim.x) {
-                int r = e / kt, j = e % kt, key = k0 + j, pos = (int)meta[a + r / group];
-                int first = window > 0 ? max(0, pos + 1 - window) : 0;
+                int r = e / kt, j = e % kt, key = k0 + j, first, end;
+                key_range(meta[a + r / group], window, 1, 0, &first, &end);
                 float s = NEG_INF;
-                if (j < n && key <= pos && key >= first) {
+                if (j < n && key < end && key >= first) {
                     const float* q = qs + r * ks;
                     const float* k = kts + j * ks;
                     s = 0.0f;
