@@ -90,16 +90,9 @@ fn timed_step(llama: &DeviceLlama, pool: &KvPool, kvs: &mut [PagedKv], tokens: &
     // Written first, as the engine's buffer kept from step to step is: the copy is timed, not page faults.
     let mut rows = vec![1f32; tokens.len() * llama.config.vocab_size];
     let t0 = Instant::now();
-    let mut chunks: Vec<DeviceChunk<'_>> = kvs
-        .iter_mut()
-        .zip(tokens)
-        .map(|(kv, t)| DeviceChunk {
-            kv,
-            tokens: t,
-            want_logits: true,
-        })
-        .collect();
-    let logits = llama.forward(&mut chunks, pool).expect("forward");
+    let logits = llama
+        .forward(&mut DeviceChunk::each_wanted(kvs, tokens), pool)
+        .expect("forward");
     let t1 = Instant::now();
     llama.device().synchronize().expect("sync");
     let t2 = Instant::now();
@@ -145,20 +138,6 @@ fn main() {
         }
     }
 }
-
-/// The attention kernel sets steps are timed with: the launcher's (prompt chunks tiled, tokens read one at a time
-/// grouped), grouped without tiles, and the per-row kernel alone.
-const KERNEL_SETS: [(&str, AttentionKernels); 3] = [
-    ("tiled", AttentionKernels::ALL),
-    (
-        "grouped",
-        AttentionKernels {
-            tiled: false,
-            grouped: true,
-        },
-    ),
-    ("per row", AttentionKernels::PER_ROW),
-];
 
 /// The step table for one loaded model, then the per-stage tables asked for.
 fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
@@ -238,7 +217,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     };
     let shapes = args.prompts.iter().map(|&n| (1, n)).chain(args.packed.iter().copied());
     for (seqs, n) in shapes {
-        for (what, kernels) in KERNEL_SETS {
+        for (what, kernels) in AttentionKernels::SETS {
             launch::set_attention_kernels(kernels);
             let mut times = Vec::new();
             for i in 0..4 {
@@ -270,7 +249,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     if let Some(&b) = args.batches.iter().max().filter(|_| args.beside > 0) {
         let n = args.beside;
         let prompt: Vec<u32> = (0..n).map(token).collect();
-        for (what, kernels) in KERNEL_SETS {
+        for (what, kernels) in AttentionKernels::SETS {
             launch::set_attention_kernels(kernels);
             let mut kvs = started(b);
             let mut times = Vec::new();

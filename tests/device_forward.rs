@@ -233,18 +233,7 @@ mod cuda {
             let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
             // The launcher's kernels (a step of prompt chunks takes the tiled kernel, tokens read one at a time
             // the grouped one), then each turned off in turn down to the per-row kernel alone.
-            let kernel_sets = [
-                ("all", AttentionKernels::ALL),
-                (
-                    "grouped, no tiles",
-                    AttentionKernels {
-                        tiled: false,
-                        grouped: true,
-                    },
-                ),
-                ("per row", AttentionKernels::PER_ROW),
-            ];
-            for (what, kernels) in kernel_sets {
+            for (what, kernels) in AttentionKernels::SETS {
                 launch::set_attention_kernels(kernels);
                 let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
                 launch::set_attention_kernels(AttentionKernels::ALL);
@@ -417,16 +406,10 @@ mod cuda {
     /// As `batch_step`, with each row's argmax also read through the device (`argmax_to_host`, the server's
     /// greedy path) from the same logits.
     fn batch_step_argmax(dev: &OnDevice<'_>, kvs: &mut [PagedKv], tokens: &[Vec<u32>]) -> (Vec<Vec<f32>>, Vec<u32>) {
-        let mut chunks: Vec<DeviceChunk<'_>> = kvs
-            .iter_mut()
-            .zip(tokens)
-            .map(|(kv, t)| DeviceChunk {
-                kv,
-                tokens: t,
-                want_logits: true,
-            })
-            .collect();
-        let logits = dev.llama.forward(&mut chunks, &dev.pool).expect("device forward");
+        let logits = dev
+            .llama
+            .forward(&mut DeviceChunk::each_wanted(kvs, tokens), &dev.pool)
+            .expect("device forward");
         let mut ids = vec![0u32; tokens.len()];
         dev.llama.argmax_to_host(&logits, &mut ids).expect("argmax");
         (logits.to_vec2::<f32>().expect("logits"), ids)

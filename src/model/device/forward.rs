@@ -82,6 +82,20 @@ pub struct DeviceChunk<'a> {
     pub want_logits: bool,
 }
 
+impl<'a> DeviceChunk<'a> {
+    /// A chunk per cache, `tokens[i]` appended to `kvs[i]`, every chunk's logits wanted.
+    pub fn each_wanted<T: AsRef<[u32]>>(kvs: &'a mut [PagedKv], tokens: &'a [T]) -> Vec<Self> {
+        kvs.iter_mut()
+            .zip(tokens)
+            .map(|(kv, t)| DeviceChunk {
+                kv,
+                tokens: t.as_ref(),
+                want_logits: true,
+            })
+            .collect()
+    }
+}
+
 /// A decoder model on a device.
 pub struct DeviceLlama {
     pub config: LlamaConfig,
@@ -263,40 +277,12 @@ impl DeviceLlama {
     pub fn warm_up(&self, pool: &Arc<KvPool>) -> candle_core::Result<()> {
         let vocab = self.config.vocab_size as u32;
         let prompt: Vec<u32> = (0..24u32).map(|i| (i * 7919 + 13) % vocab).collect();
-        let (mut a, mut b) = (PagedKv::new(pool.clone(), 64), PagedKv::new(pool.clone(), 64));
-        let logits = self.forward(
-            &mut [
-                DeviceChunk {
-                    kv: &mut b,
-                    tokens: &prompt[..1],
-                    want_logits: true,
-                },
-                DeviceChunk {
-                    kv: &mut a,
-                    tokens: &prompt,
-                    want_logits: true,
-                },
-            ],
-            pool,
-        )?;
+        let mut kvs = [PagedKv::new(pool.clone(), 64), PagedKv::new(pool.clone(), 64)];
+        let logits = self.forward(&mut DeviceChunk::each_wanted(&mut kvs, &[&prompt[..1], &prompt]), pool)?;
         let mut rows = vec![0f32; 2 * self.config.vocab_size];
         self.rows_to_host(&logits, &mut rows)?;
         let next = [prompt[1]];
-        let logits = self.forward(
-            &mut [
-                DeviceChunk {
-                    kv: &mut b,
-                    tokens: &next,
-                    want_logits: true,
-                },
-                DeviceChunk {
-                    kv: &mut a,
-                    tokens: &next,
-                    want_logits: true,
-                },
-            ],
-            pool,
-        )?;
+        let logits = self.forward(&mut DeviceChunk::each_wanted(&mut kvs, &[next, next]), pool)?;
         let mut ids = [0u32; 2];
         self.argmax_to_host(&logits, &mut ids)
     }

@@ -139,10 +139,21 @@ impl AttentionKernels {
         tiled: true,
         grouped: true,
     };
+    /// Tokens read one at a time grouped, no tiles.
+    pub const GROUPED: Self = Self {
+        tiled: false,
+        grouped: true,
+    };
     pub const PER_ROW: Self = Self {
         tiled: false,
         grouped: false,
     };
+    /// The sets benchmarks and the GPU test compare, each named by the kernel a prompt chunk takes under it.
+    pub const SETS: [(&'static str, Self); 3] = [
+        ("tiled", Self::ALL),
+        ("grouped", Self::GROUPED),
+        ("per row", Self::PER_ROW),
+    ];
 }
 
 thread_local! {
@@ -337,10 +348,7 @@ mod tests {
         );
         let mostly_decode = attention_plan(step(60, 16, 0), smol, 132);
         assert_eq!((mostly_decode.per_row, mostly_decode.tiled), (60, None));
-        set_attention_kernels(AttentionKernels {
-            tiled: false,
-            grouped: true,
-        });
+        set_attention_kernels(AttentionKernels::GROUPED);
         assert_eq!(attention_plan(step(2048, 16, 0), smol, 132).tiled, None, "switched off");
         set_attention_kernels(AttentionKernels::PER_ROW);
         // The per-row kernel: a block per query head, so 64 rows need no split.
