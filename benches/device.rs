@@ -9,7 +9,8 @@
 //! `--packed-stages` splits it into stages; `--beside 1984` (the default) times the largest decode batch beside
 //! a prompt chunk. Each step is timed with each attention kernel it may take: decode steps with the grouped
 //! kernel (the default) and the per-row one; steps with prompts also with the tiled kernel (the default for
-//! prompt chunks).
+//! prompt chunks). Decode steps of up to 8 rows on Q8_0 weights are also timed with candle's matmul kernels in
+//! place of ours (`amlserve_q8_0_rows_*`).
 //!
 //! `cargo bench --bench device -- --device candle-cpu --context 64 --batches 1,4` here;
 //! `scripts/gpu-check.sh` runs the CUDA build of it on a GPU.
@@ -19,7 +20,7 @@ mod common;
 use std::time::Instant;
 
 use amlserve::model::device::forward::DeviceChunk;
-use amlserve::model::device::launch::{self, AttentionKernels};
+use amlserve::model::device::launch::{self, Kernels};
 use amlserve::model::device::{self, DeviceChoice, DeviceLlama, KvPool, PagedKv};
 use amlserve::model::{Forward, Model, WeightFormat};
 use clap::Parser;
@@ -134,13 +135,13 @@ fn main() {
                 llama.weight_bytes >> 20,
                 if graphs { "on" } else { "off" }
             );
-            measure(&args, &model, llama, graphs);
+            measure(&args, &model, llama, format, graphs);
         }
     }
 }
 
 /// The step table for one loaded model, then the per-stage tables asked for.
-fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
+fn measure(args: &Args, model: &Model, llama: &DeviceLlama, format: WeightFormat, graphs: bool) {
     let max_batch = args.batches.iter().chain(&args.stages).copied().max().unwrap_or(1);
     let longest = args
         .prompts
@@ -177,13 +178,18 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &b in &args.batches {
-        // Decode steps have no prompt chunks to tile: the grouped kernel and the per-row one (with graphs, each
+        // Decode steps have no prompt chunks to tile: the grouped kernel and the per-row one; with Q8_0 weights
+        // and up to Q8_MAX_ROWS rows, also candle's matmul kernels in place of ours (with graphs, each set
         // records its own: graphs are kept per batch size and kernel set).
-        for (what, kernels) in [
-            ("grouped", AttentionKernels::ALL),
-            ("per row", AttentionKernels::PER_ROW),
-        ] {
-            launch::set_attention_kernels(kernels);
+        let mut sets = vec![
+            ("attention grouped", Kernels::ALL),
+            ("attention per row", Kernels::PER_ROW),
+        ];
+        if format == WeightFormat::Q8_0 && b <= launch::Q8_MAX_ROWS {
+            sets.push(("attention grouped, candle's Q8_0 matmuls", Kernels::CANDLE_Q8));
+        }
+        for (what, kernels) in sets {
+            launch::set_kernels(kernels);
             let mut kvs = started(b);
             let mut times = Vec::new();
             for i in 0..args.steps + 3 {
@@ -196,7 +202,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
             let m = median(times);
             let step = m.issue + m.wait + m.copy;
             println!(
-                "| decode, batch {b}, context {}, attention {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
+                "| decode, batch {b}, context {}, {} | {b} | {step:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
                 args.context,
                 what,
                 m.issue,
@@ -207,7 +213,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 b as f64 * 1e3 / (m.issue + m.wait + m.argmax)
             );
         }
-        launch::set_attention_kernels(AttentionKernels::ALL);
+        launch::set_kernels(Kernels::ALL);
     }
     // Fresh sequences each time: `seqs` prompts of `n` tokens.
     let packed = |seqs: usize, n: usize| -> (Vec<PagedKv>, Vec<Vec<u32>>) {
@@ -217,8 +223,8 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
     };
     let shapes = args.prompts.iter().map(|&n| (1, n)).chain(args.packed.iter().copied());
     for (seqs, n) in shapes {
-        for (what, kernels) in AttentionKernels::SETS {
-            launch::set_attention_kernels(kernels);
+        for (what, kernels) in Kernels::ATTENTION_SETS {
+            launch::set_kernels(kernels);
             let mut times = Vec::new();
             for i in 0..4 {
                 let (mut kvs, prompts) = packed(seqs, n);
@@ -244,13 +250,13 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 m.argmax
             );
         }
-        launch::set_attention_kernels(AttentionKernels::ALL);
+        launch::set_kernels(Kernels::ALL);
     }
     if let Some(&b) = args.batches.iter().max().filter(|_| args.beside > 0) {
         let n = args.beside;
         let prompt: Vec<u32> = (0..n).map(token).collect();
-        for (what, kernels) in AttentionKernels::SETS {
-            launch::set_attention_kernels(kernels);
+        for (what, kernels) in Kernels::ATTENTION_SETS {
+            launch::set_kernels(kernels);
             let mut kvs = started(b);
             let mut times = Vec::new();
             for i in 0..4 {
@@ -276,7 +282,7 @@ fn measure(args: &Args, model: &Model, llama: &DeviceLlama, graphs: bool) {
                 m.argmax
             );
         }
-        launch::set_attention_kernels(AttentionKernels::ALL);
+        launch::set_kernels(Kernels::ALL);
     }
     for &b in &args.stages {
         let mut kvs = started(b);

@@ -200,10 +200,12 @@ mod cuda {
     use super::*;
     use amlserve::model::arch::Activation;
     use amlserve::model::device::forward::DeviceChunk;
-    use amlserve::model::device::launch::{self, AttentionKernels};
-    use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, RowArgmax};
+    use amlserve::model::device::launch::{self, Kernels};
+    use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Q8Rows, RowArgmax};
     use candle_core::{DType, Tensor};
-    use common::kernel_cases::{attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, NORMED_HEADS};
+    use common::kernel_cases::{
+        attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, Q8Case, NORMED_HEADS, Q8_SHAPES,
+    };
 
     fn gpu() -> Option<Device> {
         match Device::new_cuda(0) {
@@ -233,10 +235,10 @@ mod cuda {
             let (p_cpu, o_cpu) = run_ops(&Device::Cpu, &s, window);
             // The launcher's kernels (a step of prompt chunks takes the tiled kernel, tokens read one at a time
             // the grouped one), then each turned off in turn down to the per-row kernel alone.
-            for (what, kernels) in AttentionKernels::SETS {
-                launch::set_attention_kernels(kernels);
+            for (what, kernels) in Kernels::ATTENTION_SETS {
+                launch::set_kernels(kernels);
                 let (p_gpu, o_gpu) = run_ops(&dev, &s, window);
-                launch::set_attention_kernels(AttentionKernels::ALL);
+                launch::set_kernels(Kernels::ALL);
                 let (ep, eo) = (rel_err(&p_gpu, &p_cpu), rel_err(&o_gpu, &o_cpu));
                 println!(
                     "{heads:?}, {} tokens, window {window:?}, {what}: store {ep:.2e}, attention {eo:.2e} (relative L2)",
@@ -302,6 +304,24 @@ mod cuda {
             let en = rel_err(&on(&dev), &on(&Device::Cpu));
             println!("add + rms norm, hidden {hidden}: {en:.2e}");
             assert!(en < 1e-5, "add + rms norm {en}");
+        }
+        // Q8_0 projections of a few rows, on rows past offset 0 (as the normed view is), against the exact
+        // product and candle's own kernels (which quantize the activations to 8 bits too).
+        for shape in Q8_SHAPES {
+            let c = Q8Case::new(shape);
+            let w = std::sync::Arc::new(c.quantized(&dev));
+            let x = Tensor::from_vec([vec![0.0; c.k], c.x.clone()].concat(), (c.rows + 1, c.k), &dev)
+                .and_then(|t| t.narrow(0, 1, c.rows))
+                .expect("offset rows");
+            let ours = x.apply_op1_no_bwd(&Q8Rows { weight: w.clone() }).expect("q8 rows");
+            let candle = candle_core::quantized::QMatMul::from_arc(w)
+                .and_then(|m| candle_core::Module::forward(&m, &x))
+                .expect("candle's q8_0 matmul");
+            let exact = Tensor::from_vec(c.exact(), (c.rows, c.n), &Device::Cpu).expect("exact");
+            let (e, e_candle) = (rel_err(&ours, &exact), rel_err(&candle, &exact));
+            println!("q8_0 rows {shape:?}: {e:.2e}, candle's {e_candle:.2e}");
+            assert!(e < 1e-5, "q8 rows {shape:?} {e}");
+            assert!(e_candle < 2e-2, "candle's q8_0 matmul {shape:?} {e_candle}");
         }
     }
 

@@ -401,24 +401,28 @@ fn the_launchers_constants_are_the_kernels_own() {
     assert_eq!(define("ARGMAX_THREADS"), launch::ARGMAX_THREADS as usize);
     assert_eq!(define("BLOCK_TOKENS"), amlserve::model::device::paged::BLOCK);
     assert_eq!(define("GROUPED_WARPS"), launch::GROUPED_WARPS as usize);
+    assert_eq!(define("Q8_WARPS"), launch::Q8_WARPS as usize);
+    assert_eq!(define("Q8_COLS"), launch::Q8_COLS as usize);
 }
 
 #[test]
 fn every_kernel_in_the_source_is_emulated() {
     let source = include_str!("../src/model/device/kernels.cu");
-    // Kernels defined directly, and those a macro instantiates (`GROUPED_ATTENTION(name, ...)`, whose own
-    // definition names its parameter `name`).
+    // Kernels defined directly, and those a macro instantiates (`GROUPED_ATTENTION(name, ...)`,
+    // `Q8_0_ROWS(name, ...)`, whose own definitions name their parameter `name`).
     let names: Vec<&str> = source
         .split("__global__ void ")
         .skip(1)
         .filter_map(|rest| rest.split('(').next())
         .filter(|&n| n != "name")
         .chain(source.lines().filter_map(|l| {
-            l.strip_prefix("GROUPED_ATTENTION(")
+            ["GROUPED_ATTENTION(", "Q8_0_ROWS("]
+                .iter()
+                .find_map(|m| l.strip_prefix(m))
                 .and_then(|rest| rest.split(',').next())
         }))
         .collect();
-    assert!(names.len() >= 11, "kernels found: {names:?}");
+    assert!(names.len() >= 16, "kernels found: {names:?}");
     for h in [
         common::kernel_cases::SMOLLM2,
         common::kernel_cases::LLAMA3,
@@ -427,10 +431,68 @@ fn every_kernel_in_the_source_is_emulated() {
         let grouped = launch::grouped_kernel(h).expect("a grouped kernel");
         assert!(names.contains(&grouped), "{grouped} is not in kernels.cu");
     }
+    for rows in 1..=launch::Q8_MAX_ROWS {
+        let q8 = launch::q8_rows_kernel(rows);
+        assert!(names.contains(&q8), "{q8} is not in kernels.cu");
+    }
     for name in names {
         assert!(
             amlserve_kernel_emu::knows(name),
             "kernel-emu/emu.cpp does not list {name}"
         );
+    }
+}
+
+#[test]
+fn q8_0_rows_match_the_exact_product_and_the_cpu_op() {
+    use amlserve::model::device::ops::Q8Rows;
+    use common::kernel_cases::{Q8Case, Q8_SHAPES};
+    for shape in Q8_SHAPES {
+        let c = Q8Case::new(shape);
+        let q = c.quantized(&Device::Cpu);
+        let bytes = q.data().expect("raw blocks").into_owned();
+        assert_eq!(bytes.len(), c.n * c.k / 32 * 34, "ggml's Q8_0 blocks");
+        let words: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let exact = c.exact();
+        let cpu = Tensor::from_slice(&c.x, (c.rows, c.k), &Device::Cpu)
+            .and_then(|x| {
+                x.apply_op1_no_bwd(&Q8Rows {
+                    weight: std::sync::Arc::new(q),
+                })
+            })
+            .expect("q8 rows");
+        let mut w = Guarded::new(&words, 0xffff);
+        let mut x = Guarded::new(&c.x, f32::NAN);
+        assert_eq!(
+            x.data().as_ptr() as usize % 16,
+            0,
+            "the activations start 16-byte aligned"
+        );
+        let mut out = nan(c.rows * c.n);
+        run(
+            launch::q8_rows_kernel(c.rows),
+            launch::q8_rows(c.n),
+            &[out.ptr(), w.ptr(), x.ptr(), int(c.rows), int(c.n), int(c.k)],
+        );
+        out.check("out").unwrap_or_else(|e| panic!("{e}"));
+        let (e, e_cpu) = (rel_l2(out.data(), &exact), rel_l2(&values(&cpu), &exact));
+        println!("q8_0 rows {shape:?}: kernel {e:.2e}, CPU op (activations quantized too) {e_cpu:.2e}");
+        assert!(e < 1e-6, "q8 rows {shape:?}: {e}");
+        // Column by column too, so the columns of tiny (subnormal f16 scales) and zero weights count.
+        for col in 0..c.n {
+            let pick = |v: &[f32]| -> Vec<f32> { (0..c.rows).map(|r| v[r * c.n + col]).collect() };
+            let (got, want) = (pick(out.data()), pick(&exact));
+            if want.iter().all(|&v| v == 0.0) {
+                assert!(got.iter().all(|&v| v == 0.0), "column {col} of zero weights: {got:?}");
+            } else {
+                let e = rel_l2(&got, &want);
+                assert!(e < 1e-5, "q8 rows {shape:?}, column {col}: {e}");
+            }
+        }
+        // candle's CPU kernels quantize the activations to 8 bits as well: the same product, to that rounding.
+        assert!(e_cpu < 2e-2, "the CPU op {shape:?}: {e_cpu}");
     }
 }

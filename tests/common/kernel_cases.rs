@@ -225,3 +225,66 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     assert!(num.is_finite(), "non-finite values");
     (num / den.max(1e-30)).sqrt()
 }
+
+/// A Q8_0 projection case: `rows` rows of `k` activations against `n` output columns.
+pub struct Q8Case {
+    pub rows: usize,
+    pub n: usize,
+    pub k: usize,
+    /// The weights `[n, k]` before quantizing; each row's magnitude cycles through 1, 1e-3 (block scales in
+    /// f16's subnormal range), 0 (scale 0) and 100.
+    pub weights: Vec<f32>,
+    /// `[rows, k]`.
+    pub x: Vec<f32>,
+}
+
+/// The shapes of the Q8_0 cases: rows for each kernel (1, 2, up to 4, up to 8), the widths of SmolLM2's
+/// projections (576, 1536) and a few blocks (32, 64, 96); column counts that leave a warp part of its columns.
+pub const Q8_SHAPES: [(usize, usize, usize); 5] = [(1, 37, 576), (2, 21, 96), (3, 8, 64), (8, 13, 1536), (5, 4, 32)];
+
+impl Q8Case {
+    pub fn new((rows, n, k): (usize, usize, usize)) -> Self {
+        let mut weights = ramp(7, n * k, 2.0, -1.0);
+        for (c, row) in weights.chunks_exact_mut(k).enumerate() {
+            let scale = [1.0, 1e-3, 0.0, 100.0][c % 4];
+            row.iter_mut().for_each(|w| *w *= scale);
+        }
+        Self {
+            rows,
+            n,
+            k,
+            weights,
+            x: ramp(11, rows * k, 4.0, -2.0),
+        }
+    }
+
+    /// The weights quantized to Q8_0 on `dev`.
+    pub fn quantized(&self, dev: &Device) -> candle_core::quantized::QTensor {
+        Tensor::from_slice(&self.weights, (self.n, self.k), &Device::Cpu)
+            .and_then(|w| {
+                candle_core::quantized::QTensor::quantize_onto(&w, candle_core::quantized::GgmlDType::Q8_0, dev)
+            })
+            .expect("Q8_0 weights")
+    }
+
+    /// The product with the quantized weights, in f64 (rows `[rows, n]`): what a kernel that reads the
+    /// activations as they are computes, to rounding.
+    pub fn exact(&self) -> Vec<f32> {
+        let w: Vec<f32> = self
+            .quantized(&Device::Cpu)
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("dequantized");
+        let (n, k) = (self.n, self.k);
+        (0..self.rows * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                let dot: f64 = (0..k)
+                    .map(|j| f64::from(self.x[r * k + j]) * f64::from(w[c * k + j]))
+                    .sum();
+                dot as f32
+            })
+            .collect()
+    }
+}

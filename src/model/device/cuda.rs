@@ -12,7 +12,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Device, Layout};
 
 use super::launch::{self, Dims};
-use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Rotary, StoreKv};
+use super::ops::{AddRmsNorm, GatedAct, HeadNorms, PagedAttention, Q8Rows, Rotary, StoreKv};
 use super::DeviceInfo;
 use crate::model::arch::Activation;
 
@@ -428,5 +428,32 @@ pub(super) fn row_argmax(x: &CudaStorage, l: &Layout, rows: usize, vocab: usize)
     b.arg(&mut out).arg(&src).arg(&r).arg(&v);
     // SAFETY: the input holds rows * vocab floats (its layout's shape).
     unsafe { b.launch(config(launch::row_argmax(rows))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn q8_rows(
+    op: &Q8Rows,
+    x: &CudaStorage,
+    l: &Layout,
+    (rows, n, k): (usize, usize, usize),
+) -> candle_core::Result<CudaStorage> {
+    let xs = start(l, "activations")?;
+    if !launch::q8_rows_fit(rows, k, xs) {
+        candle_core::bail!("q8-rows: {rows} rows of {k} at offset {xs}")
+    }
+    let dev = x.device.clone();
+    let f = dev.get_or_load_custom_func(launch::q8_rows_kernel(rows), MODULE, ptx_for(&dev)?)?;
+    let src = x.as_cuda_slice::<f32>()?.slice(xs..);
+    let stream = dev.cuda_stream();
+    let (w, _guard) = op.weight.device_ptr_with_guard(&stream)?;
+    let w = w as u64;
+    // SAFETY: the kernel writes every output: a warp per column, lane 0 each row's sum.
+    let mut out = unsafe { dev.alloc::<f32>(rows * n) }?;
+    let (r, n32, k32) = (rows as i32, n as i32, k as i32);
+    let mut b = f.builder();
+    b.arg(&mut out).arg(&w).arg(&src).arg(&r).arg(&n32).arg(&k32);
+    // SAFETY: the weights are n x k Q8_0 values (their shape, checked against the activations' width), read in
+    // whole 34-byte blocks; the activations hold rows x k floats, 16 bytes aligned (checked above).
+    unsafe { b.launch(config(launch::q8_rows(n))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

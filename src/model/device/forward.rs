@@ -17,11 +17,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::launch;
 use super::ops::{
-    AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Rotary, RowArgmax, StepMeta, StoreKv,
+    AddBias, AddRmsNorm, GatedAct, HeadNorms, Heads, PagedAttention, Q8Rows, Rotary, RowArgmax, StepMeta, StoreKv,
 };
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
@@ -40,17 +41,44 @@ enum Projection {
 }
 
 impl Projection {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x` through the projection, each matrix multiplied by `matmul`.
+    fn apply(
+        &self,
+        x: &Tensor,
+        matmul: impl Fn(&QMatMul, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Self::Fused(m) => m.forward(x),
+            Self::Fused(m) => matmul(m, x),
             Self::Parts(ms) => Tensor::cat(
                 &ms.iter()
-                    .map(|m| m.forward(x))
+                    .map(|m| matmul(m, x))
                     .collect::<candle_core::Result<Vec<_>>>()?,
                 1,
             ),
         }
     }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, project)
+    }
+}
+
+/// `x` times the weights of `m`: by [`Q8Rows`] where it takes them ([`q8_rows`]), else by candle.
+fn project(m: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    match q8_rows(m, x) {
+        Some(op) => x.apply_op1_no_bwd(&op),
+        None => m.forward(x),
+    }
+}
+
+/// [`Q8Rows`] for `x` times `m` where it takes them: Q8_0 weights and a step of a few rows, 16 bytes aligned
+/// ([`launch::q8_rows_fit`]), unless switched off ([`launch::kernels`]).
+fn q8_rows(m: &QMatMul, x: &Tensor) -> Option<Q8Rows> {
+    let QMatMul::QTensor(w) = m else { return None };
+    let (rows, k) = x.dims2().ok()?;
+    let (offset, _) = x.layout().contiguous_offsets()?;
+    (w.dtype() == GgmlDType::Q8_0 && launch::kernels().q8_rows && launch::q8_rows_fit(rows, k, offset))
+        .then(|| Q8Rows { weight: w.clone() })
 }
 
 struct Layer {
@@ -467,7 +495,7 @@ impl DeviceLlama {
             };
             let y = qkv.apply_op3_no_bwd(cache, meta_t, &attention)?;
             clock.mark("attention")?;
-            let o = post_norm(layer.wo.forward(&y)?, layer.post_attn_norm.as_ref(), eps)?;
+            let o = post_norm(project(&layer.wo, &y)?, layer.post_attn_norm.as_ref(), eps)?;
             clock.mark("out matmul")?;
             let (residual, normed) = AddRmsNorm::split(&x.apply_op3_no_bwd(&o, &layer.ffn_norm, &add_norm)?)?;
             (x, h) = (residual, normed);
@@ -479,7 +507,7 @@ impl DeviceLlama {
                 act: cfg.family.activation(),
             })?;
             clock.mark("gated activation")?;
-            let d = post_norm(layer.down.forward(&act)?, layer.post_ffn_norm.as_ref(), eps)?;
+            let d = post_norm(project(&layer.down, &act)?, layer.post_ffn_norm.as_ref(), eps)?;
             clock.mark("down matmul")?;
             // The residual add fused with the next layer's attention norm; after the last layer, a plain add
             // (the output norm reads only the rows whose logits are wanted).
@@ -498,7 +526,7 @@ impl DeviceLlama {
             None => x,
         };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
+        let logits = project(&self.lm_head, &last)?.to_dtype(DType::F32)?;
         clock.mark("output")?;
         Ok(logits)
     }
@@ -512,13 +540,15 @@ impl DeviceLlama {
         let cfg = &self.config;
         let q_width = cfg.n_head * cfg.head_dim;
         let zeros = |n: usize, k: usize| Tensor::zeros((n, k), DType::F32, &self.device);
-        // 8 rows: the largest the vector kernels take; then the tiled kernels' largest.
+        // candle's kernels alone (a step takes them where ours do not, or with ours switched off): 8 rows, the
+        // largest the vector kernels take; then the tiled kernels' largest.
+        let candle = |m: &QMatMul, x: &Tensor| m.forward(x);
         for n in [8.min(rows), rows] {
             let (hidden, q) = (zeros(n, cfg.hidden)?, zeros(n, q_width)?);
             for l in &self.layers {
-                l.qkv.forward(&hidden)?;
+                l.qkv.apply(&hidden, candle)?;
                 l.wo.forward(&q)?;
-                l.gate_up.forward(&hidden)?;
+                l.gate_up.apply(&hidden, candle)?;
                 l.down.forward(&zeros(n, l.ffn_width)?)?;
             }
         }
@@ -592,5 +622,47 @@ fn post_norm(y: Tensor, w: Option<&Tensor>, eps: f32) -> candle_core::Result<Ten
     match w {
         Some(w) => candle_nn::ops::rms_norm(&y.contiguous()?, w, eps),
         None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_weights_take_our_kernel_for_a_few_aligned_rows_only() {
+        let dev = &Device::Cpu;
+        let w = |dtype| {
+            let v: Vec<f32> = (0..16 * 64).map(|i| (i % 17) as f32 - 8.0).collect();
+            let t = Tensor::from_vec(v, (16, 64), dev).expect("weights");
+            QMatMul::from_qtensor(QTensor::quantize(&t, dtype).expect("quantize")).expect("matmul")
+        };
+        let q8 = w(GgmlDType::Q8_0);
+        let x = |rows: usize| Tensor::zeros((rows + 1, 64), DType::F32, dev).expect("x");
+        assert!(q8_rows(&q8, &x(7)).is_some(), "8 rows");
+        assert!(q8_rows(&q8, &x(8)).is_none(), "9 rows: candle's tiled kernels");
+        assert!(
+            q8_rows(&q8, &x(0).narrow(0, 0, 0).expect("no rows")).is_none(),
+            "an empty step"
+        );
+        assert!(
+            q8_rows(&q8, &x(1).narrow(0, 1, 1).expect("second row")).is_some(),
+            "a row at offset 64"
+        );
+        let odd = Tensor::zeros(4 + 64, DType::F32, dev)
+            .and_then(|t| t.narrow(0, 3, 64))
+            .and_then(|t| t.reshape((1, 64)))
+            .expect("misaligned row");
+        assert!(q8_rows(&q8, &odd).is_none(), "a row at offset 3: not 16 bytes aligned");
+        assert!(q8_rows(&w(GgmlDType::Q4_0), &x(0)).is_none(), "other quantizations");
+        launch::set_kernels(launch::Kernels::CANDLE_Q8);
+        assert!(q8_rows(&q8, &x(0)).is_none(), "switched off");
+        launch::set_kernels(launch::Kernels::ALL);
+        // On the CPU the op is candle's own matmul: the same values either way.
+        let x = Tensor::from_vec((0..3 * 64).map(|i| i as f32 / 64.0).collect::<Vec<_>>(), (3, 64), dev).expect("x");
+        let ours = project(&q8, &x).and_then(|t| t.to_vec2::<f32>()).expect("ours");
+        let candle = q8.forward(&x).and_then(|t| t.to_vec2::<f32>()).expect("candle");
+        assert!(ours.iter().flatten().any(|&v| v != 0.0));
+        assert_eq!(ours, candle);
     }
 }

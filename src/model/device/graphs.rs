@@ -12,7 +12,7 @@
 //!
 //! What else a recording needs:
 //! - A batch size is recorded the second time it is seen (one that comes once is not worth it), per set of
-//!   attention kernels (`launch::attention_kernels`: a graph replays the kernels it recorded). The recording
+//!   kernels (`launch::kernels`: a graph replays the kernels it recorded). The recording
 //!   runs the step once for real first: that loads every module the step uses (loading one while recording is
 //!   not allowed) and, with candle's parameter cache on, puts the shape parameters candle uploads for some
 //!   kernels (index_select's) on the device once, where the recording reads them.
@@ -42,7 +42,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::forward::{DeviceLlama, StepInputs};
-use super::launch::{self, AttentionKernels};
+use super::launch::{self, Kernels};
 use super::paged::{KvPool, BLOCK};
 
 /// Decode graphs of one model, by batch size and attention kernels.
@@ -64,7 +64,7 @@ struct State {
     pool: Option<candle_core::TensorId>,
     /// The fixed buffers every graph reads and writes, made at the first recording.
     buffers: Option<Buffers>,
-    by_batch: HashMap<(usize, AttentionKernels), Slot>,
+    by_batch: HashMap<(usize, Kernels), Slot>,
 }
 
 /// Token ids `[max_batch]`, metadata `[meta_len(max_batch)]` and logits `[max_batch, vocab]`: a graph of batch
@@ -138,7 +138,7 @@ impl DecodeGraphs {
             st.by_batch.clear();
             st.pool = Some(pool_id);
         }
-        let key = (batch, launch::attention_kernels());
+        let key = (batch, launch::kernels());
         match st.by_batch.get(&key) {
             None => {
                 st.by_batch.insert(key, Slot::Seen);

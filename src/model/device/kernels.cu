@@ -628,3 +628,96 @@ extern "C" __global__ void amlserve_row_argmax(unsigned int* out, const float* x
     }
     if (tid == 0) out[r] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
 }
+
+// An IEEE half's 16 bits as a float (Q8_0's block scales), exactly: normals, subnormals, zeros, infinities, NaN.
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    unsigned int sign = ((unsigned int)h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {
+        // 2^-24 a unit of the mantissa.
+        float f = (float)m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
+}
+
+// Warps a block of amlserve_q8_0_rows_*, and the output columns a warp takes.
+#define Q8_WARPS 4
+#define Q8_COLS 4
+
+// Grid (ceil(n / (Q8_WARPS * Q8_COLS))), Q8_WARPS warps: out[rows, n] = x[rows, k] times the transpose of w[n, k],
+// for Q8_0 weights in ggml's layout (blocks of 32 weights: an f16 scale, then 32 int8; 17 16-bit words), k a
+// multiple of 32, x 16 bytes aligned, rows <= ROWS. A decode step's projections in one launch each, where candle's
+// kernels first quantize the activations to Q8_1 in a launch of their own. A warp takes Q8_COLS output columns:
+// its lanes take a quarter block (8 weights) of each at a time, against each row's 8 activations (kept f32, read
+// once for the warp's columns), and the warp sums each (column, row) at the end. A lane keeps ROWS x 8
+// activations and Q8_COLS x ROWS sums in registers: one kernel per ROWS, so one row takes few.
+template <int ROWS>
+__device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, int rows, int n, int k) {
+    int col0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * Q8_COLS, lane = threadIdx.x & 31;
+    // A whole warp leaves together: the kernel has no block barrier.
+    if (col0 >= n) return;
+    int blocks = k / 32;
+    float acc[Q8_COLS][ROWS];
+#pragma unroll
+    for (int c = 0; c < Q8_COLS; c++)
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) acc[c][r] = 0.0f;
+    for (int t = lane; t < k / 8; t += 32) {
+        float xv[ROWS][8];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            if (r < rows) {
+                const float4* xr = (const float4*)(x + (size_t)r * k + 8 * t);
+                float4 a = __ldg(xr), b = __ldg(xr + 1);
+                xv[r][0] = a.x, xv[r][1] = a.y, xv[r][2] = a.z, xv[r][3] = a.w;
+                xv[r][4] = b.x, xv[r][5] = b.y, xv[r][6] = b.z, xv[r][7] = b.w;
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < Q8_COLS; c++) {
+            if (col0 + c < n) {
+                const unsigned short* block = w + ((size_t)(col0 + c) * blocks + (t >> 2)) * 17;
+                float d = f16_to_f32(block[0]);
+                float q[8];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    unsigned int v = block[1 + 4 * (t & 3) + i];
+                    q[2 * i] = (float)(signed char)(v & 0xffu);
+                    q[2 * i + 1] = (float)(signed char)(v >> 8);
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; r++) {
+                    if (r < rows) {
+                        float dot = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) dot += xv[r][i] * q[i];
+                        acc[c][r] += d * dot;
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < Q8_COLS; c++) {
+        if (col0 + c < n) {
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) {
+                if (r < rows) {
+                    float s = warp_sum(acc[c][r]);
+                    if (lane == 0) out[(size_t)r * n + col0 + c] = s;
+                }
+            }
+        }
+    }
+}
+
+// The Q8_0 kernel for up to 1, 2, 4 and 8 rows.
+#define Q8_0_ROWS(name, ROWS)                                                                                 \
+    extern "C" __global__ void name(float* out, const unsigned short* w, const float* x, int rows, int n, int k) { \
+        q8_0_rows<ROWS>(out, w, x, rows, n, k);                                                               \
+    }
+Q8_0_ROWS(amlserve_q8_0_rows_1, 1)
+Q8_0_ROWS(amlserve_q8_0_rows_2, 2)
+Q8_0_ROWS(amlserve_q8_0_rows_4, 4)
+Q8_0_ROWS(amlserve_q8_0_rows_8, 8)

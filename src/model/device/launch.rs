@@ -123,33 +123,44 @@ pub const TILED_MIN_RUN: usize = 8;
 /// the per-row kernel until a GPU measures otherwise.
 pub const TILED_MIN_KEYS: usize = 32;
 
-/// Which attention kernels a thread's steps may use: both by default (benchmarks and tests compare them with the
-/// per-row kernel, which takes every shape).
+/// Which of our kernels a thread's steps may use: all by default (benchmarks and tests compare each with what it
+/// replaces: the per-row attention kernel, which takes every shape, and candle's Q8_0 matmul).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AttentionKernels {
+pub struct Kernels {
     /// Prompt chunks read a tile of keys at a time (`amlserve_prefill_attention_bf16`).
     pub tiled: bool,
     /// Tokens read one at a time read each key once for all the query heads of its kv head
     /// (`amlserve_grouped_attention_bf16_*`), rather than once per query head.
     pub grouped: bool,
+    /// Steps of up to [`Q8_MAX_ROWS`] tokens multiply Q8_0 weights by `amlserve_q8_0_rows` (one launch a
+    /// projection), rather than by candle's kernels (two: the activations quantized, then multiplied).
+    pub q8_rows: bool,
 }
 
-impl AttentionKernels {
+impl Kernels {
     pub const ALL: Self = Self {
         tiled: true,
         grouped: true,
+        q8_rows: true,
     };
     /// Tokens read one at a time grouped, no tiles.
     pub const GROUPED: Self = Self {
         tiled: false,
-        grouped: true,
+        ..Self::ALL
     };
     pub const PER_ROW: Self = Self {
         tiled: false,
         grouped: false,
+        ..Self::ALL
     };
-    /// The sets benchmarks and the GPU test compare, each named by the kernel a prompt chunk takes under it.
-    pub const SETS: [(&'static str, Self); 3] = [
+    /// Every kernel of ours but the Q8_0 one: candle's quantized matmuls at every size.
+    pub const CANDLE_Q8: Self = Self {
+        q8_rows: false,
+        ..Self::ALL
+    };
+    /// The attention kernel sets benchmarks and the GPU test compare, each named by the kernel a prompt chunk
+    /// takes under it.
+    pub const ATTENTION_SETS: [(&'static str, Self); 3] = [
         ("tiled", Self::ALL),
         ("grouped", Self::GROUPED),
         ("per row", Self::PER_ROW),
@@ -157,16 +168,16 @@ impl AttentionKernels {
 }
 
 thread_local! {
-    static KERNELS: std::cell::Cell<AttentionKernels> = const { std::cell::Cell::new(AttentionKernels::ALL) };
+    static KERNELS: std::cell::Cell<Kernels> = const { std::cell::Cell::new(Kernels::ALL) };
 }
 
-/// The attention kernels the steps this thread runs may use (the engine's thread keeps them all).
-pub fn set_attention_kernels(k: AttentionKernels) {
+/// The kernels the steps this thread runs may use (the engine's thread keeps them all).
+pub fn set_kernels(k: Kernels) {
     KERNELS.with(|c| c.set(k));
 }
 
-/// The attention kernels this thread's steps may use.
-pub fn attention_kernels() -> AttentionKernels {
+/// The kernels this thread's steps may use.
+pub fn kernels() -> Kernels {
     KERNELS.with(|c| c.get())
 }
 
@@ -196,7 +207,7 @@ impl AttentionPlan {
 /// `TILED_MIN_KEYS` keys for these heads; otherwise every token is read one at a time. Tokens read one at a time
 /// take the grouped kernel where it takes the heads and a kv head has several query heads, else the per-row one.
 pub fn attention_plan(step: StepMeta, h: Heads, sms: usize) -> AttentionPlan {
-    let kernels = attention_kernels();
+    let kernels = kernels();
     let singles = step.singles.min(step.tokens);
     let (rest, rest_seqs) = (step.tokens - singles, step.seqs.saturating_sub(singles));
     let tiled = if kernels.tiled && rest > 0 && rest >= TILED_MIN_RUN * rest_seqs.max(1) {
@@ -299,6 +310,41 @@ pub fn row_argmax(rows: usize) -> Dims {
     Dims::new((rows.max(1), 1, 1), ARGMAX_THREADS, 0)
 }
 
+/// The most activation rows the `amlserve_q8_0_rows_*` kernels multiply; larger steps take candle's tiled kernels.
+pub const Q8_MAX_ROWS: usize = 8;
+/// Warps per block of `amlserve_q8_0_rows_*` (kernels.cu's `Q8_WARPS`).
+pub const Q8_WARPS: u32 = 4;
+/// Output columns a warp of `amlserve_q8_0_rows_*` takes, reading the activations once for them all (kernels.cu's
+/// `Q8_COLS`).
+pub const Q8_COLS: u32 = 4;
+
+/// Whether the `amlserve_q8_0_rows_*` kernels take `rows` rows of `k` activations, the first at element `offset`
+/// of its buffer: up to [`Q8_MAX_ROWS`] rows, `k` a multiple of Q8_0's 32-weight blocks, rows 16 bytes aligned
+/// (read as `float4`).
+pub fn q8_rows_fit(rows: usize, k: usize, offset: usize) -> bool {
+    (1..=Q8_MAX_ROWS).contains(&rows) && k > 0 && k.is_multiple_of(32) && offset.is_multiple_of(4)
+}
+
+/// The Q8_0 kernel for `rows` rows (up to [`Q8_MAX_ROWS`]): the one made for the fewest rows that holds them, as
+/// a lane keeps each row's activations and sums in registers.
+pub fn q8_rows_kernel(rows: usize) -> &'static str {
+    match rows {
+        0..=1 => "amlserve_q8_0_rows_1",
+        2 => "amlserve_q8_0_rows_2",
+        3..=4 => "amlserve_q8_0_rows_4",
+        _ => "amlserve_q8_0_rows_8",
+    }
+}
+
+/// `amlserve_q8_0_rows_*` for `n` output columns: [`Q8_COLS`] a warp.
+pub fn q8_rows(n: usize) -> Dims {
+    Dims::new(
+        (n.div_ceil((Q8_WARPS * Q8_COLS) as usize).max(1), 1, 1),
+        32 * Q8_WARPS,
+        0,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,13 +394,13 @@ mod tests {
         );
         let mostly_decode = attention_plan(step(60, 16, 0), smol, 132);
         assert_eq!((mostly_decode.per_row, mostly_decode.tiled), (60, None));
-        set_attention_kernels(AttentionKernels::GROUPED);
+        set_kernels(Kernels::GROUPED);
         assert_eq!(attention_plan(step(2048, 16, 0), smol, 132).tiled, None, "switched off");
-        set_attention_kernels(AttentionKernels::PER_ROW);
+        set_kernels(Kernels::PER_ROW);
         // The per-row kernel: a block per query head, so 64 rows need no split.
         let decode = attention_plan(step(64, 64, 64), smol, 132);
         assert_eq!((decode.grouped, decode.splits), (false, 1));
-        set_attention_kernels(AttentionKernels::ALL);
+        set_kernels(Kernels::ALL);
         let gemma = Heads {
             n_head: 4,
             n_kv_head: 1,
@@ -385,6 +431,25 @@ mod tests {
             head_dim: 96,
         };
         assert!(!attention_plan(step(1, 1, 1), mha, 132).grouped, "no kv head shared");
+    }
+
+    #[test]
+    fn q8_0_steps_take_the_kernel_for_the_fewest_rows_that_hold_them() {
+        let kernels: Vec<&str> = (1..=Q8_MAX_ROWS).map(q8_rows_kernel).collect();
+        assert_eq!(
+            kernels,
+            [1, 2, 4, 4, 8, 8, 8, 8].map(|r| match r {
+                1 => "amlserve_q8_0_rows_1",
+                2 => "amlserve_q8_0_rows_2",
+                4 => "amlserve_q8_0_rows_4",
+                _ => "amlserve_q8_0_rows_8",
+            })
+        );
+        // SmolLM2's output projection: 49,152 columns, 16 a block.
+        assert_eq!(q8_rows(49_152).grid, (3_072, 1, 1));
+        assert_eq!(q8_rows(17).grid, (2, 1, 1));
+        assert!(q8_rows_fit(8, 576, 576) && !q8_rows_fit(9, 576, 0) && !q8_rows_fit(1, 48, 0));
+        assert!(!q8_rows_fit(1, 576, 2), "not 16 bytes aligned");
     }
 
     #[test]

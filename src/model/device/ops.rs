@@ -592,3 +592,56 @@ impl CustomOp1 for RowArgmax {
         Ok((super::cuda::row_argmax(s, l, rows, vocab)?, Shape::from(rows)))
     }
 }
+
+/// `x [rows, k]` times the transpose of Q8_0 weights `[n, k]`, for steps of up to [`super::launch::Q8_MAX_ROWS`]
+/// rows (a decode step of a few sequences): on CUDA one launch of `amlserve_q8_0_rows_*`, which reads the
+/// activations as they are, where candle's kernels quantize them to Q8_1 in a launch of their own first; on the
+/// CPU candle's own quantized matmul.
+pub struct Q8Rows {
+    pub weight: std::sync::Arc<candle_core::quantized::QTensor>,
+}
+
+impl Q8Rows {
+    /// `(rows, n, k)`, or an error unless the weights are Q8_0 and `x` has their width.
+    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (rows, k) = l.shape().dims2()?;
+        let (n, wk) = self.weight.shape().dims2()?;
+        if self.weight.dtype() != candle_core::quantized::GgmlDType::Q8_0 || wk != k {
+            candle_core::bail!(
+                "q8-rows: {:?} weights {:?} against activations {:?}",
+                self.weight.dtype(),
+                self.weight.shape(),
+                l.shape()
+            )
+        }
+        Ok((rows, n, k))
+    }
+}
+
+impl CustomOp1 for Q8Rows {
+    fn name(&self) -> &'static str {
+        "amlserve-q8-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, n, k) = self.check(l)?;
+        let x = Tensor::from_slice(
+            cpu_slice::<f32>(self.name(), s, l)?,
+            (rows, k),
+            &candle_core::Device::Cpu,
+        )?;
+        let m = candle_core::quantized::QMatMul::from_arc(self.weight.clone())?;
+        let y = candle_core::Module::forward(&m, &x)?;
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), Shape::from((rows, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, n, k) = self.check(l)?;
+        Ok((super::cuda::q8_rows(self, s, l, (rows, n, k))?, Shape::from((rows, n))))
+    }
+}
