@@ -17,7 +17,9 @@ model=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ "${1:-}" = dry ]; then
   work=target/gpu-dry
   rm -rf "$work"; mkdir -p "$work"
-  cargo build --release --bin amlserve -p amlserve -p amlserve-loadtest
+  # Two builds: `--bin amlserve` alone would leave the load tester out (a fresh tree has no older one).
+  cargo build --release -p amlserve --bin amlserve
+  cargo build --release -p amlserve-loadtest
   cp target/release/amlserve target/release/amlserve-loadtest "$model" "$work/"
   cp "$(executable device_forward test --release --test device_forward --no-run)" "$work/device_forward"
   cp "$(executable device bench --bench device --no-run)" "$work/device_bench"
