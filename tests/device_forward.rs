@@ -204,7 +204,7 @@ mod cuda {
     use amlserve::model::device::ops::{AddBias, AddRmsNorm, GatedAct, HeadNorms, Q8Rows, RowArgmax};
     use candle_core::{DType, Tensor};
     use common::kernel_cases::{
-        attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, Q8Case, NORMED_HEADS, Q8_SHAPES,
+        attention_cases, ramp, rel_l2, run_ops, step, AttentionCase, Q8Case, NORMED_HEADS, Q8_GATES, Q8_SHAPES,
     };
 
     fn gpu() -> Option<Device> {
@@ -305,23 +305,36 @@ mod cuda {
             println!("add + rms norm, hidden {hidden}: {en:.2e}");
             assert!(en < 1e-5, "add + rms norm {en}");
         }
-        // Q8_0 projections of a few rows, on rows past offset 0 (as the normed view is), against the exact
-        // product and candle's own kernels (which quantize the activations to 8 bits too).
+        // Q8_0 projections of a few rows, plain and gated, on rows past offset 0 (as the normed view is), against
+        // the exact product and, plain, candle's own kernels (which quantize the activations to 8 bits too).
         for shape in Q8_SHAPES {
             let c = Q8Case::new(shape);
             let w = std::sync::Arc::new(c.quantized(&dev));
-            let x = Tensor::from_vec([vec![0.0; c.k], c.x.clone()].concat(), (c.rows + 1, c.k), &dev)
-                .and_then(|t| t.narrow(0, 1, c.rows))
-                .expect("offset rows");
-            let ours = x.apply_op1_no_bwd(&Q8Rows { weight: w.clone() }).expect("q8 rows");
-            let candle = candle_core::quantized::QMatMul::from_arc(w)
-                .and_then(|m| candle_core::Module::forward(&m, &x))
-                .expect("candle's q8_0 matmul");
-            let exact = Tensor::from_vec(c.exact(), (c.rows, c.n), &Device::Cpu).expect("exact");
-            let (e, e_candle) = (rel_err(&ours, &exact), rel_err(&candle, &exact));
-            println!("q8_0 rows {shape:?}: {e:.2e}, candle's {e_candle:.2e}");
-            assert!(e < 1e-5, "q8 rows {shape:?} {e}");
-            assert!(e_candle < 2e-2, "candle's q8_0 matmul {shape:?} {e_candle}");
+            for gate in Q8_GATES {
+                let input = c.input(gate);
+                let cols = input.len() / c.rows;
+                let x = Tensor::from_vec([vec![0.0; cols], input.to_vec()].concat(), (c.rows + 1, cols), &dev)
+                    .and_then(|t| t.narrow(0, 1, c.rows))
+                    .expect("offset rows");
+                let ours = x
+                    .apply_op1_no_bwd(&Q8Rows {
+                        weight: w.clone(),
+                        gate,
+                    })
+                    .expect("q8 rows");
+                let exact = Tensor::from_vec(c.exact(&c.multiplied(gate)), (c.rows, c.n), &Device::Cpu).expect("exact");
+                let e = rel_err(&ours, &exact);
+                println!("q8_0 rows {shape:?}, gate {gate:?}: {e:.2e}");
+                assert!(e < 1e-5, "q8 rows {shape:?} {gate:?} {e}");
+                if gate.is_none() {
+                    let candle = candle_core::quantized::QMatMul::from_arc(w.clone())
+                        .and_then(|m| candle_core::Module::forward(&m, &x))
+                        .expect("candle's q8_0 matmul");
+                    let e_candle = rel_err(&candle, &exact);
+                    println!("  candle's: {e_candle:.2e}");
+                    assert!(e_candle < 2e-2, "candle's q8_0 matmul {shape:?} {e_candle}");
+                }
+            }
         }
     }
 

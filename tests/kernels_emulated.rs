@@ -446,53 +446,72 @@ fn every_kernel_in_the_source_is_emulated() {
 #[test]
 fn q8_0_rows_match_the_exact_product_and_the_cpu_op() {
     use amlserve::model::device::ops::Q8Rows;
-    use common::kernel_cases::{Q8Case, Q8_SHAPES};
+    use common::kernel_cases::{Q8Case, Q8_GATES, Q8_SHAPES};
     for shape in Q8_SHAPES {
         let c = Q8Case::new(shape);
-        let q = c.quantized(&Device::Cpu);
+        let q = std::sync::Arc::new(c.quantized(&Device::Cpu));
         let bytes = q.data().expect("raw blocks").into_owned();
         assert_eq!(bytes.len(), c.n * c.k / 32 * 34, "ggml's Q8_0 blocks");
         let words: Vec<u16> = bytes
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .collect();
-        let exact = c.exact();
-        let cpu = Tensor::from_slice(&c.x, (c.rows, c.k), &Device::Cpu)
-            .and_then(|x| {
-                x.apply_op1_no_bwd(&Q8Rows {
-                    weight: std::sync::Arc::new(q),
-                })
-            })
-            .expect("q8 rows");
         let mut w = Guarded::new(&words, 0xffff);
-        let mut x = Guarded::new(&c.x, f32::NAN);
-        assert_eq!(
-            x.data().as_ptr() as usize % 16,
-            0,
-            "the activations start 16-byte aligned"
-        );
-        let mut out = nan(c.rows * c.n);
-        run(
-            launch::q8_rows_kernel(c.rows),
-            launch::q8_rows(c.n),
-            &[out.ptr(), w.ptr(), x.ptr(), int(c.rows), int(c.n), int(c.k)],
-        );
-        out.check("out").unwrap_or_else(|e| panic!("{e}"));
-        let (e, e_cpu) = (rel_l2(out.data(), &exact), rel_l2(&values(&cpu), &exact));
-        println!("q8_0 rows {shape:?}: kernel {e:.2e}, CPU op (activations quantized too) {e_cpu:.2e}");
-        assert!(e < 1e-6, "q8 rows {shape:?}: {e}");
-        // Column by column too, so the columns of tiny (subnormal f16 scales) and zero weights count.
-        for col in 0..c.n {
-            let pick = |v: &[f32]| -> Vec<f32> { (0..c.rows).map(|r| v[r * c.n + col]).collect() };
-            let (got, want) = (pick(out.data()), pick(&exact));
-            if want.iter().all(|&v| v == 0.0) {
-                assert!(got.iter().all(|&v| v == 0.0), "column {col} of zero weights: {got:?}");
-            } else {
-                let e = rel_l2(&got, &want);
-                assert!(e < 1e-5, "q8 rows {shape:?}, column {col}: {e}");
+        for gate in Q8_GATES {
+            let input = c.input(gate);
+            let exact = c.exact(&c.multiplied(gate));
+            let cpu = Tensor::from_slice(input, (c.rows, input.len() / c.rows), &Device::Cpu)
+                .and_then(|x| {
+                    x.apply_op1_no_bwd(&Q8Rows {
+                        weight: q.clone(),
+                        gate,
+                    })
+                })
+                .expect("q8 rows");
+            let mut x = Guarded::new(input, f32::NAN);
+            assert_eq!(
+                x.data().as_ptr() as usize % 16,
+                0,
+                "the activations start 16-byte aligned"
+            );
+            let mut out = nan(c.rows * c.n);
+            let code = match gate {
+                None => 0,
+                Some(Activation::Silu) => 1,
+                Some(Activation::GeluTanh) => 2,
+            };
+            run(
+                launch::q8_rows_kernel(c.rows),
+                launch::q8_rows(c.n),
+                &[
+                    out.ptr(),
+                    w.ptr(),
+                    x.ptr(),
+                    int(c.rows),
+                    int(c.n),
+                    int(c.k),
+                    Arg::I32(code),
+                ],
+            );
+            out.check("out").unwrap_or_else(|e| panic!("{e}"));
+            let (e, e_cpu) = (rel_l2(out.data(), &exact), rel_l2(&values(&cpu), &exact));
+            println!(
+                "q8_0 rows {shape:?}, gate {gate:?}: kernel {e:.2e}, CPU op (activations quantized too) {e_cpu:.2e}"
+            );
+            assert!(e < 1e-6, "q8 rows {shape:?} {gate:?}: {e}");
+            // Column by column too, so the columns of small (subnormal f16 scales) and zero weights count.
+            for col in 0..c.n {
+                let pick = |v: &[f32]| -> Vec<f32> { (0..c.rows).map(|r| v[r * c.n + col]).collect() };
+                let (got, want) = (pick(out.data()), pick(&exact));
+                if want.iter().all(|&v| v == 0.0) {
+                    assert!(got.iter().all(|&v| v == 0.0), "column {col} of zero weights: {got:?}");
+                } else {
+                    let e = rel_l2(&got, &want);
+                    assert!(e < 1e-5, "q8 rows {shape:?} {gate:?}, column {col}: {e}");
+                }
             }
+            // candle's CPU kernels quantize the activations to 8 bits as well: the same product, to that rounding.
+            assert!(e_cpu < 2e-2, "the CPU op {shape:?} {gate:?}: {e_cpu}");
         }
-        // candle's CPU kernels quantize the activations to 8 bits as well: the same product, to that rounding.
-        assert!(e_cpu < 2e-2, "the CPU op {shape:?}: {e_cpu}");
     }
 }

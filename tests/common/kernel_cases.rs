@@ -3,7 +3,8 @@
 //! kernels. Shared by the GPU test (`tests/device_forward.rs`, CUDA builds) and the CPU emulation of the kernels
 //! (`tests/kernels_emulated.rs`), so both check the same things.
 
-use amlserve::model::device::ops::{Heads, PagedAttention, Rotary, StepMeta, StoreKv};
+use amlserve::model::arch::Activation;
+use amlserve::model::device::ops::{GatedAct, Heads, PagedAttention, Rotary, StepMeta, StoreKv};
 use amlserve::model::device::paged::BLOCK;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -236,7 +237,12 @@ pub struct Q8Case {
     pub weights: Vec<f32>,
     /// `[rows, k]`.
     pub x: Vec<f32>,
+    /// `[rows, 2k]`: each row a gate, then an up projection (the gated cases' input).
+    pub gate_up: Vec<f32>,
 }
+
+/// The Q8_0 cases' inputs: plain rows, and the MLP's gated rows of each activation.
+pub const Q8_GATES: [Option<Activation>; 3] = [None, Some(Activation::Silu), Some(Activation::GeluTanh)];
 
 /// The shapes of the Q8_0 cases: rows for each kernel (1, 2, up to 4, up to 8), the widths of SmolLM2's
 /// projections (576, 1536) and a few blocks (32, 64, 96); column counts that leave a warp part of its columns.
@@ -255,6 +261,28 @@ impl Q8Case {
             k,
             weights,
             x: ramp(11, rows * k, 4.0, -2.0),
+            gate_up: ramp(13, rows * 2 * k, 8.0, -4.0),
+        }
+    }
+
+    /// What the kernel reads: `x`, or with a gate `gate_up`.
+    pub fn input(&self, gate: Option<Activation>) -> &[f32] {
+        if gate.is_some() {
+            &self.gate_up
+        } else {
+            &self.x
+        }
+    }
+
+    /// The rows the weights multiply: `x`, or with a gate act(gate) * up of `gate_up` (by the CPU op).
+    pub fn multiplied(&self, gate: Option<Activation>) -> Vec<f32> {
+        match gate {
+            None => self.x.clone(),
+            Some(act) => Tensor::from_slice(&self.gate_up, (self.rows, 2 * self.k), &Device::Cpu)
+                .and_then(|t| t.apply_op1_no_bwd(&GatedAct { width: self.k, act }))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("gated rows"),
         }
     }
 
@@ -267,9 +295,9 @@ impl Q8Case {
             .expect("Q8_0 weights")
     }
 
-    /// The product with the quantized weights, in f64 (rows `[rows, n]`): what a kernel that reads the
-    /// activations as they are computes, to rounding.
-    pub fn exact(&self) -> Vec<f32> {
+    /// The product of `x` (`[rows, k]`) with the quantized weights, in f64 (rows `[rows, n]`): what a kernel that
+    /// reads the activations as they are computes, to rounding.
+    pub fn exact(&self, x: &[f32]) -> Vec<f32> {
         let w: Vec<f32> = self
             .quantized(&Device::Cpu)
             .dequantize(&Device::Cpu)
@@ -280,9 +308,7 @@ impl Q8Case {
         (0..self.rows * n)
             .map(|i| {
                 let (r, c) = (i / n, i % n);
-                let dot: f64 = (0..k)
-                    .map(|j| f64::from(self.x[r * k + j]) * f64::from(w[c * k + j]))
-                    .sum();
+                let dot: f64 = (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum();
                 dot as f32
             })
             .collect()

@@ -450,10 +450,17 @@ pub(super) fn q8_rows(
     // SAFETY: the kernel writes every output: a warp per column, lane 0 each row's sum.
     let mut out = unsafe { dev.alloc::<f32>(rows * n) }?;
     let (r, n32, k32) = (rows as i32, n as i32, k as i32);
+    // 0: none; 1: SiLU; 2: GELU (kernels.cu's `gate`).
+    let gate: i32 = match op.gate {
+        None => 0,
+        Some(Activation::Silu) => 1,
+        Some(Activation::GeluTanh) => 2,
+    };
     let mut b = f.builder();
-    b.arg(&mut out).arg(&w).arg(&src).arg(&r).arg(&n32).arg(&k32);
+    b.arg(&mut out).arg(&w).arg(&src).arg(&r).arg(&n32).arg(&k32).arg(&gate);
     // SAFETY: the weights are n x k Q8_0 values (their shape, checked against the activations' width), read in
-    // whole 34-byte blocks; the activations hold rows x k floats, 16 bytes aligned (checked above).
+    // whole 34-byte blocks; the activations hold rows x k floats (2k with a gate), 16 bytes aligned (checked
+    // above; k is a multiple of 32, so the up projections are too).
     unsafe { b.launch(config(launch::q8_rows(n))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

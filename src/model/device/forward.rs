@@ -26,7 +26,7 @@ use super::ops::{
 };
 use super::paged::{KvPool, PagedKv};
 use super::stages::StageTimes;
-use crate::model::arch::LlamaConfig;
+use crate::model::arch::{Activation, LlamaConfig};
 use crate::model::block::{check_shapes, BlockTensors};
 use crate::model::rope::RopeTable;
 use crate::model::source::{GgufSource, TensorSource};
@@ -65,20 +65,37 @@ impl Projection {
 
 /// `x` times the weights of `m`: by [`Q8Rows`] where it takes them ([`q8_rows`]), else by candle.
 fn project(m: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
-    match q8_rows(m, x) {
+    match q8_rows(m, x, None) {
         Some(op) => x.apply_op1_no_bwd(&op),
         None => m.forward(x),
     }
 }
 
-/// [`Q8Rows`] for `x` times `m` where it takes them: Q8_0 weights and a step of a few rows, 16 bytes aligned
-/// ([`launch::q8_rows_fit`]), unless switched off ([`launch::kernels`]).
-fn q8_rows(m: &QMatMul, x: &Tensor) -> Option<Q8Rows> {
+/// The MLP's down projection `m` of `act(gate) * up`, `gate_up` holding each row's gate then up projection: in one
+/// [`Q8Rows`] where it takes them, else [`GatedAct`] then [`project`].
+fn gated_down(m: &QMatMul, gate_up: &Tensor, act: Activation, width: usize) -> candle_core::Result<Tensor> {
+    match q8_rows(m, gate_up, Some(act)) {
+        Some(op) => gate_up.apply_op1_no_bwd(&op),
+        None => project(m, &gate_up.contiguous()?.apply_op1_no_bwd(&GatedAct { width, act })?),
+    }
+}
+
+/// [`Q8Rows`] for `x` times `m` (with `gate`, `act(gate) * up` of `x`'s two halves) where it takes them: Q8_0
+/// weights and a step of a few rows, 16 bytes aligned ([`launch::q8_rows_fit`]), unless switched off
+/// ([`launch::kernels`]).
+fn q8_rows(m: &QMatMul, x: &Tensor, gate: Option<Activation>) -> Option<Q8Rows> {
     let QMatMul::QTensor(w) = m else { return None };
-    let (rows, k) = x.dims2().ok()?;
+    let (rows, cols) = x.dims2().ok()?;
     let (offset, _) = x.layout().contiguous_offsets()?;
-    (w.dtype() == GgmlDType::Q8_0 && launch::kernels().q8_rows && launch::q8_rows_fit(rows, k, offset))
-        .then(|| Q8Rows { weight: w.clone() })
+    let k = if gate.is_some() { cols / 2 } else { cols };
+    let fits = w.dtype() == GgmlDType::Q8_0
+        && w.shape().dims2().ok()?.1 == k
+        && launch::kernels().q8_rows
+        && launch::q8_rows_fit(rows, k, offset);
+    fits.then(|| Q8Rows {
+        weight: w.clone(),
+        gate,
+    })
 }
 
 struct Layer {
@@ -502,13 +519,9 @@ impl DeviceLlama {
             clock.mark("add + ffn norm")?;
             let gu = layer.gate_up.forward(&h)?;
             clock.mark("gate/up matmul")?;
-            let act = gu.contiguous()?.apply_op1_no_bwd(&GatedAct {
-                width: layer.ffn_width,
-                act: cfg.family.activation(),
-            })?;
-            clock.mark("gated activation")?;
-            let d = post_norm(project(&layer.down, &act)?, layer.post_ffn_norm.as_ref(), eps)?;
-            clock.mark("down matmul")?;
+            let d = gated_down(&layer.down, &gu, cfg.family.activation(), layer.ffn_width)?;
+            let d = post_norm(d, layer.post_ffn_norm.as_ref(), eps)?;
+            clock.mark("gated activation + down matmul")?;
             // The residual add fused with the next layer's attention norm; after the last layer, a plain add
             // (the output norm reads only the rows whose logits are wanted).
             match self.layers.get(li + 1) {
@@ -639,24 +652,36 @@ mod tests {
         };
         let q8 = w(GgmlDType::Q8_0);
         let x = |rows: usize| Tensor::zeros((rows + 1, 64), DType::F32, dev).expect("x");
-        assert!(q8_rows(&q8, &x(7)).is_some(), "8 rows");
-        assert!(q8_rows(&q8, &x(8)).is_none(), "9 rows: candle's tiled kernels");
+        assert!(q8_rows(&q8, &x(7), None).is_some(), "8 rows");
+        assert!(q8_rows(&q8, &x(8), None).is_none(), "9 rows: candle's tiled kernels");
+        let gate_up = Tensor::zeros((2, 128), DType::F32, dev).expect("gate and up");
         assert!(
-            q8_rows(&q8, &x(0).narrow(0, 0, 0).expect("no rows")).is_none(),
+            q8_rows(&q8, &gate_up, Some(Activation::Silu)).is_some(),
+            "a gated input, twice as wide"
+        );
+        assert!(q8_rows(&q8, &gate_up, None).is_none(), "twice as wide without a gate");
+        assert!(
+            q8_rows(&q8, &x(0).narrow(0, 0, 0).expect("no rows"), None).is_none(),
             "an empty step"
         );
         assert!(
-            q8_rows(&q8, &x(1).narrow(0, 1, 1).expect("second row")).is_some(),
+            q8_rows(&q8, &x(1).narrow(0, 1, 1).expect("second row"), None).is_some(),
             "a row at offset 64"
         );
         let odd = Tensor::zeros(4 + 64, DType::F32, dev)
             .and_then(|t| t.narrow(0, 3, 64))
             .and_then(|t| t.reshape((1, 64)))
             .expect("misaligned row");
-        assert!(q8_rows(&q8, &odd).is_none(), "a row at offset 3: not 16 bytes aligned");
-        assert!(q8_rows(&w(GgmlDType::Q4_0), &x(0)).is_none(), "other quantizations");
+        assert!(
+            q8_rows(&q8, &odd, None).is_none(),
+            "a row at offset 3: not 16 bytes aligned"
+        );
+        assert!(
+            q8_rows(&w(GgmlDType::Q4_0), &x(0), None).is_none(),
+            "other quantizations"
+        );
         launch::set_kernels(launch::Kernels::CANDLE_Q8);
-        assert!(q8_rows(&q8, &x(0)).is_none(), "switched off");
+        assert!(q8_rows(&q8, &x(0), None).is_none(), "switched off");
         launch::set_kernels(launch::Kernels::ALL);
         // On the CPU the op is candle's own matmul: the same values either way.
         let x = Tensor::from_vec((0..3 * 64).map(|i| i as f32 / 64.0).collect::<Vec<_>>(), (3, 64), dev).expect("x");
@@ -664,5 +689,23 @@ mod tests {
         let candle = q8.forward(&x).and_then(|t| t.to_vec2::<f32>()).expect("candle");
         assert!(ours.iter().flatten().any(|&v| v != 0.0));
         assert_eq!(ours, candle);
+        // The MLP's activation read into the down projection: what the activation op, then the matmul, give.
+        let gate_up = Tensor::from_vec(
+            (0..3 * 128).map(|i| (i % 29) as f32 / 8.0 - 2.0).collect::<Vec<_>>(),
+            (3, 128),
+            dev,
+        )
+        .expect("gate and up");
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let fused = gated_down(&q8, &gate_up, act, 64)
+                .and_then(|t| t.to_vec2::<f32>())
+                .expect("fused");
+            let apart = gate_up
+                .apply_op1_no_bwd(&GatedAct { width: 64, act })
+                .and_then(|a| q8.forward(&a))
+                .and_then(|t| t.to_vec2::<f32>())
+                .expect("apart");
+            assert_eq!(fused, apart, "{act:?}");
+        }
     }
 }

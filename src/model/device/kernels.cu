@@ -56,16 +56,19 @@ extern "C" __global__ void amlserve_store_kv_bf16(unsigned short* pool, const fl
     }
 }
 
-// Grid-stride over tokens x width: out = act(gate) * up, rows holding gate then up; act is SiLU, or GELU's tanh
-// form when `gelu` is set.
+// act(g) * u: act is SiLU, or GELU's tanh form when `gelu` is set.
+__device__ __forceinline__ float gated(float g, float u, bool gelu) {
+    float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * g * (1.0f + 0.044715f * g * g)))
+                   : g / (1.0f + __expf(-g));
+    return a * u;
+}
+
+// Grid-stride over tokens x width: out = act(gate) * up, rows holding gate then up (`gated`).
 extern "C" __global__ void amlserve_gated(float* out, const float* x, int rows, int width, int gelu) {
     size_t n = (size_t)rows * width;
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         size_t r = k / width, c = k % width;
-        float g = x[r * 2 * width + c], u = x[r * 2 * width + width + c];
-        float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * g * (1.0f + 0.044715f * g * g)))
-                       : g / (1.0f + __expf(-g));
-        out[k] = a * u;
+        out[k] = gated(x[r * 2 * width + c], x[r * 2 * width + width + c], gelu != 0);
     }
 }
 
@@ -647,17 +650,20 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
 
 // Grid (ceil(n / (Q8_WARPS * Q8_COLS))), Q8_WARPS warps: out[rows, n] = x[rows, k] times the transpose of w[n, k],
 // for Q8_0 weights in ggml's layout (blocks of 32 weights: an f16 scale, then 32 int8; 17 16-bit words), k a
-// multiple of 32, x 16 bytes aligned, rows <= ROWS. A decode step's projections in one launch each, where candle's
-// kernels first quantize the activations to Q8_1 in a launch of their own. A warp takes Q8_COLS output columns:
+// multiple of 32, x 16 bytes aligned, rows <= ROWS. With `gate` (1 SiLU, 2 GELU) each row of x holds a gate and
+// an up projection (2k values) and the kernel multiplies act(gate) * up (`gated`): the MLP's activation read into
+// its down projection. A decode step's projections in one launch each, where candle's kernels first quantize the
+// activations to Q8_1 in a launch of their own. A warp takes Q8_COLS output columns:
 // its lanes take a quarter block (8 weights) of each at a time, against each row's 8 activations (kept f32, read
 // once for the warp's columns), and the warp sums each (column, row) at the end. A lane keeps ROWS x 8
 // activations and Q8_COLS x ROWS sums in registers: one kernel per ROWS, so one row takes few.
 template <int ROWS>
-__device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, int rows, int n, int k) {
+__device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, int rows, int n, int k, int gate) {
     int col0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * Q8_COLS, lane = threadIdx.x & 31;
     // A whole warp leaves together: the kernel has no block barrier.
     if (col0 >= n) return;
     int blocks = k / 32;
+    size_t stride = gate ? 2 * (size_t)k : (size_t)k;
     float acc[Q8_COLS][ROWS];
 #pragma unroll
     for (int c = 0; c < Q8_COLS; c++)
@@ -668,10 +674,18 @@ __device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, i
 #pragma unroll
         for (int r = 0; r < ROWS; r++) {
             if (r < rows) {
-                const float4* xr = (const float4*)(x + (size_t)r * k + 8 * t);
+                const float4* xr = (const float4*)(x + r * stride + 8 * t);
                 float4 a = __ldg(xr), b = __ldg(xr + 1);
                 xv[r][0] = a.x, xv[r][1] = a.y, xv[r][2] = a.z, xv[r][3] = a.w;
                 xv[r][4] = b.x, xv[r][5] = b.y, xv[r][6] = b.z, xv[r][7] = b.w;
+                if (gate) {
+                    // The up projection, k values on.
+                    const float4* ur = (const float4*)(x + r * stride + k + 8 * t);
+                    float4 c = __ldg(ur), d = __ldg(ur + 1);
+                    float up[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xv[r][i] = gated(xv[r][i], up[i], gate == 2);
+                }
             }
         }
 #pragma unroll
@@ -713,9 +727,10 @@ __device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, i
 }
 
 // The Q8_0 kernel for up to 1, 2, 4 and 8 rows.
-#define Q8_0_ROWS(name, ROWS)                                                                                 \
-    extern "C" __global__ void name(float* out, const unsigned short* w, const float* x, int rows, int n, int k) { \
-        q8_0_rows<ROWS>(out, w, x, rows, n, k);                                                               \
+#define Q8_0_ROWS(name, ROWS)                                                                                  \
+    extern "C" __global__ void name(float* out, const unsigned short* w, const float* x, int rows, int n, int k, \
+                                    int gate) {                                                                 \
+        q8_0_rows<ROWS>(out, w, x, rows, n, k, gate);                                                          \
     }
 Q8_0_ROWS(amlserve_q8_0_rows_1, 1)
 Q8_0_ROWS(amlserve_q8_0_rows_2, 2)

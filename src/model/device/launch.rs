@@ -132,8 +132,9 @@ pub struct Kernels {
     /// Tokens read one at a time read each key once for all the query heads of its kv head
     /// (`amlserve_grouped_attention_bf16_*`), rather than once per query head.
     pub grouped: bool,
-    /// Steps of up to [`Q8_MAX_ROWS`] tokens multiply Q8_0 weights by `amlserve_q8_0_rows` (one launch a
-    /// projection), rather than by candle's kernels (two: the activations quantized, then multiplied).
+    /// Steps of up to [`Q8_MAX_ROWS`] tokens multiply Q8_0 weights by `amlserve_q8_0_rows_*` (one launch a
+    /// projection, the MLP's activation read into its down projection), rather than by candle's kernels (two: the
+    /// activations quantized, then multiplied).
     pub q8_rows: bool,
 }
 

@@ -8,7 +8,8 @@
 //!   start with it.
 //! - [`ops`]: the kernels candle does not have (writing keys, rotated, and values to their slots; paged causal
 //!   attention, rotating the queries as it reads them; greedy rows' argmax) or has only as several launches
-//!   (the residual add with the next norm, the gated activation, q/k/v biases, per-head norms), each with a CPU
+//!   (the residual add with the next norm, the gated activation, q/k/v biases, per-head norms, Q8_0 projections
+//!   of a few rows, the last with the gated activation read into the MLP's down projection), each with a CPU
 //!   implementation and a CUDA one (compiled at run time by NVRTC, so the build needs no extra nvcc step).
 //! - [`budget`]: the pool's size: its margin beyond the admission budget, and the budget a GPU's free memory
 //!   allows.

@@ -596,22 +596,26 @@ impl CustomOp1 for RowArgmax {
 /// `x [rows, k]` times the transpose of Q8_0 weights `[n, k]`, for steps of up to [`super::launch::Q8_MAX_ROWS`]
 /// rows (a decode step of a few sequences): on CUDA one launch of `amlserve_q8_0_rows_*`, which reads the
 /// activations as they are, where candle's kernels quantize them to Q8_1 in a launch of their own first; on the
-/// CPU candle's own quantized matmul.
+/// CPU candle's own quantized matmul. With `gate`, `x` is `[rows, 2k]`, each row a gate and an up projection, and
+/// the op multiplies [`GatedAct`]'s output (the MLP's activation, in the same launch on CUDA).
 pub struct Q8Rows {
     pub weight: std::sync::Arc<candle_core::quantized::QTensor>,
+    pub gate: Option<Activation>,
 }
 
 impl Q8Rows {
-    /// `(rows, n, k)`, or an error unless the weights are Q8_0 and `x` has their width.
+    /// `(rows, n, k)`, or an error unless the weights are Q8_0 and `x` has their width (twice it with a gate).
     fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (rows, k) = l.shape().dims2()?;
-        let (n, wk) = self.weight.shape().dims2()?;
-        if self.weight.dtype() != candle_core::quantized::GgmlDType::Q8_0 || wk != k {
+        let (rows, cols) = l.shape().dims2()?;
+        let (n, k) = self.weight.shape().dims2()?;
+        let want = if self.gate.is_some() { 2 * k } else { k };
+        if self.weight.dtype() != candle_core::quantized::GgmlDType::Q8_0 || cols != want {
             candle_core::bail!(
-                "q8-rows: {:?} weights {:?} against activations {:?}",
+                "q8-rows: {:?} weights {:?} against activations {:?} (gate {:?})",
                 self.weight.dtype(),
                 self.weight.shape(),
-                l.shape()
+                l.shape(),
+                self.gate
             )
         }
         Ok((rows, n, k))
@@ -625,11 +629,15 @@ impl CustomOp1 for Q8Rows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, n, k) = self.check(l)?;
-        let x = Tensor::from_slice(
-            cpu_slice::<f32>(self.name(), s, l)?,
-            (rows, k),
-            &candle_core::Device::Cpu,
-        )?;
+        let gated;
+        let x = match self.gate {
+            Some(act) => {
+                gated = GatedAct { width: k, act }.cpu_fwd(s, l)?.0;
+                cpu_slice::<f32>(self.name(), &gated, &Layout::contiguous((rows, k)))?
+            }
+            None => cpu_slice::<f32>(self.name(), s, l)?,
+        };
+        let x = Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)?;
         let m = candle_core::quantized::QMatMul::from_arc(self.weight.clone())?;
         let y = candle_core::Module::forward(&m, &x)?;
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), Shape::from((rows, n))))
