@@ -100,8 +100,25 @@ for variant in $variants; do
   }
   curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics-$w.txt" || true
   echo "server-side sums and counts, $variant:"
-  grep -E '^amlserve_(forward|step|time_to_first_token|queue_time)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \
+  grep -E '^amlserve_(forward|step|time_to_first_token|request_queue_time)_seconds_(sum|count)|^amlserve_batch_size_(sum|count)|^amlserve_inter_token_latency_seconds_(sum|count)' \
     "$out/metrics-$w.txt" || true
+  # How long the forward steps took, bucket by bucket (a wave's prompt steps against its decode steps: where TTFT
+  # and ITL p99 go), and how long requests queued.
+  python3 - "$out/metrics-$w.txt" <<'PY' || true
+import re, sys
+hist = {}
+for line in open(sys.argv[1]):
+    m = re.match(r'amlserve_(forward_seconds|request_queue_time_seconds)_bucket\{.*le="([^"]+)".*\} (\S+)', line)
+    if m:
+        hist.setdefault(m[1], []).append((float("inf") if m[2] == "+Inf" else float(m[2]), float(m[3])))
+for name, buckets in hist.items():
+    prev_le, prev_n, parts = 0.0, 0.0, []
+    for le, n in sorted(buckets):
+        if n > prev_n:
+            parts.append(f"{prev_le * 1e3:g}-{le * 1e3:g} ms: {n - prev_n:.0f}")
+        prev_le, prev_n = le, n
+    print(f"{name} by bucket: " + ", ".join(parts))
+PY
   python3 - "$out/serve-$w.json" "$w" >> "$table" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
