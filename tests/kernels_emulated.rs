@@ -402,7 +402,19 @@ fn the_launchers_constants_are_the_kernels_own() {
     assert_eq!(define("BLOCK_TOKENS"), amlserve::model::device::paged::BLOCK);
     assert_eq!(define("GROUPED_WARPS"), launch::GROUPED_WARPS as usize);
     assert_eq!(define("Q8_WARPS"), launch::Q8_WARPS as usize);
-    assert_eq!(define("Q8_COLS"), launch::Q8_COLS as usize);
+    // Each Q8_0 kernel's rows and columns a warp, as the launcher takes them.
+    let q8: Vec<(&str, usize, usize)> = source
+        .lines()
+        .filter_map(|l| l.strip_prefix("Q8_0_ROWS(")?.strip_suffix(')'))
+        .map(|args| {
+            let v: Vec<&str> = args.split(", ").collect();
+            (v[0], v[1].parse().expect("rows"), v[2].parse().expect("columns"))
+        })
+        .collect();
+    assert_eq!(q8.len(), 4, "{q8:?}");
+    for (name, rows, cols) in q8 {
+        assert_eq!(launch::q8_rows_kernel(rows), (name, cols));
+    }
 }
 
 #[test]
@@ -432,7 +444,7 @@ fn every_kernel_in_the_source_is_emulated() {
         assert!(names.contains(&grouped), "{grouped} is not in kernels.cu");
     }
     for rows in 1..=launch::Q8_MAX_ROWS {
-        let q8 = launch::q8_rows_kernel(rows);
+        let q8 = launch::q8_rows_kernel(rows).0;
         assert!(names.contains(&q8), "{q8} is not in kernels.cu");
     }
     for name in names {
@@ -481,8 +493,8 @@ fn q8_0_rows_match_the_exact_product_and_the_cpu_op() {
                 Some(Activation::GeluTanh) => 2,
             };
             run(
-                launch::q8_rows_kernel(c.rows),
-                launch::q8_rows(c.n),
+                launch::q8_rows_kernel(c.rows).0,
+                launch::q8_rows(c.rows, c.n),
                 &[
                     out.ptr(),
                     w.ptr(),

@@ -244,9 +244,17 @@ pub struct Q8Case {
 /// The Q8_0 cases' inputs: plain rows, and the MLP's gated rows of each activation.
 pub const Q8_GATES: [Option<Activation>; 3] = [None, Some(Activation::Silu), Some(Activation::GeluTanh)];
 
-/// The shapes of the Q8_0 cases: rows for each kernel (1, 2, up to 4, up to 8), the widths of SmolLM2's
-/// projections (576, 1536) and a few blocks (32, 64, 96); column counts that leave a warp part of its columns.
-pub const Q8_SHAPES: [(usize, usize, usize); 5] = [(1, 37, 576), (2, 21, 96), (3, 8, 64), (8, 13, 1536), (5, 4, 32)];
+/// The shapes of the Q8_0 cases: rows for each kernel (1, 2, up to 4, up to 8), each kernel's full rows, the widths
+/// of SmolLM2's projections (576, 1536) and a few blocks (32, 64, 96, 128); column counts that leave a warp part
+/// of its columns.
+pub const Q8_SHAPES: [(usize, usize, usize); 6] = [
+    (1, 37, 576),
+    (2, 21, 96),
+    (3, 8, 64),
+    (4, 19, 128),
+    (8, 13, 1536),
+    (5, 4, 32),
+];
 
 impl Q8Case {
     pub fn new((rows, n, k): (usize, usize, usize)) -> Self {

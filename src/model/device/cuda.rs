@@ -438,11 +438,11 @@ pub(super) fn q8_rows(
     (rows, n, k): (usize, usize, usize),
 ) -> candle_core::Result<CudaStorage> {
     let xs = start(l, "activations")?;
-    if !launch::q8_rows_fit(rows, k, xs) {
+    if !launch::q8_rows_fit(rows, k, xs, op.gate.is_some()) {
         candle_core::bail!("q8-rows: {rows} rows of {k} at offset {xs}")
     }
     let dev = x.device.clone();
-    let f = dev.get_or_load_custom_func(launch::q8_rows_kernel(rows), MODULE, ptx_for(&dev)?)?;
+    let f = dev.get_or_load_custom_func(launch::q8_rows_kernel(rows).0, MODULE, ptx_for(&dev)?)?;
     let src = x.as_cuda_slice::<f32>()?.slice(xs..);
     let stream = dev.cuda_stream();
     let (w, _guard) = op.weight.device_ptr_with_guard(&stream)?;
@@ -461,6 +461,6 @@ pub(super) fn q8_rows(
     // SAFETY: the weights are n x k Q8_0 values (their shape, checked against the activations' width), read in
     // whole 34-byte blocks; the activations hold rows x k floats (2k with a gate), 16 bytes aligned (checked
     // above; k is a multiple of 32, so the up projections are too).
-    unsafe { b.launch(config(launch::q8_rows(n))) }.w()?;
+    unsafe { b.launch(config(launch::q8_rows(rows, n))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

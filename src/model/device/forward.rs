@@ -81,17 +81,20 @@ fn gated_down(m: &QMatMul, gate_up: &Tensor, act: Activation, width: usize) -> c
 }
 
 /// [`Q8Rows`] for `x` times `m` (with `gate`, `act(gate) * up` of `x`'s two halves) where it takes them: Q8_0
-/// weights and a step of a few rows, 16 bytes aligned ([`launch::q8_rows_fit`]), unless switched off
-/// ([`launch::kernels`]).
+/// weights on `x`'s device, f32 activations, a step of a few rows, 16 bytes aligned ([`launch::q8_rows_fit`]),
+/// unless switched off ([`launch::kernels`]).
 fn q8_rows(m: &QMatMul, x: &Tensor, gate: Option<Activation>) -> Option<Q8Rows> {
     let QMatMul::QTensor(w) = m else { return None };
     let (rows, cols) = x.dims2().ok()?;
     let (offset, _) = x.layout().contiguous_offsets()?;
-    let k = if gate.is_some() { cols / 2 } else { cols };
+    let (_, k) = w.shape().dims2().ok()?;
+    let width = if gate.is_some() { 2 * k } else { k };
     let fits = w.dtype() == GgmlDType::Q8_0
-        && w.shape().dims2().ok()?.1 == k
+        && x.dtype() == DType::F32
+        && w.device().same_device(x.device())
+        && cols == width
         && launch::kernels().q8_rows
-        && launch::q8_rows_fit(rows, k, offset);
+        && launch::q8_rows_fit(rows, k, offset, gate.is_some());
     fits.then(|| Q8Rows {
         weight: w.clone(),
         gate,
@@ -655,6 +658,11 @@ mod tests {
         assert!(q8_rows(&q8, &x(7), None).is_some(), "8 rows");
         assert!(q8_rows(&q8, &x(8), None).is_none(), "9 rows: candle's tiled kernels");
         let gate_up = Tensor::zeros((2, 128), DType::F32, dev).expect("gate and up");
+        let three = Tensor::zeros((3, 128), DType::F32, dev).expect("3 rows of gate and up");
+        assert!(
+            q8_rows(&q8, &three, Some(Activation::Silu)).is_none(),
+            "gated: up to 2 rows"
+        );
         assert!(
             q8_rows(&q8, &gate_up, Some(Activation::Silu)).is_some(),
             "a gated input, twice as wide"

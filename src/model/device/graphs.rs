@@ -45,7 +45,7 @@ use super::forward::{DeviceLlama, StepInputs};
 use super::launch::{self, Kernels};
 use super::paged::{KvPool, BLOCK};
 
-/// Decode graphs of one model, by batch size and attention kernels.
+/// Decode graphs of one model, by batch size and kernel set.
 pub struct DecodeGraphs {
     max_batch: usize,
     max_rows: usize,

@@ -644,31 +644,34 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
 }
 
-// Warps a block of amlserve_q8_0_rows_*, and the output columns a warp takes.
+// Warps a block of amlserve_q8_0_rows_*.
 #define Q8_WARPS 4
-#define Q8_COLS 4
 
-// Grid (ceil(n / (Q8_WARPS * Q8_COLS))), Q8_WARPS warps: out[rows, n] = x[rows, k] times the transpose of w[n, k],
-// for Q8_0 weights in ggml's layout (blocks of 32 weights: an f16 scale, then 32 int8; 17 16-bit words), k a
-// multiple of 32, x 16 bytes aligned, rows <= ROWS. With `gate` (1 SiLU, 2 GELU) each row of x holds a gate and
-// an up projection (2k values) and the kernel multiplies act(gate) * up (`gated`): the MLP's activation read into
-// its down projection. A decode step's projections in one launch each, where candle's kernels first quantize the
-// activations to Q8_1 in a launch of their own. A warp takes Q8_COLS output columns:
-// its lanes take a quarter block (8 weights) of each at a time, against each row's 8 activations (kept f32, read
-// once for the warp's columns), and the warp sums each (column, row) at the end. A lane keeps ROWS x 8
-// activations and Q8_COLS x ROWS sums in registers: one kernel per ROWS, so one row takes few.
-template <int ROWS>
-__device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, int rows, int n, int k, int gate) {
-    int col0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * Q8_COLS, lane = threadIdx.x & 31;
+// Grid (ceil(n / (Q8_WARPS * COLS))), Q8_WARPS warps: out[rows, n] = x[rows, k] times the transpose of w[n, k], for
+// Q8_0 weights in ggml's layout (blocks of 32 weights: an f16 scale, then 32 int8; 17 16-bit words), k a multiple
+// of 32, x 16 bytes aligned, rows <= ROWS. With `gate` (1 SiLU, 2 GELU) each row of x holds a gate and an up
+// projection (2k values) and the kernel multiplies act(gate) * up (`gated`): the MLP's activation read into its
+// down projection (every warp computes it again, so the launcher asks for it only for a row or two). A decode
+// step's projections in one launch each, where candle's kernels first quantize the activations to Q8_1 in a launch
+// of their own. A warp takes COLS output columns: its lanes take a quarter block (8 weights) of each at a time,
+// against each row's 8 activations (kept f32, read once for the warp's columns), and the warp sums each (column,
+// row) at the end. A lane keeps ROWS x 8 activations and COLS x ROWS sums in registers: one kernel per ROWS, each
+// with its own COLS (more columns a warp read the activations fewer times, fewer give small projections more
+// blocks).
+template <int ROWS, int COLS>
+__device__ void q8_0_rows(float* __restrict__ out, const unsigned short* __restrict__ w, const float* __restrict__ x,
+                          int rows, int n, int k, int gate) {
+    int col0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * COLS, lane = threadIdx.x & 31;
     // A whole warp leaves together: the kernel has no block barrier.
     if (col0 >= n) return;
     int blocks = k / 32;
     size_t stride = gate ? 2 * (size_t)k : (size_t)k;
-    float acc[Q8_COLS][ROWS];
+    float acc[COLS][ROWS];
 #pragma unroll
-    for (int c = 0; c < Q8_COLS; c++)
+    for (int c = 0; c < COLS; c++)
 #pragma unroll
         for (int r = 0; r < ROWS; r++) acc[c][r] = 0.0f;
+#pragma unroll 2
     for (int t = lane; t < k / 8; t += 32) {
         float xv[ROWS][8];
 #pragma unroll
@@ -689,14 +692,14 @@ __device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, i
             }
         }
 #pragma unroll
-        for (int c = 0; c < Q8_COLS; c++) {
+        for (int c = 0; c < COLS; c++) {
             if (col0 + c < n) {
                 const unsigned short* block = w + ((size_t)(col0 + c) * blocks + (t >> 2)) * 17;
-                float d = f16_to_f32(block[0]);
+                float d = f16_to_f32(__ldg(block));
                 float q[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    unsigned int v = block[1 + 4 * (t & 3) + i];
+                    unsigned int v = __ldg(block + 1 + 4 * (t & 3) + i);
                     q[2 * i] = (float)(signed char)(v & 0xffu);
                     q[2 * i + 1] = (float)(signed char)(v >> 8);
                 }
@@ -713,7 +716,7 @@ __device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, i
         }
     }
 #pragma unroll
-    for (int c = 0; c < Q8_COLS; c++) {
+    for (int c = 0; c < COLS; c++) {
         if (col0 + c < n) {
 #pragma unroll
             for (int r = 0; r < ROWS; r++) {
@@ -726,13 +729,13 @@ __device__ void q8_0_rows(float* out, const unsigned short* w, const float* x, i
     }
 }
 
-// The Q8_0 kernel for up to 1, 2, 4 and 8 rows.
-#define Q8_0_ROWS(name, ROWS)                                                                                  \
+// The Q8_0 kernel for up to 1, 2, 4 and 8 rows, a warp taking 1, 2, 4 and 4 columns.
+#define Q8_0_ROWS(name, ROWS, COLS)                                                                            \
     extern "C" __global__ void name(float* out, const unsigned short* w, const float* x, int rows, int n, int k, \
                                     int gate) {                                                                 \
-        q8_0_rows<ROWS>(out, w, x, rows, n, k, gate);                                                          \
+        q8_0_rows<ROWS, COLS>(out, w, x, rows, n, k, gate);                                                    \
     }
-Q8_0_ROWS(amlserve_q8_0_rows_1, 1)
-Q8_0_ROWS(amlserve_q8_0_rows_2, 2)
-Q8_0_ROWS(amlserve_q8_0_rows_4, 4)
-Q8_0_ROWS(amlserve_q8_0_rows_8, 8)
+Q8_0_ROWS(amlserve_q8_0_rows_1, 1, 1)
+Q8_0_ROWS(amlserve_q8_0_rows_2, 2, 2)
+Q8_0_ROWS(amlserve_q8_0_rows_4, 4, 4)
+Q8_0_ROWS(amlserve_q8_0_rows_8, 8, 4)

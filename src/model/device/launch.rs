@@ -133,8 +133,8 @@ pub struct Kernels {
     /// (`amlserve_grouped_attention_bf16_*`), rather than once per query head.
     pub grouped: bool,
     /// Steps of up to [`Q8_MAX_ROWS`] tokens multiply Q8_0 weights by `amlserve_q8_0_rows_*` (one launch a
-    /// projection, the MLP's activation read into its down projection), rather than by candle's kernels (two: the
-    /// activations quantized, then multiplied).
+    /// projection; for up to [`Q8_GATED_MAX_ROWS`] the MLP's activation read into its down projection), rather
+    /// than by candle's kernels (two: the activations quantized, then multiplied).
     pub q8_rows: bool,
 }
 
@@ -313,37 +313,37 @@ pub fn row_argmax(rows: usize) -> Dims {
 
 /// The most activation rows the `amlserve_q8_0_rows_*` kernels multiply; larger steps take candle's tiled kernels.
 pub const Q8_MAX_ROWS: usize = 8;
+/// The most rows for which the kernels also compute the MLP's gated activation of their input: every warp
+/// computes it again, which costs little for a row or two (the single stream it saves a launch for).
+pub const Q8_GATED_MAX_ROWS: usize = 2;
 /// Warps per block of `amlserve_q8_0_rows_*` (kernels.cu's `Q8_WARPS`).
 pub const Q8_WARPS: u32 = 4;
-/// Output columns a warp of `amlserve_q8_0_rows_*` takes, reading the activations once for them all (kernels.cu's
-/// `Q8_COLS`).
-pub const Q8_COLS: u32 = 4;
 
-/// Whether the `amlserve_q8_0_rows_*` kernels take `rows` rows of `k` activations, the first at element `offset`
-/// of its buffer: up to [`Q8_MAX_ROWS`] rows, `k` a multiple of Q8_0's 32-weight blocks, rows 16 bytes aligned
-/// (read as `float4`).
-pub fn q8_rows_fit(rows: usize, k: usize, offset: usize) -> bool {
-    (1..=Q8_MAX_ROWS).contains(&rows) && k > 0 && k.is_multiple_of(32) && offset.is_multiple_of(4)
+/// Whether the `amlserve_q8_0_rows_*` kernels take `rows` rows of `k` activations (of `2k` gate and up values
+/// when `gated`), the first at element `offset` of its buffer: up to [`Q8_MAX_ROWS`] rows ([`Q8_GATED_MAX_ROWS`]
+/// gated), `k` a multiple of Q8_0's 32-weight blocks, rows 16 bytes aligned (read as `float4`).
+pub fn q8_rows_fit(rows: usize, k: usize, offset: usize, gated: bool) -> bool {
+    let most = if gated { Q8_GATED_MAX_ROWS } else { Q8_MAX_ROWS };
+    (1..=most).contains(&rows) && k > 0 && k.is_multiple_of(32) && offset.is_multiple_of(4)
 }
 
-/// The Q8_0 kernel for `rows` rows (up to [`Q8_MAX_ROWS`]): the one made for the fewest rows that holds them, as
-/// a lane keeps each row's activations and sums in registers.
-pub fn q8_rows_kernel(rows: usize) -> &'static str {
+/// The Q8_0 kernel for `rows` rows (up to [`Q8_MAX_ROWS`]) and the output columns a warp of it takes: the kernel
+/// made for the fewest rows that holds them (a lane keeps each row's activations and sums in registers), whose
+/// warps take as many columns as it has rows, up to 4 (more columns a warp read the activations fewer times;
+/// fewer give small projections more blocks). kernels.cu's `Q8_0_ROWS` lines.
+pub fn q8_rows_kernel(rows: usize) -> (&'static str, usize) {
     match rows {
-        0..=1 => "amlserve_q8_0_rows_1",
-        2 => "amlserve_q8_0_rows_2",
-        3..=4 => "amlserve_q8_0_rows_4",
-        _ => "amlserve_q8_0_rows_8",
+        0..=1 => ("amlserve_q8_0_rows_1", 1),
+        2 => ("amlserve_q8_0_rows_2", 2),
+        3..=4 => ("amlserve_q8_0_rows_4", 4),
+        _ => ("amlserve_q8_0_rows_8", 4),
     }
 }
 
-/// `amlserve_q8_0_rows_*` for `n` output columns: [`Q8_COLS`] a warp.
-pub fn q8_rows(n: usize) -> Dims {
-    Dims::new(
-        (n.div_ceil((Q8_WARPS * Q8_COLS) as usize).max(1), 1, 1),
-        32 * Q8_WARPS,
-        0,
-    )
+/// `amlserve_q8_0_rows_*` for `rows` rows and `n` output columns.
+pub fn q8_rows(rows: usize, n: usize) -> Dims {
+    let cols = q8_rows_kernel(rows).1;
+    Dims::new((n.div_ceil(Q8_WARPS as usize * cols).max(1), 1, 1), 32 * Q8_WARPS, 0)
 }
 
 #[cfg(test)]
@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn q8_0_steps_take_the_kernel_for_the_fewest_rows_that_hold_them() {
-        let kernels: Vec<&str> = (1..=Q8_MAX_ROWS).map(q8_rows_kernel).collect();
+        let kernels: Vec<&str> = (1..=Q8_MAX_ROWS).map(|r| q8_rows_kernel(r).0).collect();
         assert_eq!(
             kernels,
             [1, 2, 4, 4, 8, 8, 8, 8].map(|r| match r {
@@ -446,11 +446,18 @@ mod tests {
                 _ => "amlserve_q8_0_rows_8",
             })
         );
-        // SmolLM2's output projection: 49,152 columns, 16 a block.
-        assert_eq!(q8_rows(49_152).grid, (3_072, 1, 1));
-        assert_eq!(q8_rows(17).grid, (2, 1, 1));
-        assert!(q8_rows_fit(8, 576, 576) && !q8_rows_fit(9, 576, 0) && !q8_rows_fit(1, 48, 0));
-        assert!(!q8_rows_fit(1, 576, 2), "not 16 bytes aligned");
+        // SmolLM2's output projection: 49,152 columns, 4 a block for one row, 16 for eight.
+        assert_eq!(q8_rows(1, 49_152).grid, (12_288, 1, 1));
+        assert_eq!(q8_rows(8, 49_152).grid, (3_072, 1, 1));
+        // Its attention output projection for one row: 144 blocks, more than an H100's 132 multiprocessors.
+        assert_eq!(q8_rows(1, 576).grid, (144, 1, 1));
+        assert_eq!(q8_rows(8, 17).grid, (2, 1, 1));
+        assert!(q8_rows_fit(8, 576, 576, false) && !q8_rows_fit(9, 576, 0, false) && !q8_rows_fit(1, 48, 0, false));
+        assert!(!q8_rows_fit(1, 576, 2, false), "not 16 bytes aligned");
+        assert!(
+            q8_rows_fit(2, 1536, 0, true) && !q8_rows_fit(3, 1536, 0, true),
+            "gated: up to 2 rows"
+        );
     }
 
     #[test]
