@@ -487,11 +487,6 @@ fn q8_0_rows_match_the_exact_product_and_the_cpu_op() {
                 "the activations start 16-byte aligned"
             );
             let mut out = nan(c.rows * c.n);
-            let code = match gate {
-                None => 0,
-                Some(Activation::Silu) => 1,
-                Some(Activation::GeluTanh) => 2,
-            };
             run(
                 launch::q8_rows_kernel(c.rows).0,
                 launch::q8_rows(c.rows, c.n),
@@ -502,7 +497,7 @@ fn q8_0_rows_match_the_exact_product_and_the_cpu_op() {
                     int(c.rows),
                     int(c.n),
                     int(c.k),
-                    Arg::I32(code),
+                    Arg::I32(launch::q8_gate(gate)),
                 ],
             );
             out.check("out").unwrap_or_else(|e| panic!("{e}"));

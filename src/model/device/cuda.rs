@@ -447,15 +447,9 @@ pub(super) fn q8_rows(
     let stream = dev.cuda_stream();
     let (w, _guard) = op.weight.device_ptr_with_guard(&stream)?;
     let w = w as u64;
-    // SAFETY: the kernel writes every output: a warp per column, lane 0 each row's sum.
+    // SAFETY: the kernel writes every output: each warp its columns, lane 0 each (column, row) sum.
     let mut out = unsafe { dev.alloc::<f32>(rows * n) }?;
-    let (r, n32, k32) = (rows as i32, n as i32, k as i32);
-    // 0: none; 1: SiLU; 2: GELU (kernels.cu's `gate`).
-    let gate: i32 = match op.gate {
-        None => 0,
-        Some(Activation::Silu) => 1,
-        Some(Activation::GeluTanh) => 2,
-    };
+    let (r, n32, k32, gate) = (rows as i32, n as i32, k as i32, launch::q8_gate(op.gate));
     let mut b = f.builder();
     b.arg(&mut out).arg(&w).arg(&src).arg(&r).arg(&n32).arg(&k32).arg(&gate);
     // SAFETY: the weights are n x k Q8_0 values (their shape, checked against the activations' width), read in

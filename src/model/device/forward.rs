@@ -697,14 +697,16 @@ mod tests {
         let candle = q8.forward(&x).and_then(|t| t.to_vec2::<f32>()).expect("candle");
         assert!(ours.iter().flatten().any(|&v| v != 0.0));
         assert_eq!(ours, candle);
-        // The MLP's activation read into the down projection: what the activation op, then the matmul, give.
-        let gate_up = Tensor::from_vec(
-            (0..3 * 128).map(|i| (i % 29) as f32 / 8.0 - 2.0).collect::<Vec<_>>(),
-            (3, 128),
-            dev,
-        )
-        .expect("gate and up");
-        for act in [Activation::Silu, Activation::GeluTanh] {
+        // The MLP's activation read into the down projection (2 rows: the op takes it) and apart (3 rows): what
+        // the activation op, then the matmul, give.
+        for (rows, act) in [(2, Activation::Silu), (2, Activation::GeluTanh), (3, Activation::Silu)] {
+            let gate_up = Tensor::from_vec(
+                (0..rows * 128).map(|i| (i % 29) as f32 / 8.0 - 2.0).collect::<Vec<_>>(),
+                (rows, 128),
+                dev,
+            )
+            .expect("gate and up");
+            assert_eq!(q8_rows(&q8, &gate_up, Some(act)).is_some(), rows <= 2);
             let fused = gated_down(&q8, &gate_up, act, 64)
                 .and_then(|t| t.to_vec2::<f32>())
                 .expect("fused");
@@ -713,7 +715,8 @@ mod tests {
                 .and_then(|a| q8.forward(&a))
                 .and_then(|t| t.to_vec2::<f32>())
                 .expect("apart");
-            assert_eq!(fused, apart, "{act:?}");
+            assert!(fused.iter().flatten().any(|&v| v != 0.0));
+            assert_eq!(fused, apart, "{rows} rows, {act:?}");
         }
     }
 }

@@ -4,6 +4,7 @@
 //! the same numbers.
 
 use super::ops::{Heads, StepMeta};
+use crate::model::arch::Activation;
 
 /// Threads per attention block (kernels.cu's `ATTN_THREADS`).
 pub const ATTN_THREADS: u32 = 256;
@@ -337,6 +338,15 @@ pub fn q8_rows_kernel(rows: usize) -> (&'static str, usize) {
         2 => ("amlserve_q8_0_rows_2", 2),
         3..=4 => ("amlserve_q8_0_rows_4", 4),
         _ => ("amlserve_q8_0_rows_8", 4),
+    }
+}
+
+/// The `gate` argument of `amlserve_q8_0_rows_*`: 0 for plain rows, 1 for SiLU-gated, 2 for GELU-gated.
+pub fn q8_gate(gate: Option<Activation>) -> i32 {
+    match gate {
+        None => 0,
+        Some(Activation::Silu) => 1,
+        Some(Activation::GeluTanh) => 2,
     }
 }
 
